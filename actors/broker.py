@@ -1,0 +1,271 @@
+"""A Dramatiq broker on Redis with strict priority across three levels.
+
+Dramatiq's own RedisBroker gives each queue its own consumer thread and prefetch buffer, so a
+worker holding prefetched low messages runs them before a high message that arrives later.
+Here there is one Dramatiq queue; its consumer fetches with one atomic Lua call that pops the
+oldest high message, else default, else low, and only as many as the worker has free slots.
+Nothing is prefetched beyond that, so the next free slot always takes the best message.
+
+Idle workers block on a per-level "doorbell" list that every enqueue rings, so a submission
+starts in milliseconds without busy polling. Heartbeats go out at least every
+`heartbeat_interval_ms` even while every slot is busy; a worker silent for
+`heartbeat_timeout_ms` has its unacked messages put back at the head of their level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import redis
+import redis.asyncio as aioredis
+from dramatiq.broker import Broker, Consumer, MessageProxy
+from dramatiq.errors import ConnectionClosed, QueueJoinTimeout
+from dramatiq.message import Message
+
+from app.config import LEVELS
+from app.redis_client import sync_client
+from app.store import TRANSITION_LUA, StatusChange
+from middleware.priority import LEVEL_OPTION
+from middleware.state import DEAD_LETTER, SETTLE, STATUS_CHANGE, TRANSIENT_OPTIONS
+
+#: The one Dramatiq queue name every actor uses; levels are a message option.
+QUEUE_NAME = "crucible"
+REDIS_ID_OPTION = "redis_message_id"
+
+DISPATCH_LUA = (Path(__file__).parent / "lua" / "dispatch.lua").read_text()
+
+
+def prepare(message: Message, level: str, delay_ms: int | None = None) -> tuple[Message, list[Any]]:
+    """Give `message` a fresh Redis id and its level; return it with the `enqueue` arguments.
+
+    Shared by the sync broker and the async enqueuer so both write exactly the same thing.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"unknown queue level {level!r}; known: {LEVELS}")
+    options = {k: v for k, v in message.options.items() if k not in TRANSIENT_OPTIONS}
+    options.update({REDIS_ID_OPTION: str(uuid4()), LEVEL_OPTION: level})
+    message = dataclasses.replace(message.copy(), queue_name=QUEUE_NAME, options=options)
+    args = [message.options[REDIS_ID_OPTION], level, message.message_id, delay_ms or 0, message.encode()]
+    return message, args
+
+
+def size_report(counts: list[int]) -> dict[str, int]:
+    """Name the counts the `sizes` command returns."""
+    return dict(zip([*LEVELS, "delayed", "in_flight"], counts, strict=True))
+
+
+class PriorityBroker(Broker):
+    """Dramatiq broker whose consumers honour high → default → low strictly."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        namespace: str,
+        levels: Sequence[str] = LEVELS,
+        heartbeat_interval_ms: int = 1000,
+        heartbeat_timeout_ms: int = 10000,
+        middleware: list[Any] | None = None,
+    ) -> None:
+        super().__init__(middleware=middleware)
+        self.namespace = namespace
+        self.levels = tuple(levels)
+        self.heartbeat_interval = heartbeat_interval_ms / 1000
+        self.heartbeat_timeout_ms = heartbeat_timeout_ms
+        self.broker_id = str(uuid4())
+        self.queues: set[str] = set()
+        #: worker threads in this process; set at worker boot, caps what a fetch may take
+        self.fetch_slots: int | None = None
+        #: Redis ids fetched and not yet settled; kept here, not on a consumer, so a consumer
+        #: restarted after a connection error still knows every slot is busy
+        self.outstanding: set[str] = set()
+        self.slot_freed = threading.Event()
+        self.client = sync_client(url)
+        self._dispatch = self.client.register_script(DISPATCH_LUA)
+        self._transition = self.client.register_script(TRANSITION_LUA)
+
+    def _dispatch_args(self, command: str, *args: Any) -> list[Any]:
+        return [command, self.broker_id, self.heartbeat_timeout_ms, *args]
+
+    def dispatch(self, command: str, *args: Any) -> Any:
+        """Run one broker operation atomically in Redis."""
+        try:
+            return self._dispatch(keys=[self.namespace], args=self._dispatch_args(command, *args))
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None
+
+    def settle(self, command: str, *args: Any, status: StatusChange | None = None) -> None:
+        """A broker operation and, in the same MULTI, an evaluation's status change.
+
+        So a retry, a dead letter or a hand-back never leaves the queue and the record at odds.
+        """
+        if status is None:
+            self.dispatch(command, *args)
+            return
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                self._dispatch(keys=[self.namespace], args=self._dispatch_args(command, *args), client=pipe)
+                self._transition(keys=[self.namespace], args=status.args(), client=pipe)
+                pipe.execute()
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 30000) -> Consumer:
+        slots = min(prefetch, self.fetch_slots) if self.fetch_slots else prefetch
+        return PriorityConsumer(self, slots)
+
+    def declare_queue(self, queue_name: str) -> None:
+        if queue_name != QUEUE_NAME:
+            raise ValueError(f"actors must use queue {QUEUE_NAME!r}; pick a level with {LEVEL_OPTION!r}")
+        if queue_name not in self.queues:
+            self.emit_before("declare_queue", queue_name)
+            self.queues.add(queue_name)
+            self.emit_after("declare_queue", queue_name)
+
+    def get_declared_queues(self) -> set[str]:
+        return self.queues.copy()
+
+    def get_declared_delay_queues(self) -> set[str]:
+        return set()  # delays live in a Redis sorted set; no delay consumer is needed
+
+    def level_of(self, message: Message) -> str:
+        level = message.options.get(LEVEL_OPTION)
+        if level is None and message.actor_name in self.actors:
+            level = self.actors[message.actor_name].options.get(LEVEL_OPTION)
+        return level or "default"
+
+    def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
+        message, args = prepare(message, self.level_of(message), delay)
+        self.emit_before("enqueue", message, delay)
+        self.dispatch("enqueue", *args)
+        self.emit_after("enqueue", message, delay)
+        return message
+
+    def queue_sizes(self) -> dict[str, int]:
+        """Ready messages per level, delayed messages, and messages in flight."""
+        return size_report(self.dispatch("sizes", *LEVELS))
+
+    def wait_for_doorbell(self, timeout: float) -> None:
+        """Block until an enqueue on one of our levels rings, or `timeout` passes."""
+        bells = [f"{self.namespace}:doorbell:{level}" for level in self.levels]
+        try:
+            self.client.blpop(bells, timeout=timeout)
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None
+
+    def flush(self, queue_name: str) -> None:
+        self.flush_all()
+
+    def flush_all(self) -> None:
+        keys = list(self.client.scan_iter(match=f"{self.namespace}:*", count=1000))
+        if keys:
+            self.client.delete(*keys)
+
+    def join(self, queue_name: str, *, interval: int = 100, timeout: int | None = None) -> None:
+        deadline = timeout and time.monotonic() + timeout / 1000
+        while any(self.queue_sizes().values()):
+            if deadline and time.monotonic() >= deadline:
+                raise QueueJoinTimeout(queue_name)
+            time.sleep(interval / 1000)
+
+    def close(self) -> None:
+        """Leave cleanly: anything still unacked goes back to the head of its level."""
+        try:
+            self.dispatch("leave")
+        except ConnectionClosed:
+            pass  # our heartbeat will expire and the messages come back that way
+        self.client.close()
+
+
+class PriorityConsumer(Consumer):
+    """Fetches only into free worker slots, highest level first."""
+
+    def __init__(self, broker: PriorityBroker, slots: int) -> None:
+        self.broker = broker
+        self.slots = slots
+        self.cache: list[Message] = []
+        self.outstanding = broker.outstanding
+        self.slot_freed = broker.slot_freed
+
+    def __next__(self) -> MessageProxy | None:
+        if self.cache:
+            return MessageProxy(self.cache.pop(0))
+        self.slot_freed.clear()
+        free = self.slots - len(self.outstanding)
+        if free <= 0:
+            # Every slot is busy: wait for one, and keep our heartbeat fresh meanwhile.
+            self.slot_freed.wait(self.broker.heartbeat_interval)
+            self.broker.dispatch("heartbeat")
+            return None
+        fetched = [data for data in self.broker.dispatch("fetch", free, *self.broker.levels) if data]
+        if not fetched:
+            self.broker.wait_for_doorbell(self.broker.heartbeat_interval)
+            return None
+        for data in fetched:
+            message = Message.decode(data)
+            self.outstanding.add(message.options[REDIS_ID_OPTION])
+            self.cache.append(message)
+        return MessageProxy(self.cache.pop(0))
+
+    def _settle(self, command: str, message: MessageProxy, *args: Any, status: StatusChange | None) -> None:
+        redis_id = message.options[REDIS_ID_OPTION]
+        try:
+            self.broker.settle(command, redis_id, *args, status=status)
+        finally:
+            self.outstanding.discard(redis_id)
+            self.slot_freed.set()
+
+    def ack(self, message: MessageProxy) -> None:
+        """Done with the message: forget it, or do what Backoff decided (retry later, hand back)."""
+        change = message.options.get(STATUS_CHANGE)
+        status = StatusChange(**change) if change else None
+        plan = message.options.get(SETTLE)
+        if plan is None:
+            self._settle("ack", message, status=None)
+        elif plan["command"] == "retry":
+            # swap the fetched message for a delayed copy: no moment where it is lost or doubled
+            _, args = prepare(message, self.broker.level_of(message), plan["delay_ms"])
+            self._settle("retry", message, *args, status=status)
+        else:
+            self._settle("requeue", message, status=status)
+
+    def nack(self, message: MessageProxy) -> None:
+        """Reject: the dead-letter entry and status the DeadLetters middleware prepared commit together."""
+        entry = message.options.get(DEAD_LETTER) or json.dumps({"task_id": message.message_id})
+        change = message.options.get(STATUS_CHANGE)
+        self._settle("nack", message, entry, status=StatusChange(**change) if change else None)
+
+    def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        ids = [m.options[REDIS_ID_OPTION] for m in messages]
+        if ids:
+            self.broker.dispatch("requeue", *ids)
+            self.outstanding.difference_update(ids)
+            self.slot_freed.set()
+
+
+class AsyncEnqueuer:
+    """Enqueues from async code (the API) with the same Lua script, never blocking the loop."""
+
+    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+        self.client = client
+        self.namespace = namespace
+        self._dispatch = client.register_script(DISPATCH_LUA)
+
+    async def dispatch_in(self, pipe: aioredis.client.Pipeline, command: str, *args: Any) -> None:
+        """Add a broker operation to `pipe`, so it commits with the caller's other writes."""
+        await self._dispatch(keys=[self.namespace], args=[command, "api", 0, *args], client=pipe)
+
+    async def enqueue_in(self, pipe: aioredis.client.Pipeline, message: Message, level: str) -> Message:
+        message, args = prepare(message, level)
+        await self.dispatch_in(pipe, "enqueue", *args)
+        return message
+
+    async def queue_sizes(self) -> dict[str, int]:
+        return size_report(await self._dispatch(keys=[self.namespace], args=["sizes", "api", 0, *LEVELS]))

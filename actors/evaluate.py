@@ -1,0 +1,160 @@
+"""The `evaluate_code` and `health_check` actors (async, on Dramatiq's AsyncIO middleware)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import dramatiq
+import structlog
+from dramatiq.message import Message
+from dramatiq.middleware import CurrentMessage
+
+from actors.broker import QUEUE_NAME, REDIS_ID_OPTION
+from actors.runtime import runtime, worker_name
+from actors.setup import process_broker
+from app.config import get_settings
+from app.dlq import AsyncDeadLetterQueue
+from app.store import NewEvaluation, utc_now
+
+log = structlog.get_logger(__name__)
+
+#: Actors bind to the broker when declared, so it must exist first.
+broker = process_broker()
+
+#: A stuck actor is interrupted this long after its run's own time-out.
+TIME_LIMIT_MARGIN_MS = 60_000
+
+
+def task_id_of(eval_id: str) -> str:
+    """The Celery-compatible task id of an evaluation."""
+    return f"celery-{eval_id}"
+
+
+@dramatiq.actor(
+    queue_name=QUEUE_NAME, time_limit=int(get_settings().max_timeout * 1000) + TIME_LIMIT_MARGIN_MS
+)
+async def evaluate_code(
+    eval_id: str,
+    code: str,
+    language: str = "python",
+    timeout: float | None = None,
+    stdin: str | None = None,
+    args: list[str] | None = None,
+) -> None:
+    """Run one submission on an executor and store the finished result.
+
+    Failures reaching the executor or storage raise, and the Backoff middleware retries them;
+    the user's own failures (exit code, exception, time-out) are results, stored as such.
+    """
+    structlog.contextvars.bind_contextvars(eval_id=eval_id)
+    rt = runtime()
+    timeout = timeout or get_settings().default_timeout
+    attempt = current_attempt()
+    running = {"started_at": utc_now(), "worker": worker_name(), "next_retry_at": "", "attempt": attempt}
+    started, current = await rt.store.transition(eval_id, "running", ("queued", "running"), **running)
+    if current is None:  # sent straight to the actor (Celery-style), never recorded by the API
+        await _record_direct_submission(eval_id, code, language, timeout)
+        started, current = await rt.store.transition(eval_id, "running", ("queued",), **running)
+    if not started:
+        # Cancelled, or finished by an earlier delivery: never run twice. An earlier delivery
+        # may have failed only to tell the storage service; tell it again.
+        log.info("evaluation.skipped", status=current)
+        await rt.store.forward_current(eval_id)
+        return
+    log.info("evaluation.running", language=language)
+    payload = {"eval_id": eval_id, "code": code, "language": language, "timeout": timeout,
+               "stdin": stdin, "args": args or []}  # fmt: skip
+    executor, result = await rt.executors.execute(payload)
+    if result["status"] == "cancelled" and not await _stopped_on_purpose(eval_id, attempt):
+        raise RunInterrupted(f"the run was stopped on {executor} without a cancel")
+    done, final = await rt.store.transition(
+        eval_id,
+        result["status"],
+        ("running",),
+        expect={"attempt": attempt},  # a newer delivery (this one taken for dead) owns the result
+        completed_at=utc_now(),
+        output=result["output"],
+        error=result["error"],
+        exit_code=result["exit_code"],
+        signal=result["signal"],
+        runtime_ms=result["runtime_ms"],
+        cpu_ms=result["cpu_ms"],
+        peak_memory_kb=result["peak_memory_kb"],
+        output_truncated=result["output_truncated"],
+        error_truncated=result["error_truncated"],
+        executor=executor,
+    )
+    log.info(
+        "evaluation.finished", status=result["status"] if done else final, kept=done, ms=result["runtime_ms"]
+    )
+
+
+class RunInterrupted(Exception):
+    """The executor stopped a run nobody cancelled (it was replaced or shut down): run it again."""
+
+
+def current_attempt() -> str:
+    """This delivery's Redis message id: unique per delivery, so it tells attempts apart."""
+    message = CurrentMessage.get_current_message()
+    return str(message.options.get(REDIS_ID_OPTION, "")) if message else ""
+
+
+async def _stopped_on_purpose(eval_id: str, attempt: str) -> bool:
+    """A `cancelled` run is expected when the evaluation was cancelled or a newer attempt took over."""
+    record = await runtime().store.get(eval_id)
+    return record is None or record["status"] == "cancelled" or record.get("attempt") != attempt
+
+
+async def _record_direct_submission(eval_id: str, code: str, language: str, timeout: float) -> None:
+    store = runtime().store
+    async with store.client.pipeline(transaction=True) as pipe:
+        store.write_new(
+            pipe, NewEvaluation(eval_id, code, language, timeout, "default", False, {"source": "direct"})
+        )
+        await pipe.execute()
+
+
+def evaluation_message(
+    eval_id: str,
+    code: str,
+    language: str,
+    timeout: float,
+    stdin: str | None = None,
+    args: list[str] | None = None,
+) -> Message:
+    """The message for one evaluation; its id is the Celery-style task id."""
+    kwargs: dict[str, object] = {"eval_id": eval_id, "code": code, "language": language, "timeout": timeout}
+    if stdin is not None:
+        kwargs["stdin"] = stdin
+    if args:
+        kwargs["args"] = args
+    message = evaluate_code.message_with_options(
+        kwargs=kwargs,
+        time_limit=int(timeout * 1000) + TIME_LIMIT_MARGIN_MS,
+    )
+    return message.copy(message_id=task_id_of(eval_id))
+
+
+@dramatiq.actor(queue_name=QUEUE_NAME, queue_level="high")
+async def health_check() -> dict[str, Any]:
+    """Proves a worker is consuming: answers from whichever worker takes it."""
+    return {"status": "healthy", "worker": socket.gethostname()}
+
+
+@dramatiq.actor(queue_name=QUEUE_NAME, queue_level="low")
+async def cleanup_old_evaluations() -> int:
+    """Delete evaluations past the retention window (`CRUCIBLE_RETENTION_HOURS`)."""
+    removed = await runtime().store.cleanup()
+    log.info("cleanup.done", removed=removed)
+    return removed
+
+
+@dramatiq.actor(queue_name=QUEUE_NAME, queue_level="low")
+async def monitor_dead_letter_queue() -> dict[str, Any]:
+    """DLQ statistics; a warning in the log once it holds more than the threshold."""
+    rt = runtime()
+    stats = await AsyncDeadLetterQueue(rt.redis, get_settings().namespace, rt.store).get_statistics()
+    if stats["over_threshold"]:
+        log.warning("dlq.over_threshold", size=stats["queue_size"], threshold=stats["warning_threshold"])
+    return stats

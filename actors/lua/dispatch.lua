@@ -1,0 +1,217 @@
+-- Crucible's broker operations, one atomic call each (modelled on Dramatiq's dispatch.lua).
+--
+-- dispatch(keys=[namespace], args=[command, worker_id, heartbeat_timeout_ms, ...])
+-- Time comes from the server's clock (TIME), so a worker whose clock is behind is not taken
+-- for dead. Settling commands (ack, nack, retry, requeue) may be sent twice safely.
+--
+-- $ns:queue:$level     list of message ids ready to run, oldest first (levels: high, default, low)
+-- $ns:delayed          zset message id -> eta (ms); moved to its level's list once due
+-- $ns:msgs             hash message id -> encoded message
+-- $ns:level            hash message id -> level
+-- $ns:task             hash message id -> task id (celery-<eval_id>), and
+-- $ns:task_msg         hash task id -> message id: how a cancel finds a queued message
+-- $ns:acks:$worker     set of message ids a worker fetched and has not acked
+-- $ns:heartbeats       zset worker id -> last heartbeat (ms)
+-- $ns:doorbell:$level  list of tokens; an enqueue rings it so idle workers wake at once
+-- $ns:dlq             zset task id -> last failure (ms): the dead-letter queue
+-- $ns:dlq:entries     hash task id -> JSON entry (arguments, final traceback, retry count...)
+
+local ns = KEYS[1]
+local command = ARGV[1]
+local server_time = redis.call("TIME")
+local now = tonumber(server_time[1]) * 1000 + math.floor(tonumber(server_time[2]) / 1000)
+local worker_id = ARGV[2]
+local heartbeat_timeout = tonumber(ARGV[3])
+
+local msgs = ns .. ":msgs"
+local levels = ns .. ":level"
+local tasks = ns .. ":task"
+local task_msg = ns .. ":task_msg"
+local delayed = ns .. ":delayed"
+local heartbeats = ns .. ":heartbeats"
+local DOORBELL_TOKENS = 64
+
+local function queue_key(level) return ns .. ":queue:" .. level end
+local function acks_key(worker) return ns .. ":acks:" .. worker end
+
+local function ring(level)
+    local bell = ns .. ":doorbell:" .. level
+    redis.call("rpush", bell, "1")
+    redis.call("ltrim", bell, -DOORBELL_TOKENS, -1)
+end
+
+-- Forget a message entirely (after ack, nack or cancel).
+local function forget(message_id)
+    local task_id = redis.call("hget", tasks, message_id)
+    if task_id and redis.call("hget", task_msg, task_id) == message_id then
+        redis.call("hdel", task_msg, task_id)
+    end
+    redis.call("hdel", msgs, message_id)
+    redis.call("hdel", levels, message_id)
+    redis.call("hdel", tasks, message_id)
+end
+
+-- Put a fetched message back at the head of its level: it was taken in priority order.
+local function return_to_head(message_id)
+    local level = redis.call("hget", levels, message_id)
+    if level and redis.call("hexists", msgs, message_id) == 1 then
+        redis.call("lpush", queue_key(level), message_id)
+        ring(level)
+    end
+end
+
+-- A worker that is gone (dead or leaving) hands its unacked messages back; returns how many.
+local function release(worker)
+    local ids = redis.call("smembers", acks_key(worker))
+    for i = #ids, 1, -1 do
+        return_to_head(ids[i])
+    end
+    redis.call("del", acks_key(worker))
+    redis.call("zrem", heartbeats, worker)
+    return #ids
+end
+
+-- Take a message this worker is settling: out of its ack set and, if a peer handed it back
+-- meanwhile (this worker was taken for dead), out of the queues again. False when it was
+-- settled already (a re-sent command), so settling twice changes nothing.
+local function claim(message_id)
+    redis.call("srem", acks_key(worker_id), message_id)
+    if redis.call("hexists", msgs, message_id) == 0 then return false end
+    local level = redis.call("hget", levels, message_id)
+    if level then redis.call("lrem", queue_key(level), 0, message_id) end
+    redis.call("zrem", delayed, message_id)
+    return true
+end
+
+-- Workers whose heartbeat stopped are released; due delays become ready.
+local function maintain()
+    for _, dead in ipairs(redis.call("zrangebyscore", heartbeats, 0, now - heartbeat_timeout)) do
+        release(dead)
+    end
+    local due = redis.call("zrangebyscore", delayed, 0, now, "LIMIT", 0, 500)
+    for _, message_id in ipairs(due) do
+        redis.call("zrem", delayed, message_id)
+        local level = redis.call("hget", levels, message_id)
+        if level then
+            redis.call("rpush", queue_key(level), message_id)
+            ring(level)
+        end
+    end
+end
+
+-- args from `first`: message_id, level, task_id, delay_ms (0 = now), encoded message.
+-- A message id already known is not enqueued again (a re-sent command).
+local function enqueue(first)
+    local message_id, level, task_id = ARGV[first], ARGV[first + 1], ARGV[first + 2]
+    local eta, data = now + tonumber(ARGV[first + 3]), ARGV[first + 4]
+    if redis.call("hexists", msgs, message_id) == 1 then return end
+    redis.call("hset", msgs, message_id, data)
+    redis.call("hset", levels, message_id, level)
+    redis.call("hset", tasks, message_id, task_id)
+    redis.call("hset", task_msg, task_id, message_id)
+    if eta > now then
+        redis.call("zadd", delayed, eta, message_id)
+    else
+        redis.call("rpush", queue_key(level), message_id)
+        ring(level)
+    end
+end
+
+if command == "enqueue" then
+    enqueue(4)
+    return 1
+
+elseif command == "retry" then
+    -- args: the fetched message's id, then a new message as for enqueue (usually delayed)
+    if claim(ARGV[4]) then
+        forget(ARGV[4])
+        enqueue(5)
+    end
+    return 1
+
+elseif command == "cancel" then
+    -- args: task id; removes its message only if it is waiting (ready or delayed), never
+    -- one a worker holds: that one is stopped by its status instead
+    local message_id = redis.call("hget", task_msg, ARGV[4])
+    if not message_id then return 0 end
+    local level = redis.call("hget", levels, message_id)
+    local removed = redis.call("zrem", delayed, message_id)
+    if level then
+        removed = removed + redis.call("lrem", queue_key(level), 0, message_id)
+    end
+    if removed > 0 then
+        forget(message_id)
+    end
+    return removed
+
+elseif command == "fetch" then
+    -- args: how many, then the levels to take from, highest first
+    redis.call("zadd", heartbeats, now, worker_id)
+    maintain()
+    local wanted = tonumber(ARGV[4])
+    local ids = {}
+    for i = 5, #ARGV do
+        local queue = queue_key(ARGV[i])
+        while #ids < wanted do
+            local message_id = redis.call("lpop", queue)
+            if not message_id then break end
+            if redis.call("hexists", msgs, message_id) == 1 then
+                redis.call("sadd", acks_key(worker_id), message_id)
+                ids[#ids + 1] = message_id
+            end
+        end
+    end
+    if #ids == 0 then return {} end
+    return redis.call("hmget", msgs, unpack(ids))
+
+elseif command == "heartbeat" then
+    redis.call("zadd", heartbeats, now, worker_id)
+    maintain()
+    return 1
+
+elseif command == "ack" then
+    if claim(ARGV[4]) then
+        forget(ARGV[4])
+    end
+    return 1
+
+elseif command == "nack" then
+    -- args: message id, its dead-letter entry (JSON); entry and removal happen together
+    local message_id, entry = ARGV[4], ARGV[5]
+    if claim(message_id) then
+        local task_id = redis.call("hget", tasks, message_id) or message_id
+        redis.call("zadd", ns .. ":dlq", now, task_id)
+        redis.call("hset", ns .. ":dlq:entries", task_id, entry)
+        forget(message_id)
+    end
+    return 1
+
+elseif command == "requeue" then
+    -- args: message ids this worker fetched but will not run (shutdown); keep their order
+    for i = #ARGV, 4, -1 do
+        if claim(ARGV[i]) then
+            return_to_head(ARGV[i])
+        end
+    end
+    return 1
+
+elseif command == "leave" then
+    -- a worker shutting down cleanly: hand back anything unacked and stop being tracked
+    return release(worker_id)
+
+elseif command == "sizes" then
+    -- ready count per level, then delayed, then in flight across workers
+    local out = {}
+    for i = 4, #ARGV do
+        out[#out + 1] = redis.call("llen", queue_key(ARGV[i]))
+    end
+    out[#out + 1] = redis.call("zcard", delayed)
+    local in_flight = 0
+    for _, worker in ipairs(redis.call("zrange", heartbeats, 0, -1)) do
+        in_flight = in_flight + redis.call("scard", acks_key(worker))
+    end
+    out[#out + 1] = in_flight
+    return out
+end
+
+return redis.error_reply("unknown command " .. tostring(command))

@@ -1,0 +1,76 @@
+"""Per-process async resources of a worker: one Redis pool and one HTTP client, made once.
+
+They are created lazily on Dramatiq's event-loop thread, the only loop actors run on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import socket
+from dataclasses import dataclass
+from functools import partial
+
+import httpx
+import redis.asyncio as aioredis
+import structlog
+from dramatiq.asyncio import get_event_loop_thread
+
+from actors.executor_client import ExecutorPool
+from app.config import get_settings
+from app.redis_client import async_client
+from app.store import EvaluationStore, StatusForwarder
+
+log = structlog.get_logger(__name__)
+
+
+def worker_name() -> str:
+    """How this worker process names itself in records and logs (host:pid, read after fork)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Runtime:
+    redis: aioredis.Redis
+    http: httpx.AsyncClient
+    store: EvaluationStore
+    executors: ExecutorPool
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """The process's resources; the first call (on the event loop) creates them."""
+    global _runtime
+    if _runtime is None:
+        settings = get_settings()
+        client = async_client(settings.redis_url_or_default)
+        http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=32))
+        forwarder = StatusForwarder(settings.storage_url, http) if settings.storage_url else None
+        store = EvaluationStore(
+            client, settings.namespace, retention_seconds=settings.retention_seconds, forwarder=forwarder
+        )
+        _runtime = Runtime(client, http, store, ExecutorPool(settings.executor_urls, http))
+    return _runtime
+
+
+def forward_soon(eval_id: str) -> None:
+    """From a worker thread: send the record's current status to the storage service.
+
+    Used after middleware changed a status outside an actor (retry scheduled, dead-lettered,
+    handed back); best effort, failures are logged.
+    """
+    if not get_settings().storage_url:
+        return
+    loop_thread = get_event_loop_thread()
+    if loop_thread is None:
+        return
+    future = asyncio.run_coroutine_threadsafe(runtime().store.forward_current(eval_id), loop_thread.loop)
+    future.add_done_callback(partial(_log_forward_failure, eval_id))
+
+
+def _log_forward_failure(eval_id: str, future: concurrent.futures.Future[None]) -> None:
+    if not future.cancelled() and future.exception():
+        log.warning("storage.forward_failed", eval_id=eval_id, error=str(future.exception()))

@@ -1,0 +1,48 @@
+"""Builds the process's Dramatiq broker from the settings and makes it the global one."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import dramatiq
+from dramatiq.middleware import AsyncIO, CurrentMessage, ShutdownNotifications, TimeLimit
+
+from actors.broker import PriorityBroker
+from actors.runtime import forward_soon
+from app.config import Settings, get_settings
+from app.logs import configure_logging
+from middleware.backoff import Backoff
+from middleware.dead_letter import DeadLetters
+from middleware.priority import PriorityRouting
+from middleware.retry_policy import apply_overrides
+
+
+def build_broker(settings: Settings) -> PriorityBroker:
+    apply_overrides(settings.retry_overrides)
+    broker = PriorityBroker(
+        url=settings.redis_url_or_default,
+        namespace=settings.namespace,
+        levels=settings.worker_levels,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        heartbeat_timeout_ms=settings.heartbeat_timeout_ms,
+        middleware=[
+            AsyncIO(),
+            CurrentMessage(),
+            PriorityRouting(),
+            TimeLimit(),
+            # Interrupt running actors on SIGTERM so Backoff hands their messages back at once.
+            ShutdownNotifications(notify_shutdown=True),
+            DeadLetters(on_status_change=forward_soon),
+            Backoff(on_status_change=forward_soon),
+        ],
+    )
+    dramatiq.set_broker(broker)
+    return broker
+
+
+@cache
+def process_broker() -> PriorityBroker:
+    """The broker of this process, built once from the environment (with logging set up)."""
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return build_broker(settings)

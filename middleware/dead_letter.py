@@ -1,0 +1,86 @@
+"""Dead-lettering: a message that will not be retried becomes a DLQ entry, never silence.
+
+The entry holds what the contract lists (original arguments, the final failure's class,
+message and full traceback, retry count, first and last failure times, metadata) plus the
+original message, so `DeadLetterQueue.retry_task` can send it again. The broker writes the
+entry, removes the message and marks the evaluation `failed` in one Redis transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dramatiq.middleware import Middleware
+
+from app.store import utc_now
+from middleware.priority import LEVEL_OPTION
+from middleware.state import (
+    DEAD_LETTER,
+    EXCEPTION_CLASS,
+    EXCEPTION_MESSAGE,
+    FIRST_FAILURE,
+    LAST_FAILURE,
+    RETRIES,
+    STATUS_CHANGE,
+    TRACEBACK,
+    describe,
+    eval_id_of,
+    iso,
+)
+
+CODE_PREVIEW = 100
+
+
+def dead_letter_entry(message: Any) -> dict[str, Any]:
+    options = message.options
+    now = int(time.time() * 1000)
+    kwargs = dict(message.kwargs)
+    code = kwargs.get("code") or (message.args[1] if len(message.args) > 1 else "")
+    return {
+        "task_id": message.message_id,
+        "task_name": message.actor_name,
+        "eval_id": eval_id_of(message),
+        "args": list(message.args),
+        "kwargs": kwargs,
+        "exception_class": options.get(EXCEPTION_CLASS),
+        "exception_message": options.get(EXCEPTION_MESSAGE),
+        "traceback": options.get(TRACEBACK),
+        "retry_count": options.get(RETRIES, 0),
+        "first_failure_time": iso(options.get(FIRST_FAILURE, now)),
+        "last_failure_time": iso(options.get(LAST_FAILURE, now)),
+        "metadata": {
+            "code_preview": str(code)[:CODE_PREVIEW],
+            "language": kwargs.get("language", "python"),
+            "queue": options.get(LEVEL_OPTION),
+        },
+        "message": message.encode().decode(),
+    }
+
+
+class DeadLetters(Middleware):
+    """Prepares the DLQ entry and the `failed` status just before the worker rejects a message.
+
+    `on_status_change(eval_id)` is told once the evaluation was marked failed.
+    """
+
+    def __init__(self, on_status_change: Callable[[str], None] | None = None) -> None:
+        self.on_status_change = on_status_change
+
+    def before_nack(self, broker: Any, message: Any) -> None:
+        entry = dead_letter_entry(message)
+        message.options[DEAD_LETTER] = json.dumps(entry)
+        if entry["eval_id"]:
+            message.options[STATUS_CHANGE] = {
+                "eval_id": entry["eval_id"],
+                "status": "failed",
+                "allowed_from": ("queued", "running"),
+                "fields": {"completed_at": utc_now(), "error": describe(message), "next_retry_at": ""},
+            }
+
+    def after_nack(self, broker: Any, message: Any) -> None:
+        eval_id = eval_id_of(message)
+        if eval_id and self.on_status_change:
+            self.on_status_change(eval_id)

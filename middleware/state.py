@@ -1,0 +1,58 @@
+"""State the middleware keep on a message's options: its failures, and how to settle it."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from datetime import UTC, datetime
+from typing import Any
+
+#: Option names; they travel with the message through retries.
+RETRIES = "retries"
+FIRST_FAILURE = "first_failure_ms"
+LAST_FAILURE = "last_failure_ms"
+EXCEPTION_CLASS = "exception_class"
+EXCEPTION_MESSAGE = "exception_message"
+TRACEBACK = "traceback"
+
+#: Set just before a nack: the dead-letter entry (JSON) and the evaluation's status change (dict).
+DEAD_LETTER = "dead_letter"
+STATUS_CHANGE = "status_change"
+#: Set after a failed attempt: settle by retrying later or handing back instead of acking
+#: ({"command": "retry" | "requeue", "delay_ms": int}). The consumer performs it at ack time,
+#: which Dramatiq repeats until Redis answers, so a decision is never lost to an outage.
+SETTLE = "settle"
+#: Options that describe one delivery only; never copied into a re-sent message.
+TRANSIENT_OPTIONS = (DEAD_LETTER, STATUS_CHANGE, SETTLE)
+
+#: Cleared when a dead-lettered evaluation is retried from the DLQ: counts start again.
+FAILURE_OPTIONS = (RETRIES, FIRST_FAILURE, LAST_FAILURE, EXCEPTION_CLASS, EXCEPTION_MESSAGE, TRACEBACK)
+
+
+def eval_id_of(message: Any) -> str | None:
+    """The evaluation a message works on, if it is an evaluation message."""
+    if eval_id := message.kwargs.get("eval_id"):
+        return str(eval_id)
+    if message.actor_name == "evaluate_code" and message.args:
+        return str(message.args[0])
+    return None
+
+
+def iso(ms: int | float) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def record_failure(message: Any, exception: BaseException) -> None:
+    """Note this failure on the message: class, message, full traceback, first and last time."""
+    now = int(time.time() * 1000)
+    options = message.options
+    options.setdefault(FIRST_FAILURE, now)
+    options[LAST_FAILURE] = now
+    options[EXCEPTION_CLASS] = type(exception).__name__
+    options[EXCEPTION_MESSAGE] = str(exception)
+    options[TRACEBACK] = "".join(traceback.format_exception(exception))
+
+
+def describe(message: Any) -> str:
+    """`Class: message` of the last failure, for records and logs."""
+    return f"{message.options.get(EXCEPTION_CLASS)}: {message.options.get(EXCEPTION_MESSAGE)}"

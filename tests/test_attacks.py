@@ -1,0 +1,306 @@
+"""The attack suite: hostile programs through the real executor; each asserts the verdict and
+that the host is unharmed afterwards (next run works, no leftover processes or files, the
+executor's memory steady)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import EXECUTOR_SECRET, ExecutorService
+from tests.helpers import execute as run
+
+
+def sandbox_processes() -> str:
+    """Processes on the host owned by the sandbox uids (60000-60999)."""
+    ps = subprocess.run(["ps", "-eo", "uid=,pid=,args="], capture_output=True, text=True).stdout
+    return "\n".join(line for line in ps.splitlines() if line.split()[0].startswith("60"))
+
+
+def rss_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
+
+
+async def assert_host_unharmed(executor: httpx.AsyncClient) -> None:
+    for _ in range(40):  # the pid namespace is torn down asynchronously after the answer
+        if not sandbox_processes():
+            break
+        await asyncio.sleep(0.05)
+    assert sandbox_processes() == ""
+    after = await run(executor, "print('next run works')")
+    assert after["status"] == "completed" and after["output"] == "next run works\n"
+    assert (await executor.get("/running")).json()["running"] == []
+
+
+async def test_fork_bomb(executor: httpx.AsyncClient) -> None:
+    result = await run(executor, "import os\nwhile True:\n    os.fork()", timeout=5)
+    assert result["status"] in ("failed", "timeout"), result
+    await assert_host_unharmed(executor)
+
+
+async def test_memory_bomb_is_its_own_verdict(executor: httpx.AsyncClient) -> None:
+    code = "chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))"
+    result = await run(executor, code, memory_mb=256)
+    assert result["status"] == "memory_limit_exceeded", result
+    assert "Memory limit of 256 MB exceeded" in result["error"]
+    assert result["peak_memory_kb"] <= 300 * 1024
+    await assert_host_unharmed(executor)
+
+
+async def test_memory_spread_over_processes_is_capped_together(executor: httpx.AsyncClient) -> None:
+    code = """
+import os, time
+for _ in range(6):
+    if os.fork() == 0:
+        chunks = [bytearray(10**7) for _ in range(10)]  # 100 MB each
+        for c in chunks:
+            c[::4096] = b"x" * len(c[::4096])
+        time.sleep(5)
+        os._exit(0)
+for _ in range(6):
+    os.wait()
+"""
+    result = await run(executor, code, memory_mb=256)
+    health = (await executor.get("/health")).json()
+    if health["limits_enforced_by"] == "rlimit":
+        pytest.skip("per-process rlimits cannot cap memory across processes; cgroups are not available")
+    assert result["peak_memory_kb"] <= 270 * 1024, result
+    await assert_host_unharmed(executor)
+
+
+@pytest.mark.parametrize("place", ["/tmp", "/dev/shm"])
+async def test_disk_fill_of_every_writable_place(executor: httpx.AsyncClient, place: str) -> None:
+    code = f"""
+import os
+written = 0
+try:
+    for n in range(1000):
+        with open("{place}/fill-%d" % n, "wb") as f:
+            for _ in range(16):
+                f.write(b"x" * 1024 * 1024)
+                written += 1024 * 1024
+except OSError as e:
+    print("stopped", written // 2**20, e.errno)
+"""
+    result = await run(executor, code)
+    assert result["status"] == "completed", result
+    assert int(result["output"].split()[1]) <= 100
+    await assert_host_unharmed(executor)
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+async def test_output_flood_is_cut_off_without_buffering(
+    executor: httpx.AsyncClient, executor_service: ExecutorService, stream: str
+) -> None:
+    before = rss_kb(executor_service.pid)
+    code = f"import sys\nchunk = 'x' * 65536\nwhile True:\n    sys.{stream}.write(chunk)"
+    result = await run(executor, code, timeout=30)
+    assert result["status"] == "output_limit_exceeded", result
+    assert result["runtime_ms"] < 10_000
+    assert len(result["output" if stream == "stdout" else "error"]) <= 64 * 1024 + 200
+    assert rss_kb(executor_service.pid) - before < 20 * 1024
+    await assert_host_unharmed(executor)
+
+
+async def test_busy_loop_past_the_cpu_limit(executor: httpx.AsyncClient) -> None:
+    result = await run(executor, "while True:\n    pass", timeout=2)
+    assert result["status"] == "timeout" and result["timed_out"] is True
+    if result["limits_enforced_by"] != "rlimit":  # rusage loses processes killed at the wall limit
+        assert 1500 <= result["cpu_ms"] <= 4000
+    await assert_host_unharmed(executor)
+
+
+async def test_sleep_past_the_wall_limit(executor: httpx.AsyncClient) -> None:
+    result = await run(executor, "import time\ntime.sleep(60)", timeout=1)
+    assert result["status"] == "timeout" and result["cpu_ms"] < 500
+    await assert_host_unharmed(executor)
+
+
+async def test_detached_children_that_ignore_sigterm_and_zombies_do_not_survive(
+    executor: httpx.AsyncClient,
+) -> None:
+    code = """
+import os, signal, time
+for _ in range(3):
+    if os.fork() == 0:
+        os.setsid()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if os.fork() == 0:
+            time.sleep(120)
+        os._exit(0)
+if os.fork() == 0:
+    os._exit(0)          # a zombie: never waited for
+print("parent leaves")
+"""
+    result = await run(executor, code)
+    assert result["status"] == "completed" and result["output"] == "parent leaves\n"
+    await assert_host_unharmed(executor)
+
+
+async def test_kill_is_total_even_for_a_grandchild_ignoring_signals(executor: httpx.AsyncClient) -> None:
+    eval_id = f"kill-{uuid.uuid4().hex[:8]}"
+    code = """
+import os, signal, time
+if os.fork() == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.fork() == 0:
+        os.setsid()
+        time.sleep(120)
+    time.sleep(120)
+time.sleep(120)
+"""
+    pending = asyncio.create_task(run(executor, code, eval_id=eval_id, timeout=30))
+    for _ in range(100):
+        if "time.sleep" in sandbox_processes() or len(sandbox_processes().splitlines()) >= 4:
+            break
+        await asyncio.sleep(0.05)
+    assert (await executor.post(f"/kill/{eval_id}")).status_code == 200
+    assert (await pending)["status"] == "cancelled"
+    await assert_host_unharmed(executor)
+
+
+async def test_host_files_secrets_and_other_runs_are_out_of_reach(executor: httpx.AsyncClient) -> None:
+    secret_file = f"secret-{uuid.uuid4().hex}"
+    holder = asyncio.create_task(
+        run(executor, f"open('/tmp/{secret_file}', 'w').write('mine')\nimport time\ntime.sleep(2)")
+    )
+    await asyncio.sleep(0.5)
+    code = f"""
+import os
+found = []
+for path in ["/etc/shadow", "/etc/passwd", "/root/.bash_history", "/proc/1/environ"]:
+    try:
+        found.append(open(path).read()[:50])
+    except OSError:
+        pass
+print("environ" if "{EXECUTOR_SECRET}" in str(found) + str(dict(os.environ)) else "no secret")
+print(os.path.exists("/tmp/{secret_file}"))
+for pid in os.listdir("/proc"):
+    if pid.isdigit():
+        try:
+            print(open(f"/proc/{{pid}}/cmdline").read().replace("\\0", " "))
+        except OSError:
+            pass
+"""
+    result = await run(executor, code)
+    await holder
+    lines = result["output"].splitlines()
+    assert lines[0] == "no secret" and lines[1] == "False"
+    assert not any("sleep" in line or "uvicorn" in line or "app.cli" in line for line in lines[2:])
+    await assert_host_unharmed(executor)
+
+
+async def test_privileged_calls_are_refused(executor: httpx.AsyncClient) -> None:
+    code = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+results = {}
+results["mount"] = libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)
+results["unshare_user"] = libc.unshare(0x10000000)
+results["unshare_net"] = libc.unshare(0x40000000)
+results["setuid_0"] = libc.setuid(0)
+results["chroot"] = libc.chroot(b"/tmp")
+results["reboot"] = libc.reboot(0x4321FEDC)
+results["ptrace_attach_1"] = libc.ptrace(16, 1, None, None)
+results["ptrace_traceme"] = libc.ptrace(0, 0, None, None)
+results["keyctl"] = libc.syscall(250, 0, -3)            # KEYCTL_GET_KEYRING_ID, session keyring
+results["io_uring_setup"] = libc.syscall(425, 8, ctypes.create_string_buffer(120))
+results["bpf"] = libc.syscall(321, 0, None, 0)
+print(sorted(k for k, v in results.items() if v >= 0))
+"""
+    result = await run(executor, code)
+    assert result["status"] == "completed", result
+    assert result["output"] == "[]\n"
+    await assert_host_unharmed(executor)
+
+
+async def test_planted_links_are_never_followed(executor: httpx.AsyncClient) -> None:
+    code = """
+import os
+os.symlink("/etc/shadow", "/tmp/main")
+os.symlink("/etc", "/tmp/out")
+try:
+    os.link("/usr/bin/python3", "/tmp/hard")
+except OSError as e:
+    print("hard link refused", e.errno)
+"""
+    result = await run(executor, code)
+    assert result["status"] == "completed"
+    c_result = await run(executor, '#include "/etc/shadow"\nint main(){return 0;}', language="c")
+    assert c_result["status"] == "compile_error"
+    assert Path("/etc/shadow").stat().st_uid == 0
+    await assert_host_unharmed(executor)
+
+
+async def test_a_run_cannot_forge_its_verdict(executor: httpx.AsyncClient) -> None:
+    cpu_limit = await run(executor, "exit 152", language="bash")  # 128 + SIGXCPU, without the CPU
+    assert cpu_limit["status"] == "failed" and cpu_limit["exit_code"] == 152
+    if cpu_limit["limits_enforced_by"] != "rlimit":  # with cgroups only a real OOM kill counts
+        fake = await run(executor, "import sys\nprint('MemoryError', file=sys.stderr)\nsys.exit(1)")
+        assert fake["status"] == "failed"
+
+
+async def test_no_pseudo_terminals_from_the_host_pool(executor: httpx.AsyncClient) -> None:
+    code = "import os\ntry:\n    os.openpty()\n    print('pty')\nexcept OSError:\n    print('refused')"
+    assert (await run(executor, code))["output"] == "refused\n"
+
+
+async def test_a_cpu_hog_with_many_sessions_cannot_starve_another_run(executor: httpx.AsyncClient) -> None:
+    hog = """
+import os
+for _ in range(40):
+    if os.fork() == 0:
+        os.setsid()
+        break
+while True:
+    pass
+"""
+    hogging = asyncio.create_task(run(executor, hog, timeout=6))
+    await asyncio.sleep(0.5)
+    small = await run(executor, "print(sum(range(3 * 10**7)))", timeout=5)
+    assert small["status"] == "completed", small
+    assert (await hogging)["status"] == "timeout"
+    await assert_host_unharmed(executor)
+
+
+def tcp_memory_pages() -> int:
+    line = next(x for x in Path("/proc/net/sockstat").read_text().splitlines() if x.startswith("TCP:"))
+    return int(line.split("mem")[1].split()[0])
+
+
+async def test_socket_buffers_on_the_runs_loopback_count_against_it(executor: httpx.AsyncClient) -> None:
+    code = """
+import socket, time
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(64)
+held = []
+for _ in range(30):
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    client.connect(server.getsockname())
+    client.setblocking(False)
+    try:
+        while True:
+            client.send(b"x" * 65536)
+    except (BlockingIOError, OSError):
+        pass
+    held.append(client)
+print("filled")
+time.sleep(3)
+"""
+    before = tcp_memory_pages()
+    pending = asyncio.create_task(run(executor, code, memory_mb=64))
+    peak = before
+    while not pending.done():
+        peak = max(peak, tcp_memory_pages())
+        await asyncio.sleep(0.1)
+    assert (peak - before) * 4096 < 96 * 1024 * 1024, (before, peak)
+    await assert_host_unharmed(executor)

@@ -1,0 +1,76 @@
+"""Bad requests get a 4xx JSON error naming the problem, never a 500."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({}, 422, "code"),
+        ({"code": None}, 422, "code"),
+        ({"code": 42}, 422, "code"),
+        ({"code": "   "}, 422, "code"),
+        ({"code": "print(1)", "language": "cobol"}, 422, "language"),
+        ({"code": "print(1)", "language": ["python"]}, 422, "language"),
+        ({"code": "print(1)", "timeout": "soon"}, 422, "timeout"),
+        ({"code": "print(1)", "timeout": 10**9}, 422, "timeout"),
+        ({"code": "print(1)", "timeout": -1}, 422, "timeout"),
+        ({"code": "print(1)", "priority": "yes"}, 422, "priority"),
+        ({"code": "print(1)", "eval_id": "../../etc/passwd"}, 422, "eval_id"),
+        ({"code": "x" * (64 * 1024 + 1)}, 413, "code"),
+    ],
+)
+async def test_invalid_fields_are_named(api: httpx.AsyncClient, body: dict, status: int, field: str) -> None:
+    response = await api.post("/api/eval", json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["details"]["field"] == field
+    assert "error" in response.json()
+
+
+async def test_unknown_language_lists_the_known_ones(api: httpx.AsyncClient) -> None:
+    response = await api.post("/api/eval", json={"code": "x", "language": "cobol"})
+    assert "python" in response.json()["details"]["known"]
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"{", b"\xff\xfe", b""])
+async def test_body_that_is_not_json(api: httpx.AsyncClient, raw: bytes) -> None:
+    response = await api.post("/api/eval", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"] == "request body is not valid JSON"
+
+
+@pytest.mark.parametrize("raw", [b"[1, 2]", b'"code"', b"null"])
+async def test_body_that_is_not_an_object(api: httpx.AsyncClient, raw: bytes) -> None:
+    response = await api.post("/api/eval", content=raw)
+    assert response.status_code == 422
+
+
+async def test_oversized_body_is_refused_before_parsing(api: httpx.AsyncClient) -> None:
+    response = await api.post("/api/eval", content=b"{" + b" " * (2 * 1024 * 1024) + b"}")
+    assert response.status_code == 413
+
+
+async def test_unknown_evaluation_is_404(api: httpx.AsyncClient) -> None:
+    for path in ("/api/eval/eval_nope", "/api/eval-status/eval_nope"):
+        response = await api.get(path)
+        assert response.status_code == 404
+        assert response.json()["error"] == "evaluation not found"
+
+
+@pytest.mark.parametrize(
+    "params", [{"limit": "0"}, {"limit": "many"}, {"offset": "-1"}, {"status": "sleeping"}]
+)
+async def test_bad_listing_parameters(api: httpx.AsyncClient, params: dict) -> None:
+    response = await api.get("/api/evaluations", params=params)
+    assert response.status_code == 422
+    assert response.json()["details"]["field"] in params
+
+
+async def test_unknown_route_and_wrong_method_are_json(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/api/nothing")).json()["error"]
+    response = await api.get("/api/eval")
+    assert response.status_code == 405
+    assert response.json()["error"]

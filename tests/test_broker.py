@@ -1,0 +1,128 @@
+"""The priority broker's Redis operations, against a real Redis, without worker processes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import dramatiq
+import pytest
+
+from actors.broker import QUEUE_NAME, PriorityBroker, PriorityConsumer
+from middleware.priority import PriorityRouting
+
+
+def make_broker(redis_url: str, namespace: str, **options: int) -> PriorityBroker:
+    return PriorityBroker(url=redis_url, namespace=namespace, middleware=[PriorityRouting()], **options)
+
+
+@pytest.fixture
+def broker(redis_url: str, namespace: str) -> Iterator[PriorityBroker]:
+    broker = make_broker(redis_url, namespace, heartbeat_timeout_ms=300)
+    yield broker
+    broker.client.close()
+
+
+def declare(broker: PriorityBroker) -> dramatiq.Actor:
+    def job(n: int) -> None: ...
+
+    return dramatiq.actor(job, broker=broker, queue_name=QUEUE_NAME)
+
+
+def fetch_all(consumer: PriorityConsumer) -> list[int]:
+    taken = []
+    while (message := next(consumer)) is not None:
+        taken.append(message.args[0])
+        if len(taken) == consumer.slots:
+            break
+    return taken
+
+
+def test_fetch_takes_high_then_default_then_low_oldest_first(broker: PriorityBroker) -> None:
+    job = declare(broker)
+    for n, level in [(1, "low"), (2, "default"), (3, "low"), (4, "high"), (5, "default"), (6, "high")]:
+        job.send_with_options(args=(n,), queue_level=level)
+    consumer = PriorityConsumer(broker, slots=6)
+    assert fetch_all(consumer) == [4, 6, 2, 5, 1, 3]
+
+
+def test_fetch_takes_no_more_than_the_free_slots(broker: PriorityBroker) -> None:
+    job = declare(broker)
+    for n in range(5):
+        job.send_with_options(args=(n,), queue_level="low")
+    consumer = PriorityConsumer(broker, slots=2)
+    first, second = next(consumer), next(consumer)
+    assert [first.args[0], second.args[0]] == [0, 1]
+    assert broker.queue_sizes()["low"] == 3
+    job.send_with_options(args=(99,), queue_level="high")
+    consumer.ack(first)
+    assert next(consumer).args[0] == 99  # the freed slot goes to the high message
+
+
+def test_actor_option_sets_the_default_level(broker: PriorityBroker) -> None:
+    def urgent() -> None: ...
+
+    dramatiq.actor(urgent, broker=broker, queue_name=QUEUE_NAME, queue_level="high").send()
+    assert broker.queue_sizes()["high"] == 1
+    with pytest.raises(ValueError, match="queue_level"):
+        dramatiq.actor(lambda: None, actor_name="bad", broker=broker, queue_name=QUEUE_NAME, queue_level="x")
+
+
+def test_delayed_message_waits_for_its_time(broker: PriorityBroker) -> None:
+    job = declare(broker)
+    job.send_with_options(args=(1,), delay=400)
+    consumer = PriorityConsumer(broker, slots=1)
+    assert broker.queue_sizes()["delayed"] == 1
+    assert next(consumer) is None
+    time.sleep(0.5)
+    assert next(consumer).args[0] == 1
+
+
+def test_dead_workers_messages_come_back_at_the_head(redis_url: str, namespace: str) -> None:
+    crashed = make_broker(redis_url, namespace, heartbeat_timeout_ms=300)
+    survivor = make_broker(redis_url, namespace, heartbeat_timeout_ms=300)
+    job = declare(crashed)
+    declare(survivor)
+    for n in range(3):
+        job.send_with_options(args=(n,), queue_level="default")
+    taken = next(PriorityConsumer(crashed, slots=1))
+    assert taken.args[0] == 0
+    assert crashed.queue_sizes()["in_flight"] == 1
+    # the crashed worker never acks nor heartbeats again
+    time.sleep(0.4)
+    assert next(PriorityConsumer(survivor, slots=1)).args[0] == 0
+
+
+def test_clean_leave_hands_unacked_messages_back(redis_url: str, namespace: str) -> None:
+    leaving = make_broker(redis_url, namespace)
+    job = declare(leaving)
+    job.send_with_options(args=(7,), queue_level="low")
+    next(PriorityConsumer(leaving, slots=1))
+    assert leaving.queue_sizes()["low"] == 0
+    leaving.close()
+    other = make_broker(redis_url, namespace)
+    declare(other)
+    assert other.queue_sizes()["low"] == 1
+
+
+def test_ack_forgets_and_nack_leaves_a_dead_letter_entry(broker: PriorityBroker) -> None:
+    job = declare(broker)
+    job.send(1)
+    job.send(2)
+    consumer = PriorityConsumer(broker, slots=2)
+    first, second = next(consumer), next(consumer)
+    consumer.ack(first)
+    consumer.nack(second)
+    assert broker.queue_sizes() == {"high": 0, "default": 0, "low": 0, "delayed": 0, "in_flight": 0}
+    assert broker.client.zrange(f"{broker.namespace}:dlq", 0, -1) == [second.message_id.encode()]
+    assert broker.client.hexists(f"{broker.namespace}:dlq:entries", second.message_id)
+    assert not broker.client.hlen(f"{broker.namespace}:msgs")
+
+
+def test_an_evaluation_message_carries_its_task_id_and_a_time_limit_above_its_timeout() -> None:
+    from actors.evaluate import evaluation_message
+
+    message = evaluation_message("e1", "print(1)", "python", 30)
+    assert message.message_id == "celery-e1"
+    assert message.kwargs == {"eval_id": "e1", "code": "print(1)", "language": "python", "timeout": 30}
+    assert message.options["time_limit"] > 30_000

@@ -1,0 +1,91 @@
+"""Workers spread runs over healthy executors and report status changes to a storage service."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from tests.conftest import stack_env, start_stack
+from tests.helpers import submit, wait_final
+from tests.stack import free_port
+
+
+class StorageService:
+    """A stand-in storage service on loopback that records every PUT it receives."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, dict]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                outer.received.append((self.path, body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def statuses(self, eval_id: str) -> list[str]:
+        return [body["status"] for path, body in self.received if path == f"/evaluations/{eval_id}"]
+
+
+@pytest.fixture
+def storage() -> Iterator[StorageService]:
+    service = StorageService()
+    yield service
+    service.server.shutdown()
+
+
+async def test_down_executor_is_skipped_and_status_changes_are_forwarded(
+    redis_url: str, executor_url: str, namespace: str, storage: StorageService
+) -> None:
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = stack_env(
+        redis_url,
+        namespace,
+        f"{down},{executor_url}",
+        STORAGE_SERVICE_URL=storage.url,
+        CELERY_CONCURRENCY="1",
+    )
+    with ExitStack() as stack:
+        s = start_stack(stack, "executors", env)
+        async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
+            ids = [await submit(api, f"print({n})") for n in range(6)]
+            results = [await wait_final(api, i) for i in ids]
+    assert [r["status"] for r in results] == ["completed"] * 6
+    assert {r["executor"] for r in results} == {executor_url}
+    assert all(r["retries"] == 0 for r in results)
+    for eval_id in ids:
+        assert storage.statuses(eval_id) == ["queued", "running", "completed"]
+    final = next(body for path, body in storage.received if body["status"] == "completed")
+    assert final["output"] in {f"{n}\n" for n in range(6)}
+
+
+async def test_runs_wait_for_a_free_executor_slot(redis_url: str, namespace: str) -> None:
+    from tests.stack import process, wait_http
+
+    port = free_port()
+    executor_url = f"http://127.0.0.1:{port}"
+    with ExitStack() as stack:
+        stack.enter_context(
+            process("executor-busy", "executor", {"EXECUTOR_PORT": str(port), "EXECUTOR_CONCURRENCY": "1"})
+        )
+        wait_http(f"{executor_url}/health")
+        s = start_stack(stack, "busy", stack_env(redis_url, namespace, executor_url, CELERY_CONCURRENCY="1"))
+        async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
+            ids = [await submit(api, f"import time; time.sleep(0.3); print({n})") for n in range(4)]
+            results = [await wait_final(api, i) for i in ids]
+    assert [r["output"] for r in results] == [f"{n}\n" for n in range(4)]
+    assert all(r["retries"] == 0 for r in results)

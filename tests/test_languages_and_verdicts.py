@@ -1,0 +1,103 @@
+"""Languages from the registry, stdin and arguments, and each verdict with its measurements."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.helpers import execute as run
+from tests.helpers import submit, wait_final
+
+HELLO = {
+    "python": "import sys\nprint('hello', sys.argv[1:], input())",
+    "javascript": "const line = require('fs').readFileSync(0, 'utf8').trim();\n"
+    "console.log('hello', JSON.stringify(process.argv.slice(2)), line);",
+    "bash": 'read line\necho hello "$@" "$line"',
+    "c": "#include <stdio.h>\nint main(int c, char**v){char b[64]; fgets(b,64,stdin);"
+    ' printf("hello %s %s", v[1], b); return 0;}',
+    "cpp": "#include <iostream>\n#include <string>\nint main(int c, char**v){std::string s;"
+    ' std::getline(std::cin, s); std::cout << "hello " << v[1] << " " << s << std::endl;}',
+}
+EXPECTED = {
+    "python": "hello ['one'] from stdin\n",
+    "javascript": 'hello ["one"] from stdin\n',
+    "bash": "hello one from stdin\n",
+    "c": "hello one from stdin\n",
+    "cpp": "hello one from stdin\n",
+}
+
+
+@pytest.mark.parametrize("language", sorted(HELLO))
+async def test_each_language_runs_with_stdin_and_arguments(
+    executor: httpx.AsyncClient, language: str
+) -> None:
+    result = await run(executor, HELLO[language], language=language, stdin="from stdin\n", args=["one"])
+    assert result["status"] == "completed", result
+    assert result["output"] == EXPECTED[language]
+    assert result["runtime_ms"] > 0 and result["cpu_ms"] > 0 and result["peak_memory_kb"] > 0
+
+
+async def test_languages_are_listed_with_versions(executor: httpx.AsyncClient) -> None:
+    languages = {entry["name"]: entry for entry in (await executor.get("/languages")).json()["languages"]}
+    assert set(languages) >= {"python", "javascript", "bash", "c", "cpp"}
+    assert languages["python"]["version"].startswith("Python 3")
+    assert languages["c"]["compiled"] is True and "gcc" in languages["c"]["version"]
+
+
+async def test_compile_error_is_its_own_verdict(executor: httpx.AsyncClient) -> None:
+    result = await run(executor, "int main( { return 0; }", language="c")
+    assert result["status"] == "compile_error"
+    assert "error" in result["error"] and result["output"] == ""
+
+
+@pytest.mark.parametrize(
+    ("code", "language", "status", "exit_code", "signal"),
+    [
+        ("import sys; sys.exit(3)", "python", "failed", 3, None),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "python", "failed", None, 11),
+        ("int main(){int *p = 0; return *p;}", "c", "failed", None, 11),
+        ("print('fine')", "python", "completed", 0, None),
+    ],
+)
+async def test_exit_codes_and_signals(
+    executor: httpx.AsyncClient,
+    code: str,
+    language: str,
+    status: str,
+    exit_code: int | None,
+    signal: int | None,
+) -> None:
+    result = await run(executor, code, language=language)
+    assert (result["status"], result["signal"]) == (status, signal), result
+    if exit_code is not None:
+        assert result["exit_code"] == exit_code
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("memory_mb", 10**6),
+        ("output_limit", 10**9),
+        ("timeout", 10**4),
+        ("args", "not a list"),
+        ("args", [1]),
+    ],
+)
+async def test_limits_over_the_maximum_are_refused_not_clamped(
+    executor: httpx.AsyncClient, field: str, value: object
+) -> None:
+    response = await executor.post("/execute", json={"eval_id": "x", "code": "print(1)", field: value})
+    assert response.status_code == 422 and response.json()["details"]["field"] == field
+
+
+async def test_stdin_args_and_new_verdicts_through_the_api(api: httpx.AsyncClient) -> None:
+    echoed = await wait_final(
+        api, await submit(api, "import sys; print(sys.argv[1], input())", stdin="in\n", args=["arg"])
+    )
+    assert echoed["output"] == "arg in\n" and echoed["peak_memory_kb"] > 0 and echoed["cpu_ms"] > 0
+    bomb = await wait_final(api, await submit(api, "x = []\nwhile True:\n    x.append(bytearray(10**7))"))
+    assert bomb["status"] == "memory_limit_exceeded" and bomb["celery_state"] == "SUCCESS"
+    broken = await wait_final(api, await submit(api, "int main( {", language="c"))
+    assert broken["status"] == "compile_error"
+    bad = await api.post("/api/eval", json={"code": "print(1)", "args": [1, 2]})
+    assert bad.status_code == 422 and bad.json()["details"]["field"] == "args"

