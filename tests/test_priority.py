@@ -34,8 +34,11 @@ async def test_high_submitted_last_starts_next_and_default_before_low(
     with ExitStack() as stack:
         s = start_stack(stack, f"priority-{processes}x{threads}", env)
         async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
+            # One blocker ends first; the others hold their slots until the backlog has drained
+            # through that one slot, so start times show the order in which it fetched.
             slots = processes * threads
-            blockers = [await submit(api, "import time; time.sleep(2)") for _ in range(slots)]
+            sleeps = [3] + [8] * (slots - 1)
+            blockers = [await submit(api, f"import time; time.sleep({s})") for s in sleeps]
             for blocker in blockers:
                 await wait_running(api, blocker)
 
@@ -48,6 +51,8 @@ async def test_high_submitted_last_starts_next_and_default_before_low(
 
             backlog = [high, *defaults, *lows]
             results = {i: await wait_final(api, i) for i in backlog}
+            first_free = min([(await wait_final(api, b))["completed_at"] for b in blockers])
+            assert results[high]["created_at"] < first_free, "backlog was not queued before a slot freed"
             assert all(r["status"] == "completed" for r in results.values())
             assert results[high]["queue"] == "high"
             assert {results[i]["queue"] for i in defaults} == {"default"}
