@@ -15,7 +15,7 @@ from actors.runtime import runtime, worker_name
 from actors.setup import process_broker
 from app.config import get_settings
 from app.dlq import AsyncDeadLetterQueue
-from app.store import NewEvaluation, utc_now
+from app.store import NewEvaluation, task_id_of, utc_now
 
 log = structlog.get_logger(__name__)
 
@@ -24,11 +24,6 @@ broker = process_broker()
 
 #: A stuck actor is interrupted this long after its run's own time-out.
 TIME_LIMIT_MARGIN_MS = 60_000
-
-
-def task_id_of(eval_id: str) -> str:
-    """The Celery-compatible task id of an evaluation."""
-    return f"celery-{eval_id}"
 
 
 @dramatiq.actor(

@@ -6,35 +6,32 @@ out, so an accepted evaluation is never lost and never queued without its record
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import WatchError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from actors.broker import AsyncEnqueuer
-from actors.evaluate import evaluation_message, task_id_of
-from actors.executor_client import ExecutorPool
-from app.cancellation import Canceller
-from app.config import LEVELS, Settings, get_settings
-from app.dlq import AsyncDeadLetterQueue, NotInDLQ, NotRetryable, public_entry
+from app.config import Settings, get_settings
+from app.dlq import NotInDLQ, NotRetryable, public_entry
 from app.errors import RequestError, install_error_handlers
 from app.logs import configure_logging
-from app.redis_client import async_client
+from app.migration import MigrationTracker
+from app.ops_api import OpsApi
 from app.routing import delegate
-from app.store import STATUSES, EvaluationStore, NewEvaluation, StatusForwarder, celery_state
+from app.services import Services
+from app.store import STATUSES, celery_state, task_id_of
+from app.submission import Submission
 from app.validation import (
     MAX_ARG_BYTES,
     MAX_ARGS,
@@ -86,36 +83,24 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
         "retries": record.get("retries", 0),
         "retrying": celery_state(record) == "RETRY",
         "next_retry_at": record.get("next_retry_at"),
+        "queue_system": record.get("queue_system") or "dramatiq",
     }
 
 
-@dataclass
-class Submission:
-    """A validated request to evaluate code."""
-
-    eval_id: str
-    code: str
-    language: str
-    timeout: float
-    priority: bool
-    stdin: str | None
-    args: list[str]
-
-
 class Api:
-    """The endpoints, sharing one Redis pool and one store."""
+    """The endpoints, sharing one process's services (one Redis pool, one HTTP client)."""
 
-    def __init__(
-        self, settings: Settings, client: aioredis.Redis, store: EvaluationStore, http: httpx.AsyncClient
-    ) -> None:
-        self.settings = settings
-        self.client = client
-        self.store = store
-        self.enqueuer = AsyncEnqueuer(client, settings.namespace)
-        self.languages = sorted(registry(settings.python_path))
-        executors = ExecutorPool(settings.executor_urls, http)
-        self.canceller = Canceller(client, store, self.enqueuer, executors)
-        self.dlq = AsyncDeadLetterQueue(client, settings.namespace, store)
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.client = services.client
+        self.store = services.store
+        self.enqueuer = services.enqueuer
+        self.submitter = services.submitter
+        self.canceller = services.canceller
+        self.dlq = services.dlq
+        self.control = services.control
+        self.languages = sorted(registry(self.settings.python_path))
 
     # -- input ---------------------------------------------------------------------------
 
@@ -138,45 +123,18 @@ class Api:
 
     # -- submission ----------------------------------------------------------------------
 
-    async def enqueue(self, sub: Submission, level: str, source: str) -> int:
-        """Record and enqueue atomically; returns how many ready messages are ahead of it.
-
-        The storage service hears of the record before the commit, so its "queued" can never
-        arrive after a worker's "running".
-        """
-        record_key = self.store.key(sub.eval_id)
-        evaluation = NewEvaluation(
-            sub.eval_id, sub.code, sub.language, sub.timeout, level, sub.priority, {"source": source}
-        )
-        message = evaluation_message(sub.eval_id, sub.code, sub.language, sub.timeout, sub.stdin, sub.args)
-        try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                await pipe.watch(record_key)
-                if await pipe.exists(record_key):
-                    raise RequestError(409, "an evaluation with this eval_id exists", field="eval_id")
-                await self.store.announce(evaluation)
-                pipe.multi()
-                self.store.write_new(pipe, evaluation)
-                await self.enqueuer.enqueue_in(pipe, message, level)
-                for lvl in LEVELS[: LEVELS.index(level) + 1]:
-                    pipe.llen(f"{self.settings.namespace}:queue:{lvl}")
-                results = await pipe.execute()
-        except WatchError:
-            raise RequestError(409, "an evaluation with this eval_id exists", field="eval_id") from None
-        ahead = sum(results[-(LEVELS.index(level) + 1) :]) - 1
-        log.info("evaluation.queued", eval_id=sub.eval_id, level=level, language=sub.language)
-        return max(ahead, 0)
-
     async def submit(self, request: Request) -> JSONResponse:
         sub = self.parse_submission(await read_json_object(request))
-        position = await self.enqueue(sub, "high" if sub.priority else "default", "api")
+        accepted = await self.submitter.submit(sub, "high" if sub.priority else "default", "api")
         return JSONResponse(
             {
                 "eval_id": sub.eval_id,
                 "task_id": task_id_of(sub.eval_id),
                 "status": "queued",
                 "message": "Evaluation queued successfully",
-                "queue_position": position,
+                "queue_position": accepted.queue_position,
+                "queue_system": accepted.queue_system,
+                "fallback": accepted.fallback,
             }
         )
 
@@ -193,8 +151,10 @@ class Api:
                 if not isinstance(item, dict):
                     raise RequestError(422, "each evaluation must be a JSON object")
                 sub = self.parse_submission(item)
-                await self.enqueue(sub, "low", "batch")
-                results.append({"eval_id": sub.eval_id, "status": "queued"})
+                accepted = await self.submitter.submit(sub, "low", "batch")
+                results.append(
+                    {"eval_id": sub.eval_id, "status": "queued", "queue_system": accepted.queue_system}
+                )
             except RequestError as exc:
                 results.append({"index": index, "status": "failed", "error": exc.message, **exc.details})
         queued = sum(r["status"] == "queued" for r in results)
@@ -367,17 +327,20 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        client = async_client(settings.redis_url_or_default)
-        async with httpx.AsyncClient() as http:
-            forwarder = StatusForwarder(settings.storage_url, http) if settings.storage_url else None
-            store = EvaluationStore(
-                client, settings.namespace, retention_seconds=settings.retention_seconds, forwarder=forwarder
-            )
-            app.state.api = Api(settings, client, store, http)
-            try:
-                yield
-            finally:
-                await client.aclose()
+        services = Services.build(settings)
+        app.state.api = Api(services)
+        app.state.ops = OpsApi(services)
+        tracker = (
+            asyncio.create_task(MigrationTracker(services.store, services.legacy).run())
+            if services.legacy
+            else None
+        )
+        try:
+            yield
+        finally:
+            if tracker:
+                tracker.cancel()
+            await services.close()
 
     app = Starlette(
         routes=[
@@ -394,6 +357,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/api/dlq/tasks/{task_id}", delegate("api", "dlq_get")),
             Route("/api/dlq/tasks/{task_id}", delegate("api", "dlq_delete"), methods=["DELETE"]),
             Route("/api/dlq/tasks/{task_id}/retry", delegate("api", "dlq_retry"), methods=["POST"]),
+            Route("/api/migration-status", delegate("ops", "migration_status")),
+            Route("/api/migration", delegate("ops", "change_migration"), methods=["PUT"]),
+            Route("/api/celery-status", delegate("ops", "celery_status")),
+            Route("/api/queue-status", delegate("ops", "queue_status")),
+            Route("/metrics", delegate("ops", "metrics")),
             Route("/health", delegate("api", "health")),
             Route("/api/health", delegate("api", "health")),
         ],

@@ -6,6 +6,8 @@
 - running (STARTED): refused unless `terminate`; then marked cancelled and its sandbox killed
   on whichever executor runs it (executors that do not have it refuse to start it later);
 - finished or already cancelled: refused.
+An evaluation routed to the legacy Celery deployment is judged by its state there (read
+fresh from its result backend) and stopped with Celery's revoke.
 The status change is guarded, so a cancel racing the run's end leaves one final status.
 """
 
@@ -19,7 +21,8 @@ import structlog
 
 from actors.broker import AsyncEnqueuer
 from actors.executor_client import ExecutorPool
-from app.store import EvaluationStore, StatusChange, celery_state, utc_now
+from app.legacy import LegacyCelery
+from app.store import EvaluationStore, StatusChange, celery_state, task_id_of, utc_now
 
 log = structlog.get_logger(__name__)
 
@@ -57,26 +60,36 @@ class Canceller:
     """Cancels evaluations; shared by the API and the Celery compatibility layer."""
 
     def __init__(
-        self, client: aioredis.Redis, store: EvaluationStore, enqueuer: AsyncEnqueuer, executors: ExecutorPool
+        self,
+        client: aioredis.Redis,
+        store: EvaluationStore,
+        enqueuer: AsyncEnqueuer,
+        executors: ExecutorPool,
+        legacy: LegacyCelery | None = None,
     ) -> None:
         self.client = client
         self.store = store
         self.enqueuer = enqueuer
         self.executors = executors
+        self.legacy = legacy
 
     async def cancel(self, eval_id: str, terminate: bool = False) -> CancelOutcome | None:
         """Cancel `eval_id`; None if there is no such evaluation."""
-        task_id = f"celery-{eval_id}"
+        task_id = task_id_of(eval_id)
         for _ in range(ATTEMPTS):
             record = await self.store.get(eval_id)
             if record is None:
                 return None
-            state = celery_state(record)
+            on_legacy = record.get("queue_system") == "legacy" and self.legacy is not None
+            state = await self._legacy_state(task_id) if on_legacy else celery_state(record)
             refusal = self._refusal(state, terminate)
             if refusal:
                 return CancelOutcome(eval_id, task_id, state, False, refusal)
-            if await self._cancel_from(eval_id, task_id, state):
-                if state == "STARTED":
+            allowed = ("queued", "running") if on_legacy else CANCELLABLE_FROM[state]
+            if await self._cancel_from(eval_id, task_id, allowed):
+                if on_legacy:
+                    await self.legacy.revoke(task_id, terminate=state != "PENDING")
+                elif state == "STARTED":
                     killed = await self.executors.kill_everywhere(eval_id)
                     log.info("evaluation.terminated", eval_id=eval_id, sandbox_killed=killed)
                 await self._tell_storage(eval_id)
@@ -93,12 +106,19 @@ class Canceller:
             return RUNNING_REFUSAL
         return None
 
-    async def _cancel_from(self, eval_id: str, task_id: str, state: str) -> bool:
+    async def _legacy_state(self, task_id: str) -> str:
+        """The task's Celery state in the legacy deployment (PENDING until it stores one)."""
+        assert self.legacy is not None
+        found = (await self.legacy.states([task_id]))[task_id]
+        known = ("STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED")
+        return found.state if found and found.state in known else "PENDING"  # e.g. RECEIVED
+
+    async def _cancel_from(self, eval_id: str, task_id: str, allowed: tuple[str, ...]) -> bool:
         """Mark cancelled and drop any waiting message, in one transaction."""
         change = StatusChange(
             eval_id,
             "cancelled",
-            CANCELLABLE_FROM[state],
+            allowed,
             {"completed_at": utc_now(), "error": "Cancelled by request", "next_retry_at": ""},
         )
         async with self.client.pipeline(transaction=True) as pipe:

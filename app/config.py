@@ -39,6 +39,30 @@ def _int(name: str, default: int) -> int:
         raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
 
 
+def _share(name: str, default: float, alias: str | None = None) -> float:
+    raw = os.environ.get(name) or (os.environ.get(alias) if alias else None)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number between 0.0 and 1.0, got {raw!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must be between 0.0 and 1.0, got {raw!r}")
+    return value
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = (os.environ.get(name) or "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
 def _str(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
@@ -96,6 +120,11 @@ class Settings:
     sandbox_cgroups: str
     max_stdin_bytes: int
     retry_overrides: str | None
+    legacy_broker_url: str | None
+    legacy_backend_url: str | None
+    dramatiq_share: float
+    force_legacy: bool
+    shadow_rate: float
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -133,6 +162,11 @@ class Settings:
             sandbox_cgroups=_choice("SANDBOX_CGROUPS", "auto", ("auto", "off", "required")),
             max_stdin_bytes=_int("CRUCIBLE_MAX_STDIN_BYTES", 1024 * 1024),
             retry_overrides=os.environ.get("CRUCIBLE_RETRY_POLICIES") or None,
+            legacy_broker_url=os.environ.get("LEGACY_BROKER_URL") or None,
+            legacy_backend_url=os.environ.get("LEGACY_RESULT_BACKEND") or os.environ.get("LEGACY_BROKER_URL"),
+            dramatiq_share=_share("DRAMATIQ_PERCENTAGE", 1.0, alias="CELERY_PERCENTAGE"),
+            force_legacy=_bool("FORCE_LEGACY_QUEUE", False),
+            shadow_rate=_share("MIGRATION_SHADOW_RATE", 0.0),
         )
 
     @property

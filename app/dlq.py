@@ -21,7 +21,7 @@ from redis.exceptions import WatchError
 from actors.broker import AsyncEnqueuer
 from app.config import get_settings
 from app.redis_client import async_client
-from app.store import EvaluationStore, StatusChange
+from app.store import EvaluationStore, StatusChange, task_id_of
 from middleware.priority import LEVEL_OPTION
 from middleware.state import FAILURE_OPTIONS
 
@@ -70,7 +70,7 @@ class AsyncDeadLetterQueue:
     async def list_tasks(self, limit: int = 100, offset: int = 0, eval_id: str | None = None) -> list[dict]:
         """Newest failures first."""
         if eval_id is not None:
-            entry = await self.get_task(f"celery-{eval_id}")
+            entry = await self.get_task(task_id_of(eval_id))
             return [entry][offset : offset + limit] if entry else []
         ids = await self.client.zrevrange(self.index, offset, offset + limit - 1)
         raws = await self.client.hmget(self.entries, ids) if ids else []

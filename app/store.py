@@ -68,6 +68,11 @@ def celery_state(record: dict[str, Any]) -> str:
     return CELERY_STATES[record["status"]]
 
 
+def task_id_of(eval_id: str) -> str:
+    """The Celery-compatible task id of an evaluation (callers and the DLQ know it by this)."""
+    return f"celery-{eval_id}"
+
+
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -107,16 +112,19 @@ class StatusChange:
     allowed_from: tuple[str, ...]
     fields: dict[str, Any]
     expect: dict[str, str] = field(default_factory=dict)
+    #: when it happened, if not now (a result read later from another system)
+    at_ms: int | None = None
 
     def args(self) -> list[Any]:
         encoded = {k: _encode(v) for k, v in self.fields.items()}
         return [
             self.eval_id,
             self.status,
-            int(time.time() * 1000),
+            self.at_ms or int(time.time() * 1000),
             ",".join(self.allowed_from),
             json.dumps(encoded),
             json.dumps(self.expect),
+            "1" if self.status in TERMINAL else "0",
         ]
 
 
@@ -131,12 +139,14 @@ class NewEvaluation:
     level: str
     priority: bool
     metadata: dict[str, Any]
+    #: which system runs it while migrating from the legacy Celery deployment
+    queue_system: str = "dramatiq"
     created_at: str = field(default_factory=utc_now)
 
     def fields(self) -> dict[str, str]:
         return {
             "id": self.eval_id,
-            "task_id": f"celery-{self.eval_id}",
+            "task_id": task_id_of(self.eval_id),
             "code": self.code,
             "code_bytes": _encode(len(self.code.encode())),
             "language": self.language,
@@ -147,6 +157,7 @@ class NewEvaluation:
             "priority": _encode(self.priority),
             "metadata": _encode(self.metadata),
             "retries": "0",
+            "queue_system": self.queue_system,
         }
 
 
@@ -186,6 +197,11 @@ class EvaluationStore:
         return f"{self.ns}:eval:{eval_id}"
 
     @property
+    def stats_key(self) -> str:
+        """Counters kept across processes: submissions and final statuses by system and language."""
+        return f"{self.ns}:stats"
+
+    @property
     def events_channel(self) -> str:
         return f"{self.ns}:events"
 
@@ -200,6 +216,7 @@ class EvaluationStore:
         pipe.zadd(f"{self.ns}:evals", {evaluation.eval_id: created_ms})
         pipe.zadd(f"{self.ns}:evals:queued", {evaluation.eval_id: created_ms})
         pipe.rpush(f"{self.key(evaluation.eval_id)}:events", event)
+        pipe.hincrby(self.stats_key, f"submitted:{evaluation.queue_system}", 1)
         pipe.publish(self.events_channel, event)
         pipe.publish(f"{self.events_channel}:{evaluation.eval_id}", event)
         return fields

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
 from app.errors import RequestError
+
+D = TypeVar("D", float, bool, None)
 
 _MISSING: Any = object()
 #: Largest request body read at all; bigger bodies are refused before parsing.
@@ -64,7 +66,7 @@ def require_string(
     return value
 
 
-def require_number(body: dict[str, Any], name: str, *, default: float, low: float, high: float) -> float:
+def require_number(body: dict[str, Any], name: str, *, default: D, low: float, high: float) -> float | D:
     """A number field within [low, high]; out of range is refused, never clamped."""
     value = body.get(name)
     if value is None:
@@ -78,7 +80,7 @@ def require_number(body: dict[str, Any], name: str, *, default: float, low: floa
     return value
 
 
-def require_bool(body: dict[str, Any], name: str, *, default: bool) -> bool:
+def require_bool(body: dict[str, Any], name: str, *, default: D) -> bool | D:
     value = body.get(name)
     if value is None:
         return default

@@ -1,18 +1,24 @@
 -- Move one evaluation to a new status, atomically, only from the statuses allowed.
 --
 -- transition(keys=[namespace], args=[eval_id, new_status, now_ms, allowed_from_csv, fields_json,
---                                   expect_json])
+--                                   expect_json, final])
 -- allowed_from_csv lists statuses; "running+next_retry_at" allows "running" only while that
 -- field is set (non-empty). Fields given as "" are cleared. expect_json ({} for none) names
 -- fields that must hold exactly these values (a run's attempt token, so a superseded delivery
 -- cannot write its result over the current one's).
+-- final is "1" when new_status is a final one: it is then counted in $ns:stats, by queue
+-- system and by language, and its submit-to-result latency is kept in $ns:latency:$system.
 -- Returns {1, new_status} when done, {0, current_status} when refused ("" if no such record).
 --
 -- $ns:eval:$id          hash, the evaluation record
 -- $ns:eval:$id:events   list of JSON status changes (the timeline)
 -- $ns:evals             zset eval id -> created (ms): every evaluation
 -- $ns:evals:$status     zset eval id -> created (ms): evaluations by status
+-- $ns:stats            hash of counters ("final:<system>:<status>", "language:<lang>:<status>")
+-- $ns:latency:$system  list of the latest latencies in ms, newest first
 -- channels $ns:events and $ns:events:$id   each change is published to both as JSON
+
+local LATENCY_SAMPLES = 1000
 
 local ns = KEYS[1]
 local eval_id, new_status, now, allowed_csv, fields_json = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -53,6 +59,15 @@ redis.call("hset", record, unpack(flat))
 local created = redis.call("zscore", ns .. ":evals", eval_id) or now
 redis.call("zrem", ns .. ":evals:" .. current, eval_id)
 redis.call("zadd", ns .. ":evals:" .. new_status, created, eval_id)
+
+if ARGV[7] == "1" then
+    local system = redis.call("hget", record, "queue_system") or "dramatiq"
+    local language = redis.call("hget", record, "language") or "unknown"
+    redis.call("hincrby", ns .. ":stats", "final:" .. system .. ":" .. new_status, 1)
+    redis.call("hincrby", ns .. ":stats", "language:" .. language .. ":" .. new_status, 1)
+    redis.call("lpush", ns .. ":latency:" .. system, math.max(0, tonumber(now) - tonumber(created)))
+    redis.call("ltrim", ns .. ":latency:" .. system, 0, LATENCY_SAMPLES - 1)
+end
 
 fields["eval_id"] = eval_id
 fields["status"] = new_status

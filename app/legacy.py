@@ -1,0 +1,118 @@
+"""The legacy Celery deployment, seen from this service while traffic moves over.
+
+Submissions go to it with the real Celery client (the optional extra `crucible[legacy]`),
+as the old API sent them: task `tasks.evaluate_code(eval_id, code, language)`, task id
+`celery-{eval_id}`, queue `high_priority` or `evaluation`. Its results are read from its
+Redis result backend (`celery-task-meta-<task id>`, JSON) with the async Redis client, so
+reading never blocks the event loop; sending and revoking use Celery's blocking client on a
+small thread pool of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from app.redis_client import async_client
+from app.store import task_id_of
+
+#: Our levels → the legacy deployment's queues (it had no worker on a separate low queue).
+LEGACY_QUEUES = {"high": "high_priority", "default": "evaluation", "low": "evaluation"}
+LEGACY_TASK = "tasks.evaluate_code"
+META_PREFIX = "celery-task-meta-"
+#: Sending gives up quickly when the legacy broker is down, so the fallback is quick too.
+SEND_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+SOCKET_TIMEOUT_S = 2
+
+
+class LegacyUnavailable(Exception):
+    """The legacy deployment could not take a submission (not installed, broker down)."""
+
+
+@dataclass(frozen=True)
+class LegacyState:
+    """One task's state as the legacy result backend has it."""
+
+    state: str
+    result: Any
+    traceback: str | None
+    done_ms: int | None
+
+    @classmethod
+    def from_meta(cls, raw: str) -> LegacyState:
+        meta = json.loads(raw)
+        done = meta.get("date_done")
+        done_ms = int(datetime.fromisoformat(done).timestamp() * 1000) if done else None
+        return cls(meta.get("status", "PENDING"), meta.get("result"), meta.get("traceback"), done_ms)
+
+    def error_text(self) -> str:
+        """A failure's exception as 'Class: message', from Celery's JSON exception encoding."""
+        if isinstance(self.result, dict) and "exc_type" in self.result:
+            message = self.result.get("exc_message")
+            text = " ".join(map(str, message)) if isinstance(message, list) else str(message or "")
+            return f"{self.result['exc_type']}: {text}".rstrip(": ")
+        return "" if self.result is None else str(self.result)
+
+
+class LegacyCelery:
+    """Client of the legacy Celery deployment: send, read states, revoke."""
+
+    def __init__(self, broker_url: str, backend_url: str) -> None:
+        try:
+            from celery import Celery
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise LegacyUnavailable("the legacy split needs `pip install crucible[legacy]`") from exc
+        self.broker_url = broker_url
+        self.app = Celery("crucible-legacy-client", broker=broker_url, backend=backend_url)
+        self.app.conf.update(
+            task_serializer="json",
+            accept_content=["json"],
+            result_serializer="json",
+            broker_connection_timeout=SOCKET_TIMEOUT_S,
+            broker_transport_options={
+                "socket_timeout": SOCKET_TIMEOUT_S,
+                "socket_connect_timeout": SOCKET_TIMEOUT_S,
+            },
+        )
+        self.results: aioredis.Redis = async_client(backend_url)
+        self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="legacy-celery")
+
+    async def _blocking(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, partial(call, *args, **kwargs))
+
+    async def send(self, eval_id: str, code: str, language: str, level: str) -> None:
+        """Hand one evaluation to the legacy workers; raises LegacyUnavailable if it cannot."""
+        try:
+            await self._blocking(
+                self.app.send_task,
+                LEGACY_TASK,
+                args=[eval_id, code, language],
+                task_id=task_id_of(eval_id),
+                queue=LEGACY_QUEUES[level],
+                retry_policy=SEND_RETRY_POLICY,
+            )
+        except Exception as exc:  # kombu raises many kinds (OperationalError, socket errors...)
+            raise LegacyUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def states(self, task_ids: list[str]) -> dict[str, LegacyState | None]:
+        """Each task's stored state; None while the backend has nothing (Celery's PENDING)."""
+        if not task_ids:
+            return {}
+        raws = await self.results.mget([META_PREFIX + t for t in task_ids])
+        return {t: LegacyState.from_meta(raw) if raw else None for t, raw in zip(task_ids, raws, strict=True)}
+
+    async def revoke(self, task_id: str, terminate: bool) -> None:
+        """Celery's revoke: workers drop it if it has not started; `terminate` kills it if it has."""
+        await self._blocking(self.app.control.revoke, task_id, terminate=terminate, signal="SIGKILL")
+
+    async def close(self) -> None:
+        await self.results.aclose()
+        self._threads.shutdown(wait=False)

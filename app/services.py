@@ -1,0 +1,67 @@
+"""The async services one process needs, built one way for the API and the Celery shim."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+import redis.asyncio as aioredis
+
+from actors.broker import AsyncEnqueuer
+from actors.executor_client import ExecutorPool
+from app.cancellation import Canceller
+from app.config import Settings
+from app.dlq import AsyncDeadLetterQueue
+from app.legacy import LegacyCelery
+from app.migration import MigrationControl
+from app.redis_client import async_client
+from app.store import EvaluationStore, StatusForwarder
+from app.submission import Submitter
+
+
+@dataclass
+class Services:
+    settings: Settings
+    client: aioredis.Redis
+    http: httpx.AsyncClient
+    store: EvaluationStore
+    enqueuer: AsyncEnqueuer
+    submitter: Submitter
+    canceller: Canceller
+    dlq: AsyncDeadLetterQueue
+    control: MigrationControl
+    legacy: LegacyCelery | None
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        """Call on the event loop that will use them (Redis pools bind to it)."""
+        client = async_client(settings.redis_url_or_default)
+        http = httpx.AsyncClient()
+        forwarder = StatusForwarder(settings.storage_url, http) if settings.storage_url else None
+        store = EvaluationStore(
+            client, settings.namespace, retention_seconds=settings.retention_seconds, forwarder=forwarder
+        )
+        legacy = None
+        if settings.legacy_broker_url:
+            legacy = LegacyCelery(settings.legacy_broker_url, settings.legacy_backend_url or "")
+        control = MigrationControl(client, settings, legacy_configured=legacy is not None)
+        enqueuer = AsyncEnqueuer(client, settings.namespace)
+        executors = ExecutorPool(settings.executor_urls, http)
+        return cls(
+            settings=settings,
+            client=client,
+            http=http,
+            store=store,
+            enqueuer=enqueuer,
+            submitter=Submitter(client, store, legacy=legacy, control=control),
+            canceller=Canceller(client, store, enqueuer, executors, legacy=legacy),
+            dlq=AsyncDeadLetterQueue(client, settings.namespace, store),
+            control=control,
+            legacy=legacy,
+        )
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.client.aclose()
+        if self.legacy:
+            await self.legacy.close()
