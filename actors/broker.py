@@ -267,5 +267,9 @@ class AsyncEnqueuer:
         await self.dispatch_in(pipe, "enqueue", *args)
         return message
 
+    async def cancel(self, task_id: str) -> bool:
+        """Drop a waiting message by its task id; False if none was waiting."""
+        return bool(await self._dispatch(keys=[self.namespace], args=["cancel", "api", 0, task_id]))
+
     async def queue_sizes(self) -> dict[str, int]:
         return size_report(await self._dispatch(keys=[self.namespace], args=["sizes", "api", 0, *LEVELS]))

@@ -131,13 +131,13 @@ def evaluation_message(
     return message.copy(message_id=task_id_of(eval_id))
 
 
-@dramatiq.actor(queue_name=QUEUE_NAME, queue_level="high")
+@dramatiq.actor(queue_name=QUEUE_NAME, queue_level="high", store_results=True)
 async def health_check() -> dict[str, Any]:
     """Proves a worker is consuming: answers from whichever worker takes it."""
     return {"status": "healthy", "worker": socket.gethostname()}
 
 
-@dramatiq.actor(queue_name=QUEUE_NAME, queue_level="low")
+@dramatiq.actor(queue_name=QUEUE_NAME, queue_level="low", store_results=True)
 async def cleanup_old_evaluations() -> int:
     """Delete evaluations past the retention window (`CRUCIBLE_RETENTION_HOURS`)."""
     removed = await runtime().store.cleanup()
@@ -145,7 +145,7 @@ async def cleanup_old_evaluations() -> int:
     return removed
 
 
-@dramatiq.actor(queue_name=QUEUE_NAME, queue_level="low")
+@dramatiq.actor(queue_name=QUEUE_NAME, queue_level="low", store_results=True)
 async def monitor_dead_letter_queue() -> dict[str, Any]:
     """DLQ statistics; a warning in the log once it holds more than the threshold."""
     rt = runtime()

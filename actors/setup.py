@@ -6,15 +6,24 @@ from functools import cache
 
 import dramatiq
 from dramatiq.middleware import AsyncIO, CurrentMessage, ShutdownNotifications, TimeLimit
+from dramatiq.results import Results
+from dramatiq.results.backends import RedisBackend
 
 from actors.broker import PriorityBroker
 from actors.runtime import forward_soon
 from app.config import Settings, get_settings
 from app.logs import configure_logging
+from app.redis_client import sync_client
 from middleware.backoff import Backoff
 from middleware.dead_letter import DeadLetters
 from middleware.priority import PriorityRouting
 from middleware.retry_policy import apply_overrides
+
+
+def result_backend(settings: Settings) -> RedisBackend:
+    return RedisBackend(
+        client=sync_client(settings.redis_url_or_default), namespace=f"{settings.namespace}:results"
+    )
 
 
 def build_broker(settings: Settings) -> PriorityBroker:
@@ -34,6 +43,9 @@ def build_broker(settings: Settings) -> PriorityBroker:
             ShutdownNotifications(notify_shutdown=True),
             DeadLetters(on_status_change=forward_soon),
             Backoff(on_status_change=forward_soon),
+            # Return values of actors declared with store_results (health_check...), for
+            # the Celery shim's `.get()`; evaluations keep their results in their records.
+            Results(backend=result_backend(settings)),
         ],
     )
     dramatiq.set_broker(broker)

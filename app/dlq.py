@@ -1,17 +1,15 @@
 """The dead-letter queue: entries the DeadLetters middleware wrote, read and acted on.
 
-`AsyncDeadLetterQueue` serves the API; `DeadLetterQueue` is the Celery service's synchronous
-class with the same methods, for scripts and callers written against it.
+`AsyncDeadLetterQueue` serves the API and the scheduler; the Celery service's synchronous
+`DeadLetterQueue` (in `actors.celery_compat`, importable from `tasks`) wraps it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -19,8 +17,6 @@ from dramatiq.message import Message
 from redis.exceptions import WatchError
 
 from actors.broker import AsyncEnqueuer
-from app.config import get_settings
-from app.redis_client import async_client
 from app.store import EvaluationStore, StatusChange, task_id_of
 from middleware.priority import LEVEL_OPTION
 from middleware.state import FAILURE_OPTIONS
@@ -150,54 +146,3 @@ class AsyncDeadLetterQueue:
             "warning_threshold": WARNING_THRESHOLD,
             "over_threshold": len(entries) > WARNING_THRESHOLD,
         }
-
-
-class DeadLetterQueue:
-    """The Celery service's synchronous DLQ class; each call opens and closes its own connection.
-
-    Call it from synchronous code (scripts, a Celery-era caller); async code uses
-    `AsyncDeadLetterQueue`.
-    """
-
-    def __init__(self, redis_url: str | None = None, namespace: str | None = None) -> None:
-        settings = get_settings()
-        self.redis_url = redis_url or settings.redis_url_or_default
-        self.namespace = namespace or settings.namespace
-
-    def _run(self, call: Callable[[AsyncDeadLetterQueue], Awaitable[T]]) -> T:
-        async def run() -> T:
-            client = async_client(self.redis_url)
-            try:
-                store = EvaluationStore(client, self.namespace, retention_seconds=0)
-                return await call(AsyncDeadLetterQueue(client, self.namespace, store))
-            finally:
-                await client.aclose()
-
-        return asyncio.run(run())
-
-    def add_task(self, entry: dict[str, Any]) -> str:
-        return self._run(lambda q: q.add_task(entry))
-
-    def get_task(self, task_id: str) -> dict[str, Any] | None:
-        return self._run(lambda q: q.get_task(task_id))
-
-    def list_tasks(self, limit: int = 100, offset: int = 0, eval_id: str | None = None) -> list[dict]:
-        return self._run(lambda q: q.list_tasks(limit, offset, eval_id))
-
-    def get_all_tasks(self) -> list[dict[str, Any]]:
-        return self._run(lambda q: q.get_all_tasks())
-
-    def get_queue_size(self) -> int:
-        return self._run(lambda q: q.get_queue_size())
-
-    def remove_task(self, task_id: str) -> bool:
-        return self._run(lambda q: q.remove_task(task_id))
-
-    def retry_task(self, task_id: str) -> bool:
-        return self._run(lambda q: q.retry_task(task_id))
-
-    def clear_old_tasks(self, days: float = 30) -> int:
-        return self._run(lambda q: q.clear_old_tasks(days))
-
-    def get_statistics(self) -> dict[str, Any]:
-        return self._run(lambda q: q.get_statistics())

@@ -1,0 +1,380 @@
+"""The Celery compatibility layer: the old worker's calls and answers, backed by Dramatiq.
+
+Thin on purpose: it translates names (queues, priorities, task ids) and states, and calls
+the same services the API uses (`Submitter`, `Canceller`, the DLQ, the evaluation store).
+The top-level modules `tasks` and `retry_config` re-export what callers import.
+
+    from tasks import evaluate_code
+    result = evaluate_code.delay(eval_id="abc123", code="print('Hello')", language="python")
+    result.get(timeout=30)       # {"eval_id": "abc123", "status": "completed", "output": "Hello\\n", ...}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import dramatiq
+from dramatiq.message import Message
+from dramatiq.results import ResultFailure, ResultMissing, Results, ResultTimeout
+from dramatiq.results.backends import RedisBackend
+
+from actors import evaluate as _actors
+from app.blocking import blocking_services
+from app.config import LEVEL_ALIASES, get_settings
+from app.errors import RequestError
+from app.services import Services
+from app.store import celery_state, task_id_of
+from app.submission import Submission
+
+try:  # callers may catch Celery's own exceptions; they do when celery is installed
+    from celery.exceptions import TaskRevokedError as _RevokedBase
+    from celery.exceptions import TimeoutError as _TimeoutBase
+except ImportError:  # pragma: no cover - depends on the install
+    _RevokedBase, _TimeoutBase = Exception, TimeoutError  # type: ignore[misc,assignment]
+
+READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+#: What a successful evaluation's `.result` / `.get()` holds.
+RESULT_FIELDS = ("eval_id", "status", "output", "error", "exit_code", "runtime_ms", "output_truncated")
+
+
+class TimeoutError(_TimeoutBase):
+    """`.get(timeout=...)` ran out before the task was ready."""
+
+
+class TaskRevokedError(_RevokedBase):
+    """The task was cancelled (Celery: revoked)."""
+
+
+class EvaluationFailed(Exception):
+    """An evaluation ended `failed`: the final error after retries (see `.traceback`)."""
+
+
+def level_for(queue: str | None, priority: int | bool | None) -> str:
+    """Celery's queue name or numeric priority (high_priority 10, evaluation 5, batch 1) → our level."""
+    if queue is not None:
+        if queue not in LEVEL_ALIASES:
+            raise ValueError(f"unknown queue {queue!r}; known: {sorted(LEVEL_ALIASES)}")
+        return LEVEL_ALIASES[queue]
+    if priority is None:
+        return "default"
+    if isinstance(priority, bool):
+        return "high" if priority else "default"
+    return "high" if priority >= 8 else "default" if priority >= 4 else "low"
+
+
+# -- evaluations ---------------------------------------------------------------------------
+
+
+class EvaluationResult:
+    """Celery's AsyncResult surface for one evaluation, read from its record."""
+
+    def __init__(self, task_id: str) -> None:
+        self.id = self.task_id = task_id
+        self.eval_id = task_id.removeprefix("celery-")
+        self._services = blocking_services()
+
+    def __repr__(self) -> str:
+        return f"<EvaluationResult: {self.id}>"
+
+    def _record(self) -> dict[str, Any] | None:
+        return self._services.call(lambda s: s.store.get(self.eval_id))
+
+    @property
+    def state(self) -> str:
+        record = self._record()
+        return celery_state(record) if record else "PENDING"  # Celery: unknown ids are PENDING
+
+    status = state
+
+    def ready(self) -> bool:
+        return self.state in READY_STATES
+
+    def successful(self) -> bool:
+        return self.state == "SUCCESS"
+
+    def failed(self) -> bool:
+        return self.state == "FAILURE"
+
+    @property
+    def result(self) -> Any:
+        """SUCCESS: the result dict; FAILURE / REVOKED: the exception, as Celery gives it."""
+        record = self._record()
+        return _outcome(record) if record else None
+
+    @property
+    def traceback(self) -> str | None:
+        """The final failure's traceback: the dead-letter entry's, the legacy backend's, or
+        the program's own (its stderr) when the user's code failed."""
+        record = self._record()
+        if not record or celery_state(record) != "FAILURE":
+            return None
+        entry = self._services.call(lambda s: s.dlq.get_task(self.task_id))
+        return (entry or {}).get("traceback") or record.get("traceback") or record.get("error")
+
+    def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5) -> Any:
+        """Wait until the evaluation is final; return its result or raise as Celery does."""
+        try:
+            record = self._services.call(lambda s: _final_record(s, self.eval_id, timeout))
+        except TimeoutError:
+            raise TimeoutError(f"the operation timed out: {self.id} not ready after {timeout}s") from None
+        outcome = _outcome(record)
+        if propagate and isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def revoke(self, terminate: bool = False, signal: str | None = None) -> None:
+        """Cancel it (the contract's cancellation; `signal` is accepted and ignored)."""
+        self._services.call(lambda s: s.canceller.cancel(self.eval_id, terminate))
+
+
+async def _final_record(services: Services, eval_id: str, timeout: float | None) -> dict[str, Any]:
+    """Follow the evaluation's status events until a final one (no polling)."""
+    try:
+        async with asyncio.timeout(timeout):
+            async for _ in services.store.follow(eval_id):
+                pass
+    except builtins.TimeoutError:
+        raise TimeoutError from None
+    record = await services.store.get(eval_id)
+    assert record is not None
+    return record
+
+
+def _outcome(record: dict[str, Any]) -> Any:
+    state = celery_state(record)
+    if state == "FAILURE":
+        return EvaluationFailed(record.get("error") or "evaluation failed")
+    if state == "REVOKED":
+        return TaskRevokedError(record.get("error") or "cancelled")
+    if state != "SUCCESS":
+        return None
+    return {"eval_id": record["id"], **{k: record.get(k) for k in RESULT_FIELDS[1:]}}
+
+
+class EvaluateTask:
+    """`tasks.evaluate_code`: `.delay()` / `.apply_async()` submit through the same path as the API."""
+
+    name = "tasks.evaluate_code"
+    _signature = inspect.signature(_actors.evaluate_code.fn)
+
+    def delay(self, *args: Any, **kwargs: Any) -> EvaluationResult:
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self,
+        args: Iterable[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        priority: int | bool | None = None,
+        queue: str | None = None,
+        countdown: float | None = None,
+        eta: Any = None,
+        **options: Any,
+    ) -> EvaluationResult:
+        if countdown is not None or eta is not None:
+            raise NotImplementedError(
+                "countdown/eta are not supported: evaluations start when a worker is free"
+            )
+        call = self._signature.bind(*(args or ()), **(kwargs or {}))
+        call.apply_defaults()
+        given = call.arguments
+        level = level_for(queue, priority)
+        sub = Submission(
+            eval_id=given["eval_id"],
+            code=given["code"],
+            language=given["language"],
+            timeout=float(given["timeout"] or get_settings().default_timeout),
+            priority=level == "high",
+            stdin=given["stdin"],
+            args=list(given["args"] or []),
+        )
+        services = blocking_services()
+        try:
+            services.call(lambda s: s.submitter.submit(sub, level, "celery-shim", system="dramatiq"))
+        except RequestError as exc:  # a duplicate eval_id
+            raise ValueError(exc.message) from None
+        return EvaluationResult(task_id_of(sub.eval_id))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery runs a task called directly in-process; here it is submitted and awaited."""
+        return self.delay(*args, **kwargs).get()
+
+
+# -- other actors --------------------------------------------------------------------------
+
+
+def _results_backend() -> RedisBackend:
+    for middleware in dramatiq.get_broker().middleware:
+        if isinstance(middleware, Results):
+            return middleware.backend
+    raise RuntimeError("the broker has no Results middleware")
+
+
+class ActorResult:
+    """Celery's AsyncResult surface for a plain actor's message (health_check, cleanup...)."""
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.id = self.task_id = message.message_id
+
+    def __repr__(self) -> str:
+        return f"<ActorResult: {self.id}>"
+
+    def _fetch(self, block: bool, timeout: float | None = None) -> tuple[str, Any]:
+        try:
+            ms = None if timeout is None else int(timeout * 1000)
+            return "SUCCESS", self.message.get_result(backend=_results_backend(), block=block, timeout=ms)
+        except ResultMissing:
+            return "PENDING", None
+        except ResultFailure as exc:
+            return "FAILURE", exc
+
+    @property
+    def state(self) -> str:
+        return self._fetch(block=False)[0]
+
+    status = state
+
+    def ready(self) -> bool:
+        return self.state in READY_STATES
+
+    def successful(self) -> bool:
+        return self.state == "SUCCESS"
+
+    def failed(self) -> bool:
+        return self.state == "FAILURE"
+
+    @property
+    def result(self) -> Any:
+        return self._fetch(block=False)[1]
+
+    @property
+    def traceback(self) -> str | None:
+        state, value = self._fetch(block=False)
+        return str(value) if state == "FAILURE" else None
+
+    def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5) -> Any:
+        try:
+            state, value = self._fetch(block=True, timeout=timeout if timeout is not None else 3600)
+        except ResultTimeout:
+            raise TimeoutError(f"the operation timed out: {self.id} not ready after {timeout}s") from None
+        if state == "FAILURE" and propagate:
+            raise value
+        return value
+
+    def revoke(self, terminate: bool = False, signal: str | None = None) -> None:
+        """Drop the message if it has not started (plain actors cannot be terminated)."""
+        blocking_services().call(lambda s: s.enqueuer.cancel(self.id))
+
+
+class ActorTask:
+    """A plain actor with Celery's `.delay()` / `.apply_async()`."""
+
+    def __init__(self, actor: dramatiq.Actor[Any, Any]) -> None:
+        self.actor = actor
+        self.name = f"tasks.{actor.actor_name}"
+
+    def delay(self, *args: Any, **kwargs: Any) -> ActorResult:
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self,
+        args: Iterable[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        priority: int | bool | None = None,
+        queue: str | None = None,
+        **options: Any,
+    ) -> ActorResult:
+        level = {} if queue is None and priority is None else {"queue_level": level_for(queue, priority)}
+        message = self.actor.send_with_options(args=tuple(args or ()), kwargs=dict(kwargs or {}), **level)
+        return ActorResult(message)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.delay(*args, **kwargs).get()
+
+
+# -- the module-level helpers of the Celery service ------------------------------------------
+
+
+def AsyncResult(task_id: str) -> EvaluationResult:
+    """Rebuild an evaluation's handle from its task id (`celery-{eval_id}`), in any process."""
+    return EvaluationResult(task_id)
+
+
+def cancel_celery_task(eval_id: str, terminate: bool = False) -> dict[str, Any]:
+    """The contract's cancel answer; errors come back in the answer, never raised."""
+    task_id = task_id_of(eval_id)
+    try:
+        outcome = blocking_services().call(lambda s: s.canceller.cancel(eval_id, terminate))
+    except Exception as exc:  # the contract: an error is an answer
+        return {"eval_id": eval_id, "task_id": task_id, "cancelled": False, "error": str(exc),
+                "message": "Failed to cancel task"}  # fmt: skip
+    if outcome is None:
+        return {"eval_id": eval_id, "task_id": task_id, "cancelled": False, "error": "Evaluation not found",
+                "message": "Failed to cancel task"}  # fmt: skip
+    return outcome.to_dict()
+
+
+def get_celery_task_info(eval_id: str) -> dict[str, Any]:
+    """`{eval_id, task_id, state, ready, successful?, failed?, result | error+traceback}`."""
+    handle = EvaluationResult(task_id_of(eval_id))
+    record = handle._record()
+    state = celery_state(record) if record else "PENDING"
+    info: dict[str, Any] = {"eval_id": eval_id, "task_id": handle.id, "state": state}
+    info["ready"] = state in READY_STATES
+    if not info["ready"]:
+        return info
+    info["successful"] = state == "SUCCESS"
+    info["failed"] = state == "FAILURE"
+    outcome = _outcome(record) if record else None
+    if isinstance(outcome, Exception):
+        info["error"] = str(outcome)
+        info["traceback"] = handle.traceback
+    else:
+        info["result"] = outcome
+    return info
+
+
+class DeadLetterQueue:
+    """The Celery service's synchronous DLQ class, over the same `AsyncDeadLetterQueue` the API uses."""
+
+    def __init__(self, redis_url: str | None = None, namespace: str | None = None) -> None:
+        self._services = blocking_services(redis_url, namespace)
+
+    def add_task(self, entry: dict[str, Any]) -> str:
+        return self._services.call(lambda s: s.dlq.add_task(entry))
+
+    def get_task(self, task_id: str) -> dict[str, Any] | None:
+        return self._services.call(lambda s: s.dlq.get_task(task_id))
+
+    def list_tasks(self, limit: int = 100, offset: int = 0, eval_id: str | None = None) -> list[dict]:
+        return self._services.call(lambda s: s.dlq.list_tasks(limit, offset, eval_id))
+
+    def get_all_tasks(self) -> list[dict[str, Any]]:
+        return self._services.call(lambda s: s.dlq.get_all_tasks())
+
+    def get_queue_size(self) -> int:
+        return self._services.call(lambda s: s.dlq.get_queue_size())
+
+    def remove_task(self, task_id: str) -> bool:
+        return self._services.call(lambda s: s.dlq.remove_task(task_id))
+
+    def retry_task(self, task_id: str) -> bool:
+        return self._services.call(lambda s: s.dlq.retry_task(task_id))
+
+    def clear_old_tasks(self, days: float = 30) -> int:
+        return self._services.call(lambda s: s.dlq.clear_old_tasks(days))
+
+    def get_statistics(self) -> dict[str, Any]:
+        return self._services.call(lambda s: s.dlq.get_statistics())
+
+
+evaluate_code = EvaluateTask()
+health_check = ActorTask(_actors.health_check)
+cleanup_old_evaluations = ActorTask(_actors.cleanup_old_evaluations)
+monitor_dead_letter_queue = ActorTask(_actors.monitor_dead_letter_queue)
