@@ -49,6 +49,7 @@ log = structlog.get_logger(__name__)
 EVAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 MAX_BATCH = 100
 MAX_PAGE = 1000
+HEALTH_TIMEOUT_S = 1.0
 
 
 def new_eval_id() -> str:
@@ -291,9 +292,13 @@ class Api:
         )
 
     async def health(self, request: Request) -> JSONResponse:
+        """Answers within about a second even when Redis is down (no long reconnect retries)."""
         try:
-            await self.client.ping()
-            sizes = await self.enqueuer.queue_sizes()
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                await self.client.ping()
+                sizes = await self.enqueuer.queue_sizes()
+        except TimeoutError:
+            return JSONResponse({"status": "unhealthy", "redis": "no answer in time"}, status_code=503)
         except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
             return JSONResponse({"status": "unhealthy", "redis": str(exc)}, status_code=503)
         return JSONResponse({"status": "healthy", "redis": "ok", "queues": sizes})

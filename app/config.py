@@ -122,6 +122,7 @@ class Settings:
     retry_overrides: str | None
     legacy_broker_url: str | None
     legacy_backend_url: str | None
+    legacy_key_prefix: str
     dramatiq_share: float
     force_legacy: bool
     shadow_rate: float
@@ -164,6 +165,7 @@ class Settings:
             retry_overrides=os.environ.get("CRUCIBLE_RETRY_POLICIES") or None,
             legacy_broker_url=os.environ.get("LEGACY_BROKER_URL") or None,
             legacy_backend_url=os.environ.get("LEGACY_RESULT_BACKEND") or os.environ.get("LEGACY_BROKER_URL"),
+            legacy_key_prefix=_str("LEGACY_KEY_PREFIX", ""),
             dramatiq_share=_share("DRAMATIQ_PERCENTAGE", 1.0, alias="CELERY_PERCENTAGE"),
             force_legacy=_bool("FORCE_LEGACY_QUEUE", False),
             shadow_rate=_share("MIGRATION_SHADOW_RATE", 0.0),

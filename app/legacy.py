@@ -3,7 +3,7 @@
 Submissions go to it with the real Celery client (the optional extra `crucible[legacy]`),
 as the old API sent them: task `tasks.evaluate_code(eval_id, code, language)`, task id
 `celery-{eval_id}`, queue `high_priority` or `evaluation`. Its results are read from its
-Redis result backend (`celery-task-meta-<task id>`, JSON) with the async Redis client, so
+Redis result backend (the key Celery's backend names, JSON) with the async Redis client, so
 reading never blocks the event loop; sending and revoking use Celery's blocking client on a
 small thread pool of their own.
 """
@@ -14,7 +14,7 @@ import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -26,7 +26,6 @@ from app.store import task_id_of
 #: Our levels → the legacy deployment's queues (it had no worker on a separate low queue).
 LEGACY_QUEUES = {"high": "high_priority", "default": "evaluation", "low": "evaluation"}
 LEGACY_TASK = "tasks.evaluate_code"
-META_PREFIX = "celery-task-meta-"
 #: Sending gives up quickly when the legacy broker is down, so the fallback is quick too.
 SEND_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 SOCKET_TIMEOUT_S = 2
@@ -48,8 +47,10 @@ class LegacyState:
     @classmethod
     def from_meta(cls, raw: str) -> LegacyState:
         meta = json.loads(raw)
-        done = meta.get("date_done")
-        done_ms = int(datetime.fromisoformat(done).timestamp() * 1000) if done else None
+        done_ms = None
+        if done := meta.get("date_done"):
+            at = datetime.fromisoformat(done)
+            done_ms = int((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp() * 1000)  # Celery: UTC
         return cls(meta.get("status", "PENDING"), meta.get("result"), meta.get("traceback"), done_ms)
 
     def error_text(self) -> str:
@@ -64,19 +65,22 @@ class LegacyState:
 class LegacyCelery:
     """Client of the legacy Celery deployment: send, read states, revoke."""
 
-    def __init__(self, broker_url: str, backend_url: str) -> None:
+    def __init__(self, broker_url: str, backend_url: str, key_prefix: str = "") -> None:
         try:
             from celery import Celery
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise LegacyUnavailable("the legacy split needs `pip install crucible[legacy]`") from exc
         self.broker_url = broker_url
         self.app = Celery("crucible-legacy-client", broker=broker_url, backend=backend_url)
+        transport = {"global_keyprefix": key_prefix} if key_prefix else {}
         self.app.conf.update(
+            result_backend_transport_options=transport,
             task_serializer="json",
             accept_content=["json"],
             result_serializer="json",
             broker_connection_timeout=SOCKET_TIMEOUT_S,
             broker_transport_options={
+                **transport,
                 "socket_timeout": SOCKET_TIMEOUT_S,
                 "socket_connect_timeout": SOCKET_TIMEOUT_S,
             },
@@ -106,7 +110,8 @@ class LegacyCelery:
         """Each task's stored state; None while the backend has nothing (Celery's PENDING)."""
         if not task_ids:
             return {}
-        raws = await self.results.mget([META_PREFIX + t for t in task_ids])
+        keys = [self.app.backend.get_key_for_task(t).decode() for t in task_ids]
+        raws = await self.results.mget(keys)
         return {t: LegacyState.from_meta(raw) if raw else None for t, raw in zip(task_ids, raws, strict=True)}
 
     async def revoke(self, task_id: str, terminate: bool) -> None:

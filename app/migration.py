@@ -64,15 +64,25 @@ class MigrationControl:
         now = time.monotonic()
         if self._cached and now - self._cached[0] < KNOBS_TTL_S:
             return self._cached[1]
-        stored = await self.client.hgetall(self.key)
-        s = self.settings
-        knobs = Knobs(
+        try:
+            stored = await self.client.hgetall(self.key)
+        except RedisError as exc:  # keep routing (to the hot standby) while Redis is away
+            log.warning("migration.knobs_unreadable", error=str(exc))
+            knobs = self._cached[1] if self._cached else self._from(self.settings, {})
+            self._cached = (now, knobs)
+            return knobs
+        knobs = self._from(self.settings, stored)
+        self._cached = (now, knobs)
+        return knobs
+
+    @staticmethod
+    def _from(s: Settings, stored: dict[str, str]) -> Knobs:
+        """Run-time values stored in Redis over the environment's; FORCE_LEGACY_QUEUE always wins."""
+        return Knobs(
             dramatiq_share=float(stored.get("dramatiq_share", s.dramatiq_share)),
             force_legacy=s.force_legacy or stored.get("force_legacy") == "1",
             shadow_rate=float(stored.get("shadow_rate", s.shadow_rate)),
         )
-        self._cached = (now, knobs)
-        return knobs
 
     async def set(
         self,

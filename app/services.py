@@ -43,7 +43,9 @@ class Services:
         )
         legacy = None
         if settings.legacy_broker_url:
-            legacy = LegacyCelery(settings.legacy_broker_url, settings.legacy_backend_url or "")
+            legacy = LegacyCelery(
+                settings.legacy_broker_url, settings.legacy_backend_url or "", settings.legacy_key_prefix
+            )
         control = MigrationControl(client, settings, legacy_configured=legacy is not None)
         enqueuer = AsyncEnqueuer(client, settings.namespace)
         executors = ExecutorPool(settings.executor_urls, http)

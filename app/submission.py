@@ -148,6 +148,14 @@ class Submitter:
                 await pipe.execute()
         except WatchError:
             raise _duplicate() from None
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            # Our Redis is down but the legacy deployment is not: it still takes the work.
+            try:
+                await self.legacy.send(sub.eval_id, sub.code, sub.language, evaluation.level)
+            except LegacyUnavailable:
+                raise exc from None
+            log.error("migration.legacy_unrecorded", eval_id=sub.eval_id, error=str(exc))
+            return Accepted(sub.eval_id, "legacy", None)
         try:
             await self.legacy.send(sub.eval_id, sub.code, sub.language, evaluation.level)
         except LegacyUnavailable as exc:

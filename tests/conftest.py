@@ -106,12 +106,19 @@ def stack_env(redis_url: str, namespace: str, executor_url: str, **extra: str) -
 
 
 def start_stack(stack: ExitStack, name: str, env: dict[str, str]) -> Stack:
+    """An API and Dramatiq workers."""
+    api = start_api(stack, name, env)
+    stack.enter_context(process(f"{name}-worker", "worker", api.env))
+    return api
+
+
+def start_api(stack: ExitStack, name: str, env: dict[str, str], healthy: bool = True) -> Stack:
+    """An API alone (no workers); `healthy=False` waits only for it to answer at all."""
     port = free_port()
     env = {**env, "CRUCIBLE_API_PORT": str(port)}
     stack.enter_context(process(f"{name}-api", "api", env))
-    stack.enter_context(process(f"{name}-worker", "worker", env))
     url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/health")
+    wait_http(f"{url}/health", healthy=healthy)
     return Stack(url, env["CRUCIBLE_NAMESPACE"], env)
 
 

@@ -24,11 +24,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_http(url: str, seconds: float = 30) -> None:
+def wait_http(url: str, seconds: float = 30, healthy: bool = True) -> None:
+    """Wait until `url` answers (below 500 unless `healthy` is False: any answer then)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url, timeout=1).status_code < 500:
+            if httpx.get(url, timeout=5).status_code < 500 or not healthy:
                 return
         except httpx.HTTPError:
             pass
@@ -39,10 +40,17 @@ def wait_http(url: str, seconds: float = 30) -> None:
 @contextmanager
 def process(name: str, command: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     """Run `crucible <command>`; its output goes to test-artifacts/logs/<name>.log."""
+    with spawn(name, [sys.executable, "-m", "app.cli", command], env) as proc:
+        yield proc
+
+
+@contextmanager
+def spawn(name: str, argv: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `argv` in its own session; its output goes to test-artifacts/logs/<name>.log."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     with open(LOG_DIR / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", command],
+            argv,
             env={**os.environ, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
