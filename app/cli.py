@@ -66,6 +66,9 @@ def run_worker(args: argparse.Namespace) -> int:
     from dramatiq.cli import main as dramatiq_main
     from dramatiq.cli import make_argument_parser
 
+    if args.queues:  # `celery worker -Q high_priority` → `crucible worker -Q high_priority`
+        os.environ["CELERY_QUEUES"] = args.queues
+        get_settings.cache_clear()
     s = get_settings()
     argv = [
         "actors.evaluate",
@@ -188,14 +191,59 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("up", help="run the whole stack (embedded Valkey unless REDIS_URL is set)")
     commands.add_parser("api", help="run the HTTP API")
-    commands.add_parser("worker", help="run Dramatiq worker processes")
+    worker = commands.add_parser("worker", help="run Dramatiq worker processes")
+    worker.add_argument(
+        "-Q",
+        "--queues",
+        help="consume only these queues (as CELERY_QUEUES): high_priority,evaluation,batch...",
+    )
     commands.add_parser("executor", help="run the sandbox executor service")
     redis_cmd = commands.add_parser("embedded-redis", help="run an embedded Valkey in the foreground")
     redis_cmd.add_argument("--port", type=int, default=6399)
+    migration = commands.add_parser(
+        "migration", help="show or change the split from the legacy Celery system"
+    )
+    migration.add_argument("action", choices=["status", "set", "reset"], nargs="?", default="status")
+    migration.add_argument("--share", type=float, help="share of new submissions for Dramatiq, 0.0-1.0")
+    migration.add_argument("--force-legacy", choices=["on", "off"], help="instant rollback switch")
+    migration.add_argument("--shadow", type=float, help="share of submissions also run on the other system")
     return parser
 
 
+def run_migration(args: argparse.Namespace) -> int:
+    """Print the migration report; `set`/`reset` change the split for every API process at once."""
+    import asyncio
+    import json
+
+    from app.migration import MigrationControl, migration_report
+    from app.redis_client import async_client
+    from app.store import EvaluationStore
+
+    s = get_settings()
+
+    async def act() -> dict[str, object]:
+        client = async_client(s.redis_url_or_default)
+        try:
+            control = MigrationControl(client, s, legacy_configured=s.legacy_broker_url is not None)
+            if args.action == "reset":
+                await control.reset()
+            elif args.action == "set":
+                force = None if args.force_legacy is None else args.force_legacy == "on"
+                await control.set(dramatiq_share=args.share, force_legacy=force, shadow_rate=args.shadow)
+            return await migration_report(control, EvaluationStore(client, s.namespace, retention_seconds=0))
+        finally:
+            await client.aclose()
+
+    try:
+        print(json.dumps(asyncio.run(act()), indent=2))
+    except ValueError as exc:
+        print(f"crucible migration: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 HANDLERS = {
+    "migration": run_migration,
     "up": run_up,
     "api": run_api,
     "worker": run_worker,
