@@ -19,12 +19,14 @@ import json
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 import redis
 import redis.asyncio as aioredis
+import structlog
 from dramatiq.broker import Broker, Consumer, MessageProxy
 from dramatiq.errors import ConnectionClosed, QueueJoinTimeout
 from dramatiq.message import Message
@@ -34,6 +36,13 @@ from app.redis_client import sync_client
 from app.store import TRANSITION_LUA, StatusChange
 from middleware.priority import LEVEL_OPTION
 from middleware.state import DEAD_LETTER, SETTLE, STATUS_CHANGE, TRANSIENT_OPTIONS
+
+log = structlog.get_logger(__name__)
+
+#: periodiq's option naming the tick a scheduled message belongs to.
+TICK_OPTION = "scheduled_at"
+#: How long a sent tick is remembered (longer than any two schedulers' clocks disagree).
+TICK_MEMORY_MS = 24 * 3600 * 1000
 
 #: The one Dramatiq queue name every actor uses; levels are a message option.
 QUEUE_NAME = "crucible"
@@ -54,6 +63,13 @@ def prepare(message: Message, level: str, delay_ms: int | None = None) -> tuple[
     message = dataclasses.replace(message.copy(), queue_name=QUEUE_NAME, options=options)
     args = [message.options[REDIS_ID_OPTION], level, message.message_id, delay_ms or 0, message.encode()]
     return message, args
+
+
+def tick_key(actor_name: str, scheduled_at: str) -> str:
+    """One key per actor and minute (UTC): periodiq's finest schedule is a minute, and a
+    scheduler that starts mid-minute sends that minute's tick stamped with its own second."""
+    minute = datetime.fromisoformat(scheduled_at).astimezone(UTC).strftime("%Y-%m-%dT%H:%M")
+    return f"{actor_name}@{minute}"
 
 
 def size_report(counts: list[int]) -> dict[str, int]:
@@ -142,9 +158,16 @@ class PriorityBroker(Broker):
         return level or "default"
 
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
+        """Enqueue; a scheduler tick (periodiq's `scheduled_at`) is enqueued once however many
+        schedulers send it, since periodiq itself has no guard against two schedulers."""
         message, args = prepare(message, self.level_of(message), delay)
         self.emit_before("enqueue", message, delay)
-        self.dispatch("enqueue", *args)
+        tick = message.options.get(TICK_OPTION)
+        if tick is None:
+            self.dispatch("enqueue", *args)
+        elif not self.dispatch("enqueue_once", tick_key(message.actor_name, tick), TICK_MEMORY_MS, *args):
+            log.info("scheduler.tick_already_sent", actor=message.actor_name, scheduled_at=tick)
+            return message
         self.emit_after("enqueue", message, delay)
         return message
 

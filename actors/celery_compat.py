@@ -23,6 +23,7 @@ from dramatiq.results import ResultFailure, ResultMissing, Results, ResultTimeou
 from dramatiq.results.backends import RedisBackend
 
 from actors import evaluate as _actors
+from actors import maintenance as _maintenance
 from app.blocking import blocking_services
 from app.config import LEVEL_ALIASES, get_settings
 from app.errors import RequestError
@@ -376,5 +377,5 @@ class DeadLetterQueue:
 
 evaluate_code = EvaluateTask()
 health_check = ActorTask(_actors.health_check)
-cleanup_old_evaluations = ActorTask(_actors.cleanup_old_evaluations)
-monitor_dead_letter_queue = ActorTask(_actors.monitor_dead_letter_queue)
+cleanup_old_evaluations = ActorTask(_maintenance.cleanup_old_evaluations)
+monitor_dead_letter_queue = ActorTask(_maintenance.monitor_dead_letter_queue)

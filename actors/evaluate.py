@@ -1,4 +1,7 @@
-"""The `evaluate_code` and `health_check` actors (async, on Dramatiq's AsyncIO middleware)."""
+"""The `evaluate_code` and `health_check` actors (async, on Dramatiq's AsyncIO middleware).
+
+Importing this module builds the process's broker; `actors.maintenance` holds the scheduled actors.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ from actors.broker import QUEUE_NAME, REDIS_ID_OPTION
 from actors.runtime import runtime, worker_name
 from actors.setup import process_broker
 from app.config import get_settings
-from app.dlq import AsyncDeadLetterQueue
 from app.store import NewEvaluation, task_id_of, utc_now
 
 log = structlog.get_logger(__name__)
@@ -135,21 +137,3 @@ def evaluation_message(
 async def health_check() -> dict[str, Any]:
     """Proves a worker is consuming: answers from whichever worker takes it."""
     return {"status": "healthy", "worker": socket.gethostname()}
-
-
-@dramatiq.actor(queue_name=QUEUE_NAME, queue_level="low", store_results=True)
-async def cleanup_old_evaluations() -> int:
-    """Delete evaluations past the retention window (`CRUCIBLE_RETENTION_HOURS`)."""
-    removed = await runtime().store.cleanup()
-    log.info("cleanup.done", removed=removed)
-    return removed
-
-
-@dramatiq.actor(queue_name=QUEUE_NAME, queue_level="low", store_results=True)
-async def monitor_dead_letter_queue() -> dict[str, Any]:
-    """DLQ statistics; a warning in the log once it holds more than the threshold."""
-    rt = runtime()
-    stats = await AsyncDeadLetterQueue(rt.redis, get_settings().namespace, rt.store).get_statistics()
-    if stats["over_threshold"]:
-        log.warning("dlq.over_threshold", size=stats["queue_size"], threshold=stats["warning_threshold"])
-    return stats

@@ -8,6 +8,7 @@ import dramatiq
 from dramatiq.middleware import AsyncIO, CurrentMessage, ShutdownNotifications, TimeLimit
 from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend
+from periodiq import PeriodiqMiddleware
 
 from actors.broker import PriorityBroker
 from actors.runtime import forward_soon
@@ -46,6 +47,9 @@ def build_broker(settings: Settings) -> PriorityBroker:
             # Return values of actors declared with store_results (health_check...), for
             # the Celery shim's `.get()`; evaluations keep their results in their records.
             Results(backend=result_backend(settings)),
+            # periodiq drops a tick not started within 30 s by default, so a busy queue would
+            # skip cleanup every time; ours are idempotent, so a late tick still runs.
+            PeriodiqMiddleware(skip_delay=settings.tick_skip_after_s),
         ],
     )
     dramatiq.set_broker(broker)

@@ -72,12 +72,22 @@ def run_worker(args: argparse.Namespace) -> int:
     s = get_settings()
     argv = [
         "actors.evaluate",
+        "actors.maintenance",
         "--processes", str(s.worker_processes),
         "--threads", str(s.worker_threads),
         "--skip-logging",
         "--worker-shutdown-timeout", str(WORKER_SHUTDOWN_MS),
     ]  # fmt: skip
     return dramatiq_main(make_argument_parser().parse_args(argv)) or 0
+
+
+def run_scheduler(args: argparse.Namespace) -> int:
+    """periodiq, sending cleanup and DLQ monitoring on their cron schedules."""
+    from actors import scheduler
+
+    s = get_settings()
+    configure_logging(s.log_level, s.log_format)
+    return scheduler.run(s)
 
 
 def run_embedded_redis(args: argparse.Namespace) -> int:
@@ -149,6 +159,7 @@ def run_up(args: argparse.Namespace) -> int:
         start("executor", [*me, "executor"])
         start("api", [*me, "api"])
         start("worker", [*me, "worker"])
+        start("scheduler", [*me, "scheduler"])
         api = f"http://{s.api_host}:{s.api_port}"
         executor = f"http://{s.executor_host}:{s.executor_port}"
         ready = _wait_http(f"{executor}/health", 30) and _wait_http(f"{api}/health", 30)
@@ -157,6 +168,7 @@ def run_up(args: argparse.Namespace) -> int:
             f"  API        {api}  (POST /api/eval)\n"
             f"  executor   {executor}\n"
             f"  workers    {s.worker_processes} processes x {s.worker_threads} threads\n"
+            f"  scheduler  cleanup '{s.cleanup_cron}', DLQ monitor '{s.dlq_monitor_cron}'\n"
             f"  redis      {env.get('REDIS_URL') or s.redis_url}"
             + (f"  (embedded, data in {s.data_dir / 'valkey'})" if s.redis_url is None else "")
             + ("\n" if ready else "\n  (some piece did not answer its health check: see the logs above)\n")
@@ -172,7 +184,7 @@ def run_up(args: argparse.Namespace) -> int:
 
 def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
     """API first (no new work), then workers (finish or hand back), executor, Redis last."""
-    order = ["api", "worker", "executor", "valkey"]
+    order = ["api", "scheduler", "worker", "executor", "valkey"]
     for name in order:
         for child_name, process in children:
             if child_name != name or process.poll() is not None:
@@ -198,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="consume only these queues (as CELERY_QUEUES): high_priority,evaluation,batch...",
     )
     commands.add_parser("executor", help="run the sandbox executor service")
+    commands.add_parser("scheduler", help="run periodiq: hourly cleanup, DLQ monitoring")
     redis_cmd = commands.add_parser("embedded-redis", help="run an embedded Valkey in the foreground")
     redis_cmd.add_argument("--port", type=int, default=6399)
     migration = commands.add_parser(
@@ -248,6 +261,7 @@ HANDLERS = {
     "api": run_api,
     "worker": run_worker,
     "executor": run_executor,
+    "scheduler": run_scheduler,
     "embedded-redis": run_embedded_redis,
 }
 

@@ -120,6 +120,11 @@ class Settings:
     sandbox_cgroups: str
     max_stdin_bytes: int
     retry_overrides: str | None
+    cleanup_cron: str
+    dlq_monitor_cron: str
+    dlq_warning_threshold: int
+    dlq_retention_days: int
+    tick_skip_after_s: int
     legacy_broker_url: str | None
     legacy_backend_url: str | None
     legacy_key_prefix: str
@@ -163,6 +168,11 @@ class Settings:
             sandbox_cgroups=_choice("SANDBOX_CGROUPS", "auto", ("auto", "off", "required")),
             max_stdin_bytes=_int("CRUCIBLE_MAX_STDIN_BYTES", 1024 * 1024),
             retry_overrides=os.environ.get("CRUCIBLE_RETRY_POLICIES") or None,
+            cleanup_cron=_str("CRUCIBLE_CLEANUP_CRON", "0 * * * *"),
+            dlq_monitor_cron=_str("CRUCIBLE_DLQ_MONITOR_CRON", "*/15 * * * *"),
+            dlq_warning_threshold=_int("CRUCIBLE_DLQ_WARNING_THRESHOLD", 100),
+            dlq_retention_days=_int("CRUCIBLE_DLQ_RETENTION_DAYS", 30),
+            tick_skip_after_s=_int("CRUCIBLE_TICK_SKIP_AFTER_S", 3600),
             legacy_broker_url=os.environ.get("LEGACY_BROKER_URL") or None,
             legacy_backend_url=os.environ.get("LEGACY_RESULT_BACKEND") or os.environ.get("LEGACY_BROKER_URL"),
             legacy_key_prefix=_str("LEGACY_KEY_PREFIX", ""),

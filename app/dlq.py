@@ -43,8 +43,15 @@ def public_entry(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 class AsyncDeadLetterQueue:
-    def __init__(self, client: aioredis.Redis, namespace: str, store: EvaluationStore) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        namespace: str,
+        store: EvaluationStore,
+        warning_threshold: int = WARNING_THRESHOLD,
+    ) -> None:
         self.client = client
+        self.warning_threshold = warning_threshold
         self.index = f"{namespace}:dlq"
         self.entries = f"{namespace}:dlq:entries"
         self.store = store
@@ -143,6 +150,6 @@ class AsyncDeadLetterQueue:
             "queue_size": len(entries),
             "exception_breakdown": dict(Counter(e.get("exception_class") or "unknown" for e in entries)),
             "task_breakdown": dict(Counter(e.get("task_name") or "unknown" for e in entries)),
-            "warning_threshold": WARNING_THRESHOLD,
-            "over_threshold": len(entries) > WARNING_THRESHOLD,
+            "warning_threshold": self.warning_threshold,
+            "over_threshold": len(entries) > self.warning_threshold,
         }

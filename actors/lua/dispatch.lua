@@ -15,6 +15,7 @@
 -- $ns:doorbell:$level  list of tokens; an enqueue rings it so idle workers wake at once
 -- $ns:dlq             zset task id -> last failure (ms): the dead-letter queue
 -- $ns:dlq:entries     hash task id -> JSON entry (arguments, final traceback, retry count...)
+-- $ns:once:$key        marks an idempotency key already enqueued (expires)
 
 local ns = KEYS[1]
 local command = ARGV[1]
@@ -119,6 +120,15 @@ end
 
 if command == "enqueue" then
     enqueue(4)
+    return 1
+
+elseif command == "enqueue_once" then
+    -- args: an idempotency key and how long to remember it (ms), then a message as for
+    -- enqueue. The same key again (a second scheduler sending the same tick) enqueues nothing.
+    if not redis.call("set", ns .. ":once:" .. ARGV[4], "1", "NX", "PX", ARGV[5]) then
+        return 0
+    end
+    enqueue(6)
     return 1
 
 elseif command == "retry" then

@@ -1,0 +1,47 @@
+"""`crucible scheduler`: periodiq sending the scheduled actors, plus a heartbeat operators see.
+
+Run one or several (for availability): each tick is enqueued once whatever their number.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import redis
+
+from actors.runtime import worker_name
+from app.config import Settings
+
+#: A scheduler is shown as gone when silent this long.
+SCHEDULER_BEAT_S = 5
+
+
+def schedulers_key(namespace: str) -> str:
+    return f"{namespace}:schedulers"
+
+
+def start_heartbeat(settings: Settings) -> threading.Thread:
+    """Publish `{ns}:schedulers` (zset name -> last beat, ms) every few seconds, in a daemon thread."""
+    client = redis.Redis.from_url(settings.redis_url_or_default)
+    name = worker_name()
+
+    def beat() -> None:
+        while True:
+            try:
+                client.zadd(schedulers_key(settings.namespace), {name: int(time.time() * 1000)})
+            except redis.RedisError:
+                pass  # shown as gone until Redis answers again
+            time.sleep(SCHEDULER_BEAT_S)
+
+    thread = threading.Thread(target=beat, name="scheduler-heartbeat", daemon=True)
+    thread.start()
+    return thread
+
+
+def run(settings: Settings) -> int:
+    import periodiq
+
+    start_heartbeat(settings)
+    args = periodiq.make_argument_parser().parse_args(["actors.evaluate", "actors.maintenance"])
+    return periodiq.main(args)
