@@ -19,6 +19,7 @@ from middleware.backoff import Backoff
 from middleware.dead_letter import DeadLetters
 from middleware.priority import PriorityRouting
 from middleware.retry_policy import apply_overrides
+from middleware.worker_stats import WorkerStats
 
 
 def result_backend(settings: Settings) -> RedisBackend:
@@ -36,6 +37,9 @@ def build_broker(settings: Settings) -> PriorityBroker:
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         heartbeat_timeout_ms=settings.heartbeat_timeout_ms,
         middleware=[
+            # First, so its after-hooks run last (Dramatiq calls them in reverse order) and see
+            # what Backoff decided about each message.
+            WorkerStats(),
             AsyncIO(),
             CurrentMessage(),
             PriorityRouting(),

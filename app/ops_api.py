@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
+import asyncio
 from urllib.parse import urlsplit, urlunsplit
 
-import dramatiq
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -16,8 +16,11 @@ from app.config import LEVELS
 from app.errors import RequestError
 from app.migration import SYSTEMS, migration_report
 from app.services import Services
+from app.status import SystemStatus
 from app.store import STATUSES
 from app.validation import read_json_object, require_bool, require_number
+
+HEALTH_TIMEOUT_S = 1.0
 
 
 def redact(url: str) -> str:
@@ -36,6 +39,7 @@ class OpsApi:
         self.client = services.client
         self.store = services.store
         self.control = services.control
+        self.status = SystemStatus(services.client, services.settings, services.http)
 
     async def migration_status(self, request: Request) -> JSONResponse:
         return JSONResponse(await migration_report(self.control, self.store))
@@ -55,28 +59,51 @@ class OpsApi:
         )
         return JSONResponse(await migration_report(self.control, self.store))
 
-    async def _workers(self) -> dict[str, float]:
-        """Worker ids heard from within the heartbeat timeout, with their last heartbeat (s ago)."""
-        now_ms = time.time() * 1000
-        beats = await self.client.zrange(f"{self.store.ns}:heartbeats", 0, -1, withscores=True)
-        timeout = self.settings.heartbeat_timeout_ms
-        return {w: round((now_ms - ms) / 1000, 1) for w, ms in beats if now_ms - ms <= timeout}
+    async def health(self, request: Request) -> JSONResponse:
+        """Redis (503 when unreachable, within about a second), then workers, executors and
+        schedulers: "degraded" (still 200: the API itself works) when one kind has none online."""
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                await self.client.ping()
+                sizes = await self.services.enqueuer.queue_sizes()
+        except TimeoutError:
+            return JSONResponse({"status": "unhealthy", "redis": "no answer in time"}, status_code=503)
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            return JSONResponse({"status": "unhealthy", "redis": str(exc)}, status_code=503)
+        workers = [w for w in await self.status.workers() if w["online"]]
+        executors = await self.status.executors()
+        schedulers = [s for s in await self.status.schedulers() if s["online"]]
+        checks = {
+            "workers": len(workers),
+            "executors": sum(e["online"] for e in executors),
+            "schedulers": len(schedulers),
+        }
+        return JSONResponse(
+            {
+                "status": "healthy" if all(checks.values()) else "degraded",
+                "redis": "ok",
+                **{f"{name}_online": count for name, count in checks.items()},
+                "executors": executors,
+                "queues": sizes,
+            }
+        )
 
     async def celery_status(self, request: Request) -> JSONResponse:
         """The Celery service's status shape, answered from our broker's own records."""
-        sizes = await self.services.enqueuer.queue_sizes()
-        workers = await self._workers()
+        workers = await self.status.workers()
+        online = [w for w in workers if w["online"]]
         return JSONResponse(
             {
                 "enabled": True,
                 "connected": bool(await self.client.ping()),
-                "workers": sorted(workers),
+                "workers": [w["name"] for w in online],
                 "broker_url": redact(self.settings.redis_url_or_default),
-                "active_tasks": sizes["in_flight"],
-                "scheduled_tasks": sizes["delayed"],
-                "registered_tasks": sorted(dramatiq.get_broker().get_declared_actors()),
-                "worker_stats": {w: {"last_heartbeat_s_ago": ago} for w, ago in workers.items()},
-                "queue_details": {level: {"ready": sizes[level]} for level in LEVELS},
+                "active_tasks": {w["name"]: w["active_tasks"] for w in online},
+                "scheduled_tasks": await self.status.scheduled(),
+                "registered_tasks": sorted({a for w in online for a in w["actors"]}),
+                "worker_stats": {w["name"]: w for w in workers},
+                "queue_details": await self.status.queues(),
+                "schedulers": await self.status.schedulers(),
                 "migration": await migration_report(self.control, self.store),
             }
         )
@@ -107,20 +134,23 @@ class OpsApi:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     async def _metric_families(self) -> list[Metric]:
-        sizes = await self.services.enqueuer.queue_sizes()
-        dead = await self.services.dlq.get_queue_size()
+        queues = await self.status.queues()
         stats: dict[str, str] = await self.client.hgetall(self.store.stats_key)
         report = await migration_report(self.control, self.store)
-        workers = await self._workers()
+        workers = [w for w in await self.status.workers() if w["online"]]
+        executors = await self.status.executors()
 
         queue = GaugeMetricFamily(
             "crucible_queue_messages", "Messages by queue and state", labels=["queue", "state"]
         )
-        for level in LEVELS:
-            queue.add_metric([level, "ready"], sizes[level])
-        queue.add_metric(["all", "delayed"], sizes["delayed"])
-        queue.add_metric(["all", "in_flight"], sizes["in_flight"])
-        queue.add_metric(["all", "dead"], dead)
+        for level, sizes in queues.items():
+            for state in ("ready", "delayed", "in_flight", "dead"):
+                queue.add_metric([level, state], sizes[state])
+        oldest = GaugeMetricFamily(
+            "crucible_queue_oldest_age_seconds", "Age of the oldest ready message", labels=["queue"]
+        )
+        for level, sizes in queues.items():
+            oldest.add_metric([level], sizes["oldest_age_s"] or 0)
 
         submitted = CounterMetricFamily(
             "crucible_evaluations_submitted", "Evaluations accepted, by queue system", labels=["queue_system"]
@@ -171,7 +201,39 @@ class OpsApi:
             "crucible_workers_online", "Workers heard from within the heartbeat timeout"
         )
         online.add_metric([], len(workers))
-        return [queue, submitted, finished, by_language, fallbacks, latency, shadow, share, online]
+        in_flight = GaugeMetricFamily(
+            "crucible_executor_runs_in_flight", "Sandboxed runs in progress", labels=["executor"]
+        )
+        for executor in executors:
+            if executor["online"]:
+                in_flight.add_metric([executor["url"]], executor["running"])
+        retries = CounterMetricFamily("crucible_retries", "Retries scheduled, by policy", labels=["policy"])
+        for name, value in stats.items():
+            if name.startswith("retry:"):
+                retries.add_metric([name.split(":", 1)[1]], int(value))
+        histograms = [
+            await self._histogram("crucible_queue_wait_seconds", "Submission to first start", "wait_ms"),
+            await self._histogram("crucible_run_duration_seconds", "Run time in the sandbox", "run_ms"),
+        ]
+        return [queue, oldest, submitted, finished, by_language, fallbacks, latency, shadow, share, online,
+                in_flight, retries, *histograms]  # fmt: skip
+
+    async def _histogram(self, name: str, documentation: str, key: str) -> HistogramMetricFamily:
+        """A Prometheus histogram from the cumulative buckets transition.lua keeps (in ms)."""
+        raw: dict[str, str] = await self.client.hgetall(f"{self.store.ns}:hist:{key}")
+        buckets = sorted(
+            ((k.removeprefix("le:"), int(v)) for k, v in raw.items() if k.startswith("le:")),
+            key=lambda b: float(b[0]),
+        )
+        if not buckets or buckets[-1][0] != "+Inf":
+            buckets.append(("+Inf", int(raw.get("count", 0))))
+        family = HistogramMetricFamily(name, documentation)
+        family.add_metric(
+            [],
+            buckets=[(b if b == "+Inf" else str(float(b) / 1000), n) for b, n in buckets],
+            sum_value=float(raw.get("sum", 0)) / 1000,
+        )
+        return family
 
 
 class _Fixed:

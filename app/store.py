@@ -217,6 +217,9 @@ class EvaluationStore:
         pipe.zadd(f"{self.ns}:evals:queued", {evaluation.eval_id: created_ms})
         pipe.rpush(f"{self.key(evaluation.eval_id)}:events", event)
         pipe.hincrby(self.stats_key, f"submitted:{evaluation.queue_system}", 1)
+        minute = f"{self.ns}:minute:{created_ms // 60000}"
+        pipe.hincrby(minute, "submitted", 1)
+        pipe.expire(minute, 7200)
         pipe.publish(self.events_channel, event)
         pipe.publish(f"{self.events_channel}:{evaluation.eval_id}", event)
         return fields

@@ -104,7 +104,7 @@ class Backoff(Middleware):
             message.options[STATUS_CHANGE] = asdict(
                 StatusChange(eval_id, "running", ("running", "queued"), fields)
             )
-        message.options[SETTLE] = {"command": "retry", "delay_ms": int(delay * 1000)}
+        message.options[SETTLE] = {"command": "retry", "delay_ms": int(delay * 1000), "policy": policy}
         log.warning(
             get_retry_message(message.actor_name, eval_id, describe(message), retries, max_retries, delay),
             eval_id=eval_id, policy=policy,

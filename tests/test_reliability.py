@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
@@ -58,6 +59,9 @@ async def test_executor_down_retries_under_network_error_then_finishes(
             assert waiting["next_retry_at"] and "ExecutorUnavailable" in waiting["error"]
             start_executor(stack, "retry-network-executor", port)
             result = await wait_final(api, eval_id, seconds=30)
+            metrics = (await api.get("/metrics")).text
+    retried = re.search(r'^crucible_retries_total\{policy="network_error"\} (\S+)$', metrics, re.M)
+    assert retried and float(retried.group(1)) == result["retries"]
     assert result["status"] == "completed" and result["output"] == "after the outage\n"
     assert result["retries"] >= 1 and result["celery_state"] == "SUCCESS" and result["next_retry_at"] is None
     log = (LOG_DIR / "retry-network-worker.log").read_text()

@@ -16,9 +16,31 @@
 -- $ns:evals:$status     zset eval id -> created (ms): evaluations by status
 -- $ns:stats            hash of counters ("final:<system>:<status>", "language:<lang>:<status>")
 -- $ns:latency:$system  list of the latest latencies in ms, newest first
+-- $ns:hist:wait_ms     histogram (cumulative "le:<ms>" fields, sum, count) of queue waits:
+--                      created to first start
+-- $ns:hist:run_ms      histogram of run times (the final change's runtime_ms)
+-- $ns:minute:$n        per minute n (ms / 60000): final statuses and a latency bucket each
+--                      ("lat:<ms>"), kept two hours, for rates and percentiles over the last hour
 -- channels $ns:events and $ns:events:$id   each change is published to both as JSON
 
 local LATENCY_SAMPLES = 1000
+local BUCKETS_MS = {10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000}
+
+local function observe(hist, value)
+    for _, bound in ipairs(BUCKETS_MS) do
+        if value <= bound then redis.call("hincrby", hist, "le:" .. bound, 1) end
+    end
+    redis.call("hincrby", hist, "le:+Inf", 1)
+    redis.call("hincrbyfloat", hist, "sum", value)
+    redis.call("hincrby", hist, "count", 1)
+end
+
+local function bucket(value)
+    for _, bound in ipairs(BUCKETS_MS) do
+        if value <= bound then return tostring(bound) end
+    end
+    return "+Inf"
+end
 
 local ns = KEYS[1]
 local eval_id, new_status, now, allowed_csv, fields_json = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -60,13 +82,24 @@ local created = redis.call("zscore", ns .. ":evals", eval_id) or now
 redis.call("zrem", ns .. ":evals:" .. current, eval_id)
 redis.call("zadd", ns .. ":evals:" .. new_status, created, eval_id)
 
+local since_created = math.max(0, tonumber(now) - tonumber(created))
+if new_status == "running" and current == "queued" then
+    observe(ns .. ":hist:wait_ms", since_created)
+end
 if ARGV[7] == "1" then
     local system = redis.call("hget", record, "queue_system") or "dramatiq"
     local language = redis.call("hget", record, "language") or "unknown"
     redis.call("hincrby", ns .. ":stats", "final:" .. system .. ":" .. new_status, 1)
     redis.call("hincrby", ns .. ":stats", "language:" .. language .. ":" .. new_status, 1)
-    redis.call("lpush", ns .. ":latency:" .. system, math.max(0, tonumber(now) - tonumber(created)))
+    redis.call("lpush", ns .. ":latency:" .. system, since_created)
     redis.call("ltrim", ns .. ":latency:" .. system, 0, LATENCY_SAMPLES - 1)
+    if tonumber(fields["runtime_ms"]) then
+        observe(ns .. ":hist:run_ms", tonumber(fields["runtime_ms"]))
+    end
+    local minute = ns .. ":minute:" .. math.floor(tonumber(now) / 60000)
+    redis.call("hincrby", minute, new_status, 1)
+    redis.call("hincrby", minute, "lat:" .. bucket(since_created), 1)
+    redis.call("expire", minute, 7200)
 end
 
 fields["eval_id"] = eval_id

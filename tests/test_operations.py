@@ -1,0 +1,107 @@
+"""Operators' view: health, Celery-shaped status with live workers, queue details, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from contextlib import ExitStack
+from typing import Any
+
+import httpx
+
+from tests.conftest import stack_env, start_api
+from tests.helpers import submit, wait_final
+from tests.stack import process
+
+
+async def poll(api: httpx.AsyncClient, path: str, ready: Any, seconds: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + seconds
+    while not ready(body := (await api.get(path)).json()):
+        assert time.monotonic() < deadline, body
+        await asyncio.sleep(0.2)
+    return body
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    found = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+    assert found, f"{name}{labels} not in /metrics"
+    return float(found.group(1))
+
+
+async def test_status_shows_workers_tasks_queues_and_a_worker_that_died(
+    redis_url: str, executor_url: str, namespace: str
+) -> None:
+    env = stack_env(
+        redis_url, namespace, executor_url, CELERY_CONCURRENCY="1", CRUCIBLE_WORKER_THREADS="2",
+        CRUCIBLE_HEARTBEAT_TIMEOUT_MS="3000",
+    )  # fmt: skip
+    with ExitStack() as stack:
+        s = start_api(stack, "ops", env)
+        worker = stack.enter_context(process("ops-worker", "worker", s.env))
+        stack.enter_context(process("ops-scheduler", "scheduler", s.env))
+        async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
+            health = await poll(api, "/health", lambda b: b.get("status") == "healthy")
+            assert health["workers_online"] == 1 and health["executors_online"] == 1
+            assert health["schedulers_online"] == 1
+
+            done = [await submit(api, f"print({n})") for n in range(3)]
+            for eval_id in done:
+                await wait_final(api, eval_id)
+            slow = [await submit(api, "import time; time.sleep(3)") for _ in range(2)]
+            waiting = await submit(api, "print('third')")  # both threads busy: it waits
+
+            def busy(body: dict[str, Any]) -> bool:
+                stats = list(body["worker_stats"].values())
+                held = [t for tasks in body["active_tasks"].values() for t in tasks]
+                return (
+                    len(held) == 2 and bool(stats) and stats[0]["active"] == 2 and stats[0]["processed"] >= 3
+                )
+
+            status = await poll(api, "/api/celery-status", busy)
+            assert status["enabled"] and status["connected"]
+            (name,) = status["workers"]
+            stats = status["worker_stats"][name]
+            assert stats["pid"] > 0 and stats["concurrency"] == 2 and stats["online"] is True
+            assert stats["queues"] == ["high", "default", "low"]
+            assert stats["processed"] >= 3 and stats["active"] == 2
+            assert sorted(status["active_tasks"][name]) == sorted(f"celery-{i}" for i in slow)
+            assert status["queue_details"]["default"]["ready"] == 1
+            assert status["queue_details"]["default"]["in_flight"] == 2
+            assert status["queue_details"]["default"]["oldest_age_s"] >= 0
+            assert "tasks.evaluate_code" not in status["registered_tasks"]
+            assert {"evaluate_code", "health_check", "cleanup_old_evaluations"} <= set(
+                status["registered_tasks"]
+            )
+            queue_status = (await api.get("/api/queue-status")).json()
+            assert queue_status["processing"] == 2 and queue_status["queued"] == 1
+            await wait_final(api, waiting)
+
+            metrics = (await api.get("/metrics")).text
+            assert metric(metrics, "crucible_run_duration_seconds_count") >= 5
+            assert metric(metrics, "crucible_queue_wait_seconds_count") >= 6
+            assert metric(metrics, "crucible_workers_online") == 1
+            assert (
+                metric(
+                    metrics,
+                    "crucible_evaluations_finished_total",
+                    '{queue_system="dramatiq",status="completed"}',
+                )
+                >= 5
+            )
+            assert (
+                metric(
+                    metrics,
+                    "crucible_evaluations_by_language_total",
+                    '{language="python",status="completed"}',
+                )
+                >= 5
+            )
+
+            # A worker killed outright stops publishing: shown as gone, health degraded.
+            os.killpg(worker.pid, signal.SIGKILL)
+            gone = await poll(api, "/api/celery-status", lambda b: not b["workers"], seconds=60)
+            assert gone["worker_stats"][name]["online"] is False
+            assert (await api.get("/health")).json()["status"] == "degraded"
