@@ -11,7 +11,7 @@ import contextlib
 import json
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,9 +19,10 @@ import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
-from app.config import Settings, get_settings
+from app.config import LEVELS, Settings, get_settings
+from app.dashboard import dashboard_routes, root_redirect
 from app.dlq import NotInDLQ, NotRetryable, public_entry
 from app.errors import RequestError, install_error_handlers
 from app.logs import configure_logging
@@ -64,6 +65,7 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
         "celery_state": celery_state(record),
         "success": record["status"] == "completed",
         "language": record.get("language"),
+        "code": record.get("code"),
         "created_at": record.get("created_at"),
         "started_at": record.get("started_at"),
         "completed_at": record.get("completed_at"),
@@ -266,13 +268,25 @@ class Api:
         status = params.get("status") or None
         if status is not None and status not in STATUSES:
             raise RequestError(422, f"unknown status {status!r}", field="status", known=list(STATUSES))
-        records, total = await self.store.list(limit=limit, offset=offset, status=status)
+        queue = params.get("queue") or None
+        if queue is not None and queue not in LEVELS:
+            raise RequestError(422, f"unknown queue {queue!r}", field="queue", known=list(LEVELS))
+        records, total = await self.store.list(
+            limit=limit,
+            offset=offset,
+            status=status,
+            language=params.get("language") or None,
+            queue=queue,
+            search=params.get("q") or None,
+        )
         rows = [
             {
                 "eval_id": r["id"],
                 "status": r["status"],
                 "created_at": r["created_at"],
                 "language": r["language"],
+                "queue": r["queue"],
+                "queue_system": r["queue_system"] or "dramatiq",
                 "code_preview": (r["code"] or "")[:100],
                 "success": r["status"] == "completed",
             }
@@ -286,8 +300,17 @@ class Api:
                 "limit": limit,
                 "offset": offset,
                 "has_more": offset + len(rows) < total,
+                "statuses": list(STATUSES),
+                "languages": self.languages,
             }
         )
+
+    async def timeline(self, request: Request) -> JSONResponse:
+        """Every status change of one evaluation, oldest first (with worker, retries...)."""
+        eval_id = request.path_params["eval_id"]
+        if not await self.client.exists(self.store.key(eval_id)):
+            raise RequestError(404, "evaluation not found", eval_id=eval_id)
+        return JSONResponse({"eval_id": eval_id, "events": await self.store.events(eval_id)})
 
 
 def _query_bool(raw: str | None, name: str) -> bool:
@@ -312,7 +335,12 @@ def _query_int(raw: str | None, name: str, *, default: int, low: int, high: int)
     return value
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_dashboard_app() -> Starlette:
+    """The same app for the dashboard's own port, where `/` opens the dashboard."""
+    return create_app(extra_routes=[root_redirect()])
+
+
+def create_app(settings: Settings | None = None, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_format)
 
@@ -322,7 +350,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.api = Api(services)
         app.state.ops = OpsApi(services)
         tracker = (
-            asyncio.create_task(MigrationTracker(services.store, services.legacy).run())
+            asyncio.create_task(MigrationTracker(services.store, services.legacy, services.submitter).run())
             if services.legacy
             else None
         )
@@ -340,6 +368,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/api/eval/{eval_id}", delegate("api", "get_evaluation")),
             Route("/api/eval-status/{eval_id}", delegate("api", "get_evaluation")),
             Route("/api/eval/{eval_id}/events", delegate("api", "follow_evaluation")),
+            Route("/api/eval/{eval_id}/timeline", delegate("api", "timeline")),
             Route("/api/eval/{eval_id}/cancel", delegate("api", "cancel"), methods=["POST"]),
             Route("/api/evaluations", delegate("api", "list_evaluations")),
             Route("/api/dlq/tasks", delegate("api", "dlq_list")),
@@ -353,6 +382,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/api/celery-status", delegate("ops", "celery_status")),
             Route("/api/queue-status", delegate("ops", "queue_status")),
             Route("/metrics", delegate("ops", "metrics")),
+            Route("/api/rates", delegate("ops", "rates")),
+            *dashboard_routes(),
+            *extra_routes,
             Route("/health", delegate("ops", "health")),
             Route("/api/health", delegate("ops", "health")),
         ],

@@ -45,10 +45,14 @@ class BlockingServices:
     def _started(self) -> tuple[BlockingPortal, Services]:
         with self._lock:
             if self._pid != os.getpid() or self._portal is None or self._services is None:
-                self._portal_cm = start_blocking_portal()
-                self._portal = self._portal_cm.__enter__()
-                self._services = self._portal.call(_build, self.settings)
-                self._pid = os.getpid()
+                portal_cm = start_blocking_portal()
+                portal = portal_cm.__enter__()
+                try:
+                    self._services = portal.call(_build, self.settings)
+                except BaseException:
+                    portal_cm.__exit__(None, None, None)  # no loop thread left behind
+                    raise
+                self._portal_cm, self._portal, self._pid = portal_cm, portal, os.getpid()
                 atexit.register(self.close)
             return self._portal, self._services
 

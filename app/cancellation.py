@@ -22,7 +22,7 @@ import structlog
 from actors.broker import AsyncEnqueuer
 from actors.executor_client import ExecutorPool
 from app.legacy import LegacyCelery
-from app.store import EvaluationStore, StatusChange, celery_state, task_id_of, utc_now
+from app.store import TERMINAL, EvaluationStore, StatusChange, celery_state, task_id_of, utc_now
 
 log = structlog.get_logger(__name__)
 
@@ -81,15 +81,18 @@ class Canceller:
             if record is None:
                 return None
             on_legacy = record.get("queue_system") == "legacy" and self.legacy is not None
-            state = await self._legacy_state(task_id) if on_legacy else celery_state(record)
+            # A legacy task's state is Celery's until our record is final (cancelled here, or
+            # its result already copied over).
+            final = record["status"] in TERMINAL
+            state = await self._legacy_state(task_id) if on_legacy and not final else celery_state(record)
             refusal = self._refusal(state, terminate)
             if refusal:
                 return CancelOutcome(eval_id, task_id, state, False, refusal)
             allowed = ("queued", "running") if on_legacy else CANCELLABLE_FROM[state]
+            if on_legacy:  # first, so a broker error leaves the task and its record as they were
+                await self.legacy.revoke(task_id, terminate=state != "PENDING")
             if await self._cancel_from(eval_id, task_id, allowed):
-                if on_legacy:
-                    await self.legacy.revoke(task_id, terminate=state != "PENDING")
-                elif state == "STARTED":
+                if state == "STARTED" and not on_legacy:
                     killed = await self.executors.kill_everywhere(eval_id)
                     log.info("evaluation.terminated", eval_id=eval_id, sandbox_killed=killed)
                 await self._tell_storage(eval_id)

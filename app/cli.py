@@ -44,6 +44,22 @@ def run_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_dashboard(args: argparse.Namespace) -> int:
+    """The API app on the dashboard's port, `/` opening the dashboard (Flower's port, 5555)."""
+    import uvicorn
+
+    s = get_settings()
+    configure_logging(s.log_level, s.log_format)
+    uvicorn.run(
+        "app.api:create_dashboard_app",
+        factory=True,
+        host=s.dashboard_host,
+        port=s.dashboard_port,
+        log_config=None,
+    )
+    return 0
+
+
 def run_executor(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -160,12 +176,14 @@ def run_up(args: argparse.Namespace) -> int:
         start("api", [*me, "api"])
         start("worker", [*me, "worker"])
         start("scheduler", [*me, "scheduler"])
+        start("dashboard", [*me, "dashboard"])
         api = f"http://{s.api_host}:{s.api_port}"
         executor = f"http://{s.executor_host}:{s.executor_port}"
         ready = _wait_http(f"{executor}/health", 30) and _wait_http(f"{api}/health", 30)
         print(
             "\nCrucible is up:\n"
             f"  API        {api}  (POST /api/eval)\n"
+            f"  dashboard  http://{s.dashboard_host}:{s.dashboard_port}  (also {api}/dashboard)\n"
             f"  executor   {executor}\n"
             f"  workers    {s.worker_processes} processes x {s.worker_threads} threads\n"
             f"  scheduler  cleanup '{s.cleanup_cron}', DLQ monitor '{s.dlq_monitor_cron}'\n"
@@ -184,7 +202,7 @@ def run_up(args: argparse.Namespace) -> int:
 
 def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
     """API first (no new work), then workers (finish or hand back), executor, Redis last."""
-    order = ["api", "scheduler", "worker", "executor", "valkey"]
+    order = ["api", "dashboard", "scheduler", "worker", "executor", "valkey"]
     for name in order:
         for child_name, process in children:
             if child_name != name or process.poll() is not None:
@@ -211,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands.add_parser("executor", help="run the sandbox executor service")
     commands.add_parser("scheduler", help="run periodiq: hourly cleanup, DLQ monitoring")
+    commands.add_parser("dashboard", help="run the dashboard on DASHBOARD_PORT (5555)")
     redis_cmd = commands.add_parser("embedded-redis", help="run an embedded Valkey in the foreground")
     redis_cmd.add_argument("--port", type=int, default=6399)
     migration = commands.add_parser(
@@ -262,6 +281,7 @@ HANDLERS = {
     "worker": run_worker,
     "executor": run_executor,
     "scheduler": run_scheduler,
+    "dashboard": run_dashboard,
     "embedded-redis": run_embedded_redis,
 }
 

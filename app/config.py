@@ -22,6 +22,7 @@ LEVEL_ALIASES: dict[str, str] = {
     "evaluation": "default",
     "low": "low",
     "batch": "low",
+    "maintenance": "low",
 }
 
 
@@ -95,6 +96,8 @@ class Settings:
     log_format: str
     api_host: str
     api_port: int
+    dashboard_host: str
+    dashboard_port: int
     executor_host: str
     executor_port: int
     executor_urls: tuple[str, ...]
@@ -143,6 +146,8 @@ class Settings:
             log_format=_str("LOG_FORMAT", "auto"),
             api_host=_str("CRUCIBLE_API_HOST", "127.0.0.1"),
             api_port=_int("CRUCIBLE_API_PORT", 8080),
+            dashboard_host=_str("DASHBOARD_HOST", "127.0.0.1"),
+            dashboard_port=_int("DASHBOARD_PORT", 5555),
             executor_host=_str("EXECUTOR_HOST", "127.0.0.1"),
             executor_port=_int("EXECUTOR_PORT", 8083),
             executor_urls=tuple(u.strip().rstrip("/") for u in executors.split(",") if u.strip()),

@@ -127,6 +127,8 @@ class AsyncDeadLetterQueue:
             if record is not None:
                 reset = {"retries": 0, "error": "", "completed_at": "", "started_at": "", "next_retry_at": ""}
                 await self.store.transition_in(pipe, StatusChange(eval_id, "queued", ("failed",), reset))
+                # A second run: counted as a submission, so finals never outnumber submissions.
+                pipe.hincrby(self.store.stats_key, f"submitted:{record.get('queue_system') or 'dramatiq'}", 1)
             await self.enqueuer.enqueue_in(pipe, message, options.get(LEVEL_OPTION, "default"))
             pipe.zrem(self.index, task_id)
             pipe.hdel(self.entries, task_id)

@@ -22,6 +22,10 @@ class RequestError(Exception):
         self.details = details
 
 
+class Unavailable(Exception):
+    """A service this one depends on cannot be reached; becomes a 503 naming it."""
+
+
 def error_response(status: int, error: str, **details: object) -> JSONResponse:
     return JSONResponse({"error": error, "details": details}, status_code=status)
 
@@ -41,6 +45,11 @@ async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, "storage unavailable, try again shortly", path=request.url.path)
 
 
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("request.dependency_unavailable", path=request.url.path, error=str(exc))
+    return error_response(503, str(exc), path=request.url.path)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("request.failed", path=request.url.path)
     return error_response(500, "internal error", path=request.url.path)
@@ -50,4 +59,5 @@ def install_error_handlers(app: Starlette) -> None:
     app.add_exception_handler(RequestError, _request_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RedisError, _redis_down)
+    app.add_exception_handler(Unavailable, _unavailable)
     app.add_exception_handler(Exception, _unexpected)

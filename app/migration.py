@@ -14,7 +14,7 @@ import json
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 import structlog
@@ -23,6 +23,9 @@ from redis.exceptions import RedisError
 from app.config import Settings
 from app.legacy import LegacyCelery, LegacyState
 from app.store import TERMINAL, EvaluationStore, StatusChange, task_id_of, utc_now
+
+if TYPE_CHECKING:
+    from app.submission import Submitter
 
 log = structlog.get_logger(__name__)
 
@@ -139,28 +142,37 @@ class MigrationTracker:
     processes tracking at once count each result once.
     """
 
-    def __init__(self, store: EvaluationStore, legacy: LegacyCelery) -> None:
+    def __init__(self, store: EvaluationStore, legacy: LegacyCelery, submitter: Submitter) -> None:
         self.store = store
         self.client = store.client
         self.legacy = legacy
+        self.submitter = submitter
         self.pending_key = legacy_pending_key(store.ns)
         self.shadows_key = shadow_pending_key(store.ns)
 
     async def run(self, interval: float = 0.5) -> None:
+        """Track until cancelled; no error ends it (Redis may be away, a result may be odd)."""
         while True:
             try:
                 await self.tick()
-            except (RedisError, OSError) as exc:
-                log.warning("migration.track_failed", error=str(exc))
+            except Exception as exc:
+                log.warning("migration.track_failed", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(interval)
 
     async def tick(self) -> None:
+        await self.submitter.record_unrecorded()
         pending = sorted(await self.client.smembers(self.pending_key))
         states = await self.legacy.states([task_id_of(i) for i in pending])
         for eval_id in pending:
             state = states[task_id_of(eval_id)]
-            if state is not None:
+            if state is None:
+                continue
+            try:
                 await self.settle(eval_id, state)
+            except RedisError:
+                raise
+            except Exception as exc:  # one odd result must not stop the others
+                log.warning("migration.settle_failed", eval_id=eval_id, error=f"{type(exc).__name__}: {exc}")
         await self.compare_shadows()
 
     async def settle(self, eval_id: str, state: LegacyState) -> None:
@@ -217,7 +229,8 @@ def legacy_outcome(state: LegacyState) -> tuple[str, dict[str, Any]]:
     """Our status and result fields for a finished legacy task.
 
     The legacy task returned a dict like ours (`status`, `output`, `error`, `exit_code`) or
-    plain output; a FAILURE is the task's own exception; REVOKED is a cancel.
+    plain output; a status that is not a final one is a failure saying so; a FAILURE is the
+    task's own exception; REVOKED is a cancel.
     """
     if state.state == "REVOKED":
         return "cancelled", {"error": "Cancelled (revoked in the legacy deployment)"}
@@ -226,8 +239,10 @@ def legacy_outcome(state: LegacyState) -> tuple[str, dict[str, Any]]:
     result = state.result
     if not isinstance(result, dict):
         return "completed", {"output": "" if result is None else str(result)}
-    status = result.get("status") if result.get("status") in TERMINAL else "completed"
     fields = {k: result[k] for k in ("output", "error", "exit_code") if result.get(k) is not None}
+    status = result.get("status", "completed")
+    if status not in TERMINAL:  # e.g. "submitted": the task ended without a final result
+        return "failed", {**fields, "error": f"the legacy task ended with status {status!r}"}
     return str(status), fields
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -17,7 +20,7 @@ from app.errors import RequestError
 from app.migration import SYSTEMS, migration_report
 from app.services import Services
 from app.status import SystemStatus
-from app.store import STATUSES
+from app.store import STATUSES, TERMINAL
 from app.validation import read_json_object, require_bool, require_number
 
 HEALTH_TIMEOUT_S = 1.0
@@ -50,13 +53,13 @@ class OpsApi:
         known = {"dramatiq_share", "force_legacy", "shadow_rate", "reset"}
         if not body or set(body) - known:
             raise RequestError(422, f"give one or more of {sorted(known)}", unknown=sorted(set(body) - known))
-        if require_bool(body, "reset", default=False):
+        reset = require_bool(body, "reset", default=False)  # everything is checked before any change
+        share = require_number(body, "dramatiq_share", default=None, low=0, high=1)
+        force = require_bool(body, "force_legacy", default=None)
+        shadow = require_number(body, "shadow_rate", default=None, low=0, high=1)
+        if reset:
             await self.control.reset()
-        await self.control.set(
-            dramatiq_share=require_number(body, "dramatiq_share", default=None, low=0, high=1),
-            force_legacy=require_bool(body, "force_legacy", default=None),
-            shadow_rate=require_number(body, "shadow_rate", default=None, low=0, high=1),
-        )
+        await self.control.set(dramatiq_share=share, force_legacy=force, shadow_rate=shadow)
         return JSONResponse(await migration_report(self.control, self.store))
 
     async def health(self, request: Request) -> JSONResponse:
@@ -105,6 +108,31 @@ class OpsApi:
                 "queue_details": await self.status.queues(),
                 "schedulers": await self.status.schedulers(),
                 "migration": await migration_report(self.control, self.store),
+            }
+        )
+
+    async def rates(self, request: Request) -> JSONResponse:
+        """Per minute over the last `minutes` (≤ 120): submitted, finished by status, success and
+        failure rates, latency percentiles (bucket upper bounds, ms); and the whole window."""
+        raw = request.query_params.get("minutes") or "60"
+        if not raw.isdigit() or not 1 <= int(raw) <= 120:
+            raise RequestError(422, "query parameter 'minutes' must be between 1 and 120", field="minutes")
+        now_minute = int(time.time() // 60)
+        minutes = list(range(now_minute - int(raw) + 1, now_minute + 1))
+        async with self.client.pipeline(transaction=False) as pipe:
+            for minute in minutes:
+                pipe.hgetall(f"{self.store.ns}:minute:{minute}")
+            counts: list[dict[str, str]] = await pipe.execute()
+        total: Counter[str] = Counter()
+        for c in counts:
+            total.update({k: int(v) for k, v in c.items()})
+        return JSONResponse(
+            {
+                "minutes": [
+                    {"minute_ms": m * 60000, **minute_rates({k: int(v) for k, v in c.items()})}
+                    for m, c in zip(minutes, counts, strict=True)
+                ],
+                "hour": minute_rates(dict(total)),
             }
         )
 
@@ -234,6 +262,35 @@ class OpsApi:
             sum_value=float(raw.get("sum", 0)) / 1000,
         )
         return family
+
+
+def minute_rates(counts: dict[str, int]) -> dict[str, Any]:
+    """Rates and latency percentiles from one window's counters (see transition.lua)."""
+    finals = {s: counts.get(s, 0) for s in TERMINAL}
+    finished = sum(finals.values())
+    failures = finished - finals["completed"] - finals["cancelled"]
+    buckets = sorted(
+        ((float(k[4:]), v) for k, v in counts.items() if k.startswith("lat:")), key=lambda b: b[0]
+    )
+    return {
+        "submitted": counts.get("submitted", 0),
+        "finished": finished,
+        "by_status": finals,
+        "success_rate": round(finals["completed"] / finished, 4) if finished else None,
+        "failure_rate": round(failures / finished, 4) if finished else None,
+        "latency_ms": {f"p{round(q * 100)}": bucket_percentile(buckets, q) for q in (0.5, 0.95, 0.99)},
+    }
+
+
+def bucket_percentile(buckets: list[tuple[float, int]], q: float) -> int | None:
+    """The upper bound of the bucket holding the q-th observation (None past the last bound)."""
+    total = sum(n for _, n in buckets)
+    seen = 0
+    for bound, n in buckets:
+        seen += n
+        if total and seen >= q * total:
+            return None if bound == float("inf") else int(bound)
+    return None
 
 
 class _Fixed:

@@ -13,13 +13,13 @@ RETRIES = 5
 _RETRY_ON = [RedisConnectionError, RedisTimeoutError]
 
 
-def async_client(url: str) -> aioredis.Redis:
-    """For the API and actors (decoded strings)."""
+def async_client(url: str, decode: bool = True) -> aioredis.Redis:
+    """For the API and actors (decoded strings unless `decode` is False)."""
     from redis.asyncio.retry import Retry
 
     return aioredis.Redis.from_url(
         url,
-        decode_responses=True,
+        decode_responses=decode,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES),
         retry_on_error=_RETRY_ON,
         health_check_interval=15,

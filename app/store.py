@@ -46,6 +46,10 @@ CELERY_STATES: dict[str, str] = {
     "cancelled": "REVOKED",
 }
 
+#: What a list row holds, and how many recent evaluations the list's filters look through.
+LIST_FIELDS = ("id", "status", "created_at", "code", "language", "queue", "queue_system")
+LIST_SCAN = 5000
+
 TRANSITION_LUA = (Path(__file__).parent / "lua" / "transition.lua").read_text()
 
 _INT_FIELDS = {
@@ -141,6 +145,8 @@ class NewEvaluation:
     metadata: dict[str, Any]
     #: which system runs it while migrating from the legacy Celery deployment
     queue_system: str = "dramatiq"
+    #: set on a shadow copy: the evaluation it copies (kept out of the split's counters)
+    shadow_of: str | None = None
     created_at: str = field(default_factory=utc_now)
 
     def fields(self) -> dict[str, str]:
@@ -158,7 +164,7 @@ class NewEvaluation:
             "metadata": _encode(self.metadata),
             "retries": "0",
             "queue_system": self.queue_system,
-        }
+        } | ({"shadow_of": self.shadow_of} if self.shadow_of else {})
 
 
 class StatusForwarder:
@@ -205,8 +211,11 @@ class EvaluationStore:
     def events_channel(self) -> str:
         return f"{self.ns}:events"
 
-    def write_new(self, pipe: aioredis.client.Pipeline, evaluation: NewEvaluation) -> dict[str, str]:
-        """Queue the record's creation on `pipe` (inside the caller's MULTI)."""
+    def write_new(
+        self, pipe: aioredis.client.Pipeline, evaluation: NewEvaluation, count: bool = True
+    ) -> dict[str, str]:
+        """Queue the record's creation on `pipe` (inside the caller's MULTI); `count` adds it
+        to the submitted counters (not for shadow copies, nor before a send succeeded)."""
         fields = evaluation.fields()
         created_ms = int(time.time() * 1000)
         event = json.dumps(
@@ -216,13 +225,20 @@ class EvaluationStore:
         pipe.zadd(f"{self.ns}:evals", {evaluation.eval_id: created_ms})
         pipe.zadd(f"{self.ns}:evals:queued", {evaluation.eval_id: created_ms})
         pipe.rpush(f"{self.key(evaluation.eval_id)}:events", event)
-        pipe.hincrby(self.stats_key, f"submitted:{evaluation.queue_system}", 1)
-        minute = f"{self.ns}:minute:{created_ms // 60000}"
-        pipe.hincrby(minute, "submitted", 1)
-        pipe.expire(minute, 7200)
+        if count and evaluation.shadow_of is None:
+            pipe.hincrby(self.stats_key, f"submitted:{evaluation.queue_system}", 1)
+            minute = f"{self.ns}:minute:{created_ms // 60000}"
+            pipe.hincrby(minute, "submitted", 1)
+            pipe.expire(minute, 7200)
         pipe.publish(self.events_channel, event)
         pipe.publish(f"{self.events_channel}:{evaluation.eval_id}", event)
         return fields
+
+    async def delete_in(self, pipe: aioredis.client.Pipeline, eval_id: str) -> None:
+        """Queue the removal of one evaluation, its timeline and its index entries on `pipe`."""
+        pipe.delete(self.key(eval_id), f"{self.key(eval_id)}:events")
+        for index in ("", *(f":{s}" for s in STATUSES)):
+            pipe.zrem(f"{self.ns}:evals{index}", eval_id)
 
     async def get(self, eval_id: str) -> dict[str, Any] | None:
         raw = await self.client.hgetall(self.key(eval_id))
@@ -299,26 +315,45 @@ class EvaluationStore:
                     backlog = [json.loads(message["data"])]
 
     async def list(
-        self, *, limit: int, offset: int, status: str | None = None
+        self,
+        *,
+        limit: int,
+        offset: int,
+        status: str | None = None,
+        language: str | None = None,
+        queue: str | None = None,
+        search: str | None = None,
     ) -> tuple[list[dict[str, Any]], int]:
-        """Newest first; returns one page and the total in that index."""
+        """Newest first; returns one page and the total that matches.
+
+        Status has its own index. Language, queue and id search filter the newest
+        `LIST_SCAN` evaluations of that index (recent history, which is what they serve).
+        """
         index = f"{self.ns}:evals:{status}" if status else f"{self.ns}:evals"
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zrevrange(index, offset, offset + limit - 1)
-            pipe.zcard(index)
-            ids, total = await pipe.execute()
+        if not (language or queue or search):
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.zrevrange(index, offset, offset + limit - 1)
+                pipe.zcard(index)
+                ids, total = await pipe.execute()
+            return await self._rows(ids), total
+        rows = await self._rows(await self.client.zrevrange(index, 0, LIST_SCAN - 1))
+        matching = [
+            r
+            for r in rows
+            if (not language or r["language"] == language)
+            and (not queue or r["queue"] == queue)
+            and (not search or search in r["id"])
+        ]
+        return matching[offset : offset + limit], len(matching)
+
+    async def _rows(self, ids: list[str]) -> list[dict[str, Any]]:
         if not ids:
-            return [], total
+            return []
         async with self.client.pipeline(transaction=False) as pipe:
             for eval_id in ids:
-                pipe.hmget(self.key(eval_id), ["id", "status", "created_at", "code", "language"])
+                pipe.hmget(self.key(eval_id), LIST_FIELDS)
             rows = await pipe.execute()
-        records = [
-            {"id": r[0], "status": r[1], "created_at": r[2], "code": r[3], "language": r[4]}
-            for r in rows
-            if r[0] is not None
-        ]
-        return records, total
+        return [dict(zip(LIST_FIELDS, r, strict=True)) for r in rows if r[0] is not None]
 
     async def cleanup(self, now: float | None = None) -> int:
         """Delete evaluations created before the retention window, with their indexes.
@@ -330,9 +365,7 @@ class EvaluationStore:
         while old := await self.client.zrangebyscore(f"{self.ns}:evals", 0, cutoff_ms, start=0, num=500):
             async with self.client.pipeline(transaction=True) as pipe:
                 for eval_id in old:
-                    pipe.delete(self.key(eval_id), f"{self.key(eval_id)}:events")
-                for index in ("", *(f":{s}" for s in STATUSES)):
-                    pipe.zrem(f"{self.ns}:evals{index}", *old)
+                    await self.delete_in(pipe, eval_id)
                 await pipe.execute()
             removed += len(old)
         return removed

@@ -9,11 +9,14 @@ counted in `{ns}:stats` as `fallback_to:<system>`.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -27,6 +30,9 @@ from app.migration import MigrationControl, legacy_pending_key, other, shadow_id
 from app.store import EvaluationStore, NewEvaluation
 
 log = structlog.get_logger(__name__)
+
+#: A submission whose WATCH keeps failing looks again this often before answering 409.
+WATCH_ATTEMPTS = 3
 
 
 @dataclass
@@ -69,26 +75,57 @@ class Submitter:
         self.enqueuer = AsyncEnqueuer(client, store.ns)
         self.legacy = legacy
         self.control = control
+        #: taken by the legacy deployment while our Redis was down; recorded once it is back
+        self.unrecorded: dict[str, tuple[NewEvaluation, bool]] = {}
+        self._shadows: set[asyncio.Task[None]] = set()
 
     async def submit(
         self, sub: Submission, level: str, source: str, *, system: str | None = None
     ) -> Accepted:
         """Record and enqueue `sub`; `system` forces a route, else the split chooses."""
         system = system or (await self.control.choose() if self.control else "dramatiq")
-        evaluation = self._evaluation(sub, level, source, system)
+        evaluation = NewEvaluation(
+            sub.eval_id, sub.code, sub.language, sub.timeout, level, sub.priority, {"source": source}, system
+        )
         if system == "legacy":
             accepted = await self._to_legacy(sub, evaluation)
         else:
             accepted = await self._to_dramatiq_or_legacy(sub, evaluation)
-        if self.control and source != "shadow" and await self.control.shadow_wanted():
-            await self._shadow(sub, level, accepted.queue_system)
+        if self.control and await self.control.shadow_wanted():
+            shadow = asyncio.create_task(self._shadow(sub, level, accepted.queue_system))
+            self._shadows.add(shadow)  # runs after the answer; kept referenced until done
+            shadow.add_done_callback(self._shadows.discard)
         return accepted
 
-    def _evaluation(self, sub: Submission, level: str, source: str, system: str) -> NewEvaluation:
-        metadata: dict[str, Any] = {"source": source}
-        return NewEvaluation(
-            sub.eval_id, sub.code, sub.language, sub.timeout, level, sub.priority, metadata, system
-        )
+    async def _record(
+        self,
+        evaluation: NewEvaluation,
+        add: Callable[[Pipeline], Awaitable[None]],
+        *,
+        count: bool = True,
+        announce: bool = True,
+    ) -> list[Any]:
+        """Write the new record and `add`'s commands in one MULTI; 409 if the eval_id exists.
+
+        A WATCH failure means the key changed or the connection dropped: look again (a
+        dropped connection then raises on the next WATCH, which callers treat as Redis down).
+        """
+        key = self.store.key(evaluation.eval_id)
+        for _ in range(WATCH_ATTEMPTS):
+            try:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    await pipe.watch(key)
+                    if await pipe.exists(key):
+                        raise _duplicate()
+                    if announce:
+                        await self.store.announce(evaluation)
+                    pipe.multi()
+                    self.store.write_new(pipe, evaluation, count=count)
+                    await add(pipe)
+                    return await pipe.execute()
+            except WatchError:
+                continue
+        raise _duplicate()
 
     # -- Dramatiq ------------------------------------------------------------------------
 
@@ -99,114 +136,134 @@ class Submitter:
             if self.legacy is None:
                 raise
             log.warning("migration.dramatiq_unavailable", eval_id=sub.eval_id, error=str(exc))
-            try:
-                await self.legacy.send(sub.eval_id, sub.code, sub.language, evaluation.level)
-            except LegacyUnavailable:
-                raise exc from None
-            await self._record_legacy_fallback(replace(evaluation, queue_system="legacy"))
+            await self._send_or_raise(exc, evaluation)
+            self._keep_unrecorded(replace(evaluation, queue_system="legacy"), fallback=True)
             return Accepted(sub.eval_id, "legacy", None, fallback=True)
 
     async def _to_dramatiq(self, sub: Submission, evaluation: NewEvaluation) -> Accepted:
         """Record and enqueue atomically; the position counts ready messages ahead of it."""
-        record_key = self.store.key(sub.eval_id)
         message = evaluation_message(sub.eval_id, sub.code, sub.language, sub.timeout, sub.stdin, sub.args)
         level = evaluation.level
-        try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                await pipe.watch(record_key)
-                if await pipe.exists(record_key):
-                    raise _duplicate()
-                await self.store.announce(evaluation)
-                pipe.multi()
-                self.store.write_new(pipe, evaluation)
-                await self.enqueuer.enqueue_in(pipe, message, level)
-                for lvl in LEVELS[: LEVELS.index(level) + 1]:
-                    pipe.llen(f"{self.ns}:queue:{lvl}")
-                results = await pipe.execute()
-        except WatchError:
-            raise _duplicate() from None
-        ahead = sum(results[-(LEVELS.index(level) + 1) :]) - 1
+        above = LEVELS[: LEVELS.index(level) + 1]
+
+        async def enqueue(pipe: Pipeline) -> None:
+            await self.enqueuer.enqueue_in(pipe, message, level)
+            for lvl in above:
+                pipe.llen(f"{self.ns}:queue:{lvl}")
+
+        results = await self._record(evaluation, enqueue)
         log.info("evaluation.queued", eval_id=sub.eval_id, level=level, language=sub.language)
-        return Accepted(sub.eval_id, "dramatiq", max(ahead, 0))
+        return Accepted(sub.eval_id, "dramatiq", max(sum(results[-len(above) :]) - 1, 0))
 
     # -- legacy Celery -------------------------------------------------------------------
 
-    async def _to_legacy(self, sub: Submission, evaluation: NewEvaluation) -> Accepted:
-        """Record first (tracked as legacy), then send; if sending fails, Dramatiq takes it."""
+    async def _to_legacy(
+        self, sub: Submission, evaluation: NewEvaluation, take_over: bool = True
+    ) -> Accepted:
+        """Record first (tracked as legacy), then send; if sending fails, Dramatiq takes it
+        (`take_over`), else LegacyUnavailable is raised."""
         if self.legacy is None:
             return await self._to_dramatiq(sub, evaluation)
-        record_key = self.store.key(sub.eval_id)
+
+        async def track(pipe: Pipeline) -> None:
+            pipe.sadd(legacy_pending_key(self.ns), sub.eval_id)
+
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                await pipe.watch(record_key)
-                if await pipe.exists(record_key):
-                    raise _duplicate()
-                await self.store.announce(evaluation)
-                pipe.multi()
-                self.store.write_new(pipe, evaluation)
-                pipe.sadd(legacy_pending_key(self.ns), sub.eval_id)
-                await pipe.execute()
-        except WatchError:
-            raise _duplicate() from None
+            await self._record(evaluation, track, count=False)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             # Our Redis is down but the legacy deployment is not: it still takes the work.
-            try:
-                await self.legacy.send(sub.eval_id, sub.code, sub.language, evaluation.level)
-            except LegacyUnavailable:
-                raise exc from None
-            log.error("migration.legacy_unrecorded", eval_id=sub.eval_id, error=str(exc))
+            await self._send_or_raise(exc, evaluation)
+            self._keep_unrecorded(evaluation, fallback=False)
             return Accepted(sub.eval_id, "legacy", None)
         try:
             await self.legacy.send(sub.eval_id, sub.code, sub.language, evaluation.level)
         except LegacyUnavailable as exc:
             log.warning("migration.legacy_unavailable", eval_id=sub.eval_id, error=str(exc))
-            position = await self._take_over_from_legacy(sub, evaluation.level)
+            if not take_over:
+                raise
+            position = await self._take_over_from_legacy(sub, evaluation)
             return Accepted(sub.eval_id, "dramatiq", position, fallback=True)
+        if evaluation.shadow_of is None:
+            await self.client.hincrby(self.store.stats_key, "submitted:legacy", 1)
         log.info("evaluation.sent_to_legacy", eval_id=sub.eval_id, level=evaluation.level)
         return Accepted(sub.eval_id, "legacy", None)
 
-    async def _take_over_from_legacy(self, sub: Submission, level: str) -> int:
+    async def _send_or_raise(self, redis_error: Exception, evaluation: NewEvaluation) -> None:
+        """Send to legacy while our Redis is down; if legacy fails too, the Redis error stands."""
+        assert self.legacy is not None
+        try:
+            await self.legacy.send(evaluation.eval_id, evaluation.code, evaluation.language, evaluation.level)
+        except LegacyUnavailable:
+            raise redis_error from None
+
+    async def _take_over_from_legacy(self, sub: Submission, evaluation: NewEvaluation) -> int:
         """Move a recorded legacy submission to Dramatiq in one transaction, and count it."""
         message = evaluation_message(sub.eval_id, sub.code, sub.language, sub.timeout, sub.stdin, sub.args)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(self.store.key(sub.eval_id), mapping={"queue_system": "dramatiq", "fallback": "1"})
             pipe.srem(legacy_pending_key(self.ns), sub.eval_id)
-            pipe.hincrby(self.store.stats_key, "submitted:legacy", -1)
             pipe.hincrby(self.store.stats_key, "submitted:dramatiq", 1)
             pipe.hincrby(self.store.stats_key, "fallback_to:dramatiq", 1)
-            await self.enqueuer.enqueue_in(pipe, message, level)
-            pipe.llen(f"{self.ns}:queue:{level}")
+            await self.enqueuer.enqueue_in(pipe, message, evaluation.level)
+            pipe.llen(f"{self.ns}:queue:{evaluation.level}")
             *_, length = await pipe.execute()
         return max(int(length) - 1, 0)
 
-    async def _record_legacy_fallback(self, evaluation: NewEvaluation) -> None:
-        """Our Redis failed, so legacy took it: record it if Redis answers again, else log it."""
-        try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                self.store.write_new(pipe, evaluation)
-                pipe.hset(self.store.key(evaluation.eval_id), "fallback", "1")
-                pipe.sadd(legacy_pending_key(self.ns), evaluation.eval_id)
-                pipe.hincrby(self.store.stats_key, "fallback_to:legacy", 1)
-                await pipe.execute()
-        except RedisError as exc:
-            log.error("migration.fallback_unrecorded", eval_id=evaluation.eval_id, error=str(exc))
+    def _keep_unrecorded(self, evaluation: NewEvaluation, fallback: bool) -> None:
+        log.error("migration.legacy_unrecorded", eval_id=evaluation.eval_id, fallback=fallback)
+        self.unrecorded[evaluation.eval_id] = (evaluation, fallback)
+
+    async def record_unrecorded(self) -> int:
+        """Record what legacy took while our Redis was down (the tracker calls this each tick).
+
+        Stops at the first Redis error (still down); a record that exists meanwhile (a reply
+        lost after a write that did happen) is left as it is. Returns how many were recorded.
+        """
+        recorded = 0
+        for eval_id, (evaluation, fallback) in list(self.unrecorded.items()):
+
+            async def track(pipe: Pipeline, fallback: bool = fallback, eval_id: str = eval_id) -> None:
+                pipe.sadd(legacy_pending_key(self.ns), eval_id)
+                pipe.hincrby(self.store.stats_key, "submitted:legacy", 1)
+                if fallback:
+                    pipe.hset(self.store.key(eval_id), "fallback", "1")
+                    pipe.hincrby(self.store.stats_key, "fallback_to:legacy", 1)
+
+            try:
+                await self._record(evaluation, track, count=False, announce=False)
+                recorded += 1
+            except RequestError:
+                pass
+            except RedisError:
+                return recorded
+            del self.unrecorded[eval_id]
+        return recorded
 
     # -- shadow runs ---------------------------------------------------------------------
 
     async def _shadow(self, sub: Submission, level: str, primary_system: str) -> None:
-        """Run a copy on the other system; the tracker compares the two outputs. Best effort."""
+        """Run a copy on the other system; the tracker compares the two outputs. Best effort:
+        a copy the other system cannot take is dropped, never run twice on one system."""
         copy = replace(sub, eval_id=shadow_id(sub.eval_id))
+        system = other(primary_system)
+        evaluation = NewEvaluation(copy.eval_id, copy.code, copy.language, copy.timeout, level, copy.priority,
+                                   {"source": "shadow"}, system, shadow_of=sub.eval_id)  # fmt: skip
         try:
-            evaluation = self._evaluation(copy, level, "shadow", other(primary_system))
-            evaluation.metadata["shadow_of"] = sub.eval_id
-            if evaluation.queue_system == "legacy":
-                accepted = await self._to_legacy(copy, evaluation)
+            if system == "legacy":
+                await self._to_legacy(copy, evaluation, take_over=False)
             else:
-                accepted = await self._to_dramatiq(copy, evaluation)
-            if accepted.queue_system != primary_system:
-                await self.client.sadd(shadow_pending_key(self.ns), sub.eval_id)
+                await self._to_dramatiq(copy, evaluation)
+            await self.client.sadd(shadow_pending_key(self.ns), sub.eval_id)
+        except LegacyUnavailable:
+            await self._forget(copy.eval_id)
         except (RequestError, RedisError) as exc:
             log.warning("migration.shadow_failed", eval_id=sub.eval_id, error=str(exc))
+
+    async def _forget(self, eval_id: str) -> None:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.srem(legacy_pending_key(self.ns), eval_id)
+            await self.store.delete_in(pipe, eval_id)
+            await pipe.execute()
 
 
 def _duplicate() -> RequestError:

@@ -12,6 +12,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 import middleware.retry_policy as policy
 from tests.conftest import Stack, stack_env, start_stack
 
@@ -43,7 +45,7 @@ def test_retry_config_exports_the_middlewares_own_objects() -> None:
     assert retry_config.calculate_retry_delay(2, "default", add_jitter=False) == 20
 
 
-def test_seed_readme_calls_work_unchanged(shared_stack: Stack) -> None:
+async def test_seed_readme_calls_work_unchanged(shared_stack: Stack, api: httpx.AsyncClient) -> None:
     prefix = f"shim-{uuid.uuid4().hex[:6]}"
     seen = run_client(shared_stack, "lifecycle", prefix)
 
@@ -51,6 +53,8 @@ def test_seed_readme_calls_work_unchanged(shared_stack: Stack) -> None:
                           "ready": True, "successful": True, "failed": False}  # fmt: skip
     assert seen["ok_result"]["status"] == "completed" and seen["ok_result"]["output"] == "Hello\n"
     assert seen["high_low_results"] == ["2\n", "3\n"]
+    assert (await api.get(f"/api/eval/{prefix}-high")).json()["queue"] == "high"  # queue="high_priority"
+    assert (await api.get(f"/api/eval/{prefix}-low")).json()["queue"] == "low"  # priority=1
 
     assert seen["bad_get_raises"] == "actors.celery_compat.EvaluationFailed"
     assert seen["bad_get_no_propagate"] == "EvaluationFailed"

