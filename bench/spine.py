@@ -18,6 +18,7 @@ import sys
 import time
 
 import httpx
+from tqdm import tqdm, trange
 
 HELLO = "print('hello world')"
 
@@ -48,10 +49,11 @@ async def burst(client: httpx.AsyncClient, count: int) -> tuple[float, float]:
 
     await asyncio.gather(*(post() for _ in range(count)))
     submitted = time.perf_counter() - started
-    while (done := await completed_total(client) - before) < count:
-        print(f"\r  burst: {done}/{count} completed", end="", file=sys.stderr, flush=True)
-        await asyncio.sleep(0.05)
-    print(file=sys.stderr)
+    with tqdm(total=count, desc="burst", unit="eval", file=sys.stderr) as bar:
+        while (done := await completed_total(client) - before) < count:
+            bar.update(done - bar.n)
+            await asyncio.sleep(0.05)
+        bar.update(count - bar.n)
     return submitted, time.perf_counter() - started
 
 
@@ -66,11 +68,7 @@ async def main() -> None:
     limits = httpx.Limits(max_connections=100)
     async with httpx.AsyncClient(base_url=args.api, timeout=120, limits=limits) as client:
         await one_latency(client)  # warm-up
-        latencies = []
-        for n in range(args.runs):
-            latencies.append(await one_latency(client))
-            print(f"\r  latency: {n + 1}/{args.runs}", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
+        latencies = [await one_latency(client) for _ in trange(args.runs, desc="latency", file=sys.stderr)]
         submitted, finished = await burst(client, args.burst)
     ms = sorted(x * 1000 for x in latencies)
     print(f"{'measure':<42}{'value':>12}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ import httpx
 
 from tests.conftest import stack_env, start_api
 from tests.helpers import submit, wait_final
-from tests.stack import process
+from tests.stack import ROOT, process
 
 
 async def poll(api: httpx.AsyncClient, path: str, ready: Any, seconds: float = 30) -> dict[str, Any]:
@@ -99,6 +100,12 @@ async def test_status_shows_workers_tasks_queues_and_a_worker_that_died(
                 )
                 >= 5
             )
+            # Every series the Grafana dashboard in deploy/ queries is one /metrics serves.
+            grafana = json.loads((ROOT / "deploy" / "grafana" / "crucible-dashboard.json").read_text())
+            exprs = [t["expr"] for p in grafana["panels"] for t in p["targets"]]
+            queried = {n for e in exprs for n in re.findall(r"crucible_\w+", e)}
+            served = set(re.findall(r"^(crucible_\w+)", metrics, re.M))
+            assert queried and queried <= served, queried - served
 
             # A worker killed outright stops publishing: shown as gone, health degraded.
             os.killpg(worker.pid, signal.SIGKILL)
