@@ -165,7 +165,15 @@ class PriorityBroker(Broker):
         tick = message.options.get(TICK_OPTION)
         if tick is None:
             self.dispatch("enqueue", *args)
-        elif not self.dispatch("enqueue_once", tick_key(message.actor_name, tick), TICK_MEMORY_MS, *args):
+            self.emit_after("enqueue", message, delay)
+            return message
+        try:
+            sent = self.dispatch("enqueue_once", tick_key(message.actor_name, tick), TICK_MEMORY_MS, *args)
+        except ConnectionClosed as exc:
+            # periodiq would die of it; the next tick covers this one (the actors are idempotent)
+            log.warning("scheduler.tick_lost", actor=message.actor_name, scheduled_at=tick, error=str(exc))
+            return message
+        if not sent:
             log.info("scheduler.tick_already_sent", actor=message.actor_name, scheduled_at=tick)
             return message
         self.emit_after("enqueue", message, delay)

@@ -15,6 +15,8 @@ from app.config import Settings
 
 #: A scheduler is shown as gone when silent this long.
 SCHEDULER_BEAT_S = 5
+#: A scheduler silent this long is no longer listed.
+FORGET_AFTER_S = 3600
 
 
 def schedulers_key(namespace: str) -> str:
@@ -27,9 +29,13 @@ def start_heartbeat(settings: Settings) -> threading.Thread:
     name = worker_name()
 
     def beat() -> None:
+        key = schedulers_key(settings.namespace)
         while True:
             try:
-                client.zadd(schedulers_key(settings.namespace), {name: int(time.time() * 1000)})
+                seconds, micros = client.time()  # Redis's clock, as the status page reads it
+                now_ms = seconds * 1000 + micros // 1000
+                client.zadd(key, {name: now_ms})
+                client.zremrangebyscore(key, 0, now_ms - FORGET_AFTER_S * 1000)
             except redis.RedisError:
                 pass  # shown as gone until Redis answers again
             time.sleep(SCHEDULER_BEAT_S)

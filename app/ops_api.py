@@ -20,8 +20,9 @@ from app.errors import RequestError
 from app.migration import SYSTEMS, migration_report
 from app.services import Services
 from app.status import SystemStatus
-from app.store import STATUSES, TERMINAL
+from app.store import HISTOGRAM_BOUNDS_MS, STATUSES, TERMINAL
 from app.validation import read_json_object, require_bool, require_number
+from middleware.retry_policy import RETRY_POLICIES
 
 HEALTH_TIMEOUT_S = 1.0
 
@@ -236,11 +237,10 @@ class OpsApi:
             if executor["online"]:
                 in_flight.add_metric([executor["url"]], executor["running"])
         retries = CounterMetricFamily("crucible_retries", "Retries scheduled, by policy", labels=["policy"])
-        for name, value in stats.items():
-            if name.startswith("retry:"):
-                retries.add_metric([name.split(":", 1)[1]], int(value))
+        for policy in RETRY_POLICIES:
+            retries.add_metric([policy], int(stats.get(f"retry:{policy}", 0)))
         histograms = [
-            await self._histogram("crucible_queue_wait_seconds", "Submission to first start", "wait_ms"),
+            await self._histogram("crucible_queue_wait_seconds", "Queued to started", "wait_ms"),
             await self._histogram("crucible_run_duration_seconds", "Run time in the sandbox", "run_ms"),
         ]
         return [queue, oldest, submitted, finished, by_language, fallbacks, latency, shadow, share, online,
@@ -249,16 +249,11 @@ class OpsApi:
     async def _histogram(self, name: str, documentation: str, key: str) -> HistogramMetricFamily:
         """A Prometheus histogram from the cumulative buckets transition.lua keeps (in ms)."""
         raw: dict[str, str] = await self.client.hgetall(f"{self.store.ns}:hist:{key}")
-        buckets = sorted(
-            ((k.removeprefix("le:"), int(v)) for k, v in raw.items() if k.startswith("le:")),
-            key=lambda b: float(b[0]),
-        )
-        if not buckets or buckets[-1][0] != "+Inf":
-            buckets.append(("+Inf", int(raw.get("count", 0))))
+        buckets = [(str(ms / 1000), int(raw.get(f"le:{ms}", 0))) for ms in HISTOGRAM_BOUNDS_MS]
         family = HistogramMetricFamily(name, documentation)
         family.add_metric(
             [],
-            buckets=[(b if b == "+Inf" else str(float(b) / 1000), n) for b, n in buckets],
+            buckets=[*buckets, ("+Inf", int(raw.get("count", 0)))],
             sum_value=float(raw.get("sum", 0)) / 1000,
         )
         return family

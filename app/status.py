@@ -5,6 +5,7 @@ One reader for the status endpoints, `/metrics` and the dashboard, so they agree
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from app.config import LEVELS, Settings
 from middleware.priority import LEVEL_OPTION
 from middleware.worker_stats import worker_key, workers_key
 
+EXECUTOR_TIMEOUT_S = 1.0
 _INT_FIELDS = ("pid", "concurrency", "active", "processed", "failed", "retried", "started_ms", "last_seen_ms")
 
 
@@ -29,9 +31,17 @@ class SystemStatus:
         self.ns = settings.namespace
         self.http = http
 
+    async def server_ms(self) -> float:
+        """Redis's clock: heartbeats are stamped with it, so no host's clock skew matters."""
+        seconds, micros = await self.client.time()
+        return seconds * 1000 + micros / 1000
+
     async def workers(self) -> list[dict[str, Any]]:
-        """Every worker process heard from in the last hour; `online` if within the heartbeat
-        timeout, with the evaluations it holds now."""
+        """Every worker process heard from in the last hour, with the evaluations it holds now.
+
+        `online` is the broker's own verdict: its heartbeat (Redis time) is within the timeout,
+        the same test that decides when a worker's messages are handed to others.
+        """
         ids = await self.client.zrange(workers_key(self.ns), 0, -1)
         if not ids:
             return []
@@ -39,10 +49,11 @@ class SystemStatus:
             for worker_id in ids:
                 pipe.hgetall(worker_key(self.ns, worker_id))
                 pipe.smembers(f"{self.ns}:acks:{worker_id}")
+                pipe.zscore(f"{self.ns}:heartbeats", worker_id)
             raw = await pipe.execute()
-        now_ms = time.time() * 1000
+        now_ms = await self.server_ms()
         workers = []
-        for record, held in zip(raw[::2], raw[1::2], strict=True):
+        for record, held, beat in zip(raw[::3], raw[1::3], raw[2::3], strict=True):
             if not record:
                 continue
             worker: dict[str, Any] = dict(record)
@@ -51,8 +62,9 @@ class SystemStatus:
             worker["load"] = float(worker.get("load") or 0)
             worker["queues"] = [q for q in worker.get("queues", "").split(",") if q]
             worker["actors"] = [a for a in worker.get("actors", "").split(",") if a]
-            worker["last_seen_s"] = round((now_ms - worker["last_seen_ms"]) / 1000, 1)
-            worker["online"] = now_ms - worker["last_seen_ms"] <= self.settings.heartbeat_timeout_ms
+            last_beat = beat if beat is not None else worker["last_seen_ms"]
+            worker["last_seen_s"] = round(max(0.0, now_ms - last_beat) / 1000, 1)
+            worker["online"] = beat is not None and now_ms - beat <= self.settings.heartbeat_timeout_ms
             worker["active_tasks"] = await self._task_ids(sorted(held)) if worker["online"] else []
             workers.append(worker)
         return sorted(workers, key=lambda w: (not w["online"], w["name"]))
@@ -113,7 +125,7 @@ class SystemStatus:
         return Message.decode(data.encode()).message_timestamp if data else None
 
     async def schedulers(self) -> list[dict[str, Any]]:
-        now_ms = time.time() * 1000
+        now_ms = await self.server_ms()
         beats = await self.client.zrange(schedulers_key(self.ns), 0, -1, withscores=True)
         return [
             {
@@ -128,18 +140,18 @@ class SystemStatus:
         return [json.loads(r) for r in await self.client.lrange(f"{self.ns}:scheduler:runs", 0, limit - 1)]
 
     async def executors(self) -> list[dict[str, Any]]:
-        """Each configured executor's health and runs in flight (asked now, 2 s each at most)."""
-        out = []
-        for url in self.settings.executor_urls:
-            try:
-                health = (await self.http.get(f"{url}/health", timeout=2)).json()
-                running = (await self.http.get(f"{url}/running", timeout=2)).json()
-                out.append({"url": url, "online": True, "running": running["count"],
-                            "capacity": running["capacity"],
-                            "limits_enforced_by": health.get("limits_enforced_by")})  # fmt: skip
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
-                out.append({"url": url, "online": False, "error": str(exc) or type(exc).__name__})
-        return out
+        """Each configured executor's health and runs in flight, asked in parallel (1 s at most)."""
+        return list(await asyncio.gather(*(self._executor(url) for url in self.settings.executor_urls)))
+
+    async def _executor(self, url: str) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(EXECUTOR_TIMEOUT_S):
+                health = (await self.http.get(f"{url}/health")).json()
+                running = (await self.http.get(f"{url}/running")).json()
+            return {"url": url, "online": True, "running": running["count"], "capacity": running["capacity"],
+                    "limits_enforced_by": health.get("limits_enforced_by")}  # fmt: skip
+        except (TimeoutError, httpx.HTTPError, ValueError, KeyError) as exc:
+            return {"url": url, "online": False, "error": str(exc) or type(exc).__name__}
 
 
 def _dead_level(raw_entry: str) -> str:

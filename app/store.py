@@ -46,8 +46,12 @@ CELERY_STATES: dict[str, str] = {
     "cancelled": "REVOKED",
 }
 
+#: Upper bounds (ms) of the latency, wait and run-time histograms kept by transition.lua.
+HISTOGRAM_BOUNDS_MS = (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+
 #: What a list row holds, and how many recent evaluations the list's filters look through.
 LIST_FIELDS = ("id", "status", "created_at", "code", "language", "queue", "queue_system")
+FILTER_FIELDS = ("id", "language", "queue")
 LIST_SCAN = 5000
 
 TRANSITION_LUA = (Path(__file__).parent / "lua" / "transition.lua").read_text()
@@ -129,6 +133,7 @@ class StatusChange:
             json.dumps(encoded),
             json.dumps(self.expect),
             "1" if self.status in TERMINAL else "0",
+            ",".join(map(str, HISTOGRAM_BOUNDS_MS)),
         ]
 
 
@@ -221,7 +226,8 @@ class EvaluationStore:
         event = json.dumps(
             {"eval_id": evaluation.eval_id, "status": "queued", "previous_status": None, "at_ms": created_ms}
         )
-        pipe.hset(self.key(evaluation.eval_id), mapping=fields)
+        at = str(created_ms)
+        pipe.hset(self.key(evaluation.eval_id), mapping={**fields, "submitted_at_ms": at, "queued_at_ms": at})
         pipe.zadd(f"{self.ns}:evals", {evaluation.eval_id: created_ms})
         pipe.zadd(f"{self.ns}:evals:queued", {evaluation.eval_id: created_ms})
         pipe.rpush(f"{self.key(evaluation.eval_id)}:events", event)
@@ -336,36 +342,44 @@ class EvaluationStore:
                 pipe.zcard(index)
                 ids, total = await pipe.execute()
             return await self._rows(ids), total
-        rows = await self._rows(await self.client.zrevrange(index, 0, LIST_SCAN - 1))
+        ids = await self.client.zrevrange(index, 0, LIST_SCAN - 1)
+        if search:
+            ids = [i for i in ids if search in i]
+        rows = await self._rows(ids, FILTER_FIELDS)  # no code: it may be large
         matching = [
-            r
+            r["id"]
             for r in rows
-            if (not language or r["language"] == language)
-            and (not queue or r["queue"] == queue)
-            and (not search or search in r["id"])
+            if (not language or r["language"] == language) and (not queue or r["queue"] == queue)
         ]
-        return matching[offset : offset + limit], len(matching)
+        return await self._rows(matching[offset : offset + limit]), len(matching)
 
-    async def _rows(self, ids: list[str]) -> list[dict[str, Any]]:
+    async def _rows(self, ids: list[str], fields: tuple[str, ...] = LIST_FIELDS) -> list[dict[str, Any]]:
         if not ids:
             return []
         async with self.client.pipeline(transaction=False) as pipe:
             for eval_id in ids:
-                pipe.hmget(self.key(eval_id), LIST_FIELDS)
+                pipe.hmget(self.key(eval_id), fields)
             rows = await pipe.execute()
-        return [dict(zip(LIST_FIELDS, r, strict=True)) for r in rows if r[0] is not None]
+        return [dict(zip(fields, r, strict=True)) for r in rows if r[0] is not None]
 
     async def cleanup(self, now: float | None = None) -> int:
-        """Delete evaluations created before the retention window, with their indexes.
+        """Delete finished evaluations created before the retention window, with their timelines
+        and index entries; queued or running ones stay, however old. Returns how many records
+        this call deleted.
 
-        Safe to run twice at once or again after a crash: every step is idempotent.
+        Safe to run twice at once or again after a crash: every step is idempotent, and
+        each record is counted by the one call whose DEL removed it.
         """
         cutoff_ms = int(((now or time.time()) - self.retention_seconds) * 1000)
         removed = 0
-        while old := await self.client.zrangebyscore(f"{self.ns}:evals", 0, cutoff_ms, start=0, num=500):
-            async with self.client.pipeline(transaction=True) as pipe:
-                for eval_id in old:
-                    await self.delete_in(pipe, eval_id)
-                await pipe.execute()
-            removed += len(old)
+        for status in TERMINAL:
+            index = f"{self.ns}:evals:{status}"
+            while old := await self.client.zrangebyscore(index, 0, cutoff_ms, start=0, num=500):
+                async with self.client.pipeline(transaction=True) as pipe:
+                    for eval_id in old:
+                        pipe.delete(self.key(eval_id))
+                        await self.delete_in(pipe, eval_id)
+                    results = await pipe.execute()
+                stride = len(results) // len(old)
+                removed += sum(1 for i in range(len(old)) if results[i * stride])
         return removed

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,25 +44,32 @@ async def submit_all(api: httpx.AsyncClient, args: argparse.Namespace) -> dict[s
     for path, body in zip(args.files, bodies, strict=True):
         answer = await api.post("/api/eval", json={**body, "priority": args.priority})
         if answer.status_code != 200:
-            print(f"{path}: refused: {answer.json().get('error')}", file=sys.stderr)
+            print(f"{path}: refused ({answer.status_code}): {answer.text[:200]}", file=sys.stderr)
             continue
         ids[answer.json()["eval_id"]] = path
     return ids
 
 
-async def wait_all(api: httpx.AsyncClient, ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Poll until every evaluation is final, with a progress bar on stderr."""
+async def wait_all(api: httpx.AsyncClient, ids: list[str], wait_s: float) -> dict[str, dict[str, Any]]:
+    """Poll until every evaluation is final (or `wait_s` passed), with a progress bar on stderr."""
     results: dict[str, dict[str, Any]] = {}
     gate = asyncio.Semaphore(16)
 
     async def look(eval_id: str) -> None:
         async with gate:
-            record = (await api.get(f"/api/eval/{eval_id}")).json()
-        if record.get("status") in TERMINAL:
-            results[eval_id] = record
+            answer = await api.get(f"/api/eval/{eval_id}")
+        if answer.status_code == 404:  # removed meanwhile (retention): nothing more to wait for
+            results[eval_id] = {"eval_id": eval_id, "status": "missing"}
+        elif answer.status_code == 200 and answer.json().get("status") in TERMINAL:
+            results[eval_id] = answer.json()
 
+    deadline = time.monotonic() + wait_s
     with tqdm(total=len(ids), unit="eval", desc="evaluations", file=sys.stderr) as bar:
         while len(results) < len(ids):
+            if time.monotonic() > deadline:
+                for eval_id in ids:
+                    results.setdefault(eval_id, {"eval_id": eval_id, "status": "not finished"})
+                break
             before = len(results)
             await asyncio.gather(*(look(i) for i in ids if i not in results))
             bar.update(len(results) - before)
@@ -82,7 +90,7 @@ def print_table(ids: dict[str, Path], results: dict[str, dict[str, Any]]) -> Non
 async def run(args: argparse.Namespace) -> int:
     async with httpx.AsyncClient(base_url=args.api, timeout=60) as api:
         ids = await submit_all(api, args)
-        results = await wait_all(api, list(ids))
+        results = await wait_all(api, list(ids), args.wait)
     if args.json:
         print(json.dumps([{"file": str(ids[i]), **results[i]} for i in ids], indent=2))
     else:
@@ -98,3 +106,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", action="store_true", help="send as batches (low queue)")
     parser.add_argument("--priority", action="store_true", help="high queue (not with --batch)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--wait", type=float, default=3600, help="give up waiting after this many seconds")

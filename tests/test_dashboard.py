@@ -58,7 +58,11 @@ async def test_the_dashboard_shows_and_steers_the_system(
     page: Page, redis_url: str, executor_url: str, namespace: str
 ) -> None:
     # The executor allows 60 s; this stack's API accepts 120 s, so a 90 s request dead-letters.
-    env = stack_env(redis_url, namespace, executor_url, CRUCIBLE_MAX_TIMEOUT="120")
+    # One worker slot, so a second evaluation waits (to be cancelled while queued).
+    env = stack_env(
+        redis_url, namespace, executor_url,
+        CRUCIBLE_MAX_TIMEOUT="120", CELERY_CONCURRENCY="1", CRUCIBLE_WORKER_THREADS="1",
+    )  # fmt: skip
     with ExitStack() as stack:
         s: Stack = start_stack(stack, "dashboard", env)
         port = free_port()
@@ -67,24 +71,44 @@ async def test_the_dashboard_shows_and_steers_the_system(
         wait_http(f"{board}/health")
         async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
             assert "Crucible" in (await api.get("/dashboard")).text  # also under the API
-            for n in range(3):
+            for n in range(2):
                 await wait_final(api, await submit(api, f"print({n})"))
+            hostile = await submit(api, "print('<img src=x onerror=\"window.pwned=1\">')")
+            await wait_final(api, hostile)
 
             # Overview: both worker processes online, three queues, charts with data.
             await page.goto(board)
             workers = page.get_by_test_id("workers").locator("tbody tr")
-            await expect(workers).to_have_count(2)
+            await expect(workers).to_have_count(1)
             await expect(workers.first).to_contain_text("online")
             await expect(page.get_by_test_id("queues").locator("tbody tr")).to_have_count(3)
             await expect(page.get_by_test_id("chart-throughput").locator("circle").first).to_be_attached()
             await expect(page.get_by_test_id("hour-summary")).to_contain_text("3 finished")
             await page.screenshot(path=SHOTS / "dashboard-overview.png", full_page=True)
 
-            # Evaluations: a new one shows up live; terminate it from its detail.
+            # Evaluations: hostile output is shown as text, never run as markup.
             await page.get_by_role("link", name="Evaluations").click()
+            await page.locator(f"tr[data-eval='{hostile}']").click()
+            await expect(page.get_by_test_id("detail-output")).to_contain_text(
+                '<img src=x onerror="window.pwned=1">'
+            )
+            assert await page.evaluate("window.pwned") is None
+            assert await page.locator("#detail img").count() == 0
+
+            # New ones show up live; cancel the waiting one, terminate the running one.
             slow = await submit(api, "import time; time.sleep(60)")
             row = page.locator(f"tr[data-eval='{slow}']")
             await expect(row).to_contain_text("running", timeout=10_000)
+            waiting = await submit(api, "print('never runs')")
+            await page.get_by_test_id("filter-status").select_option("queued")
+            await expect(page.get_by_test_id("evaluations").locator("tbody tr")).to_have_count(1)
+            await page.locator(f"tr[data-eval='{waiting}']").click()
+            await page.get_by_test_id("cancel").click()
+            await expect(page.get_by_test_id("action-result")).to_have_text(
+                "Task cancelled successfully (was pending in queue)"
+            )
+            await expect(page.locator("[data-field=status]")).to_have_text("cancelled")
+            await page.get_by_test_id("filter-status").select_option("")
             await row.click()
             await expect(page.get_by_test_id("detail-code")).to_have_text("import time; time.sleep(60)")
             await page.get_by_test_id("terminate").click()
@@ -97,6 +121,7 @@ async def test_the_dashboard_shows_and_steers_the_system(
             await expect(page.get_by_test_id("evaluations").locator("tbody tr")).to_have_count(1)
             await page.screenshot(path=SHOTS / "dashboard-evaluation.png", full_page=True)
             assert (await api.get(f"/api/eval/{slow}")).json()["status"] == "cancelled"
+            assert (await api.get(f"/api/eval/{waiting}")).json()["status"] == "cancelled"
 
             # Dead letters: detail with traceback, retry one, retry selected, delete.
             first, second, third = [await dead_letter(api) for _ in range(3)]

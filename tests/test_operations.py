@@ -100,6 +100,13 @@ async def test_status_shows_workers_tasks_queues_and_a_worker_that_died(
                 )
                 >= 5
             )
+            # Histograms: every bucket on every scrape, cumulative, ending in +Inf == count.
+            for histogram in ("crucible_run_duration_seconds", "crucible_queue_wait_seconds"):
+                buckets = re.findall(rf'^{histogram}_bucket{{le="([^"]+)"}} (\S+)$', metrics, re.M)
+                assert [le for le, _ in buckets][-1] == "+Inf" and len(buckets) == 13
+                counts = [float(n) for _, n in buckets]
+                assert counts == sorted(counts) and counts[-1] == metric(metrics, f"{histogram}_count")
+            assert metric(metrics, "crucible_retries_total", '{policy="default"}') == 0
             # Every series the Grafana dashboard in deploy/ queries is one /metrics serves.
             grafana = json.loads((ROOT / "deploy" / "grafana" / "crucible-dashboard.json").read_text())
             exprs = [t["expr"] for p in grafana["panels"] for t in p["targets"]]
@@ -110,5 +117,5 @@ async def test_status_shows_workers_tasks_queues_and_a_worker_that_died(
             # A worker killed outright stops publishing: shown as gone, health degraded.
             os.killpg(worker.pid, signal.SIGKILL)
             gone = await poll(api, "/api/celery-status", lambda b: not b["workers"], seconds=60)
-            assert gone["worker_stats"][name]["online"] is False
+            assert gone["worker_stats"][name]["online"] is False, gone["worker_stats"]
             assert (await api.get("/health")).json()["status"] == "degraded"

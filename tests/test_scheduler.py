@@ -40,26 +40,30 @@ def test_the_same_tick_from_two_schedulers_is_enqueued_once(redis_url: str, name
         second.client.close()
 
 
-async def plant(store: EvaluationStore, eval_id: str, age_ms: int) -> None:
+async def plant(store: EvaluationStore, eval_id: str, age_ms: int, status: str = "completed") -> None:
     async with store.client.pipeline(transaction=True) as pipe:
         store.write_new(pipe, NewEvaluation(eval_id, "print(1)", "python", 5, "default", False, {}))
         await pipe.execute()
+    if status != "queued":
+        await store.transition(eval_id, status, ("queued",))
     created = int(time.time() * 1000) - age_ms
     await store.client.zadd(f"{store.ns}:evals", {eval_id: created})
-    await store.client.zadd(f"{store.ns}:evals:queued", {eval_id: created})
+    await store.client.zadd(f"{store.ns}:evals:{status}", {eval_id: created})
 
 
 async def test_cleanup_is_idempotent_when_two_run_at_once(aredis: aioredis.Redis, namespace: str) -> None:
     store = EvaluationStore(aredis, namespace, retention_seconds=24 * 3600)
     for n in range(30):
-        await plant(store, f"old-{n}", 2 * DAY_MS)
+        await plant(store, f"old-{n}", 2 * DAY_MS, status=("completed", "failed", "cancelled")[n % 3])
     await plant(store, "fresh", 0)
+    await plant(store, "old-but-waiting", 2 * DAY_MS, status="queued")  # not finished: kept
     removed = await asyncio.gather(store.cleanup(), store.cleanup())
-    assert sum(removed) >= 30  # each id removed at least once; deleting twice is harmless
+    assert sum(removed) == 30  # each record counted once, by the call that deleted it
     assert await store.cleanup() == 0
     assert await store.get("old-0") is None and await store.events("old-0") == []
-    assert await aredis.zrange(f"{namespace}:evals", 0, -1) == ["fresh"]
-    assert await aredis.zrange(f"{namespace}:evals:queued", 0, -1) == ["fresh"]
+    assert sorted(await aredis.zrange(f"{namespace}:evals", 0, -1)) == ["fresh", "old-but-waiting"]
+    assert await aredis.zrange(f"{namespace}:evals:completed", 0, -1) == ["fresh"]
+    assert await store.get("old-but-waiting") is not None
 
 
 @pytest.mark.timeout(200)
@@ -69,6 +73,7 @@ async def test_two_running_schedulers_run_each_tick_once(
     store = EvaluationStore(aredis, namespace, retention_seconds=24 * 3600)
     await plant(store, "expired", 2 * DAY_MS)
     await plant(store, "recent", 0)
+    await plant(store, "stuck", 2 * DAY_MS, status="queued")
     await aredis.zadd(f"{namespace}:dlq", {"celery-ancient": time.time() * 1000 - 40 * DAY_MS})
     await aredis.hset(f"{namespace}:dlq:entries", "celery-ancient", json.dumps({"task_id": "celery-ancient"}))
 
@@ -96,4 +101,5 @@ async def test_two_running_schedulers_run_each_tick_once(
     first_cleanup = next(r for r in reversed(runs) if r["actor"] == "cleanup_old_evaluations")
     assert first_cleanup["removed"] == 1 and first_cleanup["dead_letters_removed"] == 1
     assert await store.get("expired") is None and await store.get("recent") is not None
+    assert (await store.get("stuck"))["status"] == "queued"
     assert await aredis.hget(f"{namespace}:dlq:entries", "celery-ancient") is None

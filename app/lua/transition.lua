@@ -1,7 +1,7 @@
 -- Move one evaluation to a new status, atomically, only from the statuses allowed.
 --
 -- transition(keys=[namespace], args=[eval_id, new_status, now_ms, allowed_from_csv, fields_json,
---                                   expect_json, final])
+--                                   expect_json, final, bucket_bounds_csv])
 -- allowed_from_csv lists statuses; "running+next_retry_at" allows "running" only while that
 -- field is set (non-empty). Fields given as "" are cleared. expect_json ({} for none) names
 -- fields that must hold exactly these values (a run's attempt token, so a superseded delivery
@@ -17,14 +17,16 @@
 -- $ns:stats            hash of counters ("final:<system>:<status>", "language:<lang>:<status>")
 -- $ns:latency:$system  list of the latest latencies in ms, newest first
 -- $ns:hist:wait_ms     histogram (cumulative "le:<ms>" fields, sum, count) of queue waits:
---                      created to first start
+--                      from entering the queue (queued_at_ms) to starting
 -- $ns:hist:run_ms      histogram of run times (the final change's runtime_ms)
+-- Latency is from submission (submitted_at_ms: creation, or a retry from the DLQ) to result.
 -- $ns:minute:$n        per minute n (ms / 60000): final statuses and a latency bucket each
 --                      ("lat:<ms>"), kept two hours, for rates and percentiles over the last hour
 -- channels $ns:events and $ns:events:$id   each change is published to both as JSON
 
 local LATENCY_SAMPLES = 1000
-local BUCKETS_MS = {10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000}
+local BUCKETS_MS = {}
+for bound in string.gmatch(ARGV[8], "[^,]+") do BUCKETS_MS[#BUCKETS_MS + 1] = tonumber(bound) end
 
 local function observe(hist, value)
     for _, bound in ipairs(BUCKETS_MS) do
@@ -84,23 +86,30 @@ redis.call("zadd", ns .. ":evals:" .. new_status, created, eval_id)
 
 -- Shadow copies (runs compared across systems while migrating) stay out of every counter.
 local counted = not redis.call("hget", record, "shadow_of")
-local since_created = math.max(0, tonumber(now) - tonumber(created))
+local function since(field)
+    local at = tonumber(redis.call("hget", record, field)) or tonumber(created)
+    return math.max(0, tonumber(now) - at)
+end
+local since_submitted = since("submitted_at_ms")
 if counted and new_status == "running" and current == "queued" then
-    observe(ns .. ":hist:wait_ms", since_created)
+    observe(ns .. ":hist:wait_ms", since("queued_at_ms"))
+end
+if new_status == "queued" then
+    redis.call("hset", record, "queued_at_ms", now)
 end
 if counted and ARGV[7] == "1" then
     local system = redis.call("hget", record, "queue_system") or "dramatiq"
     local language = redis.call("hget", record, "language") or "unknown"
     redis.call("hincrby", ns .. ":stats", "final:" .. system .. ":" .. new_status, 1)
     redis.call("hincrby", ns .. ":stats", "language:" .. language .. ":" .. new_status, 1)
-    redis.call("lpush", ns .. ":latency:" .. system, since_created)
+    redis.call("lpush", ns .. ":latency:" .. system, since_submitted)
     redis.call("ltrim", ns .. ":latency:" .. system, 0, LATENCY_SAMPLES - 1)
     if tonumber(fields["runtime_ms"]) then
         observe(ns .. ":hist:run_ms", tonumber(fields["runtime_ms"]))
     end
     local minute = ns .. ":minute:" .. math.floor(tonumber(now) / 60000)
     redis.call("hincrby", minute, new_status, 1)
-    redis.call("hincrby", minute, "lat:" .. bucket(since_created), 1)
+    redis.call("hincrby", minute, "lat:" .. bucket(since_submitted), 1)
     redis.call("expire", minute, 7200)
 end
 

@@ -29,9 +29,9 @@ function showTab(tab) {
 function renderWorkers(status) {
   const rows = Object.values(status.worker_stats).map((w) => `
     <tr class="${w.online ? "" : "offline"}" data-worker="${esc(w.name)}">
-      <td>${esc(w.name)}</td><td>${esc(w.host)}</td><td>${w.pid}</td><td>${esc(w.queues.join(", "))}</td>
-      <td>${w.concurrency}</td><td>${w.active}</td><td>${w.processed}</td><td>${w.failed}</td>
-      <td>${w.retried}</td><td>${ago(w.last_seen_s)}</td><td>${w.load}</td>
+      <td>${esc(w.name)}</td><td>${esc(w.host)}</td><td>${esc(w.pid)}</td><td>${esc(w.queues.join(", "))}</td>
+      <td>${esc(w.concurrency)}</td><td>${esc(w.active)}</td><td>${esc(w.processed)}</td><td>${esc(w.failed)}</td>
+      <td>${esc(w.retried)}</td><td>${esc(ago(w.last_seen_s))}</td><td>${esc(w.load)}</td>
       <td>${w.online ? "online" : "gone"}</td></tr>`);
   $("[data-testid=workers] tbody").innerHTML = rows.join("") || '<tr><td colspan="12">no workers</td></tr>';
 }
@@ -127,7 +127,7 @@ async function refreshDetail() {
   $("#detail-error").textContent = e.error ?? "";
   $("#detail-timeline").innerHTML = timeline.events.map((t) =>
     `<li>${new Date(t.at_ms).toLocaleTimeString()} — ${esc(t.previous_status ?? "new")} → <b>${esc(t.status)}</b>` +
-    `${t.worker ? ` on ${esc(t.worker)}` : ""}${t.retries ? ` (retry ${t.retries})` : ""}</li>`).join("");
+    `${t.worker ? ` on ${esc(t.worker)}` : ""}${t.retries ? ` (retry ${esc(t.retries)})` : ""}</li>`).join("");
   const open = e.status === "queued" || e.status === "running";
   $("#cancel").disabled = !open;
   $("#terminate").disabled = e.status !== "running";
@@ -151,7 +151,7 @@ async function refreshDeadLetters() {
   $("#dlq-stats").textContent = `${stats.queue_size} dead letters` + (breakdown ? ` — by exception: ${breakdown}` : "");
   $("[data-testid=dead-letters] tbody").innerHTML = page.tasks.map((t) => `
     <tr data-task="${esc(t.task_id)}"><td><input type="checkbox" data-check="${esc(t.task_id)}" ${state.checked.has(t.task_id) ? "checked" : ""}></td>
-      <td>${esc(t.task_id)}</td><td>${esc(t.exception_class)}</td><td>${esc(t.exception_message)}</td><td>${t.retry_count ?? 0}</td>
+      <td>${esc(t.task_id)}</td><td>${esc(t.exception_class)}</td><td>${esc(t.exception_message)}</td><td>${esc(t.retry_count ?? 0)}</td>
       <td>${time(t.last_failure_time)}</td>
       <td><button data-retry="${esc(t.task_id)}">Retry</button> <button data-delete="${esc(t.task_id)}">Delete</button></td></tr>`)
     .join("") || '<tr><td colspan="7">the dead-letter queue is empty</td></tr>';
