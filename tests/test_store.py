@@ -40,21 +40,27 @@ async def test_status_index_follows_the_record(aredis: aioredis.Redis, namespace
     assert [r["id"] for r in running] == ["b"]
 
 
-async def test_cleanup_removes_only_expired_evaluations_and_is_idempotent(
+async def test_cleanup_removes_only_expired_finished_evaluations_and_is_idempotent(
     aredis: aioredis.Redis, namespace: str
 ) -> None:
     store = EvaluationStore(aredis, namespace, retention_seconds=3600)
-    await create(store, "old")
-    await store.transition("old", "running", ("queued",))
-    await aredis.zadd(f"{namespace}:evals", {"old": (time.time() - 7200) * 1000})
+    two_hours_ago = (time.time() - 7200) * 1000
+    for eval_id, status in (("old", "completed"), ("old-running", "running")):
+        await create(store, eval_id)
+        await store.transition(eval_id, "running", ("queued",))
+        if status == "completed":
+            await store.transition(eval_id, "completed", ("running",))
+        await aredis.zadd(f"{namespace}:evals", {eval_id: two_hours_ago})
+        await aredis.zadd(f"{namespace}:evals:{status}", {eval_id: two_hours_ago})
     await create(store, "new")
     assert await store.cleanup() == 1
     assert await store.cleanup() == 0
     assert await store.get("old") is None and await store.events("old") == []
     assert await store.get("new") is not None
+    assert (await store.get("old-running"))["status"] == "running"  # unfinished work is never removed
     everything, total = await store.list(limit=10, offset=0)
-    assert [r["id"] for r in everything] == ["new"] and total == 1
-    assert await aredis.zcard(f"{namespace}:evals:running") == 0
+    assert [r["id"] for r in everything] == ["new", "old-running"] and total == 2
+    assert await aredis.zcard(f"{namespace}:evals:completed") == 0
 
 
 async def test_only_the_current_attempt_may_write_the_result(aredis: aioredis.Redis, namespace: str) -> None:
