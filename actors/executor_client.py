@@ -10,6 +10,8 @@ from typing import Any
 import httpx
 import structlog
 
+from app.auth import executor_headers
+
 log = structlog.get_logger(__name__)
 
 #: How long an executor that refused a connection is left out of the rotation.
@@ -36,11 +38,12 @@ class ExecutorHTTPError(Exception):
 class ExecutorPool:
     """Round-robin over `urls`; a connection failure marks that executor down for a while."""
 
-    def __init__(self, urls: tuple[str, ...], client: httpx.AsyncClient) -> None:
+    def __init__(self, urls: tuple[str, ...], client: httpx.AsyncClient, secret: str | None = None) -> None:
         if not urls:
             raise ValueError("EXECUTOR_SERVICE_URL names no executor")
         self.urls = urls
         self.client = client
+        self.headers = executor_headers(secret)
         self._next = itertools.cycle(range(len(urls)))
         self._down_until: dict[str, float] = {}
 
@@ -66,7 +69,9 @@ class ExecutorPool:
             unreachable: list[str] = []
             for url in self._rotation():
                 try:
-                    response = await self.client.post(f"{url}/execute", json=payload, timeout=timeout)
+                    response = await self.client.post(
+                        f"{url}/execute", json=payload, timeout=timeout, headers=self.headers
+                    )
                 except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                     self._down_until[url] = time.monotonic() + DOWN_SECONDS
                     log.warning("executor.down", executor=url, error=str(exc))
@@ -95,7 +100,9 @@ class ExecutorPool:
         """
         params = {"attempt_only": "true"} if attempt_only else {}
         try:
-            response = await self.client.post(f"{url}/kill/{eval_id}", params=params, timeout=0.8)
+            response = await self.client.post(
+                f"{url}/kill/{eval_id}", params=params, timeout=0.8, headers=self.headers
+            )
             return response.status_code == 200 and response.json().get("killed") is True
         except (httpx.HTTPError, ValueError) as exc:
             log.warning("executor.kill_failed", executor=url, eval_id=eval_id, error=str(exc))

@@ -52,7 +52,9 @@ def runtime() -> Runtime:
         store = EvaluationStore(
             client, settings.namespace, retention_seconds=settings.retention_seconds, forwarder=forwarder
         )
-        _runtime = Runtime(client, http, store, ExecutorPool(settings.executor_urls, http))
+        _runtime = Runtime(
+            client, http, store, ExecutorPool(settings.executor_urls, http, settings.executor_secret)
+        )
     return _runtime
 
 

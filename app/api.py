@@ -17,16 +17,21 @@ from typing import Any
 
 import structlog
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from app.auth import ApiKeyBackend, auth_failed, caller
 from app.config import LEVELS, Settings, get_settings
 from app.dashboard import dashboard_routes, root_redirect
 from app.dlq import NotInDLQ, NotRetryable, public_entry
 from app.errors import RequestError, install_error_handlers
+from app.keys import PRIORITY_TIERS, ApiKey
 from app.logs import configure_logging
 from app.migration import MigrationTracker
+from app.openapi import openapi_schema
 from app.ops_api import OpsApi
 from app.routing import delegate
 from app.services import Services
@@ -101,7 +106,11 @@ class Api:
         self.canceller = services.canceller
         self.dlq = services.dlq
         self.control = services.control
+        self.limiter = services.limiter
         self.languages = sorted(registry(self.settings.python_path))
+
+    async def openapi(self, request: Request) -> JSONResponse:
+        return JSONResponse(openapi_schema(self.settings, self.languages))
 
     # -- input ---------------------------------------------------------------------------
 
@@ -124,9 +133,21 @@ class Api:
 
     # -- submission ----------------------------------------------------------------------
 
+    def _submitter_key(self, request: Request, wants_priority: bool) -> ApiKey:
+        key = caller(request)
+        assert key is not None  # routes for submissions need the `user` scope
+        if wants_priority and key.tier not in PRIORITY_TIERS:
+            raise RequestError(
+                403, "priority (the high queue) needs a premium or admin key", field="priority", tier=key.tier
+            )
+        return key
+
     async def submit(self, request: Request) -> JSONResponse:
         sub = self.parse_submission(await read_json_object(request))
-        accepted = await self.submitter.submit(sub, "high" if sub.priority else "default", "api")
+        key = self._submitter_key(request, sub.priority)
+        allowance = await self.limiter.take(key, 1)
+        level = "high" if sub.priority else "default"
+        accepted = await self.submitter.submit(sub, level, "api", owner=key.id)
         return JSONResponse(
             {
                 "eval_id": sub.eval_id,
@@ -136,7 +157,8 @@ class Api:
                 "queue_position": accepted.queue_position,
                 "queue_system": accepted.queue_system,
                 "fallback": accepted.fallback,
-            }
+            },
+            headers=allowance.headers(),
         )
 
     async def submit_batch(self, request: Request) -> JSONResponse:
@@ -146,13 +168,15 @@ class Api:
             raise RequestError(422, "field 'evaluations' must be a non-empty list", field="evaluations")
         if len(items) > MAX_BATCH:
             raise RequestError(413, f"at most {MAX_BATCH} evaluations per batch", field="evaluations")
+        key = self._submitter_key(request, wants_priority=False)  # batches go to the low queue
+        allowance = await self.limiter.take(key, len(items))
         results: list[dict[str, Any]] = []
         for index, item in enumerate(items):
             try:
                 if not isinstance(item, dict):
                     raise RequestError(422, "each evaluation must be a JSON object")
                 sub = self.parse_submission(item)
-                accepted = await self.submitter.submit(sub, "low", "batch")
+                accepted = await self.submitter.submit(sub, "low", "batch", owner=key.id)
                 results.append(
                     {"eval_id": sub.eval_id, "status": "queued", "queue_system": accepted.queue_system}
                 )
@@ -160,23 +184,30 @@ class Api:
                 results.append({"index": index, "status": "failed", "error": exc.message, **exc.details})
         queued = sum(r["status"] == "queued" for r in results)
         return JSONResponse(
-            {"evaluations": results, "total": len(items), "queued": queued, "failed": len(items) - queued}
+            {"evaluations": results, "total": len(items), "queued": queued, "failed": len(items) - queued},
+            headers=allowance.headers(),
         )
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def get_evaluation(self, request: Request) -> JSONResponse:
+    async def visible(self, request: Request) -> dict[str, Any]:
+        """The path's evaluation if the caller may see it: its own, or any for admin keys.
+
+        Someone else's is "not found", exactly like one that does not exist.
+        """
         eval_id = request.path_params["eval_id"]
         record = await self.store.get(eval_id)
-        if record is None:
+        key = caller(request)
+        if record is None or key is None or not (key.is_admin or record.get("owner") == key.id):
             raise RequestError(404, "evaluation not found", eval_id=eval_id)
-        return JSONResponse(public_view(record))
+        return record
+
+    async def get_evaluation(self, request: Request) -> JSONResponse:
+        return JSONResponse(public_view(await self.visible(request)))
 
     async def follow_evaluation(self, request: Request) -> StreamingResponse:
         """Server-sent events: one `status` event per change, closing after the final one."""
-        eval_id = request.path_params["eval_id"]
-        if not await self.client.exists(self.store.key(eval_id)):
-            raise RequestError(404, "evaluation not found", eval_id=eval_id)
+        eval_id = (await self.visible(request))["id"]
 
         async def stream() -> AsyncIterator[str]:
             async for event in self.store.follow(eval_id):
@@ -187,7 +218,7 @@ class Api:
         )
 
     async def cancel(self, request: Request) -> JSONResponse:
-        eval_id = request.path_params["eval_id"]
+        eval_id = (await self.visible(request))["id"]
         terminate = _query_bool(request.query_params.get("terminate"), "terminate")
         outcome = await self.canceller.cancel(eval_id, terminate)
         if outcome is None:
@@ -268,6 +299,8 @@ class Api:
         status = params.get("status") or None
         if status is not None and status not in STATUSES:
             raise RequestError(422, f"unknown status {status!r}", field="status", known=list(STATUSES))
+        key = caller(request)
+        assert key is not None
         queue = params.get("queue") or None
         if queue is not None and queue not in LEVELS:
             raise RequestError(422, f"unknown queue {queue!r}", field="queue", known=list(LEVELS))
@@ -278,6 +311,7 @@ class Api:
             language=params.get("language") or None,
             queue=queue,
             search=params.get("q") or None,
+            owner=None if key.is_admin else key.id,  # a key lists its own; admin lists all
         )
         rows = [
             {
@@ -307,9 +341,7 @@ class Api:
 
     async def timeline(self, request: Request) -> JSONResponse:
         """Every status change of one evaluation, oldest first (with worker, retries...)."""
-        eval_id = request.path_params["eval_id"]
-        if not await self.client.exists(self.store.key(eval_id)):
-            raise RequestError(404, "evaluation not found", eval_id=eval_id)
+        eval_id = (await self.visible(request))["id"]
         return JSONResponse({"eval_id": eval_id, "events": await self.store.events(eval_id)})
 
 
@@ -347,6 +379,7 @@ def create_app(settings: Settings | None = None, extra_routes: Sequence[BaseRout
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         services = Services.build(settings)
+        app.state.keys = services.keys
         app.state.api = Api(services)
         app.state.ops = OpsApi(services)
         tracker = (
@@ -362,7 +395,9 @@ def create_app(settings: Settings | None = None, extra_routes: Sequence[BaseRout
             await services.close()
 
     app = Starlette(
+        # Every route needs a live API key ("user") unless it says otherwise; see app/auth.py.
         routes=[
+            Route("/openapi.json", delegate("api", "openapi")),
             Route("/api/eval", delegate("api", "submit"), methods=["POST"]),
             Route("/api/eval-batch", delegate("api", "submit_batch"), methods=["POST"]),
             Route("/api/eval/{eval_id}", delegate("api", "get_evaluation")),
@@ -371,24 +406,37 @@ def create_app(settings: Settings | None = None, extra_routes: Sequence[BaseRout
             Route("/api/eval/{eval_id}/timeline", delegate("api", "timeline")),
             Route("/api/eval/{eval_id}/cancel", delegate("api", "cancel"), methods=["POST"]),
             Route("/api/evaluations", delegate("api", "list_evaluations")),
-            Route("/api/dlq/tasks", delegate("api", "dlq_list")),
-            Route("/api/dlq/statistics", delegate("api", "dlq_statistics")),
-            Route("/api/dlq/tasks/retry-batch", delegate("api", "dlq_retry_batch"), methods=["POST"]),
-            Route("/api/dlq/tasks/{task_id}", delegate("api", "dlq_get")),
-            Route("/api/dlq/tasks/{task_id}", delegate("api", "dlq_delete"), methods=["DELETE"]),
-            Route("/api/dlq/tasks/{task_id}/retry", delegate("api", "dlq_retry"), methods=["POST"]),
-            Route("/api/migration-status", delegate("ops", "migration_status")),
-            Route("/api/migration", delegate("ops", "change_migration"), methods=["PUT"]),
-            Route("/api/celery-status", delegate("ops", "celery_status")),
-            Route("/api/queue-status", delegate("ops", "queue_status")),
-            Route("/metrics", delegate("ops", "metrics")),
-            Route("/api/rates", delegate("ops", "rates")),
+            Route("/api/dlq/tasks", delegate("api", "dlq_list", scope="admin")),
+            Route("/api/dlq/statistics", delegate("api", "dlq_statistics", scope="admin")),
+            Route(
+                "/api/dlq/tasks/retry-batch",
+                delegate("api", "dlq_retry_batch", scope="admin"),
+                methods=["POST"],
+            ),
+            Route("/api/dlq/tasks/{task_id}", delegate("api", "dlq_get", scope="admin")),
+            Route(
+                "/api/dlq/tasks/{task_id}", delegate("api", "dlq_delete", scope="admin"), methods=["DELETE"]
+            ),
+            Route(
+                "/api/dlq/tasks/{task_id}/retry",
+                delegate("api", "dlq_retry", scope="admin"),
+                methods=["POST"],
+            ),
+            Route("/api/migration-status", delegate("ops", "migration_status", scope="admin")),
+            Route("/api/migration", delegate("ops", "change_migration", scope="admin"), methods=["PUT"]),
+            Route("/api/celery-status", delegate("ops", "celery_status", scope="admin")),
+            Route("/api/queue-status", delegate("ops", "queue_status", scope="admin")),
+            Route("/metrics", delegate("ops", "metrics", scope="metrics")),
+            Route("/api/rates", delegate("ops", "rates", scope="admin")),
             *dashboard_routes(),
             *extra_routes,
-            Route("/health", delegate("ops", "health")),
+            Route("/health", delegate("ops", "health", scope=None)),
             Route("/api/health", delegate("ops", "health")),
         ],
         lifespan=lifespan,
+        middleware=[
+            Middleware(AuthenticationMiddleware, backend=ApiKeyBackend(settings), on_error=auth_failed)
+        ],
     )
     install_error_handlers(app)
     return app

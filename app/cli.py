@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from app.config import get_settings
+from app.config import Settings, get_settings
 from app.logs import configure_logging
 
 #: How long a worker process waits for its running evaluations on shutdown.
@@ -106,6 +107,45 @@ def run_scheduler(args: argparse.Namespace) -> int:
     return scheduler.run(s)
 
 
+def run_keys(args: argparse.Namespace) -> int:
+    """`crucible keys create|list|revoke`: API keys in this deployment's Redis."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from app.keys import InvalidKeyRequest, KeyStore
+    from app.redis_client import async_client
+
+    s = get_settings()
+
+    def when(ms: int | None) -> str:
+        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M") if ms else "-"
+
+    async def act() -> None:
+        client = async_client(s.redis_url_or_default)
+        try:
+            keys = KeyStore(client, s.namespace)
+            if args.action == "create":
+                record, secret = await keys.create(args.name, args.tier)
+                print(f"created key {record.id} ({record.tier}) for {record.name!r}; it is shown only now:")
+                print(secret)
+            elif args.action == "revoke":
+                record = await keys.revoke(args.key_id)
+                print(f"revoked key {record.id} ({record.name!r})")
+            else:
+                print(f"{'id':<10}{'tier':<10}{'created':<18}{'revoked':<18}name")
+                for k in await keys.list():
+                    print(f"{k.id:<10}{k.tier:<10}{when(k.created_ms):<18}{when(k.revoked_ms):<18}{k.name}")
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(act())
+    except InvalidKeyRequest as exc:
+        print(f"crucible keys: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run_submit(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -180,6 +220,9 @@ def run_up(args: argparse.Namespace) -> int:
                 print("embedded Valkey did not start", file=sys.stderr)
                 return 1
             env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        # Workers and executor share a secret; made per run unless the environment gives one.
+        env.setdefault("EXECUTOR_SECRET", secrets.token_urlsafe(32))
+        admin_key = ensure_admin_key(env.get("REDIS_URL") or s.redis_url_or_default, s)
         start("executor", [*me, "executor"])
         start("api", [*me, "api"])
         start("worker", [*me, "worker"])
@@ -197,7 +240,9 @@ def run_up(args: argparse.Namespace) -> int:
             f"  scheduler  cleanup '{s.cleanup_cron}', DLQ monitor '{s.dlq_monitor_cron}'\n"
             f"  redis      {env.get('REDIS_URL') or s.redis_url}"
             + (f"  (embedded, data in {s.data_dir / 'valkey'})" if s.redis_url is None else "")
-            + ("\n" if ready else "\n  (some piece did not answer its health check: see the logs above)\n")
+            + f"\n  admin key  {admin_key}\n"
+            + "             (as 'Authorization: Bearer <key>' or 'X-API-Key'; the dashboard asks for it)\n"
+            + ("" if ready else "  (some piece did not answer its health check: see the logs above)\n")
             + "Press Ctrl-C to stop.\n",
             flush=True,
         )
@@ -206,6 +251,34 @@ def run_up(args: argparse.Namespace) -> int:
         return 0 if stopping.is_set() else 1
     finally:
         _stop_children(children)
+
+
+def ensure_admin_key(redis_url: str, settings: Settings) -> str:
+    """Development mode: make an admin key on first start, keep it in the data folder (0600),
+    and return it so `crucible up` can print it. Later starts print the same key."""
+    import asyncio
+
+    from app.keys import KeyStore
+    from app.redis_client import async_client
+
+    path = settings.data_dir / "admin.key"
+
+    async def make() -> str:
+        client = async_client(redis_url)
+        try:
+            keys = KeyStore(client, settings.namespace)
+            if path.exists() and await keys.lookup(path.read_text().strip()):
+                return path.read_text().strip()
+            _, secret = await keys.create("dev-admin (crucible up)", "admin")
+            return secret
+        finally:
+            await client.aclose()
+
+    key = asyncio.run(make())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return key
 
 
 def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
@@ -240,7 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("dashboard", help="run the dashboard on DASHBOARD_PORT (5555)")
     redis_cmd = commands.add_parser("embedded-redis", help="run an embedded Valkey in the foreground")
     redis_cmd.add_argument("--port", type=int, default=6399)
+    from app.keys import TIERS
     from app.submit_cli import add_arguments
+
+    keys = commands.add_parser("keys", help="create, list or revoke API keys").add_subparsers(
+        dest="action", required=True
+    )
+    create = keys.add_parser("create", help="make a key (shown once)")
+    create.add_argument("--name", required=True, help="who or what uses it")
+    create.add_argument("--tier", choices=TIERS, default="standard")
+    keys.add_parser("list", help="every key: id, tier, created, revoked, name")
+    keys.add_parser("revoke", help="stop a key at once").add_argument("key_id")
 
     add_arguments(commands.add_parser("submit", help="submit files and wait for them, with a progress bar"))
     migration = commands.add_parser(
@@ -294,6 +377,7 @@ HANDLERS = {
     "scheduler": run_scheduler,
     "dashboard": run_dashboard,
     "submit": run_submit,
+    "keys": run_keys,
     "embedded-redis": run_embedded_redis,
 }
 

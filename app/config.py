@@ -6,6 +6,7 @@ documents the same names. Nothing else in the code reads `os.environ` for settin
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -85,6 +86,27 @@ def _levels(raw: str) -> tuple[str, ...]:
     return tuple(level for level in LEVELS if level in wanted)
 
 
+#: Per tier: submissions per second (refill), burst (bucket size), evaluations queued or running.
+DEFAULT_RATE_LIMITS: dict[str, dict[str, float]] = {
+    "standard": {"per_second": 2, "burst": 20, "max_active": 20},
+    "premium": {"per_second": 10, "burst": 100, "max_active": 200},
+    "admin": {"per_second": 100, "burst": 1000, "max_active": 10000},
+}
+
+
+def _rate_limits(raw: str | None) -> dict[str, dict[str, float]]:
+    """`CRUCIBLE_RATE_LIMITS` JSON merged over the defaults, e.g. {"standard": {"burst": 50}}."""
+    limits = {tier: dict(values) for tier, values in DEFAULT_RATE_LIMITS.items()}
+    if raw:
+        try:
+            given = json.loads(raw)
+            for tier, values in given.items():
+                limits[tier].update({k: float(v) for k, v in values.items() if k in limits[tier]})
+        except (ValueError, KeyError, AttributeError, TypeError) as exc:
+            raise ConfigError(f"CRUCIBLE_RATE_LIMITS is not valid: {exc}") from None
+    return limits
+
+
 @dataclass(frozen=True)
 class Settings:
     """A snapshot of the environment; build one with `Settings.from_env()`."""
@@ -123,6 +145,10 @@ class Settings:
     sandbox_cgroups: str
     max_stdin_bytes: int
     retry_overrides: str | None
+    admin_key: str | None
+    metrics_token: str | None
+    executor_secret: str | None
+    rate_limits: dict[str, dict[str, float]]
     cleanup_cron: str
     dlq_monitor_cron: str
     dlq_warning_threshold: int
@@ -173,6 +199,10 @@ class Settings:
             sandbox_cgroups=_choice("SANDBOX_CGROUPS", "auto", ("auto", "off", "required")),
             max_stdin_bytes=_int("CRUCIBLE_MAX_STDIN_BYTES", 1024 * 1024),
             retry_overrides=os.environ.get("CRUCIBLE_RETRY_POLICIES") or None,
+            admin_key=os.environ.get("CRUCIBLE_ADMIN_KEY") or None,
+            metrics_token=os.environ.get("CRUCIBLE_METRICS_TOKEN") or None,
+            executor_secret=os.environ.get("EXECUTOR_SECRET") or None,
+            rate_limits=_rate_limits(os.environ.get("CRUCIBLE_RATE_LIMITS")),
             cleanup_cron=_str("CRUCIBLE_CLEANUP_CRON", "0 * * * *"),
             dlq_monitor_cron=_str("CRUCIBLE_DLQ_MONITOR_CRON", "*/15 * * * *"),
             dlq_warning_threshold=_int("CRUCIBLE_DLQ_WARNING_THRESHOLD", 100),

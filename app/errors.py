@@ -15,10 +15,13 @@ log = structlog.get_logger(__name__)
 class RequestError(Exception):
     """A request the service refuses; becomes a 4xx JSON response naming the problem."""
 
-    def __init__(self, status: int, error: str, **details: object) -> None:
+    def __init__(
+        self, status: int, error: str, headers: dict[str, str] | None = None, **details: object
+    ) -> None:
         super().__init__(error)
         self.status = status
         self.message = error
+        self.headers = headers or {}
         self.details = details
 
 
@@ -32,7 +35,9 @@ def error_response(status: int, error: str, **details: object) -> JSONResponse:
 
 async def _request_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestError)
-    return error_response(exc.status, exc.message, **exc.details)
+    response = error_response(exc.status, exc.message, **exc.details)
+    response.headers.update(exc.headers)
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

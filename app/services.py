@@ -12,8 +12,10 @@ from actors.executor_client import ExecutorPool
 from app.cancellation import Canceller
 from app.config import Settings
 from app.dlq import AsyncDeadLetterQueue
+from app.keys import KeyStore
 from app.legacy import LegacyCelery
 from app.migration import MigrationControl
+from app.ratelimit import RateLimiter
 from app.redis_client import async_client
 from app.store import EvaluationStore, StatusForwarder
 from app.submission import Submitter
@@ -31,6 +33,8 @@ class Services:
     dlq: AsyncDeadLetterQueue
     control: MigrationControl
     legacy: LegacyCelery | None
+    keys: KeyStore
+    limiter: RateLimiter
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -48,7 +52,7 @@ class Services:
             )
         control = MigrationControl(client, settings, legacy_configured=legacy is not None)
         enqueuer = AsyncEnqueuer(client, settings.namespace)
-        executors = ExecutorPool(settings.executor_urls, http)
+        executors = ExecutorPool(settings.executor_urls, http, settings.executor_secret)
         return cls(
             settings=settings,
             client=client,
@@ -60,6 +64,8 @@ class Services:
             dlq=AsyncDeadLetterQueue(client, settings.namespace, store),
             control=control,
             legacy=legacy,
+            keys=KeyStore(client, settings.namespace),
+            limiter=RateLimiter(client, settings.namespace, settings.rate_limits),
         )
 
     async def close(self) -> None:

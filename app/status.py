@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from dramatiq.message import Message
 
 from actors.scheduler import SCHEDULER_BEAT_S, schedulers_key
+from app.auth import executor_headers
 from app.config import LEVELS, Settings
 from middleware.priority import LEVEL_OPTION
 from middleware.worker_stats import worker_key, workers_key
@@ -30,6 +31,7 @@ class SystemStatus:
         self.settings = settings
         self.ns = settings.namespace
         self.http = http
+        self.headers = executor_headers(settings.executor_secret)
 
     async def server_ms(self) -> float:
         """Redis's clock: heartbeats are stamped with it, so no host's clock skew matters."""
@@ -147,7 +149,7 @@ class SystemStatus:
         try:
             async with asyncio.timeout(EXECUTOR_TIMEOUT_S):
                 health = (await self.http.get(f"{url}/health")).json()
-                running = (await self.http.get(f"{url}/running")).json()
+                running = (await self.http.get(f"{url}/running", headers=self.headers)).json()
             return {"url": url, "online": True, "running": running["count"], "capacity": running["capacity"],
                     "limits_enforced_by": health.get("limits_enforced_by")}  # fmt: skip
         except (TimeoutError, httpx.HTTPError, ValueError, KeyError) as exc:

@@ -51,7 +51,7 @@ HISTOGRAM_BOUNDS_MS = (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000
 
 #: What a list row holds, and how many recent evaluations the list's filters look through.
 LIST_FIELDS = ("id", "status", "created_at", "code", "language", "queue", "queue_system")
-FILTER_FIELDS = ("id", "language", "queue")
+FILTER_FIELDS = ("id", "language", "queue", "status")
 LIST_SCAN = 5000
 
 TRANSITION_LUA = (Path(__file__).parent / "lua" / "transition.lua").read_text()
@@ -152,24 +152,30 @@ class NewEvaluation:
     queue_system: str = "dramatiq"
     #: set on a shadow copy: the evaluation it copies (kept out of the split's counters)
     shadow_of: str | None = None
+    #: the API key that submitted it (None: the Celery shim or a direct message)
+    owner: str | None = None
     created_at: str = field(default_factory=utc_now)
 
     def fields(self) -> dict[str, str]:
-        return {
-            "id": self.eval_id,
-            "task_id": task_id_of(self.eval_id),
-            "code": self.code,
-            "code_bytes": _encode(len(self.code.encode())),
-            "language": self.language,
-            "status": "queued",
-            "created_at": self.created_at,
-            "timeout": _encode(self.timeout),
-            "queue": self.level,
-            "priority": _encode(self.priority),
-            "metadata": _encode(self.metadata),
-            "retries": "0",
-            "queue_system": self.queue_system,
-        } | ({"shadow_of": self.shadow_of} if self.shadow_of else {})
+        return (
+            {
+                "id": self.eval_id,
+                "task_id": task_id_of(self.eval_id),
+                "code": self.code,
+                "code_bytes": _encode(len(self.code.encode())),
+                "language": self.language,
+                "status": "queued",
+                "created_at": self.created_at,
+                "timeout": _encode(self.timeout),
+                "queue": self.level,
+                "priority": _encode(self.priority),
+                "metadata": _encode(self.metadata),
+                "retries": "0",
+                "queue_system": self.queue_system,
+            }
+            | ({"shadow_of": self.shadow_of} if self.shadow_of else {})
+            | ({"owner": self.owner} if self.owner else {})
+        )
 
 
 class StatusForwarder:
@@ -207,6 +213,10 @@ class EvaluationStore:
     def key(self, eval_id: str) -> str:
         return f"{self.ns}:eval:{eval_id}"
 
+    def owner_index(self, owner: str) -> str:
+        """zset eval id -> created (ms): one API key's evaluations."""
+        return f"{self.ns}:evals:owner:{owner}"
+
     @property
     def stats_key(self) -> str:
         """Counters kept across processes: submissions and final statuses by system and language."""
@@ -230,6 +240,9 @@ class EvaluationStore:
         pipe.hset(self.key(evaluation.eval_id), mapping={**fields, "submitted_at_ms": at, "queued_at_ms": at})
         pipe.zadd(f"{self.ns}:evals", {evaluation.eval_id: created_ms})
         pipe.zadd(f"{self.ns}:evals:queued", {evaluation.eval_id: created_ms})
+        if evaluation.owner:
+            pipe.zadd(self.owner_index(evaluation.owner), {evaluation.eval_id: created_ms})
+            pipe.sadd(f"{self.ns}:active:{evaluation.owner}", evaluation.eval_id)
         pipe.rpush(f"{self.key(evaluation.eval_id)}:events", event)
         if count and evaluation.shadow_of is None:
             pipe.hincrby(self.stats_key, f"submitted:{evaluation.queue_system}", 1)
@@ -240,11 +253,13 @@ class EvaluationStore:
         pipe.publish(f"{self.events_channel}:{evaluation.eval_id}", event)
         return fields
 
-    async def delete_in(self, pipe: aioredis.client.Pipeline, eval_id: str) -> None:
+    async def delete_in(self, pipe: aioredis.client.Pipeline, eval_id: str, owner: str | None = None) -> None:
         """Queue the removal of one evaluation, its timeline and its index entries on `pipe`."""
         pipe.delete(self.key(eval_id), f"{self.key(eval_id)}:events")
         for index in ("", *(f":{s}" for s in STATUSES)):
             pipe.zrem(f"{self.ns}:evals{index}", eval_id)
+        if owner:
+            pipe.zrem(self.owner_index(owner), eval_id)
 
     async def get(self, eval_id: str) -> dict[str, Any] | None:
         raw = await self.client.hgetall(self.key(eval_id))
@@ -329,6 +344,7 @@ class EvaluationStore:
         language: str | None = None,
         queue: str | None = None,
         search: str | None = None,
+        owner: str | None = None,
     ) -> tuple[list[dict[str, Any]], int]:
         """Newest first; returns one page and the total that matches.
 
@@ -336,7 +352,9 @@ class EvaluationStore:
         `LIST_SCAN` evaluations of that index (recent history, which is what they serve).
         """
         index = f"{self.ns}:evals:{status}" if status else f"{self.ns}:evals"
-        if not (language or queue or search):
+        if owner:  # one key's own evaluations: its index, the status then filtered like the rest
+            index = self.owner_index(owner)
+        elif not (language or queue or search):
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.zrevrange(index, offset, offset + limit - 1)
                 pipe.zcard(index)
@@ -349,7 +367,9 @@ class EvaluationStore:
         matching = [
             r["id"]
             for r in rows
-            if (not language or r["language"] == language) and (not queue or r["queue"] == queue)
+            if (not language or r["language"] == language)
+            and (not queue or r["queue"] == queue)
+            and (not owner or not status or r["status"] == status)
         ]
         return await self._rows(matching[offset : offset + limit]), len(matching)
 
@@ -375,10 +395,14 @@ class EvaluationStore:
         for status in TERMINAL:
             index = f"{self.ns}:evals:{status}"
             while old := await self.client.zrangebyscore(index, 0, cutoff_ms, start=0, num=500):
-                async with self.client.pipeline(transaction=True) as pipe:
+                async with self.client.pipeline(transaction=False) as pipe:
                     for eval_id in old:
+                        pipe.hget(self.key(eval_id), "owner")
+                    owners = await pipe.execute()
+                async with self.client.pipeline(transaction=True) as pipe:
+                    for eval_id, owner in zip(old, owners, strict=True):
                         pipe.delete(self.key(eval_id))
-                        await self.delete_in(pipe, eval_id)
+                        await self.delete_in(pipe, eval_id, owner)
                     results = await pipe.execute()
                 stride = len(results) // len(old)
                 removed += sum(1 for i in range(len(old)) if results[i * stride])

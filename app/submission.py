@@ -80,13 +80,15 @@ class Submitter:
         self._shadows: set[asyncio.Task[None]] = set()
 
     async def submit(
-        self, sub: Submission, level: str, source: str, *, system: str | None = None
+        self, sub: Submission, level: str, source: str, *, system: str | None = None, owner: str | None = None
     ) -> Accepted:
-        """Record and enqueue `sub`; `system` forces a route, else the split chooses."""
+        """Record and enqueue `sub` for `owner` (an API key id); `system` forces a route, else
+        the split chooses."""
         system = system or (await self.control.choose() if self.control else "dramatiq")
         evaluation = NewEvaluation(
-            sub.eval_id, sub.code, sub.language, sub.timeout, level, sub.priority, {"source": source}, system
-        )
+            sub.eval_id, sub.code, sub.language, sub.timeout, level, sub.priority, {"source": source}, system,
+            owner=owner,
+        )  # fmt: skip
         if system == "legacy":
             accepted = await self._to_legacy(sub, evaluation)
         else:

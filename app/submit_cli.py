@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,7 +89,8 @@ def print_table(ids: dict[str, Path], results: dict[str, dict[str, Any]]) -> Non
 
 
 async def run(args: argparse.Namespace) -> int:
-    async with httpx.AsyncClient(base_url=args.api, timeout=60) as api:
+    headers = {"x-api-key": args.api_key} if args.api_key else {}
+    async with httpx.AsyncClient(base_url=args.api, timeout=60, headers=headers) as api:
         ids = await submit_all(api, args)
         results = await wait_all(api, list(ids), args.wait)
     if args.json:
@@ -101,6 +103,9 @@ async def run(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", type=Path, help="source files, one evaluation each")
     parser.add_argument("--api", default="http://127.0.0.1:8080", help="the API's base URL")
+    parser.add_argument(
+        "--api-key", default=os.environ.get("CRUCIBLE_API_KEY"), help="API key (default: $CRUCIBLE_API_KEY)"
+    )
     parser.add_argument("--language", default="python")
     parser.add_argument("--timeout", type=float, default=30)
     parser.add_argument("--batch", action="store_true", help="send as batches (low queue)")

@@ -21,7 +21,10 @@ MAX_ARG_BYTES = 4096
 
 
 async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
-    """The body parsed as JSON, or a 4xx saying why not."""
+    """The body parsed as JSON, or a 4xx saying why not (a declared non-JSON type: 415)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        raise RequestError(415, "request body must be JSON (Content-Type: application/json)")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise RequestError(413, f"request body over {max_bytes} bytes")

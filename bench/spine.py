@@ -62,11 +62,13 @@ async def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--api", default="http://127.0.0.1:8080")
+    parser.add_argument("--api-key", required=True, help="an admin key (crucible up prints one)")
     parser.add_argument("--runs", type=int, default=100, help="sequential runs for latency")
     parser.add_argument("--burst", type=int, default=500, help="submissions sent at once")
     args = parser.parse_args()
     limits = httpx.Limits(max_connections=100)
-    async with httpx.AsyncClient(base_url=args.api, timeout=120, limits=limits) as client:
+    headers = {"x-api-key": args.api_key}
+    async with httpx.AsyncClient(base_url=args.api, timeout=120, limits=limits, headers=headers) as client:
         await one_latency(client)  # warm-up
         latencies = [await one_latency(client) for _ in trange(args.runs, desc="latency", file=sys.stderr)]
         submitted, finished = await burst(client, args.burst)

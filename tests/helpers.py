@@ -13,6 +13,24 @@ from app.store import TERMINAL as STORE_TERMINAL
 
 TERMINAL = set(STORE_TERMINAL)
 
+#: Every process the tests start inherits these (tests/conftest.py puts them in the environment):
+#: an admin key the API accepts without storing it, and the executor's shared secret.
+TEST_ADMIN_KEY = "cru_testadmin_" + uuid.uuid4().hex
+EXECUTOR_SECRET = "crucible-test-secret-" + uuid.uuid4().hex
+
+
+def api_client(url: str, key: str | None = TEST_ADMIN_KEY, **options: Any) -> httpx.AsyncClient:
+    """A client of an API, sending `key` (the test admin key unless told otherwise)."""
+    headers = {"x-api-key": key} if key else {}
+    return httpx.AsyncClient(base_url=url, timeout=30, headers=headers, **options)
+
+
+def executor_client(url: str, **options: Any) -> httpx.AsyncClient:
+    """A client of an executor, holding its shared secret (as workers do)."""
+    return httpx.AsyncClient(
+        base_url=url, timeout=60, headers={"authorization": f"Bearer {EXECUTOR_SECRET}"}, **options
+    )
+
 
 async def submit(api: httpx.AsyncClient, code: str, **fields: Any) -> str:
     response = await api.post("/api/eval", json={"code": code, **fields})

@@ -36,6 +36,7 @@ def evaluate_code(eval_id: str, code: str, language: str = "python") -> dict[str
     response = httpx.post(
         f"{os.environ['EXECUTOR_SERVICE_URL']}/execute",
         json={"eval_id": f"legacy-{eval_id}", "code": code, "language": language, "timeout": 30},
+        headers={"authorization": f"Bearer {os.environ['EXECUTOR_SECRET']}"},
         timeout=60,
     )
     response.raise_for_status()

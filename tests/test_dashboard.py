@@ -16,7 +16,7 @@ import pytest
 from playwright.async_api import Page, async_playwright, expect
 
 from tests.conftest import Stack, stack_env, start_stack
-from tests.helpers import submit, wait_final
+from tests.helpers import TEST_ADMIN_KEY, api_client, submit, wait_final
 from tests.stack import ROOT, free_port, process, wait_http
 
 SHOTS = ROOT / "test-artifacts" / "screenshots"
@@ -69,15 +69,18 @@ async def test_the_dashboard_shows_and_steers_the_system(
         stack.enter_context(process("dashboard", "dashboard", {**s.env, "DASHBOARD_PORT": str(port)}))
         board = f"http://127.0.0.1:{port}"
         wait_http(f"{board}/health")
-        async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
+        async with api_client(s.api_url) as api:
             assert "Crucible" in (await api.get("/dashboard")).text  # also under the API
             for n in range(2):
                 await wait_final(api, await submit(api, f"print({n})"))
             hostile = await submit(api, "print('<img src=x onerror=\"window.pwned=1\">')")
             await wait_final(api, hostile)
 
-            # Overview: both worker processes online, three queues, charts with data.
+            # Without a key the page shows nothing but the request for one.
             await page.goto(board)
+            await expect(page.get_by_test_id("updated")).to_contain_text("API key is required")
+            await page.get_by_test_id("key").fill(TEST_ADMIN_KEY)
+            await page.get_by_test_id("use-key").click()
             workers = page.get_by_test_id("workers").locator("tbody tr")
             await expect(workers).to_have_count(1)
             await expect(workers.first).to_contain_text("online")

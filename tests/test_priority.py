@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import stack_env, start_stack
-from tests.helpers import submit, wait_final
+from tests.helpers import api_client, submit, wait_final
 
 
 async def wait_running(api: httpx.AsyncClient, eval_id: str) -> None:
@@ -33,7 +33,7 @@ async def test_high_submitted_last_starts_next_and_default_before_low(
     )
     with ExitStack() as stack:
         s = start_stack(stack, f"priority-{processes}x{threads}", env)
-        async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as api:
+        async with api_client(s.api_url) as api:
             # One blocker ends first; the others hold their slots until the backlog has drained
             # through that one slot, so start times show the order in which it fetched.
             slots = processes * threads

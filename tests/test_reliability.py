@@ -12,7 +12,7 @@ from contextlib import ExitStack, asynccontextmanager
 import httpx
 
 from tests.conftest import Stack, stack_env, start_stack
-from tests.helpers import TERMINAL, submit, wait_final
+from tests.helpers import TERMINAL, api_client, executor_client, submit, wait_final
 from tests.stack import LOG_DIR, free_port, process, wait_http
 
 FAST_NETWORK_RETRIES = json.dumps({"network_error": {"base_delay": 0.5, "max_delay": 1, "max_retries": 2}})
@@ -23,7 +23,7 @@ async def stack_and_client(
     stack: ExitStack, name: str, env: dict[str, str]
 ) -> AsyncIterator[httpx.AsyncClient]:
     s: Stack = start_stack(stack, name, env)
-    async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as client:
+    async with api_client(s.api_url) as client:
         yield client
 
 
@@ -147,7 +147,7 @@ async def test_cancel_each_state_with_the_contracts_answers(
     with ExitStack() as stack:
         async with (
             stack_and_client(stack, "cancel", env) as api,
-            httpx.AsyncClient(base_url=executor_url) as ex,
+            executor_client(executor_url) as ex,
         ):
             running = await submit(api, "import time; time.sleep(30)")
             await wait_for(api, running, lambda b: b["status"] == "running")

@@ -8,6 +8,7 @@ import uuid
 import httpx
 
 from tests.helpers import execute as run
+from tests.helpers import executor_client
 
 
 async def test_no_network_at_all(executor: httpx.AsyncClient, redis_url: str) -> None:
@@ -128,7 +129,7 @@ async def test_a_full_executor_says_busy_at_once() -> None:
     with process("executor-one-slot", "executor", env):
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health")
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        async with executor_client(url) as client:
             long = asyncio.create_task(run(client, "import time; time.sleep(1.5)"))
             await asyncio.sleep(0.5)
             busy = await client.post("/execute", json={"eval_id": "second", "code": "print(1)"})
@@ -144,7 +145,7 @@ async def test_a_sandbox_that_cannot_start_is_an_internal_error_not_the_submissi
     env = {"EXECUTOR_PORT": str(port), "SANDBOX_TMPFS_MB": "-1"}  # bwrap refuses this size
     with process("executor-broken", "executor", env):
         wait_http(f"http://127.0.0.1:{port}/health")
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        async with executor_client(f"http://127.0.0.1:{port}") as client:
             response = await client.post("/execute", json={"eval_id": "x", "code": "print(1)"})
     assert response.status_code == 500
     assert response.json()["error"] == "the sandbox failed to start; the submission was not run"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Stack
+from tests.helpers import TEST_ADMIN_KEY
 
 
 @pytest.mark.parametrize("mode", [[], ["--batch"]])
@@ -20,7 +21,8 @@ def test_submit_waits_for_every_file_with_a_progress_bar(
     for n, code in enumerate(["print('one')", "print('two')", "raise SystemExit(3)"]):
         files.append(tmp_path / f"prog{n}.py")
         files[-1].write_text(code)
-    argv = [sys.executable, "-m", "app.cli", "submit", *map(str, files), "--api", shared_stack.api_url]
+    argv = [sys.executable, "-m", "app.cli", "submit", *map(str, files), "--api", shared_stack.api_url,
+            "--api-key", TEST_ADMIN_KEY]  # fmt: skip
     done = subprocess.run([*argv, "--json", *mode], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr  # one program failed
     results = {Path(r["file"]).name: r for r in json.loads(done.stdout)}

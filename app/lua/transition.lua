@@ -97,6 +97,13 @@ end
 if new_status == "queued" then
     redis.call("hset", record, "queued_at_ms", now)
 end
+-- $ns:active:$owner: the submitting key's evaluations that are queued or running (its quota)
+local owner = redis.call("hget", record, "owner")
+if owner and ARGV[7] == "1" then
+    redis.call("srem", ns .. ":active:" .. owner, eval_id)
+elseif owner and new_status == "queued" then
+    redis.call("sadd", ns .. ":active:" .. owner, eval_id)
+end
 if counted and ARGV[7] == "1" then
     local system = redis.call("hget", record, "queue_system") or "dramatiq"
     local language = redis.call("hget", record, "language") or "unknown"

@@ -10,8 +10,12 @@ const esc = (value) => String(value ?? "").replace(/[&<>"']/g, (c) =>
 const ago = (seconds) => (seconds == null ? "–" : seconds < 60 ? `${seconds}s ago` : `${Math.round(seconds / 60)}m ago`);
 const time = (iso) => (iso ? new Date(iso).toLocaleTimeString() : "–");
 
+// Every piece of data needs an admin key; it is kept for this tab only (sessionStorage).
+const KEY_SLOT = "crucible-admin-key";
+
 async function api(path, options = {}) {
-  const response = await fetch(path, { headers: { "content-type": "application/json" }, ...options });
+  const headers = { "content-type": "application/json", "x-api-key": sessionStorage.getItem(KEY_SLOT) || "" };
+  const response = await fetch(path, { headers, ...options });
   const body = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(body.error || `${response.status}`);
   return body;
@@ -216,6 +220,12 @@ $("#dlq-retry-selected").addEventListener("click", () => {
   deadLetterAction("/api/dlq/tasks/retry-batch", "POST", ids);
 });
 $("#filters").addEventListener("input", () => refresh());
+$("#key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY_SLOT, $("#key").value.trim());
+  $("#key").value = "";
+  refresh();
+});
 $("#filters").addEventListener("submit", (event) => event.preventDefault());
 window.addEventListener("hashchange", () => showTab(location.hash.slice(1) || "overview"));
 

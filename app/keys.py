@@ -1,0 +1,91 @@
+"""API keys: created once (shown once), stored hashed in Redis, with a tier each.
+
+A key looks like `cru_<id>_<secret>`; Redis holds only the SHA-256 of the whole key (keys
+are 256-bit random, so a fast hash is enough: there is nothing to brute-force) and the key's
+public record (id, name, tier, times). Revoking deletes the hash, so the key stops working
+at once in every API process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass
+
+import redis.asyncio as aioredis
+
+TIERS = ("standard", "premium", "admin")
+#: Tiers whose `priority: true` submissions go to the high queue.
+PRIORITY_TIERS = ("premium", "admin")
+
+
+class InvalidKeyRequest(ValueError):
+    """A key operation that cannot be done (unknown tier, unknown id)."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    tier: str
+    created_ms: int
+    revoked_ms: int | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.tier == "admin"
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+        self.client = client
+        self.records = f"{namespace}:keys"
+        self.hashes = f"{namespace}:keyhash"
+
+    async def create(self, name: str, tier: str) -> tuple[ApiKey, str]:
+        """A new key and its secret form, which is not stored and cannot be shown again."""
+        if tier not in TIERS:
+            raise InvalidKeyRequest(f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}")
+        key_id = secrets.token_hex(4)
+        secret = f"cru_{key_id}_{secrets.token_urlsafe(32)}"
+        record = ApiKey(key_id, name, tier, int(time.time() * 1000))
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.records, key_id, json.dumps(asdict(record)))
+            pipe.hset(self.hashes, digest(secret), key_id)
+            await pipe.execute()
+        return record, secret
+
+    async def lookup(self, secret: str) -> ApiKey | None:
+        """The live key this secret belongs to, or None."""
+        key_id = await self.client.hget(self.hashes, digest(secret))
+        if key_id is None:
+            return None
+        raw = await self.client.hget(self.records, key_id)
+        record = ApiKey(**json.loads(raw)) if raw else None
+        return record if record and record.revoked_ms is None else None
+
+    async def list(self) -> list[ApiKey]:
+        records = [ApiKey(**json.loads(raw)) for raw in (await self.client.hgetall(self.records)).values()]
+        return sorted(records, key=lambda k: k.created_ms)
+
+    async def revoke(self, key_id: str) -> ApiKey:
+        raw = await self.client.hget(self.records, key_id)
+        if raw is None:
+            raise InvalidKeyRequest(f"no key with id {key_id!r}")
+        record = ApiKey(**{**json.loads(raw), "revoked_ms": int(time.time() * 1000)})
+        stale = [h for h, k in (await self.client.hgetall(self.hashes)).items() if k == key_id]
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.records, key_id, json.dumps(asdict(record)))
+            if stale:
+                pipe.hdel(self.hashes, *stale)
+            await pipe.execute()
+        return record
+
+    async def has_admin(self) -> bool:
+        return any(k.is_admin and k.revoked_ms is None for k in await self.list())

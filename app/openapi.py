@@ -1,0 +1,208 @@
+"""The API's OpenAPI 3 description, served at `/openapi.json` and fuzzed by the test suite.
+
+Written by hand, next to the validation it describes (`app/validation.py`, `Api.parse_submission`):
+the test suite runs schemathesis against a live API with it, so a 5xx or an answer that does
+not match what is written here fails the build.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.config import LEVELS, Settings
+from app.store import STATUSES
+
+ERROR = {
+    "type": "object",
+    "required": ["error", "details"],
+    "properties": {"error": {"type": "string"}, "details": {"type": "object"}},
+}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _answers(ok: dict[str, Any], *errors: int) -> dict[str, Any]:
+    """200 with `ok`, then the error statuses, each with the error shape."""
+    out: dict[str, Any] = {"200": {"description": "done", "content": _json(ok)}}
+    for status in (401, 429, 503, *errors):
+        out[str(status)] = {"description": "refused", "content": _json(ERROR)}
+    return out
+
+
+def _eval_id_param() -> dict[str, Any]:
+    return {"name": "eval_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def openapi_schema(settings: Settings, languages: list[str]) -> dict[str, Any]:
+    submission = {
+        "type": "object",
+        "required": ["code"],
+        "properties": {
+            "code": {"type": "string", "minLength": 1, "maxLength": settings.max_code_bytes},
+            "language": {"type": "string", "enum": languages, "default": "python"},
+            "timeout": {"type": "number", "minimum": 1, "maximum": settings.max_timeout},
+            "priority": {"type": "boolean", "default": False},
+            "eval_id": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"},
+            "stdin": {"type": "string", "maxLength": settings.max_stdin_bytes},
+            "args": {"type": "array", "items": {"type": "string", "maxLength": 4096}, "maxItems": 64},
+        },
+    }
+    queued = {
+        "type": "object",
+        "required": ["eval_id", "task_id", "status", "message"],
+        "properties": {
+            "eval_id": {"type": "string"},
+            "task_id": {"type": "string"},
+            "status": {"const": "queued"},
+            "message": {"type": "string"},
+            "queue_position": {"type": ["integer", "null"]},
+            "queue_system": {"enum": ["dramatiq", "legacy"]},
+            "fallback": {"type": "boolean"},
+        },
+    }
+    evaluation = {
+        "type": "object",
+        "required": ["eval_id", "status", "success", "created_at"],
+        "properties": {
+            "eval_id": {"type": "string"},
+            "status": {"enum": list(STATUSES)},
+            "celery_state": {"enum": ["PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED"]},
+            "success": {"type": "boolean"},
+            "created_at": {"type": "string"},
+            "completed_at": {"type": ["string", "null"]},
+            "output": {"type": ["string", "null"]},
+            "error": {"type": ["string", "null"]},
+            "queue": {"enum": [*LEVELS, None]},
+        },
+    }
+    listing = {
+        "type": "object",
+        "required": ["evaluations", "count", "total", "limit", "offset", "has_more"],
+        "properties": {
+            "evaluations": {"type": "array", "items": {"type": "object"}},
+            "count": {"type": "integer"},
+            "total": {"type": "integer"},
+            "limit": {"type": "integer"},
+            "offset": {"type": "integer"},
+            "has_more": {"type": "boolean"},
+        },
+    }
+    cancelled = {
+        "type": "object",
+        "required": ["eval_id", "status", "cancelled", "message"],
+        "properties": {"status": {"const": "cancelled"}, "cancelled": {"const": True}},
+    }
+    page = [
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+    ]
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Crucible", "version": "1", "description": "Run untrusted code; read results."},
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            }
+        },
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "paths": {
+            "/api/eval": {
+                "post": {
+                    "summary": "Submit code to evaluate",
+                    "requestBody": {"required": True, "content": _json(submission)},
+                    "responses": _answers(queued, 400, 403, 409, 413, 415, 422),
+                }
+            },
+            "/api/eval-batch": {
+                "post": {
+                    "summary": "Submit up to 100 evaluations (low queue)",
+                    "requestBody": {
+                        "required": True,
+                        "content": _json(
+                            {
+                                "type": "object",
+                                "required": ["evaluations"],
+                                "properties": {
+                                    "evaluations": {"type": "array", "items": submission, "maxItems": 100}
+                                },
+                            }
+                        ),
+                    },
+                    "responses": _answers(
+                        {"type": "object", "required": ["evaluations", "total", "queued", "failed"]},
+                        400,
+                        413,
+                        415,
+                        422,
+                    ),
+                }
+            },
+            "/api/eval/{eval_id}": {
+                "get": {"parameters": [_eval_id_param()], "responses": _answers(evaluation, 404)}
+            },
+            "/api/eval-status/{eval_id}": {
+                "get": {"parameters": [_eval_id_param()], "responses": _answers(evaluation, 404)}
+            },
+            "/api/eval/{eval_id}/timeline": {
+                "get": {
+                    "parameters": [_eval_id_param()],
+                    "responses": _answers({"type": "object", "required": ["eval_id", "events"]}, 404),
+                }
+            },
+            "/api/eval/{eval_id}/cancel": {
+                "post": {
+                    "parameters": [
+                        _eval_id_param(),
+                        {"name": "terminate", "in": "query", "schema": {"type": "boolean"}},
+                    ],
+                    "responses": _answers(cancelled, 400, 404, 422),
+                }
+            },
+            "/api/evaluations": {
+                "get": {
+                    "parameters": [
+                        *page,
+                        {"name": "status", "in": "query", "schema": {"enum": list(STATUSES)}},
+                        {"name": "language", "in": "query", "schema": {"type": "string"}},
+                        {"name": "queue", "in": "query", "schema": {"enum": list(LEVELS)}},
+                        {"name": "q", "in": "query", "schema": {"type": "string"}},
+                    ],
+                    "responses": _answers(listing, 422),
+                }
+            },
+            "/api/dlq/tasks": {
+                "get": {
+                    "parameters": [*page, {"name": "eval_id", "in": "query", "schema": {"type": "string"}}],
+                    "responses": _answers(
+                        {"type": "object", "required": ["tasks", "count", "total"]}, 403, 422
+                    ),
+                }
+            },
+            "/api/dlq/statistics": {
+                "get": {
+                    "responses": _answers(
+                        {
+                            "type": "object",
+                            "required": ["queue_size", "exception_breakdown", "task_breakdown"],
+                        },
+                        403,
+                    )
+                }
+            },
+            "/health": {
+                "get": {
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "up",
+                            "content": _json({"type": "object", "required": ["status"]}),
+                        },
+                        "503": {"description": "Redis is down", "content": _json({"type": "object"})},
+                    },
+                }
+            },
+        },
+    }
