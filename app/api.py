@@ -31,7 +31,7 @@ from app.errors import RequestError, install_error_handlers
 from app.keys import PRIORITY_TIERS, ApiKey
 from app.logs import configure_logging
 from app.migration import MigrationTracker
-from app.openapi import openapi_schema
+from app.openapi import FALSE_WORDS, TRUE_WORDS, openapi_schema
 from app.ops_api import OpsApi
 from app.routing import delegate
 from app.services import Services
@@ -168,13 +168,16 @@ class Api:
             raise RequestError(422, "field 'evaluations' must be a non-empty list", field="evaluations")
         if len(items) > MAX_BATCH:
             raise RequestError(413, f"at most {MAX_BATCH} evaluations per batch", field="evaluations")
+        not_objects = [i for i, item in enumerate(items) if not isinstance(item, dict)]
+        if not_objects:
+            raise RequestError(
+                422, "each evaluation must be a JSON object", field="evaluations", at=not_objects
+            )
         key = self._submitter_key(request, wants_priority=False)  # batches go to the low queue
         allowance = await self.limiter.take(key, len(items))
         results: list[dict[str, Any]] = []
         for index, item in enumerate(items):
             try:
-                if not isinstance(item, dict):
-                    raise RequestError(422, "each evaluation must be a JSON object")
                 sub = self.parse_submission(item)
                 accepted = await self.submitter.submit(sub, "low", "batch", owner=key.id)
                 results.append(
@@ -296,12 +299,12 @@ class Api:
         params = request.query_params
         limit = _query_int(params.get("limit"), "limit", default=50, low=1, high=MAX_PAGE)
         offset = _query_int(params.get("offset"), "offset", default=0, low=0, high=10**9)
-        status = params.get("status") or None
+        status = params.get("status")
         if status is not None and status not in STATUSES:
             raise RequestError(422, f"unknown status {status!r}", field="status", known=list(STATUSES))
         key = caller(request)
         assert key is not None
-        queue = params.get("queue") or None
+        queue = params.get("queue")
         if queue is not None and queue not in LEVELS:
             raise RequestError(422, f"unknown queue {queue!r}", field="queue", known=list(LEVELS))
         records, total = await self.store.list(
@@ -346,22 +349,23 @@ class Api:
 
 
 def _query_bool(raw: str | None, name: str) -> bool:
-    if raw is None or raw == "":
+    """Absent: False. Present, it must say true or false (as the schema has it)."""
+    if raw is None:
         return False
-    if raw.lower() in ("true", "1", "yes"):
+    if raw in TRUE_WORDS:
         return True
-    if raw.lower() in ("false", "0", "no"):
+    if raw in FALSE_WORDS:
         return False
     raise RequestError(422, f"query parameter '{name}' must be true or false", field=name)
 
 
 def _query_int(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:
-    if raw is None or raw == "":
+    """Absent: `default`. Present, plain decimal digits within [low, high] (no sign, no `_`)."""
+    if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise RequestError(422, f"query parameter '{name}' must be a whole number", field=name) from None
+    if not raw.isascii() or not raw.isdigit():
+        raise RequestError(422, f"query parameter '{name}' must be a whole number", field=name)
+    value = int(raw)
     if not low <= value <= high:
         raise RequestError(422, f"query parameter '{name}' must be between {low} and {high}", field=name)
     return value

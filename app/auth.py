@@ -55,9 +55,13 @@ ENV_ADMIN = ApiKey("env-admin", "CRUCIBLE_ADMIN_KEY", "admin", 0)
 
 
 def presented_key(conn: HTTPConnection) -> str | None:
-    header = conn.headers.get("authorization", "")
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip() or None
+    """The key sent. An Authorization header, if any, is the one that counts and must be
+    `Bearer <key>`: a request carrying a bad one is refused, whatever else it carries."""
+    header = conn.headers.get("authorization")
+    if header is not None:
+        if header[:7].lower() != "bearer " or not header[7:].strip():
+            raise AuthenticationError("the Authorization header must be 'Bearer <key>'")
+        return header[7:].strip()
     return conn.headers.get("x-api-key") or None
 
 

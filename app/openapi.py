@@ -12,6 +12,10 @@ from typing import Any
 from app.config import LEVELS, Settings
 from app.store import STATUSES
 
+#: How a boolean query parameter may be written.
+TRUE_WORDS = ("true", "1", "yes")
+FALSE_WORDS = ("false", "0", "no")
+
 ERROR = {
     "type": "object",
     "required": ["error", "details"],
@@ -36,17 +40,22 @@ def _eval_id_param() -> dict[str, Any]:
 
 
 def openapi_schema(settings: Settings, languages: list[str]) -> dict[str, Any]:
+    # Limits are in bytes of UTF-8; the schema states them in characters that always fit (÷ 4).
     submission = {
         "type": "object",
         "required": ["code"],
         "properties": {
-            "code": {"type": "string", "minLength": 1, "maxLength": settings.max_code_bytes},
+            "code": {"type": "string", "pattern": r"\S", "maxLength": settings.max_code_bytes // 4},
             "language": {"type": "string", "enum": languages, "default": "python"},
             "timeout": {"type": "number", "minimum": 1, "maximum": settings.max_timeout},
             "priority": {"type": "boolean", "default": False},
             "eval_id": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"},
-            "stdin": {"type": "string", "maxLength": settings.max_stdin_bytes},
-            "args": {"type": "array", "items": {"type": "string", "maxLength": 4096}, "maxItems": 64},
+            "stdin": {"type": "string", "maxLength": settings.max_stdin_bytes // 4},
+            "args": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": 1024, "pattern": "^[^\\u0000]*$"},
+                "maxItems": 64,
+            },
         },
     }
     queued = {
@@ -126,7 +135,15 @@ def openapi_schema(settings: Settings, languages: list[str]) -> dict[str, Any]:
                                 "type": "object",
                                 "required": ["evaluations"],
                                 "properties": {
-                                    "evaluations": {"type": "array", "items": submission, "maxItems": 100}
+                                    # Each item is checked alone and reported in the answer
+                                    # (queued, or failed with its error), so any object goes.
+                                    "evaluations": {
+                                        "type": "array",
+                                        "items": {"type": "object"},
+                                        "minItems": 1,
+                                        "maxItems": 100,
+                                        "description": "objects shaped like POST /api/eval's body",
+                                    }
                                 },
                             }
                         ),
@@ -156,7 +173,11 @@ def openapi_schema(settings: Settings, languages: list[str]) -> dict[str, Any]:
                 "post": {
                     "parameters": [
                         _eval_id_param(),
-                        {"name": "terminate", "in": "query", "schema": {"type": "boolean"}},
+                        {
+                            "name": "terminate",
+                            "in": "query",
+                            "schema": {"type": "string", "enum": [*TRUE_WORDS, *FALSE_WORDS]},
+                        },
                     ],
                     "responses": _answers(cancelled, 400, 404, 422),
                 }

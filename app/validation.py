@@ -74,8 +74,14 @@ def require_number(body: dict[str, Any], name: str, *, default: D, low: float, h
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise RequestError(422, f"field '{name}' must be a number", field=name)
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
+        raise RequestError(422, f"field '{name}' must be a finite number in range", field=name)
     if not low <= value <= high:
         raise RequestError(
             422, f"field '{name}' must be between {low:g} and {high:g}", field=name, low=low, high=high

@@ -19,12 +19,13 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from tests.helpers import EXECUTOR_SECRET, TEST_ADMIN_KEY, api_client, executor_client
+from tests.helpers import EXECUTOR_SECRET, METRICS_TOKEN, TEST_ADMIN_KEY, api_client, executor_client
 from tests.stack import free_port, process, wait_http
 
 # Inherited by every process the tests start (API, workers, executors, `crucible up`).
 os.environ["EXECUTOR_SECRET"] = EXECUTOR_SECRET
 os.environ["CRUCIBLE_ADMIN_KEY"] = TEST_ADMIN_KEY
+os.environ["CRUCIBLE_METRICS_TOKEN"] = METRICS_TOKEN
 
 
 @pytest.fixture(scope="session")
@@ -59,10 +60,6 @@ def namespace(redis_url: str) -> Iterator[str]:
     delete_namespace(redis_url, ns)
 
 
-#: The executor's secret doubles as the one planted in its environment: no sandboxed program
-#: may ever see it.
-
-
 @dataclass
 class ExecutorService:
     url: str
@@ -72,6 +69,8 @@ class ExecutorService:
 @pytest.fixture(scope="session")
 def executor_service() -> Iterator[ExecutorService]:
     port = free_port()
+    # The executor's secret doubles as one planted in its environment: no sandboxed program may
+    # ever see it (tests/test_attacks.py looks).
     env = {"EXECUTOR_PORT": str(port), "LOG_FORMAT": "json", "CRUCIBLE_TEST_SECRET": EXECUTOR_SECRET}
     with process("executor", "executor", env) as proc:
         url = f"http://127.0.0.1:{port}"

@@ -17,6 +17,7 @@ TERMINAL = set(STORE_TERMINAL)
 #: an admin key the API accepts without storing it, and the executor's shared secret.
 TEST_ADMIN_KEY = "cru_testadmin_" + uuid.uuid4().hex
 EXECUTOR_SECRET = "crucible-test-secret-" + uuid.uuid4().hex
+METRICS_TOKEN = "crucible-test-scrape-" + uuid.uuid4().hex
 
 
 def api_client(url: str, key: str | None = TEST_ADMIN_KEY, **options: Any) -> httpx.AsyncClient:
