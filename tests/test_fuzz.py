@@ -2,9 +2,11 @@
 
 Every operation gets generated valid and invalid requests; each answer must not be a 5xx and
 must match the schema (status code, content type, body), and invalid requests must be refused.
-Not checked: that every schema-valid request is accepted, since some are refused for the
-state they meet (cancelling a finished evaluation is a 400 by contract). No workers run, so what is accepted
-stays queued.
+The examples are derandomized (the same on every run) so the suite is reproducible; set
+`derandomize=False` to explore new inputs (several random runs passed before it was fixed).
+Not checked: that every schema-valid request is accepted, since some are refused for the state
+they meet (cancelling a finished evaluation is a 400 by contract). No workers run, so what is
+accepted stays queued.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from tests.conftest import Stack, delete_namespace, stack_env, start_api
@@ -37,7 +40,12 @@ def fuzzed_api(redis_url: str, executor_url: str) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def api_schema(fuzzed_api: Stack) -> schemathesis.BaseSchema:
-    return schemathesis.openapi.from_url(f"{fuzzed_api.api_url}/openapi.json", headers=AUTH)
+    # An invalid request must get one of these; 413 is how this API refuses what is too large.
+    refusals = [400, 401, 403, 404, 409, 413, 415, 422, 429]
+    config = SchemathesisConfig.from_dict(
+        {"checks": {"negative_data_rejection": {"expected-statuses": refusals}}}
+    )
+    return schemathesis.openapi.from_url(f"{fuzzed_api.api_url}/openapi.json", headers=AUTH, config=config)
 
 
 def test_no_5xx_and_every_answer_matches_the_schema(api_schema: schemathesis.BaseSchema) -> None:
@@ -46,7 +54,7 @@ def test_no_5xx_and_every_answer_matches_the_schema(api_schema: schemathesis.Bas
     for operation, mode in itertools.product(operations, (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)):
 
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
         def fuzz(case: schemathesis.Case) -> None:
             case.call_and_validate(headers=AUTH, excluded_checks=[positive_data_acceptance])
 
