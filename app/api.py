@@ -36,7 +36,7 @@ from app.ops_api import OpsApi
 from app.routing import delegate
 from app.services import Services
 from app.store import STATUSES, celery_state, task_id_of
-from app.submission import Submission
+from app.submission import Accepted, Submission
 from app.validation import (
     MAX_ARG_BYTES,
     MAX_ARGS,
@@ -51,7 +51,8 @@ from executor.languages import registry
 
 log = structlog.get_logger(__name__)
 
-EVAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+#: No ':' — it separates parts of Redis keys ("{ns}:eval:{id}:events").
+EVAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 MAX_BATCH = 100
 MAX_PAGE = 1000
 
@@ -124,7 +125,7 @@ class Api:
             raise RequestError(422, f"unknown language {language!r}", field="language", known=self.languages)
         eval_id = require_string(body, "eval_id", default=None)
         if eval_id is not None and not EVAL_ID_PATTERN.match(eval_id):
-            raise RequestError(422, "field 'eval_id' must be 1-128 letters, digits or _.:-", field="eval_id")
+            raise RequestError(422, "field 'eval_id' must be 1-128 letters, digits or _.-", field="eval_id")
         timeout = require_number(body, "timeout", default=s.default_timeout, low=1, high=s.max_timeout)
         priority = require_bool(body, "priority", default=False)
         stdin = require_string(body, "stdin", default=None, max_bytes=s.max_stdin_bytes)
@@ -133,21 +134,24 @@ class Api:
 
     # -- submission ----------------------------------------------------------------------
 
-    def _submitter_key(self, request: Request, wants_priority: bool) -> ApiKey:
+    def _submitter_key(self, request: Request, wants_priority: bool, chose_id: bool = False) -> ApiKey:
         key = caller(request)
         assert key is not None  # routes for submissions need the `user` scope
         if wants_priority and key.tier not in PRIORITY_TIERS:
             raise RequestError(
                 403, "priority (the high queue) needs a premium or admin key", field="priority", tier=key.tier
             )
+        if chose_id and not key.is_admin:
+            # ids are global: a "taken" answer would tell one key about another's evaluations
+            raise RequestError(403, "choosing the eval_id needs an admin key", field="eval_id", tier=key.tier)
         return key
 
     async def submit(self, request: Request) -> JSONResponse:
-        sub = self.parse_submission(await read_json_object(request))
-        key = self._submitter_key(request, sub.priority)
-        allowance = await self.limiter.take(key, 1)
-        level = "high" if sub.priority else "default"
-        accepted = await self.submitter.submit(sub, level, "api", owner=key.id)
+        body = await read_json_object(request)
+        sub = self.parse_submission(body)
+        key = self._submitter_key(request, sub.priority, chose_id="eval_id" in body)
+        allowance = await self.limiter.take(key, [sub.eval_id])
+        accepted = await self._submit_counted(key, sub, "high" if sub.priority else "default", "api")
         return JSONResponse(
             {
                 "eval_id": sub.eval_id,
@@ -174,22 +178,44 @@ class Api:
                 422, "each evaluation must be a JSON object", field="evaluations", at=not_objects
             )
         key = self._submitter_key(request, wants_priority=False)  # batches go to the low queue
-        allowance = await self.limiter.take(key, len(items))
-        results: list[dict[str, Any]] = []
-        for index, item in enumerate(items):
+        parsed: list[Submission | RequestError] = []
+        for item in items:
             try:
-                sub = self.parse_submission(item)
-                accepted = await self.submitter.submit(sub, "low", "batch", owner=key.id)
+                self._submitter_key(request, wants_priority=False, chose_id="eval_id" in item)
+                parsed.append(self.parse_submission(item))
+            except RequestError as exc:
+                parsed.append(exc)
+        valid = [p for p in parsed if isinstance(p, Submission)]
+        allowance = await self.limiter.take(key, [s.eval_id for s in valid]) if valid else None
+        results: list[dict[str, Any]] = []
+        for index, outcome in enumerate(parsed):
+            try:
+                if isinstance(outcome, RequestError):
+                    raise outcome
+                accepted = await self._submit_counted(key, outcome, "low", "batch")
                 results.append(
-                    {"eval_id": sub.eval_id, "status": "queued", "queue_system": accepted.queue_system}
+                    {"eval_id": outcome.eval_id, "status": "queued", "queue_system": accepted.queue_system}
                 )
             except RequestError as exc:
                 results.append({"index": index, "status": "failed", "error": exc.message, **exc.details})
         queued = sum(r["status"] == "queued" for r in results)
         return JSONResponse(
             {"evaluations": results, "total": len(items), "queued": queued, "failed": len(items) - queued},
-            headers=allowance.headers(),
+            headers=allowance.headers() if allowance else {},
         )
+
+    async def _submit_counted(self, key: ApiKey, sub: Submission, level: str, source: str) -> Accepted:
+        """Submit one evaluation whose place the limiter took; give the place back if it fails
+        (but for a duplicate id: that place belongs to the evaluation already there)."""
+        try:
+            return await self.submitter.submit(sub, level, source, owner=key.id)
+        except RequestError as exc:
+            if exc.status != 409:
+                await self.limiter.release(key, [sub.eval_id])
+            raise
+        except Exception:
+            await self.limiter.release(key, [sub.eval_id])
+            raise
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -199,22 +225,36 @@ class Api:
         Someone else's is "not found", exactly like one that does not exist.
         """
         eval_id = request.path_params["eval_id"]
-        record = await self.store.get(eval_id)
+        record = await self.store.get(eval_id) if EVAL_ID_PATTERN.match(eval_id) else None
         key = caller(request)
         if record is None or key is None or not (key.is_admin or record.get("owner") == key.id):
             raise RequestError(404, "evaluation not found", eval_id=eval_id)
         return record
 
     async def get_evaluation(self, request: Request) -> JSONResponse:
-        return JSONResponse(public_view(await self.visible(request)))
+        view = public_view(await self.visible(request))
+        key = caller(request)
+        if key is None or not key.is_admin:  # internal addresses are for operators
+            view.pop("executor", None)
+            view.pop("worker", None)
+        return JSONResponse(view)
 
     async def follow_evaluation(self, request: Request) -> StreamingResponse:
         """Server-sent events: one `status` event per change, closing after the final one."""
         eval_id = (await self.visible(request))["id"]
+        key = caller(request)
+        assert key is not None
+        place = contextlib.AsyncExitStack()
+        await place.enter_async_context(self.limiter.stream(key))  # 429 when the key has too many
 
         async def stream() -> AsyncIterator[str]:
-            async for event in self.store.follow(eval_id):
-                yield ": keep-alive\n\n" if event is None else f"event: status\ndata: {json.dumps(event)}\n\n"
+            async with place:
+                async for event in self.store.follow(eval_id):
+                    yield (
+                        ": keep-alive\n\n"
+                        if event is None
+                        else f"event: status\ndata: {json.dumps(event)}\n\n"
+                    )
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"}

@@ -277,6 +277,7 @@ def ensure_admin_key(redis_url: str, settings: Settings) -> str:
     key = asyncio.run(make())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
+    path.chmod(0o600)  # also when the file was there before
     path.write_text(key + "\n")
     return key
 

@@ -86,11 +86,12 @@ def _levels(raw: str) -> tuple[str, ...]:
     return tuple(level for level in LEVELS if level in wanted)
 
 
-#: Per tier: submissions per second (refill), burst (bucket size), evaluations queued or running.
+#: Per tier: submissions per second (refill), burst (bucket size), evaluations queued or running,
+#: event streams (`/api/eval/{id}/events`) open at once.
 DEFAULT_RATE_LIMITS: dict[str, dict[str, float]] = {
-    "standard": {"per_second": 2, "burst": 20, "max_active": 20},
-    "premium": {"per_second": 10, "burst": 100, "max_active": 200},
-    "admin": {"per_second": 100, "burst": 1000, "max_active": 10000},
+    "standard": {"per_second": 2, "burst": 20, "max_active": 20, "max_streams": 10},
+    "premium": {"per_second": 10, "burst": 100, "max_active": 200, "max_streams": 50},
+    "admin": {"per_second": 100, "burst": 1000, "max_active": 10000, "max_streams": 500},
 }
 
 

@@ -52,13 +52,13 @@ class KeyStore:
         """A new key and its secret form, which is not stored and cannot be shown again."""
         if tier not in TIERS:
             raise InvalidKeyRequest(f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}")
-        key_id = secrets.token_hex(4)
+        while True:
+            key_id = secrets.token_hex(8)
+            record = ApiKey(key_id, name, tier, int(time.time() * 1000))
+            if await self.client.hsetnx(self.records, key_id, json.dumps(asdict(record))):
+                break  # a fresh id (a clash of 64 random bits would just draw again)
         secret = f"cru_{key_id}_{secrets.token_urlsafe(32)}"
-        record = ApiKey(key_id, name, tier, int(time.time() * 1000))
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(self.records, key_id, json.dumps(asdict(record)))
-            pipe.hset(self.hashes, digest(secret), key_id)
-            await pipe.execute()
+        await self.client.hset(self.hashes, digest(secret), key_id)
         return record, secret
 
     async def lookup(self, secret: str) -> ApiKey | None:

@@ -40,20 +40,21 @@ def _eval_id_param() -> dict[str, Any]:
 
 
 def openapi_schema(settings: Settings, languages: list[str]) -> dict[str, Any]:
-    # Limits are in bytes of UTF-8 (413 beyond); a string within maxLength characters may still
-    # be refused if its UTF-8 form is longer.
+    # Optional fields may be null, meaning absent. Limits are in bytes of UTF-8 (413 beyond):
+    # a string within maxLength characters may still be refused if its UTF-8 form is longer.
     submission = {
         "type": "object",
         "required": ["code"],
         "properties": {
             "code": {"type": "string", "pattern": r"\S", "maxLength": settings.max_code_bytes},
-            "language": {"type": "string", "enum": languages, "default": "python"},
-            "timeout": {"type": "number", "minimum": 1, "maximum": settings.max_timeout},
-            "priority": {"type": "boolean", "default": False},
-            "eval_id": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"},
-            "stdin": {"type": "string", "maxLength": settings.max_stdin_bytes},
+            "language": {"type": "string", "enum": languages, "default": "python", "nullable": True},
+            "timeout": {"type": "number", "minimum": 1, "maximum": settings.max_timeout, "nullable": True},
+            "priority": {"type": "boolean", "default": False, "nullable": True},
+            "eval_id": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$", "nullable": True},
+            "stdin": {"type": "string", "maxLength": settings.max_stdin_bytes, "nullable": True},
             "args": {
                 "type": "array",
+                "nullable": True,
                 "items": {"type": "string", "maxLength": 4096, "pattern": "^[^\\u0000]*$"},
                 "maxItems": 64,
             },

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -23,6 +24,8 @@ from app.status import SystemStatus
 from app.store import HISTOGRAM_BOUNDS_MS, STATUSES, TERMINAL
 from app.validation import read_json_object, require_bool, require_number
 from middleware.retry_policy import RETRY_POLICIES
+
+log = structlog.get_logger(__name__)
 
 HEALTH_TIMEOUT_S = 1.0
 
@@ -65,15 +68,16 @@ class OpsApi:
 
     async def health(self, request: Request) -> JSONResponse:
         """Redis (503 when unreachable, within about a second), then workers, executors and
-        schedulers: "degraded" (still 200: the API itself works) when one kind has none online."""
+        schedulers: "degraded" (still 200: the API itself works) when one kind has none online.
+        Public, so it names no addresses (`/api/celery-status` has the details)."""
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT_S):
                 await self.client.ping()
                 sizes = await self.services.enqueuer.queue_sizes()
-        except TimeoutError:
-            return JSONResponse({"status": "unhealthy", "redis": "no answer in time"}, status_code=503)
-        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
-            return JSONResponse({"status": "unhealthy", "redis": str(exc)}, status_code=503)
+        except (TimeoutError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            # public: no addresses or error texts, those are in the logs and admin endpoints
+            log.warning("health.redis_unavailable", error=str(exc) or type(exc).__name__)
+            return JSONResponse({"status": "unhealthy", "redis": "unavailable"}, status_code=503)
         workers = [w for w in await self.status.workers() if w["online"]]
         executors = await self.status.executors()
         schedulers = [s for s in await self.status.schedulers() if s["online"]]
@@ -87,7 +91,6 @@ class OpsApi:
                 "status": "healthy" if all(checks.values()) else "degraded",
                 "redis": "ok",
                 **{f"{name}_online": count for name, count in checks.items()},
-                "executors": executors,
                 "queues": sizes,
             }
         )

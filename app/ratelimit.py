@@ -1,19 +1,22 @@
 """Per-key quotas, shared by every API process through Redis.
 
-A token bucket (`lua/token_bucket.lua`) limits submissions per key: each evaluation costs
-one token (a batch costs one per evaluation). A second cap limits how many of a key's
-evaluations may be queued or running at once; `transition.lua` keeps that set
-(`{ns}:active:<key id>`) exact as evaluations finish. Refusals are 429 with `Retry-After`;
-every answer to a submission carries `RateLimit-Limit`, `RateLimit-Remaining` and
-`RateLimit-Reset` (the IETF draft's fields).
+A token bucket limits submissions per key: each evaluation costs one token (a batch one per
+evaluation). A cap limits how many of a key's evaluations may be queued or running at once;
+both are checked, and the new evaluations counted, in one Lua call (`lua/quota.lua`), and
+`transition.lua` takes evaluations out of that set (`{ns}:active:<key id>`) as they finish.
+Refusals are 429 with `Retry-After`; every answer to a submission carries `RateLimit-Limit`,
+`RateLimit-Remaining` and `RateLimit-Reset` (the IETF draft's fields).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -24,7 +27,10 @@ from app.keys import ApiKey
 
 log = structlog.get_logger(__name__)
 
-BUCKET_LUA = (Path(__file__).parent / "lua" / "token_bucket.lua").read_text()
+#: How long a count of open streams lives after its last change.
+STREAM_COUNTER_TTL_S = 3600
+
+QUOTA_LUA = (Path(__file__).parent / "lua" / "quota.lua").read_text()
 
 
 @dataclass(frozen=True)
@@ -50,45 +56,73 @@ class RateLimiter:
         self.client = client
         self.ns = namespace
         self.limits = limits
-        self._bucket = client.register_script(BUCKET_LUA)
+        self._admit = client.register_script(QUOTA_LUA)
 
-    async def take(self, key: ApiKey, cost: int) -> Allowance:
-        """Spend `cost` submissions of `key`'s allowance, or raise 429 saying when to retry.
+    async def take(self, key: ApiKey, eval_ids: list[str]) -> Allowance:
+        """Admit these new evaluations for `key` (counted in progress at once), or raise 429.
 
+        Check and count are one Lua call, so concurrent requests cannot overshoot the cap.
         If Redis does not answer, the submission is let through (logged): the quota lives in
         Redis, and refusing would also stop the hot standby to the legacy deployment.
         """
-        try:
-            return await self._take(key, cost)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            log.warning("ratelimit.unavailable", key_id=key.id, error=str(exc))
-            burst = int(self.limits[key.tier]["burst"])
-            return Allowance(burst, burst, 0)
-
-    async def _take(self, key: ApiKey, cost: int) -> Allowance:
         limits = self.limits[key.tier]
         burst = int(limits["burst"])
-        active = await self.client.scard(active_key(self.ns, key.id))
-        if active + cost > limits["max_active"]:
-            raise RequestError(
-                429,
-                f"too many evaluations in progress for this key ({active} queued or running, "
-                f"at most {int(limits['max_active'])})",
-                retry_after=1,
-                headers={"Retry-After": "1"},
-            )
-        if cost > burst:
+        if len(eval_ids) > burst:
             raise RequestError(413, f"at most {burst} evaluations at once for this key", field="evaluations")
-        allowed, remaining, wait_ms, full_ms = await self._bucket(
-            keys=[f"{self.ns}:bucket:{key.id}"], args=[limits["per_second"], burst, cost]
-        )
-        allowance = Allowance(burst, int(remaining), math.ceil(int(full_ms) / 1000))
-        if not allowed:
-            retry_after = str(max(1, math.ceil(int(wait_ms) / 1000)))
+        try:
+            admitted, second, third = await self._admit(
+                keys=[f"{self.ns}:bucket:{key.id}", active_key(self.ns, key.id)],
+                args=[limits["per_second"], burst, int(limits["max_active"]), *eval_ids],
+            )
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("ratelimit.unavailable", key_id=key.id, error=str(exc))
+            return Allowance(burst, burst, 0)
+        if admitted:
+            return Allowance(burst, int(second), math.ceil(int(third) / 1000))
+        if second == "active":
             raise RequestError(
                 429,
-                "rate limit exceeded for this key",
-                retry_after=int(retry_after),
-                headers={"Retry-After": retry_after, **allowance.headers()},
+                f"too many evaluations in progress for this key ({third} queued or running, "
+                f"at most {int(limits['max_active'])})",
+                headers={"Retry-After": "1"},
+                retry_after=1,
             )
-        return allowance
+        retry_after = max(1, math.ceil(int(third) / 1000))
+        raise RequestError(
+            429,
+            "rate limit exceeded for this key",
+            headers={
+                "Retry-After": str(retry_after),
+                "RateLimit-Limit": str(burst),
+                "RateLimit-Remaining": "0",
+                "RateLimit-Reset": str(retry_after),
+            },
+            retry_after=retry_after,
+        )
+
+    @contextlib.asynccontextmanager
+    async def stream(self, key: ApiKey) -> AsyncIterator[None]:
+        """Hold one of `key`'s event-stream places while a stream is open (each stream holds a
+        Redis connection); 429 when all are taken."""
+        counter = f"{self.ns}:streams:{key.id}"
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.incr(counter)
+            pipe.expire(counter, STREAM_COUNTER_TTL_S)  # a process that died cannot hold places forever
+            open_now, _ = await pipe.execute()
+        try:
+            if open_now > self.limits[key.tier]["max_streams"]:
+                raise RequestError(
+                    429,
+                    f"too many event streams open for this key ({open_now - 1})",
+                    headers={"Retry-After": "5"},
+                )
+            yield
+        finally:
+            # the stream usually ends by being cancelled (the client left): finish this anyway
+            with anyio.CancelScope(shield=True):
+                await self.client.decr(counter)
+
+    async def release(self, key: ApiKey, eval_ids: list[str]) -> None:
+        """Give back places taken for evaluations that were not submitted after all."""
+        if eval_ids:
+            await self.client.srem(active_key(self.ns, key.id), *eval_ids)

@@ -35,8 +35,9 @@ async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
             raise RequestError(413, f"request body over {max_bytes} bytes")
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(400, "request body is not valid JSON", reason=str(exc)) from None
+    except (ValueError, RecursionError) as exc:  # also numbers with too many digits, deep nesting
+        reason = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
+        raise RequestError(400, "request body is not valid JSON", reason=reason[:200]) from None
 
 
 async def read_json_object(request: Request, max_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:

@@ -39,6 +39,8 @@ from executor.languages import BINARY, RUN_BINARY, Language
 log = structlog.get_logger(__name__)
 
 READ_CHUNK = 65536
+#: The whole environment the sandbox launcher (sh, bwrap) gets.
+LAUNCH_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 #: How long a kill for a run not (yet) here makes this executor refuse to start that run.
 KILL_MEMORY_SECONDS = 300.0
 #: Output past this many times the kept size kills the run (`output_limit_exceeded`).
@@ -394,6 +396,9 @@ class Sandbox:
                 stderr=subprocess.PIPE,
                 pass_fds=(*fds, *extra, status_fd),
                 start_new_session=True,
+                # Not the executor's environment (secrets, Redis URL): bwrap also clears it
+                # inside, but the launcher and bwrap itself run outside the sandbox.
+                env=LAUNCH_ENV,
                 **({"user": uid, "group": uid, "extra_groups": []} if self._as_root else {}),
             )
         finally:

@@ -3,7 +3,7 @@
 Every operation gets generated valid and invalid requests; each answer must not be a 5xx and
 must match the schema (status code, content type, body), and invalid requests must be refused.
 The examples are derandomized (the same on every run) so the suite is reproducible; set
-`derandomize=False` to explore new inputs (several random runs passed before it was fixed).
+`derandomize=True` to explore new inputs (several random runs passed before it was fixed).
 Not checked: that every schema-valid request is accepted, since some are refused for the state
 they meet (cancelling a finished evaluation is a 400 by contract). No workers run, so what is
 accepted stays queued.

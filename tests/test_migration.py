@@ -112,6 +112,7 @@ async def test_the_split_follows_the_share_and_the_rollback_switch(redis_url: st
 
             answers = await asyncio.gather(*(one(n) for n in range(1000)))
             routes = Counter(a["queue_system"] for a in answers)
+            print(f"\nsplit 0.3 over 1000 submissions: {dict(routes)}")
             report = await status(api)
             assert 250 <= routes["dramatiq"] <= 350, routes  # 0.3 of 1000; sd ~14.5
             assert report["systems"]["dramatiq"]["submitted"] == routes["dramatiq"]
@@ -241,6 +242,7 @@ async def test_dramatiq_takes_over_when_the_legacy_broker_is_down(
             started = time.monotonic()
             answers = await asyncio.gather(*(post(api, f"print('taken over {n}')") for n in range(8)))
             took = time.monotonic() - started
+            print(f"\n8 concurrent submissions with the legacy broker down: all taken over in {took:.2f}s")
             # A liveness bound, not a benchmark: Celery's own retries would take ~20 s per send.
             assert took < 10, f"8 submissions took {took:.1f}s to fall back"
             assert {(a["queue_system"], a["fallback"]) for a in answers} == {("dramatiq", True)}

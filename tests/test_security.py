@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from app.keys import KeyStore
 from tests.conftest import Stack, stack_env, start_api
-from tests.helpers import EXECUTOR_SECRET, METRICS_TOKEN, TEST_ADMIN_KEY, api_client, submit
+from tests.helpers import EXECUTOR_SECRET, METRICS_TOKEN, TEST_ADMIN_KEY, api_client
 from tests.stack import LOG_DIR, ROOT, free_port
 
 
@@ -36,8 +36,10 @@ async def test_keys_tiers_and_ownership(shared_stack: Stack, aredis: aioredis.Re
         api_client(url, key=METRICS_TOKEN) as scraper,
         api_client(url, key="cru_0000_made-up") as stranger,
     ):
-        # Nothing but /health without a key; a wrong key is refused the same way.
-        assert (await anyone.get("/health")).status_code == 200
+        # Nothing but /health without a key (which names no addresses and ignores bad keys).
+        health = await anyone.get("/health")
+        assert health.status_code == 200 and "executors" not in health.json()
+        assert (await stranger.get("/health")).status_code == 200
         for path in ("/api/evaluations", "/api/health", "/metrics", "/openapi.json", "/api/dlq/tasks"):
             refused = await anyone.get(path)
             assert refused.status_code == 401 and "API key is required" in refused.json()["error"], path
@@ -57,8 +59,17 @@ async def test_keys_tiers_and_ownership(shared_stack: Stack, aredis: aioredis.Re
         assert (await b.post(f"/api/eval/{mine}/cancel", params={"terminate": "true"})).status_code == 404
         assert mine not in [e["eval_id"] for e in (await b.get("/api/evaluations")).json()["evaluations"]]
         assert [e["eval_id"] for e in (await a.get("/api/evaluations")).json()["evaluations"]] == [mine]
-        assert (await a.get(f"/api/eval/{mine}")).status_code == 200
+        own_view = (await a.get(f"/api/eval/{mine}")).json()
+        assert "executor" not in own_view and "worker" not in own_view  # addresses are for operators
         assert (await admin.get(f"/api/eval/{mine}")).status_code == 200
+        # Ids are global, so only admin keys may choose one (a "taken" answer would leak it).
+        chosen = await b.post("/api/eval", json={"code": "print(1)", "eval_id": mine})
+        assert chosen.status_code == 403 and "admin" in chosen.json()["error"]
+        # ':' separates parts of Redis keys: never part of an id, and such paths are just unknown.
+        assert (await b.get(f"/api/eval/{mine}:events")).status_code == 404
+        assert (await b.post(f"/api/eval/{mine}:events/cancel")).status_code == 404
+        squat = await admin.post("/api/eval", json={"code": "print(1)", "eval_id": "squat:events"})
+        assert squat.status_code == 422
         cancelled = await a.post(f"/api/eval/{mine}/cancel", params={"terminate": "true"})
         assert cancelled.status_code == 200
 
@@ -87,17 +98,21 @@ async def test_keys_tiers_and_ownership(shared_stack: Stack, aredis: aioredis.Re
 async def test_rate_limit_and_the_in_progress_cap(
     redis_url: str, executor_url: str, namespace: str, aredis: aioredis.Redis
 ) -> None:
-    limits = {"standard": {"per_second": 1, "burst": 3, "max_active": 100}, "premium": {"max_active": 4}}
+    limits = {
+        "standard": {"per_second": 1, "burst": 3, "max_active": 100, "max_streams": 2},
+        "premium": {"max_active": 4},
+    }
     env = stack_env(redis_url, namespace, executor_url, CRUCIBLE_RATE_LIMITS=json.dumps(limits))
     standard, premium = await make_keys(aredis, namespace, "standard", "premium")
     with ExitStack() as stack:  # an API alone: submissions stay queued
         s = start_api(stack, "quota", env)
         async with api_client(s.api_url, key=standard) as api, api_client(s.api_url, key=premium) as prem:
-            remaining = []
+            remaining, own = [], []
             for _ in range(3):
                 answer = await api.post("/api/eval", json={"code": "print(1)"})
                 assert answer.status_code == 200
                 remaining.append(answer.headers["RateLimit-Remaining"])
+                own.append(answer.json()["eval_id"])
             assert remaining == ["2", "1", "0"]
             limited = await api.post("/api/eval", json={"code": "print(1)"})
             assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
@@ -107,17 +122,40 @@ async def test_rate_limit_and_the_in_progress_cap(
             await asyncio.sleep(1.1)
             assert (await api.post("/api/eval", json={"code": "print(1)"})).status_code == 200
 
-            # Premium: at most 4 queued or running at once; finishing one frees a place.
-            ids = [await submit(prem, "print(2)") for _ in range(4)]
-            full = await prem.post("/api/eval", json={"code": "print(2)"})
-            assert full.status_code == 429 and "in progress" in full.json()["error"]
-            assert (await prem.post(f"/api/eval/{ids[0]}/cancel")).status_code == 200
+            # Premium: at most 4 queued or running at once, even when 8 arrive together; finishing
+            # one frees a place.
+            answers = await asyncio.gather(
+                *(prem.post("/api/eval", json={"code": "print(2)"}) for _ in range(8))
+            )
+            assert sorted(a.status_code for a in answers) == [200] * 4 + [429] * 4
+            full = next(a for a in answers if a.status_code == 429)
+            assert "in progress" in full.json()["error"]
+            first = next(a for a in answers if a.status_code == 200).json()["eval_id"]
+            assert (await prem.post(f"/api/eval/{first}/cancel")).status_code == 200
             assert (await prem.post("/api/eval", json={"code": "print(2)"})).status_code == 200
+
+            # Event streams: two at once for this key; a third is refused until one closes.
+            events = f"/api/eval/{own[0]}/events"
+            async with api.stream("GET", events) as one, api.stream("GET", events) as two:
+                assert one.status_code == two.status_code == 200
+                third = await api.get(events)
+                assert third.status_code == 429 and "streams" in third.json()["error"]
+            await asyncio.sleep(0.3)  # the server notices the closed streams
+            async with api.stream("GET", events) as again:
+                assert again.status_code == 200
 
 
 async def test_malformed_requests_get_a_4xx_json_error(api: httpx.AsyncClient) -> None:
     cases = [
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
+        (
+            {
+                "content": b'{"code": "x", "timeout": 1' + b"0" * 5000 + b"}",
+                "headers": {"content-type": "application/json"},
+            },
+            400,
+        ),
+        ({"content": b"[" * 200_000, "headers": {"content-type": "application/json"}}, 400),
         (
             {"content": b"code=print(1)", "headers": {"content-type": "application/x-www-form-urlencoded"}},
             415,
