@@ -70,7 +70,26 @@ def level_for(queue: str | None, priority: int | bool | None) -> str:
 # -- evaluations ---------------------------------------------------------------------------
 
 
-class EvaluationResult:
+class _Handle:
+    """What Celery's AsyncResult derives from its state; subclasses say where the state is."""
+
+    state: str
+
+    @property
+    def status(self) -> str:
+        return self.state
+
+    def ready(self) -> bool:
+        return self.state in READY_STATES
+
+    def successful(self) -> bool:
+        return self.state == "SUCCESS"
+
+    def failed(self) -> bool:
+        return self.state == "FAILURE"
+
+
+class EvaluationResult(_Handle):
     """Celery's AsyncResult surface for one evaluation, read from its record."""
 
     def __init__(self, task_id: str) -> None:
@@ -88,17 +107,6 @@ class EvaluationResult:
     def state(self) -> str:
         record = self._record()
         return celery_state(record) if record else "PENDING"  # Celery: unknown ids are PENDING
-
-    status = state
-
-    def ready(self) -> bool:
-        return self.state in READY_STATES
-
-    def successful(self) -> bool:
-        return self.state == "SUCCESS"
-
-    def failed(self) -> bool:
-        return self.state == "FAILURE"
 
     @property
     def result(self) -> Any:
@@ -215,7 +223,7 @@ def _results_backend() -> RedisBackend:
     raise RuntimeError("the broker has no Results middleware")
 
 
-class ActorResult:
+class ActorResult(_Handle):
     """Celery's AsyncResult surface for a plain actor's message (health_check, cleanup...)."""
 
     def __init__(self, message: Message) -> None:
@@ -237,17 +245,6 @@ class ActorResult:
     @property
     def state(self) -> str:
         return self._fetch(block=False)[0]
-
-    status = state
-
-    def ready(self) -> bool:
-        return self.state in READY_STATES
-
-    def successful(self) -> bool:
-        return self.state == "SUCCESS"
-
-    def failed(self) -> bool:
-        return self.state == "FAILURE"
 
     @property
     def result(self) -> Any:

@@ -98,15 +98,11 @@ class Api:
     """The endpoints, sharing one process's services (one Redis pool, one HTTP client)."""
 
     def __init__(self, services: Services) -> None:
-        self.services = services
         self.settings = services.settings
-        self.client = services.client
         self.store = services.store
-        self.enqueuer = services.enqueuer
         self.submitter = services.submitter
         self.canceller = services.canceller
         self.dlq = services.dlq
-        self.control = services.control
         self.limiter = services.limiter
         self.languages = sorted(registry(self.settings.python_path))
 

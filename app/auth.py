@@ -20,8 +20,11 @@ from app.config import Settings
 from app.keys import ApiKey, KeyStore
 
 
-class ApiKeyUser(BaseUser):
-    def __init__(self, key: ApiKey) -> None:
+class Caller(BaseUser):
+    """Who passed authentication: a key's holder, the metrics scraper, or (at the executor) a worker."""
+
+    def __init__(self, name: str, key: ApiKey | None = None) -> None:
+        self.name = name
         self.key = key
 
     @property
@@ -30,25 +33,11 @@ class ApiKeyUser(BaseUser):
 
     @property
     def display_name(self) -> str:
-        return self.key.name
+        return self.name
 
     @property
     def identity(self) -> str:
-        return self.key.id
-
-
-class MetricsScraper(BaseUser):
-    @property
-    def is_authenticated(self) -> bool:
-        return True
-
-    @property
-    def display_name(self) -> str:
-        return "metrics scraper"
-
-    @property
-    def identity(self) -> str:
-        return "metrics"
+        return self.key.id if self.key else self.name
 
 
 #: Paths that answer anyone: credentials sent there are not even looked at (a bad key gets no 401).
@@ -86,7 +75,7 @@ class ApiKeyBackend(AuthenticationBackend):
         if secret is None:
             return None
         if self.metrics_token and same(secret, self.metrics_token):
-            return AuthCredentials(["metrics"]), MetricsScraper()
+            return AuthCredentials(["metrics"]), Caller("metrics scraper")
         if self.admin_key and same(secret, self.admin_key):
             key: ApiKey | None = ENV_ADMIN  # needs no Redis: works while Redis is down
         else:
@@ -100,17 +89,7 @@ class ApiKeyBackend(AuthenticationBackend):
         if key is None:
             raise AuthenticationError("unknown or revoked API key")
         scopes = ["user", "admin", "metrics"] if key.is_admin else ["user"]
-        return AuthCredentials(scopes), ApiKeyUser(key)
-
-
-class WorkerPeer(BaseUser):
-    @property
-    def is_authenticated(self) -> bool:
-        return True
-
-    @property
-    def display_name(self) -> str:
-        return "worker"
+        return AuthCredentials(scopes), Caller(key.name, key)
 
 
 class SharedSecretBackend(AuthenticationBackend):
@@ -125,7 +104,7 @@ class SharedSecretBackend(AuthenticationBackend):
             return None
         if not same(presented, self.secret):
             raise AuthenticationError("wrong executor secret")
-        return AuthCredentials(["executor"]), WorkerPeer()
+        return AuthCredentials(["executor"]), Caller("worker")
 
 
 def executor_headers(secret: str | None) -> dict[str, str]:
@@ -145,4 +124,4 @@ def auth_failed(conn: HTTPConnection, exc: Exception) -> JSONResponse:
 def caller(conn: HTTPConnection) -> ApiKey | None:
     """The calling key (None for the scrape token or no key)."""
     user = conn.user
-    return user.key if isinstance(user, ApiKeyUser) else None
+    return user.key if isinstance(user, Caller) else None

@@ -36,46 +36,31 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def run_api(args: argparse.Namespace) -> int:
+def serve(factory: str, host: str, port: int, **options: str) -> int:
+    """Run an app factory under uvicorn, logging through our structlog set-up."""
     import uvicorn
 
     s = get_settings()
     configure_logging(s.log_level, s.log_format)
-    uvicorn.run("app.api:create_app", factory=True, host=s.api_host, port=s.api_port, log_config=None)
+    uvicorn.run(factory, factory=True, host=host, port=port, log_config=None, **options)
     return 0
+
+
+def run_api(args: argparse.Namespace) -> int:
+    s = get_settings()
+    return serve("app.api:create_app", s.api_host, s.api_port)
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
     """The API app on the dashboard's port, `/` opening the dashboard (Flower's port, 5555)."""
-    import uvicorn
-
     s = get_settings()
-    configure_logging(s.log_level, s.log_format)
-    uvicorn.run(
-        "app.api:create_dashboard_app",
-        factory=True,
-        host=s.dashboard_host,
-        port=s.dashboard_port,
-        log_config=None,
-    )
-    return 0
+    return serve("app.api:create_dashboard_app", s.dashboard_host, s.dashboard_port)
 
 
 def run_executor(args: argparse.Namespace) -> int:
-    import uvicorn
-
     s = get_settings()
-    configure_logging(s.log_level, s.log_format)
     # asyncio's own loop: uvloop's subprocesses cannot switch to the sandbox's uid.
-    uvicorn.run(
-        "executor.app:create_app",
-        factory=True,
-        host=s.executor_host,
-        port=s.executor_port,
-        log_config=None,
-        loop="asyncio",
-    )
-    return 0
+    return serve("executor.app:create_app", s.executor_host, s.executor_port, loop="asyncio")
 
 
 def run_worker(args: argparse.Namespace) -> int:

@@ -86,6 +86,3 @@ class KeyStore:
                 pipe.hdel(self.hashes, *stale)
             await pipe.execute()
         return record
-
-    async def has_admin(self) -> bool:
-        return any(k.is_admin and k.revoked_ms is None for k in await self.list())

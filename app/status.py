@@ -138,9 +138,6 @@ class SystemStatus:
             for name, ms in beats
         ]
 
-    async def scheduler_runs(self, limit: int = 20) -> list[dict[str, Any]]:
-        return [json.loads(r) for r in await self.client.lrange(f"{self.ns}:scheduler:runs", 0, limit - 1)]
-
     async def executors(self) -> list[dict[str, Any]]:
         """Each configured executor's health and runs in flight, asked in parallel (1 s at most)."""
         return list(await asyncio.gather(*(self._executor(url) for url in self.settings.executor_urls)))

@@ -148,43 +148,42 @@ def run_ours(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[st
         _forget(client, namespace)
 
 
-def run_dramatiq(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[str, float]:
-    namespace = f"bench-dramatiq-{uuid.uuid4().hex[:6]}"
+def run_library(
+    system: str,
+    module: str,
+    send_call: str,
+    worker_argv: list[str],
+    url: str,
+    args: argparse.Namespace,
+    client: redis.Redis,
+) -> dict[str, float]:
+    """Bare Dramatiq or Celery: start its worker on `module`, send with `send_call` from a child."""
+    namespace = f"bench-{system}-{uuid.uuid4().hex[:6]}"
     env = {"BENCH_REDIS_URL": url, "BENCH_NAMESPACE": namespace}
     key = f"{namespace}:done"
-    argv = [sys.executable, "-m", "dramatiq", "bench.noop_bare", "--processes", str(args.processes),
-            "--threads", str(args.threads)]  # fmt: skip
     code = (
-        f"import sys, os, time; os.environ.update({env!r}); from bench.noop_bare import noop\n"
+        f"import sys, os, time; os.environ.update({env!r}); from {module} import noop\n"
         "first = time.time()\n"
-        f"for _ in range(int(sys.argv[1])): noop.send({key!r})\n"
+        f"for _ in range(int(sys.argv[1])): noop.{send_call}({key!r})\n"
         "print(first, time.time())"
     )
     try:
-        with worker(argv, env, args.logs / "bench-dramatiq.log"):
-            return measure(client, key, args.tasks, "dramatiq", lambda n: _send_in_child(code, n))
+        with worker([sys.executable, "-m", *worker_argv], env, args.logs / f"bench-{system}.log"):
+            return measure(client, key, args.tasks, system, lambda n: _send_in_child(code, n))
     finally:
         _forget(client, namespace)
+
+
+def run_dramatiq(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[str, float]:
+    argv = ["dramatiq", "bench.noop_bare", "--processes", str(args.processes), "--threads", str(args.threads)]
+    return run_library("dramatiq", "bench.noop_bare", "send", argv, url, args, client)
 
 
 def run_celery(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[str, float]:
-    namespace = f"bench-celery-{uuid.uuid4().hex[:6]}"
-    env = {"BENCH_REDIS_URL": url, "BENCH_NAMESPACE": namespace}
-    key = f"{namespace}:done"
-    argv = [sys.executable, "-m", "celery", "-A", "bench.noop_celery", "worker", "-c",
-            str(args.processes * args.threads), "-P", "prefork", "--without-gossip", "--without-mingle",
-            "--without-heartbeat", "-l", "warning"]  # fmt: skip
-    code = (
-        f"import sys, os, time; os.environ.update({env!r}); from bench.noop_celery import noop\n"
-        "first = time.time()\n"
-        f"for _ in range(int(sys.argv[1])): noop.delay({key!r})\n"
-        "print(first, time.time())"
-    )
-    try:
-        with worker(argv, env, args.logs / "bench-celery.log"):
-            return measure(client, key, args.tasks, "celery", lambda n: _send_in_child(code, n))
-    finally:
-        _forget(client, namespace)
+    slots = str(args.processes * args.threads)
+    argv = ["celery", "-A", "bench.noop_celery", "worker", "-c", slots, "-P", "prefork",
+            "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"]  # fmt: skip
+    return run_library("celery", "bench.noop_celery", "delay", argv, url, args, client)
 
 
 def _send_in_child(code: str, n: int) -> tuple[float, float]:
