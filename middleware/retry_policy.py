@@ -27,7 +27,6 @@ RETRY_POLICIES: dict[str, dict[str, Any]] = {
         "base_delay": 10,
         "exponential_base": 1.5,
         "max_delay": 600,
-        "jitter": True,
     },
 }
 
@@ -62,7 +61,7 @@ def calculate_retry_delay(retry_count: int, policy: str = "default", add_jitter:
     """Seconds to wait before retry `retry_count` (0-based) under `policy`."""
     p = RETRY_POLICIES[policy]
     delay = min(p["max_delay"], p["base_delay"] * p["exponential_base"] ** retry_count)
-    if p["jitter"] if add_jitter is None else add_jitter:
+    if p.get("jitter", False) if add_jitter is None else add_jitter:  # the seed's network_error has none
         delay = min(p["max_delay"], delay + random.uniform(0, JITTER_SHARE * delay))
     return float(delay)
 

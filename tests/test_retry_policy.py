@@ -23,7 +23,7 @@ def test_policies_are_the_seed_readmes() -> None:
         "max_retries": 3, "base_delay": 5, "exponential_base": 2, "max_delay": 300, "jitter": True,
     }  # fmt: skip
     assert RETRY_POLICIES["network_error"] == {
-        "max_retries": 5, "base_delay": 10, "exponential_base": 1.5, "max_delay": 600, "jitter": True,
+        "max_retries": 5, "base_delay": 10, "exponential_base": 1.5, "max_delay": 600,
     }  # fmt: skip
 
 
@@ -39,11 +39,16 @@ def test_jitter_adds_at_most_a_quarter_and_never_passes_the_cap(policy: str) -> 
     cap = RETRY_POLICIES[policy]["max_delay"]
     for n in range(12):
         base = calculate_retry_delay(n, policy, add_jitter=False)
-        samples = [calculate_retry_delay(n, policy) for _ in range(300)]
+        samples = [calculate_retry_delay(n, policy, add_jitter=True) for _ in range(300)]
         assert all(base <= s <= min(cap, base * 1.25) for s in samples)
         if base < cap:
             assert max(samples) > base  # jitter is really applied
     assert calculate_retry_delay(0, "default", add_jitter=None) >= 5
+
+
+def test_each_policy_uses_its_own_jitter_setting_by_default() -> None:
+    assert len({calculate_retry_delay(1, "default") for _ in range(50)}) > 1
+    assert {calculate_retry_delay(1, "network_error") for _ in range(50)} == {15}
 
 
 def test_http_statuses_follow_the_contract() -> None:
