@@ -190,10 +190,12 @@ def run_up(args: argparse.Namespace) -> int:
         env["LOG_FORMAT"] = "console"
     me = [sys.executable, "-m", "app.cli"]
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    commands: dict[str, list[str]] = {}
 
     def start(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(argv, env=env, start_new_session=True)
         children.append((name, process))
+        commands[name] = argv
         return process
 
     stopping = stop_on_signals()
@@ -231,9 +233,19 @@ def run_up(args: argparse.Namespace) -> int:
             + "Press Ctrl-C to stop.\n",
             flush=True,
         )
-        while not stopping.wait(0.2) and all(p.poll() is None for _, p in children):
-            pass
-        return 0 if stopping.is_set() else 1
+        restarts = RestartBudget()
+        while not stopping.wait(0.2):
+            for index, (name, process) in enumerate(children):
+                if process.poll() is None:
+                    continue
+                # A worker process killed by the OOM killer takes its whole `crucible worker`
+                # down (Dramatiq stops the rest): start it again; its runs come back by heartbeat.
+                if not restarts.allow(name):
+                    print(f"{name} keeps exiting (code {process.returncode}); stopping.", flush=True)
+                    return 1
+                print(f"{name} exited (code {process.returncode}); starting it again.", flush=True)
+                children[index] = (name, subprocess.Popen(commands[name], env=env, start_new_session=True))
+        return 0
     finally:
         _stop_children(children)
 
@@ -265,6 +277,21 @@ def ensure_admin_key(redis_url: str, settings: Settings) -> str:
     path.chmod(0o600)  # also when the file was there before
     path.write_text(key + "\n")
     return key
+
+
+class RestartBudget:
+    """At most `limit` restarts of one piece within `window_s`: a crash loop stops the stack."""
+
+    def __init__(self, limit: int = 5, window_s: float = 60.0) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.times: dict[str, list[float]] = {}
+
+    def allow(self, name: str) -> bool:
+        now = time.monotonic()
+        recent = [t for t in self.times.get(name, []) if now - t < self.window_s]
+        self.times[name] = [*recent, now]
+        return len(recent) < self.limit
 
 
 def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:

@@ -1,4 +1,5 @@
-"""`crucible up`: the whole stack on an embedded Valkey, stopped with Ctrl-C, restarted."""
+"""`crucible up`: the whole stack on an embedded Valkey, stopped with Ctrl-C, restarted; a piece
+that dies is started again."""
 
 from __future__ import annotations
 
@@ -88,6 +89,14 @@ def test_up_runs_everything_and_a_restart_finds_queued_work(tmp_path: Path) -> N
         result = wait_status(api, waiting["eval_id"], "completed")
         assert result["output"] == "survived a restart\n"
         assert api.get(f"/api/eval/{done['eval_id']}").json()["status"] == "completed"
+
+        # A worker process killed mid-run (as the OOM killer would) takes its `crucible worker`
+        # down with it; `up` starts the worker again and the run comes back and finishes.
+        slow = api.post("/api/eval", json={"code": "import time; time.sleep(2); print('after kill')"}).json()
+        worker = wait_status(api, slow["eval_id"], "running")["worker"]
+        os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
+        assert wait_status(api, slow["eval_id"], "completed", seconds=60)["output"] == "after kill\n"
+        assert "worker exited" in (LOG_DIR / "up.log").read_text()
     finally:
         stop(second, signal.SIGINT, timeout=60)
     assert second.returncode == 0
