@@ -208,7 +208,8 @@ class Sandbox:
         """The full argv: bwrap's isolation, then prlimit, then the program.
 
         `files` are (fd, path in the sandbox, permissions) handed in read-only; bwrap reports
-        on `status_fd` once the program started, which tells its failures from the program's.
+        on `status_fd` how the program ended only if it started, which tells its failures from
+        the program's.
         """
         binds: list[str] = []
         for fd, path, perms in files:
@@ -353,12 +354,16 @@ class Sandbox:
             stats = group.stats() if group else None
             if group:
                 group.remove()
-        if '"child-pid"' not in status and not run.cancelled and not outcome.timed_out:
-            raise SandboxError(f"bwrap did not start the program: {outcome.stderr.text()[:500]}")
         if stats:
             outcome.peak_rss_kb = max(outcome.peak_rss_kb, stats.peak_memory_bytes // 1024)
             outcome.oom_killed = stats.oom_killed
             outcome.cpu_ms = max(outcome.cpu_ms, stats.cpu_ns // 1_000_000)
+        # bwrap writes "exit-code" only once its own set-up (mounts included, which come after
+        # the clone that writes "child-pid") ended in a successful exec; without it the program
+        # never ran, unless we ourselves killed bwrap first
+        we_stopped_it = run.cancelled or outcome.timed_out or outcome.flooded or outcome.oom_killed
+        if '"exit-code"' not in status and not we_stopped_it:
+            raise SandboxError(f"bwrap did not start the program: {outcome.stderr.text()[:500]}")
         # bwrap reports a signal as 128 + N, which a program can also exit with: SIGXCPU only
         # counts as the CPU limit when the CPU time was really spent
         if outcome.signal == signal.SIGXCPU and outcome.cpu_ms >= CPU_LIMIT_SHARE * timeout * 1000:

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
+from pathlib import Path
+from typing import Any
 
 import httpx
 
+from app.config import Settings
+from executor.app import open_cgroups, stage_bwrap
+from executor.languages import registry
+from executor.sandbox import Limits, RunResult, Sandbox, SandboxError
+from executor.seccomp import build_filter
 from tests.helpers import execute as run
 from tests.helpers import executor_client
 
@@ -149,3 +157,34 @@ async def test_a_sandbox_that_cannot_start_is_an_internal_error_not_the_submissi
             response = await client.post("/execute", json={"eval_id": "x", "code": "print(1)"})
     assert response.status_code == 500
     assert response.json()["error"] == "the sandbox failed to start; the submission was not run"
+
+
+class _BrokenMounts(Sandbox):
+    """Set-up that fails after bwrap's clone (a bind of a missing path), as a host fault would."""
+
+    def command(self, argv: tuple[str, ...], *rest: Any, **options: Any) -> list[str]:
+        line = super().command(argv, *rest, **options)
+        return [line[0], "--ro-bind", "/nonexistent-crucible-test", "/x", *line[1:]]
+
+
+async def test_a_set_up_failure_after_the_clone_is_an_internal_error_not_the_submissions() -> None:
+    settings = Settings.from_env()
+    python = registry(settings.python_path)["python"]
+    limits = Limits(timeout=5, memory_mb=256, output_bytes=65536, processes=64, open_files=64,
+                    file_size_mb=16, tmpfs_mb=100)  # fmt: skip
+    results = {}
+    for kind in (Sandbox, _BrokenMounts):
+        with tempfile.TemporaryDirectory(prefix="crucible-test-bwrap-") as runtime:
+            cgroups = open_cgroups(settings.sandbox_cgroups)
+            sandbox = kind(stage_bwrap(Path(runtime)), uid_base=settings.sandbox_uid_base, slots=1,
+                           cgroups=cgroups, seccomp=build_filter())  # fmt: skip
+            try:
+                results[kind] = await sandbox.run("setup", python, "import sys; sys.exit(1)", limits)
+            except SandboxError as exc:
+                results[kind] = exc
+            finally:
+                if cgroups:
+                    cgroups.close()
+    assert isinstance(results[Sandbox], RunResult) and results[Sandbox].status == "failed"
+    assert isinstance(results[_BrokenMounts], SandboxError)
+    assert "/nonexistent-crucible-test" in str(results[_BrokenMounts])
