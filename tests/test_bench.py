@@ -1,4 +1,5 @@
-"""The benchmarks run and print their tables (figures are reported, never asserted)."""
+"""Every benchmark scenario runs end to end on a real stack and prints its table (figures are
+reported, never asserted: they depend on the machine)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,63 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.stack import ROOT
 
 
-def test_queue_overhead_prints_a_row_per_system(redis_url: str, tmp_path: Path) -> None:
-    out = tmp_path / "queue.json"
+def bench(redis_url: str, tmp_path: Path, scenario: str, *options: str) -> tuple[str, dict[str, Any]]:
+    out = tmp_path / f"{scenario}.json"
     done = subprocess.run(
-        [sys.executable, "bench/queue_overhead.py", "--tasks", "50", "--json", str(out)],
-        cwd=ROOT, env={**os.environ, "REDIS_URL": redis_url}, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "bench", scenario, *options, "--json", str(out)],
+        cwd=ROOT, env={**os.environ, "REDIS_URL": redis_url}, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = [line.split()[0] for line in done.stdout.splitlines()[2:]]
-    assert rows == ["ours", "dramatiq", "celery"]
-    figures = json.loads(out.read_text())["results"]
-    assert all(f["tasks_per_s"] > 0 and f["enqueue_per_s"] > 0 for f in figures.values())
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["scenario"] == scenario
+    return done.stdout, figures
+
+
+def test_queue_overhead_compares_ours_bare_dramatiq_and_celery(redis_url: str, tmp_path: Path) -> None:
+    stdout, figures = bench(redis_url, tmp_path, "queue", "--tasks", "50")
+    assert set(figures["results"]) == {"ours", "dramatiq", "celery"}
+    assert all(f["tasks_per_s"] > 0 and f["enqueue_per_s"] > 0 for f in figures["results"].values())
+    assert "vs bare dramatiq" in stdout and "ours / celery" in stdout
+
+
+def test_evaluations_beside_the_raw_sandbox_and_celery(redis_url: str, tmp_path: Path) -> None:
+    stdout, figures = bench(redis_url, tmp_path, "evaluations", "--runs", "3", "--burst", "10")
+    for path in ("raw", "ours_one_at_a_time", "ours_burst", "celery_burst"):
+        assert figures[path]["p50"] > 0, path
+    assert (
+        figures["raw"]["per_s"] > 0
+        and figures["ours_burst"]["per_s"] > 0
+        and figures["celery_burst"]["per_s"] > 0
+    )
+    assert "ours burst / raw rate" in stdout
+
+
+def test_api_against_a_bare_endpoint(redis_url: str, tmp_path: Path) -> None:
+    stdout, figures = bench(redis_url, tmp_path, "api", "--seconds", "1", "--clients", "4")
+    assert figures["bare"]["per_s"] > 0 and figures["ours"]["per_s"] > 0
+    assert figures["bare"]["errors"] == figures["ours"]["errors"] == 0
+    assert "ours / bare" in stdout
+
+
+def test_priority_high_tasks_jump_the_backlog(redis_url: str, tmp_path: Path) -> None:
+    stdout, figures = bench(
+        redis_url, tmp_path, "priority", "--backlog", "60", "--high", "3", "--every", "0.1"
+    )
+    assert figures["high_wait_ms"]["p50"] >= 0 and figures["task_run_ms"]["p50"] > 0
+    assert "high p99 wait / one task's run" in stdout
+
+
+@pytest.mark.parametrize("executors", ["1", "2"])
+def test_scaling_runs_each_configuration(redis_url: str, tmp_path: Path, executors: str) -> None:
+    _, figures = bench(
+        redis_url, tmp_path, "scaling", "--burst", "10", "--workers", "1", "--executors", executors
+    )
+    [result] = figures["results"]
+    assert result["executors"] == int(executors) and result["per_s"] > 0
