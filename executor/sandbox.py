@@ -54,9 +54,16 @@ CPU_LIMIT_SHARE = 0.9
 SHM_BYTES = 16 * 1024 * 1024
 #: Largest compiled binary handed from the compile sandbox to the run sandbox.
 MAX_BINARY_BYTES = 64 * 1024 * 1024
-#: Messages runtimes print when an allocation fails (RLIMIT_AS refused it); only trusted without
-#: cgroups (a program can print them), where a cgroup OOM kill is detected exactly instead.
-OUT_OF_MEMORY_SIGNS = ("MemoryError", "Cannot allocate memory", "std::bad_alloc", "out of memory")
+#: Messages runtimes print when an allocation fails. RLIMIT_AS refuses an allocation past it
+#: before any cgroup sees it and leaves no other trace, so a failed run saying so counts as out of
+#: memory even with cgroups (a program could print one: it only mislabels its own failure).
+OUT_OF_MEMORY_SIGNS = (
+    "MemoryError",
+    "Cannot allocate memory",
+    "std::bad_alloc",
+    "out of memory",
+    "Array buffer allocation failed",  # Node
+)
 
 
 @dataclass(frozen=True)
@@ -334,7 +341,8 @@ class Sandbox:
             timeout, memory_mb, out_cap = limits.compile_timeout, limits.compile_memory_mb, MAX_BINARY_BYTES
         else:
             timeout, memory_mb, out_cap = limits.timeout, limits.memory_mb, limits.output_bytes
-        # With cgroups the group holds memory; RLIMIT_AS then only stops absurd reservations.
+        # With cgroups the group holds memory; RLIMIT_AS then only stops absurd reservations
+        # (a refused one still reads as out of memory: see OUT_OF_MEMORY_SIGNS).
         lang_min = language.min_address_space_mb if language else 0
         address_space = max(memory_mb * (4 if self.cgroups else 1), lang_min)
         group = self._group(uid, memory_mb, limits)
@@ -423,11 +431,10 @@ class Sandbox:
 
     def _verdict(self, run: _Run, o: _Outcome, limits: Limits, compile_step: bool = False) -> RunResult:
         error = o.stderr.text()
-        # with cgroups only the kernel's OOM kill counts; a program can print "MemoryError"
+        # a cgroup OOM kill, or an allocation the address-space limit refused (one too large
+        # for it, even if far below the cgroup's limit in use so far)
         out_of_memory = o.oom_killed or (
-            not self.cgroups
-            and o.exit_code not in (0, None)
-            and any(sign in error for sign in OUT_OF_MEMORY_SIGNS)
+            o.exit_code not in (0, None) and any(sign in error for sign in OUT_OF_MEMORY_SIGNS)
         )
         if run.cancelled:
             status = "cancelled"
@@ -441,7 +448,8 @@ class Sandbox:
             error += f"\nOutput limit exceeded: more than {OUTPUT_KILL_FACTOR} x {limits.output_bytes} bytes"
         elif out_of_memory:
             status = "memory_limit_exceeded"
-            error += f"\nMemory limit of {limits.memory_mb} MB exceeded"
+            memory_mb = limits.compile_memory_mb if compile_step else limits.memory_mb
+            error += f"\nMemory limit of {memory_mb} MB exceeded"
         elif o.exit_code == 0:
             status = "completed"
         else:
