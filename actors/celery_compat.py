@@ -200,6 +200,8 @@ class EvaluateTask:
             priority=level == "high",
             stdin=given["stdin"],
             args=list(given["args"] or []),
+            memory_mb=given["memory_mb"],
+            output_limit=given["output_limit"],
         )
         services = blocking_services()
         try:

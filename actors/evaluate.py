@@ -38,6 +38,8 @@ async def evaluate_code(
     timeout: float | None = None,
     stdin: str | None = None,
     args: list[str] | None = None,
+    memory_mb: int | None = None,
+    output_limit: int | None = None,
 ) -> None:
     """Run one submission on an executor and store the finished result.
 
@@ -61,7 +63,8 @@ async def evaluate_code(
         return
     log.info("evaluation.running", language=language)
     payload = {"eval_id": eval_id, "code": code, "language": language, "timeout": timeout,
-               "stdin": stdin, "args": args or []}  # fmt: skip
+               "stdin": stdin, "args": args or [], "memory_mb": memory_mb,
+               "output_limit": output_limit}  # fmt: skip
     executor, result = await rt.executors.execute(payload)
     if result["status"] == "cancelled" and not await _stopped_on_purpose(eval_id, attempt):
         raise RunInterrupted(f"the run was stopped on {executor} without a cancel")
@@ -119,13 +122,14 @@ def evaluation_message(
     timeout: float,
     stdin: str | None = None,
     args: list[str] | None = None,
+    memory_mb: int | None = None,
+    output_limit: int | None = None,
 ) -> Message:
-    """The message for one evaluation; its id is the Celery-style task id."""
+    """The message for one evaluation; its id is the Celery-style task id. Optional arguments
+    go in only when given, so such a message stays readable by workers that predate them."""
     kwargs: dict[str, object] = {"eval_id": eval_id, "code": code, "language": language, "timeout": timeout}
-    if stdin is not None:
-        kwargs["stdin"] = stdin
-    if args:
-        kwargs["args"] = args
+    optional = {"stdin": stdin, "args": args or None, "memory_mb": memory_mb, "output_limit": output_limit}
+    kwargs.update({name: value for name, value in optional.items() if value is not None})
     message = evaluate_code.message_with_options(
         kwargs=kwargs,
         time_limit=int(timeout * 1000) + TIME_LIMIT_MARGIN_MS,

@@ -40,6 +40,7 @@ from app.submission import Accepted, Submission
 from app.validation import (
     MAX_ARG_BYTES,
     MAX_ARGS,
+    MIN_MEMORY_MB,
     read_json,
     read_json_object,
     require_bool,
@@ -126,7 +127,18 @@ class Api:
         priority = require_bool(body, "priority", default=False)
         stdin = require_string(body, "stdin", default=None, max_bytes=s.max_stdin_bytes)
         args = require_string_list(body, "args", max_items=MAX_ARGS, max_bytes=MAX_ARG_BYTES)
-        return Submission(eval_id or new_eval_id(), code, language, float(timeout), priority, stdin, args)
+        # bounded by the same maxima the executors enforce, so an accepted request is never
+        # refused there (a retry could not help it)
+        memory_mb = require_number(
+            body, "memory_mb", default=None, low=MIN_MEMORY_MB, high=s.memory_limit_mb, integer=True
+        )
+        output_limit = require_number(
+            body, "output_limit", default=None, low=1, high=s.output_limit_bytes, integer=True
+        )
+        return Submission(
+            eval_id or new_eval_id(), code, language, float(timeout), priority, stdin, args,
+            memory_mb=memory_mb, output_limit=output_limit,
+        )  # fmt: skip
 
     # -- submission ----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from app.config import LEVELS, Settings
 from app.store import STATUSES
+from app.validation import MIN_MEMORY_MB
 
 #: How a boolean query parameter may be written.
 TRUE_WORDS = ("true", "1", "yes")
@@ -49,6 +50,18 @@ def openapi_schema(settings: Settings, languages: list[str]) -> dict[str, Any]:
             "code": {"type": "string", "pattern": r"\S", "maxLength": settings.max_code_bytes},
             "language": {"type": "string", "enum": languages, "default": "python", "nullable": True},
             "timeout": {"type": "number", "minimum": 1, "maximum": settings.max_timeout, "nullable": True},
+            "memory_mb": {
+                "type": "integer",
+                "minimum": MIN_MEMORY_MB,
+                "maximum": settings.memory_limit_mb,
+                "nullable": True,
+            },
+            "output_limit": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": settings.output_limit_bytes,
+                "nullable": True,
+            },
             "priority": {"type": "boolean", "default": False, "nullable": True},
             "eval_id": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$", "nullable": True},
             "stdin": {"type": "string", "maxLength": settings.max_stdin_bytes, "nullable": True},

@@ -16,6 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from dramatiq.message import Message
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
@@ -46,6 +47,9 @@ class Submission:
     priority: bool = False
     stdin: str | None = None
     args: list[str] = field(default_factory=list)
+    #: None: the executor's default (its configured maximum)
+    memory_mb: int | None = None
+    output_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ class Submitter:
 
     async def _to_dramatiq(self, sub: Submission, evaluation: NewEvaluation) -> Accepted:
         """Record and enqueue atomically; the position counts ready messages ahead of it."""
-        message = evaluation_message(sub.eval_id, sub.code, sub.language, sub.timeout, sub.stdin, sub.args)
+        message = _message(sub)
         level = evaluation.level
         above = LEVELS[: LEVELS.index(level) + 1]
 
@@ -200,7 +204,7 @@ class Submitter:
 
     async def _take_over_from_legacy(self, sub: Submission, evaluation: NewEvaluation) -> int:
         """Move a recorded legacy submission to Dramatiq in one transaction, and count it."""
-        message = evaluation_message(sub.eval_id, sub.code, sub.language, sub.timeout, sub.stdin, sub.args)
+        message = _message(sub)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(self.store.key(sub.eval_id), mapping={"queue_system": "dramatiq", "fallback": "1"})
             pipe.srem(legacy_pending_key(self.ns), sub.eval_id)
@@ -266,6 +270,12 @@ class Submitter:
             pipe.srem(legacy_pending_key(self.ns), eval_id)
             await self.store.delete_in(pipe, eval_id)
             await pipe.execute()
+
+
+def _message(sub: Submission) -> Message:
+    return evaluation_message(
+        sub.eval_id, sub.code, sub.language, sub.timeout, sub.stdin, sub.args, sub.memory_mb, sub.output_limit
+    )
 
 
 def _duplicate() -> RequestError:

@@ -18,6 +18,8 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 #: Command-line arguments a run may be given.
 MAX_ARGS = 64
 MAX_ARG_BYTES = 4096
+#: The smallest memory limit a run may ask for (an interpreter needs some to start at all).
+MIN_MEMORY_MB = 16
 
 
 async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
@@ -70,13 +72,17 @@ def require_string(
     return value
 
 
-def require_number(body: dict[str, Any], name: str, *, default: D, low: float, high: float) -> float | D:
-    """A number field within [low, high]; out of range is refused, never clamped."""
+def require_number(
+    body: dict[str, Any], name: str, *, default: D, low: float, high: float, integer: bool = False
+) -> float | D:
+    """A number field within [low, high]; out of range is refused, never clamped. With
+    `integer`, a fraction is refused too (rather than silently rounded)."""
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RequestError(422, f"field '{name}' must be a number", field=name)
+    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+        kind = "a whole number" if integer else "a number"
+        raise RequestError(422, f"field '{name}' must be {kind}", field=name)
     try:
         finite = math.isfinite(value)
     except OverflowError:  # an integer too large for a float

@@ -101,3 +101,30 @@ async def test_stdin_args_and_new_verdicts_through_the_api(api: httpx.AsyncClien
     assert broken["status"] == "compile_error"
     bad = await api.post("/api/eval", json={"code": "print(1)", "args": [1, 2]})
     assert bad.status_code == 422 and bad.json()["details"]["field"] == "args"
+
+
+async def test_memory_and_output_limits_per_request_through_the_api(api: httpx.AsyncClient) -> None:
+    allocation = await wait_final(api, await submit(api, "x = bytearray(200 * 10**6)", memory_mb=64))
+    assert allocation["status"] == "memory_limit_exceeded", allocation
+    assert "Memory limit of 64 MB exceeded" in allocation["error"]
+    capped = await wait_final(api, await submit(api, "print('x' * 100)", output_limit=10))
+    assert capped["status"] == "completed" and capped["output"] == "x" * 10 and capped["output_truncated"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("memory_mb", 10**6),
+        ("memory_mb", 8),
+        ("memory_mb", 64.5),
+        ("output_limit", 10**9),
+        ("output_limit", 0),
+    ],
+)
+async def test_api_limits_out_of_range_are_refused_naming_the_field(
+    api: httpx.AsyncClient, field: str, value: object
+) -> None:
+    response = await api.post("/api/eval", json={"code": "print(1)", field: value})
+    assert response.status_code == 422 and response.json()["details"]["field"] == field
+    batch = await api.post("/api/eval-batch", json={"evaluations": [{"code": "print(1)", field: value}]})
+    assert batch.json()["evaluations"][0]["field"] == field and batch.json()["failed"] == 1
