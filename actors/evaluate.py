@@ -24,7 +24,8 @@ log = structlog.get_logger(__name__)
 #: Actors bind to the broker when declared, so it must exist first.
 broker = process_broker()
 
-#: A stuck actor is interrupted this long after its run's own time-out.
+#: A stuck actor is interrupted this long after its run's own time-out; more than the
+#: executor client waits beyond it (compile step and answer margin), so it never cuts a run short.
 TIME_LIMIT_MARGIN_MS = 60_000
 
 

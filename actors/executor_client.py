@@ -11,12 +11,13 @@ import httpx
 import structlog
 
 from app.auth import executor_headers
+from executor.sandbox import COMPILE_TIMEOUT_SECONDS
 
 log = structlog.get_logger(__name__)
 
 #: How long an executor that refused a connection is left out of the rotation.
 DOWN_SECONDS = 5.0
-#: Time allowed on top of the run's own time-out for the executor to answer.
+#: Time allowed on top of the run's own time-out (and a compile step's) for the executor to answer.
 ANSWER_MARGIN_SECONDS = 15.0
 #: How long a worker waits for a free executor slot before the attempt fails (and is retried).
 BUSY_WAIT_SECONDS = 600.0
@@ -63,7 +64,10 @@ class ExecutorPool:
         goes on unwatched.
         """
         eval_id = payload["eval_id"]
-        timeout = httpx.Timeout(float(payload["timeout"]) + ANSWER_MARGIN_SECONDS, connect=2.0)
+        # every language gets the compile budget: a worker cannot tell which ones an executor
+        # compiles, and giving up on a slow compile would only run it again
+        answer_within = float(payload["timeout"]) + COMPILE_TIMEOUT_SECONDS + ANSWER_MARGIN_SECONDS
+        timeout = httpx.Timeout(answer_within, connect=2.0)
         deadline = time.monotonic() + BUSY_WAIT_SECONDS
         while True:
             unreachable: list[str] = []

@@ -52,6 +52,8 @@ CPU_LIMIT_SHARE = 0.9
 #: Size of the run's /dev/shm (POSIX shared memory, semaphores); /tmp and this are the only
 #: writable places in the sandbox, both size-capped tmpfs.
 SHM_BYTES = 16 * 1024 * 1024
+#: Wall-time limit of a compile step, on top of the run's own (workers wait for both).
+COMPILE_TIMEOUT_SECONDS = 30.0
 #: Largest compiled binary handed from the compile sandbox to the run sandbox.
 MAX_BINARY_BYTES = 64 * 1024 * 1024
 #: Messages runtimes print when an allocation fails. RLIMIT_AS refuses an allocation past it
@@ -77,7 +79,7 @@ class Limits:
     open_files: int
     file_size_mb: int
     tmpfs_mb: int
-    compile_timeout: float = 30.0
+    compile_timeout: float = COMPILE_TIMEOUT_SECONDS
     compile_memory_mb: int = 1024
 
 

@@ -8,8 +8,11 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
+from actors.executor_client import ExecutorPool
+from executor.sandbox import COMPILE_TIMEOUT_SECONDS
 from tests.conftest import stack_env, start_stack
 from tests.helpers import api_client, submit, wait_final
 from tests.stack import free_port
@@ -88,3 +91,16 @@ async def test_runs_wait_for_a_free_executor_slot(redis_url: str, namespace: str
             results = [await wait_final(api, i) for i in ids]
     assert [r["output"] for r in results] == [f"{n}\n" for n in range(4)]
     assert all(r["retries"] == 0 for r in results)
+
+
+async def test_a_worker_waits_for_the_compile_step_and_the_run() -> None:
+    """A worker giving up during a slow compile would only have the run started again."""
+    waited: list[float] = []
+
+    def executor(request: httpx.Request) -> httpx.Response:
+        waited.append(request.extensions["timeout"]["read"])
+        return httpx.Response(200, json={"status": "completed"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(executor)) as client:
+        await ExecutorPool(("http://executor",), client).execute({"eval_id": "e", "timeout": 10})
+    assert waited[0] > 10 + COMPILE_TIMEOUT_SECONDS
