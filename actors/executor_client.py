@@ -95,6 +95,19 @@ class ExecutorPool:
                 raise ExecutorHTTPError("all executors", 503, f"busy for {BUSY_WAIT_SECONDS}s")
             await asyncio.sleep(BUSY_POLL_SECONDS)
 
+    async def languages(self) -> dict[str, Any]:
+        """The first reachable executor's `GET /languages` (name, version, compiled): what
+        actually runs submissions, rather than what happens to be installed where the caller is."""
+        failures: list[str] = []
+        for url in self._rotation():
+            try:
+                response = await self.client.get(f"{url}/languages", timeout=5.0, headers=self.headers)
+                response.raise_for_status()
+                return response.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                failures.append(f"{url}: {exc}")
+        raise ExecutorUnavailable("; ".join(failures))
+
     async def kill(self, url: str, eval_id: str, attempt_only: bool = False) -> bool:
         """Stop `eval_id` on one executor; True if it was running there.
 

@@ -23,11 +23,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from actors.executor_client import ExecutorUnavailable
 from app.auth import ApiKeyBackend, auth_failed, caller
 from app.config import LEVELS, Settings, get_settings
 from app.dashboard import dashboard_routes, root_redirect
 from app.dlq import NotInDLQ, NotRetryable, public_entry
-from app.errors import RequestError, install_error_handlers
+from app.errors import RequestError, Unavailable, install_error_handlers
 from app.keys import PRIORITY_TIERS, ApiKey
 from app.logs import configure_logging
 from app.migration import MigrationTracker
@@ -105,10 +106,20 @@ class Api:
         self.canceller = services.canceller
         self.dlq = services.dlq
         self.limiter = services.limiter
+        self.executors = services.executors
         self.languages = sorted(registry(self.settings.python_path))
 
     async def openapi(self, request: Request) -> JSONResponse:
         return JSONResponse(openapi_schema(self.settings, self.languages))
+
+    async def list_languages(self, request: Request) -> JSONResponse:
+        try:
+            listing = await self.executors.languages()
+        except ExecutorUnavailable as exc:
+            # executor addresses are for admins only; the log has them
+            log.warning("languages.no_executor", error=str(exc))
+            raise Unavailable("no executor answered, try again shortly") from None
+        return JSONResponse({"languages": listing.get("languages", [])})
 
     # -- input ---------------------------------------------------------------------------
 
@@ -450,6 +461,7 @@ def create_app(settings: Settings | None = None, extra_routes: Sequence[BaseRout
         # Every route needs a live API key ("user") unless it says otherwise; see app/auth.py.
         routes=[
             Route("/openapi.json", delegate("api", "openapi")),
+            Route("/api/languages", delegate("api", "list_languages")),
             Route("/api/eval", delegate("api", "submit"), methods=["POST"]),
             Route("/api/eval-batch", delegate("api", "submit_batch"), methods=["POST"]),
             Route("/api/eval/{eval_id}", delegate("api", "get_evaluation")),

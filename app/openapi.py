@@ -172,6 +172,31 @@ def openapi_schema(settings: Settings, languages: list[str]) -> dict[str, Any]:
                     ),
                 }
             },
+            "/api/languages": {
+                "get": {
+                    "summary": "Languages the executors run, with versions",
+                    "responses": _answers(
+                        {
+                            "type": "object",
+                            "required": ["languages"],
+                            "properties": {
+                                "languages": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["name", "version", "compiled"],
+                                        "properties": {
+                                            "name": {"type": "string"},
+                                            "version": {"type": "string"},
+                                            "compiled": {"type": "boolean"},
+                                        },
+                                    },
+                                }
+                            },
+                        }
+                    ),
+                }
+            },
             "/api/eval/{eval_id}": {
                 "get": {"parameters": [_eval_id_param()], "responses": _answers(evaluation, 404)}
             },

@@ -35,6 +35,7 @@ class Services:
     legacy: LegacyCelery | None
     keys: KeyStore
     limiter: RateLimiter
+    executors: ExecutorPool
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -66,6 +67,7 @@ class Services:
             legacy=legacy,
             keys=KeyStore(client, settings.namespace),
             limiter=RateLimiter(client, settings.namespace, settings.rate_limits),
+            executors=executors,
         )
 
     async def close(self) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
+from app.keys import KeyStore
+from tests.conftest import Stack
+from tests.helpers import api_client, submit, wait_final
 from tests.helpers import execute as run
-from tests.helpers import submit, wait_final
 
 HELLO = {
     "python": "import sys\nprint('hello', sys.argv[1:], input())",
@@ -128,3 +131,18 @@ async def test_api_limits_out_of_range_are_refused_naming_the_field(
     assert response.status_code == 422 and response.json()["details"]["field"] == field
     batch = await api.post("/api/eval-batch", json={"evaluations": [{"code": "print(1)", field: value}]})
     assert batch.json()["evaluations"][0]["field"] == field and batch.json()["failed"] == 1
+
+
+async def test_any_key_lists_the_executors_languages_through_the_api(
+    shared_stack: Stack, aredis: aioredis.Redis
+) -> None:
+    _, standard = await KeyStore(aredis, shared_stack.namespace).create("languages", "standard")
+    url = shared_stack.api_url
+    async with api_client(url, standard) as user, api_client(url, None) as anon:
+        response = await user.get("/api/languages")
+        assert (await anon.get("/api/languages")).status_code == 401
+    assert response.status_code == 200, response.text
+    languages = {entry["name"]: entry for entry in response.json()["languages"]}
+    assert set(languages) >= {"python", "javascript", "bash", "c", "cpp"}
+    assert languages["python"]["version"].startswith("Python 3") and languages["python"]["compiled"] is False
+    assert languages["cpp"]["compiled"] is True
