@@ -298,6 +298,18 @@ class AsyncEnqueuer:
         await self.dispatch_in(pipe, "enqueue", *args)
         return message
 
+    async def submit(
+        self, record_key: str, creation: list[list[str]], message: Message, level: str
+    ) -> int | None:
+        """Write a new record (`creation`, the store's commands) and enqueue its message in one
+        atomic call: one round trip, and never one without the other. None if the record
+        exists already; else how many ready messages are ahead of it."""
+        _, args = prepare(message, level)
+        ahead = LEVELS[: LEVELS.index(level) + 1]
+        command = ["submit", "api", 0, record_key, json.dumps(creation), *args, *ahead]
+        result = int(await self._dispatch(keys=[self.namespace], args=command))
+        return None if result == -1 else result
+
     async def cancel(self, task_id: str) -> bool:
         """Drop a waiting message by its task id; False if none was waiting."""
         return bool(await self._dispatch(keys=[self.namespace], args=["cancel", "api", 0, task_id]))

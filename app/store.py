@@ -226,32 +226,45 @@ class EvaluationStore:
     def events_channel(self) -> str:
         return f"{self.ns}:events"
 
-    def write_new(
-        self, pipe: aioredis.client.Pipeline, evaluation: NewEvaluation, count: bool = True
-    ) -> dict[str, str]:
-        """Queue the record's creation on `pipe` (inside the caller's MULTI); `count` adds it
-        to the submitted counters (not for shadow copies, nor before a send succeeded)."""
+    def creation(self, evaluation: NewEvaluation, count: bool = True) -> list[list[str]]:
+        """The commands that create the record: its hash, indexes, first event and counters.
+
+        `count` adds it to the submitted counters (not for shadow copies, nor before a send
+        succeeded). As data, so one Lua call (the broker's `submit`) can run them with the
+        enqueue, or a MULTI can hold them (`write_new`).
+        """
         fields = evaluation.fields()
         created_ms = int(time.time() * 1000)
         event = json.dumps(
             {"eval_id": evaluation.eval_id, "status": "queued", "previous_status": None, "at_ms": created_ms}
         )
         at = str(created_ms)
-        pipe.hset(self.key(evaluation.eval_id), mapping={**fields, "submitted_at_ms": at, "queued_at_ms": at})
-        pipe.zadd(f"{self.ns}:evals", {evaluation.eval_id: created_ms})
-        pipe.zadd(f"{self.ns}:evals:queued", {evaluation.eval_id: created_ms})
+        key = self.key(evaluation.eval_id)
+        record = {**fields, "submitted_at_ms": at, "queued_at_ms": at}
+        ops = [
+            ["hset", key, *(part for item in record.items() for part in item)],
+            ["zadd", f"{self.ns}:evals", at, evaluation.eval_id],
+            ["zadd", f"{self.ns}:evals:queued", at, evaluation.eval_id],
+        ]
         if evaluation.owner:
-            pipe.zadd(self.owner_index(evaluation.owner), {evaluation.eval_id: created_ms})
-            pipe.sadd(f"{self.ns}:active:{evaluation.owner}", evaluation.eval_id)
-        pipe.rpush(f"{self.key(evaluation.eval_id)}:events", event)
+            ops.append(["zadd", self.owner_index(evaluation.owner), at, evaluation.eval_id])
+            ops.append(["sadd", f"{self.ns}:active:{evaluation.owner}", evaluation.eval_id])
+        ops.append(["rpush", f"{key}:events", event])
         if count and evaluation.shadow_of is None:
-            pipe.hincrby(self.stats_key, f"submitted:{evaluation.queue_system}", 1)
             minute = f"{self.ns}:minute:{created_ms // 60000}"
-            pipe.hincrby(minute, "submitted", 1)
-            pipe.expire(minute, 7200)
-        pipe.publish(self.events_channel, event)
-        pipe.publish(f"{self.events_channel}:{evaluation.eval_id}", event)
-        return fields
+            ops.append(["hincrby", self.stats_key, f"submitted:{evaluation.queue_system}", "1"])
+            ops.append(["hincrby", minute, "submitted", "1"])
+            ops.append(["expire", minute, "7200"])
+        ops.append(["publish", self.events_channel, event])
+        ops.append(["publish", f"{self.events_channel}:{evaluation.eval_id}", event])
+        return ops
+
+    def write_new(
+        self, pipe: aioredis.client.Pipeline, evaluation: NewEvaluation, count: bool = True
+    ) -> None:
+        """Queue the record's creation on `pipe` (inside the caller's MULTI)."""
+        for op in self.creation(evaluation, count):
+            pipe.execute_command(*op)
 
     async def delete_in(self, pipe: aioredis.client.Pipeline, eval_id: str, owner: str | None = None) -> None:
         """Queue the removal of one evaluation, its timeline and its index entries on `pipe`."""

@@ -24,7 +24,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.broker import AsyncEnqueuer
 from actors.evaluate import evaluation_message
-from app.config import LEVELS
 from app.errors import RequestError
 from app.legacy import LegacyCelery, LegacyUnavailable
 from app.migration import MigrationControl, legacy_pending_key, other, shadow_id, shadow_pending_key
@@ -147,19 +146,19 @@ class Submitter:
             return Accepted(sub.eval_id, "legacy", None, fallback=True)
 
     async def _to_dramatiq(self, sub: Submission, evaluation: NewEvaluation) -> Accepted:
-        """Record and enqueue atomically; the position counts ready messages ahead of it."""
-        message = _message(sub)
-        level = evaluation.level
-        above = LEVELS[: LEVELS.index(level) + 1]
-
-        async def enqueue(pipe: Pipeline) -> None:
-            await self.enqueuer.enqueue_in(pipe, message, level)
-            for lvl in above:
-                pipe.llen(f"{self.ns}:queue:{lvl}")
-
-        results = await self._record(evaluation, enqueue)
-        log.info("evaluation.queued", eval_id=sub.eval_id, level=level, language=sub.language)
-        return Accepted(sub.eval_id, "dramatiq", max(sum(results[-len(above) :]) - 1, 0))
+        """Record and enqueue in one Lua call; the position counts ready messages ahead of it."""
+        if self.store.forwarder:
+            # the storage service hears of it before any worker can report it running
+            if await self.client.exists(self.store.key(sub.eval_id)):
+                raise _duplicate()
+            await self.store.announce(evaluation)
+        ahead = await self.enqueuer.submit(
+            self.store.key(sub.eval_id), self.store.creation(evaluation), _message(sub), evaluation.level
+        )
+        if ahead is None:
+            raise _duplicate()
+        log.info("evaluation.queued", eval_id=sub.eval_id, level=evaluation.level, language=sub.language)
+        return Accepted(sub.eval_id, "dramatiq", max(ahead, 0))
 
     # -- legacy Celery -------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ on the same Redis and the same machine, with the same worker concurrency.
     .venv/bin/python -m bench queue --tasks 2000            # embedded Valkey
     REDIS_URL=redis://127.0.0.1:6379/0 .venv/bin/python -m bench queue --json out.json
 
-- ours: the production broker and middleware; each task is recorded and enqueued in one MULTI
+- ours: the production broker and middleware; each task is recorded and enqueued in one Lua call
   (as the API does), then moves queued → running → completed in its record (bench/noop_ours.py).
 - dramatiq: Dramatiq's RedisBroker and default middleware, a task that only counts itself.
 - celery: Celery on Redis (prefork pool, results ignored), the same task.
@@ -75,10 +75,9 @@ def run_ours(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[st
 
             async def one() -> None:
                 eval_id = f"noop-{uuid.uuid4().hex[:12]}"
-                async with gate, aclient.pipeline(transaction=True) as pipe:
-                    store.write_new(pipe, NewEvaluation(eval_id, "", "python", 1, "default", False, {}))
-                    await enqueuer.enqueue_in(pipe, noop.message(eval_id, key), "default")
-                    await pipe.execute()
+                creation = store.creation(NewEvaluation(eval_id, "", "python", 1, "default", False, {}))
+                async with gate:  # as the API submits: the record and the message in one Lua call
+                    await enqueuer.submit(store.key(eval_id), creation, noop.message(eval_id, key), "default")
 
             await asyncio.gather(*(one() for _ in range(n)))
             await aclient.aclose()

@@ -122,6 +122,23 @@ if command == "enqueue" then
     enqueue(4)
     return 1
 
+elseif command == "submit" then
+    -- args: the key of a record that must not exist yet, the JSON list of commands that write
+    -- it (the store makes them), a message as for enqueue, then the levels whose ready
+    -- messages count as ahead of it. One call: the record and its message exist together or
+    -- not at all. Returns -1 when the record exists already (nothing is written), else how
+    -- many ready messages are ahead of this one.
+    if redis.call("exists", ARGV[4]) == 1 then return -1 end
+    for _, op in ipairs(cjson.decode(ARGV[5])) do
+        redis.call(unpack(op))
+    end
+    enqueue(6)
+    local ahead = -1
+    for i = 11, #ARGV do
+        ahead = ahead + redis.call("llen", queue_key(ARGV[i]))
+    end
+    return ahead
+
 elseif command == "enqueue_once" then
     -- args: an idempotency key and how long to remember it (ms), then a message as for
     -- enqueue. The same key again (a second scheduler sending the same tick) enqueues nothing.
