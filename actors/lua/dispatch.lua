@@ -76,11 +76,15 @@ end
 -- meanwhile (this worker was taken for dead), out of the queues again. False when it was
 -- settled already (a re-sent command), so settling twice changes nothing.
 local function claim(message_id)
-    redis.call("srem", acks_key(worker_id), message_id)
+    local held = redis.call("srem", acks_key(worker_id), message_id) == 1
     if redis.call("hexists", msgs, message_id) == 0 then return false end
-    local level = redis.call("hget", levels, message_id)
-    if level then redis.call("lrem", queue_key(level), 0, message_id) end
-    redis.call("zrem", delayed, message_id)
+    if not held then
+        -- handed back meanwhile: out of the queues again. Only then, as LREM reads the
+        -- whole list, which under a backlog made every ack cost O(backlog).
+        local level = redis.call("hget", levels, message_id)
+        if level then redis.call("lrem", queue_key(level), 0, message_id) end
+        redis.call("zrem", delayed, message_id)
+    end
     return true
 end
 
