@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from itertools import accumulate
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -250,9 +251,10 @@ class OpsApi:
                 in_flight, retries, *histograms]  # fmt: skip
 
     async def _histogram(self, name: str, documentation: str, key: str) -> HistogramMetricFamily:
-        """A Prometheus histogram from the cumulative buckets transition.lua keeps (in ms)."""
+        """A Prometheus histogram from the per-bucket counts transition.lua keeps (in ms)."""
         raw: dict[str, str] = await self.client.hgetall(f"{self.store.ns}:hist:{key}")
-        buckets = [(str(ms / 1000), int(raw.get(f"le:{ms}", 0))) for ms in HISTOGRAM_BOUNDS_MS]
+        counts = accumulate(int(raw.get(f"in:{ms}", 0)) for ms in HISTOGRAM_BOUNDS_MS)
+        buckets = [(str(ms / 1000), count) for ms, count in zip(HISTOGRAM_BOUNDS_MS, counts, strict=True)]
         family = HistogramMetricFamily(name, documentation)
         family.add_metric(
             [],

@@ -106,6 +106,7 @@ async def test_status_shows_workers_tasks_queues_and_a_worker_that_died(
                 assert [le for le, _ in buckets][-1] == "+Inf" and len(buckets) == 13
                 counts = [float(n) for _, n in buckets]
                 assert counts == sorted(counts) and counts[-1] == metric(metrics, f"{histogram}_count")
+                assert dict(buckets)["10.0"] == buckets[-1][1] != "0.0"  # hello worlds: all under 10 s
             assert metric(metrics, "crucible_retries_total", '{policy="default"}') == 0
             # Every series the Grafana dashboard in deploy/ queries is one /metrics serves.
             grafana = json.loads((ROOT / "deploy" / "grafana" / "crucible-dashboard.json").read_text())
