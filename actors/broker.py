@@ -126,12 +126,27 @@ class PriorityBroker(Broker):
             self.dispatch(command, *args)
             return
         try:
-            with self.client.pipeline(transaction=True) as pipe:
-                self._dispatch(keys=[self.namespace], args=self._dispatch_args(command, *args), client=pipe)
-                self._transition(keys=[self.namespace], args=status.args(), client=pipe)
-                pipe.execute()
+            try:
+                applied, current = self._settle_once(command, args, status)
+            except redis.exceptions.NoScriptError:
+                # Redis restarted and lost its script cache. Both halves are safe to send
+                # again: a settled message is not settled twice, a made change is refused.
+                self._dispatch.sha = self.client.script_load(DISPATCH_LUA)
+                self._transition.sha = self.client.script_load(TRANSITION_LUA)
+                applied, current = self._settle_once(command, args, status)
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
+        if not applied:
+            log.info("status.change_refused", eval_id=status.eval_id, wanted=status.status, current=current)
+
+    def _settle_once(self, command: str, args: tuple[Any, ...], status: StatusChange) -> tuple[int, str]:
+        """One MULTI, sent by sha alone: redis-py's pipelined scripts would first ask SCRIPT
+        EXISTS, a second round trip on every ack."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.evalsha(self._dispatch.sha, 1, self.namespace, *self._dispatch_args(command, *args))
+            pipe.evalsha(self._transition.sha, 1, self.namespace, *status.args())
+            _, (applied, current) = pipe.execute()
+        return int(applied), current.decode() if isinstance(current, bytes) else str(current)
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 30000) -> Consumer:
         slots = min(prefetch, self.fetch_slots) if self.fetch_slots else prefetch
@@ -259,7 +274,7 @@ class PriorityConsumer(Consumer):
         status = StatusChange(**change) if change else None
         plan = message.options.get(SETTLE)
         if plan is None:
-            self._settle("ack", message, status=None)
+            self._settle("ack", message, status=status)  # the actor's result, if it left one
         elif plan["command"] == "retry":
             # swap the fetched message for a delayed copy: no moment where it is lost or doubled
             _, args = prepare(message, self.broker.level_of(message), plan["delay_ms"])

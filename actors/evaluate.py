@@ -6,6 +6,7 @@ Importing this module builds the process's broker; `actors.maintenance` holds th
 from __future__ import annotations
 
 import socket
+from dataclasses import asdict
 from typing import Any
 
 import dramatiq
@@ -17,7 +18,8 @@ from actors.broker import QUEUE_NAME, REDIS_ID_OPTION
 from actors.runtime import runtime, worker_name
 from actors.setup import process_broker
 from app.config import get_settings
-from app.store import NewEvaluation, task_id_of, utc_now
+from app.store import NewEvaluation, StatusChange, task_id_of, utc_now
+from middleware.state import STATUS_CHANGE
 
 log = structlog.get_logger(__name__)
 
@@ -69,26 +71,25 @@ async def evaluate_code(
     executor, result = await rt.executors.execute(payload)
     if result["status"] == "cancelled" and not await _stopped_on_purpose(eval_id, attempt):
         raise RunInterrupted(f"the run was stopped on {executor} without a cancel")
-    done, final = await rt.store.transition(
-        eval_id,
-        result["status"],
-        ("running",),
-        expect={"attempt": attempt},  # a newer delivery (this one taken for dead) owns the result
-        completed_at=utc_now(),
-        output=result["output"],
-        error=result["error"],
-        exit_code=result["exit_code"],
-        signal=result["signal"],
-        runtime_ms=result["runtime_ms"],
-        cpu_ms=result["cpu_ms"],
-        peak_memory_kb=result["peak_memory_kb"],
-        output_truncated=result["output_truncated"],
-        error_truncated=result["error_truncated"],
-        executor=executor,
-    )
-    log.info(
-        "evaluation.finished", status=result["status"] if done else final, kept=done, ms=result["runtime_ms"]
-    )
+    fields = {k: result[k] for k in RESULT_FIELDS}
+    # The result commits with the ack, in one round trip: a newer delivery (this one taken for
+    # dead) owns the record if the attempt token changed, and Dramatiq repeats the ack until
+    # Redis answers, so a finished run is never lost to a Redis outage.
+    fields.update(completed_at=utc_now(), executor=executor)
+    settle_with(StatusChange(eval_id, result["status"], ("running",), fields, expect={"attempt": attempt}))
+    log.info("evaluation.finished", status=result["status"], ms=result["runtime_ms"])
+
+
+#: What the executor's answer gives the record.
+RESULT_FIELDS = ("output", "error", "exit_code", "signal", "runtime_ms", "cpu_ms", "peak_memory_kb",
+                 "output_truncated", "error_truncated")  # fmt: skip
+
+
+def settle_with(change: StatusChange) -> None:
+    """Have the worker commit `change` together with this message's ack (see PriorityBroker.settle)."""
+    message = CurrentMessage.get_current_message()
+    assert message is not None, "only inside an actor"
+    message.options[STATUS_CHANGE] = asdict(change)
 
 
 class RunInterrupted(Exception):

@@ -2,7 +2,7 @@
 
 The broker and middleware are the production ones (priority routing, backoff, dead letters,
 results, worker stats, periodiq); the task writes the status records an evaluation writes
-(queued → running → completed, attempt-guarded) but runs no sandbox, then counts itself done.
+(queued → running, then completed with the ack, attempt-guarded) but runs no sandbox, then counts itself done.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import dramatiq
 
 from actors.broker import QUEUE_NAME
-from actors.evaluate import broker, current_attempt
+from actors.evaluate import broker, current_attempt, settle_with
 from actors.runtime import runtime, worker_name
-from app.store import utc_now
+from app.store import StatusChange, utc_now
 
 assert broker is not None  # the production broker exists before the actor is declared
 
@@ -23,5 +23,5 @@ async def noop(eval_id: str, done_key: str) -> None:
     attempt = current_attempt()
     await store.transition(eval_id, "running", ("queued",), started_at=utc_now(), worker=worker_name(),
                            attempt=attempt)  # fmt: skip
-    await store.transition(eval_id, "completed", ("running",), expect={"attempt": attempt}, output="")
+    settle_with(StatusChange(eval_id, "completed", ("running",), {"output": ""}, expect={"attempt": attempt}))
     await runtime().redis.incr(done_key)

@@ -47,7 +47,7 @@ class Backoff(Middleware):
 
     def after_ack(self, broker: Any, message: Any) -> None:
         eval_id = eval_id_of(message)
-        if SETTLE in message.options and eval_id and self.on_status_change:
+        if STATUS_CHANGE in message.options and eval_id and self.on_status_change:
             self.on_status_change(eval_id)
 
     def before_declare_actor(self, broker: Any, actor: Any) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import dramatiq
 import pytest
 
 from actors.broker import QUEUE_NAME, PriorityBroker, PriorityConsumer
+from app.store import StatusChange
 from middleware.priority import PriorityRouting
+from middleware.state import STATUS_CHANGE
 
 
 def make_broker(redis_url: str, namespace: str, **options: int) -> PriorityBroker:
@@ -116,6 +119,41 @@ def test_ack_forgets_and_nack_leaves_a_dead_letter_entry(broker: PriorityBroker)
     assert broker.queue_sizes() == {"high": 0, "default": 0, "low": 0, "delayed": 0, "in_flight": 0}
     assert broker.client.zrange(f"{broker.namespace}:dlq", 0, -1) == [second.message_id.encode()]
     assert broker.client.hexists(f"{broker.namespace}:dlq:entries", second.message_id)
+    assert not broker.client.hlen(f"{broker.namespace}:msgs")
+
+
+@pytest.mark.parametrize("scripts_lost", [False, True])
+def test_ack_commits_the_result_the_actor_left_in_the_same_round_trip(
+    broker: PriorityBroker, scripts_lost: bool
+) -> None:
+    job = declare(broker)
+    job.send(1)
+    consumer = PriorityConsumer(broker, slots=1)
+    message = next(consumer)
+    record = f"{broker.namespace}:eval:e1"
+    broker.client.hset(record, mapping={"status": "running", "attempt": "a1", "language": "python"})
+    if scripts_lost:  # as after a Redis restart: the scripts are sent again, nothing is doubled
+        broker.client.script_flush()
+    change = StatusChange("e1", "completed", ("running",), {"output": "hi\n"}, expect={"attempt": "a1"})
+    message.options[STATUS_CHANGE] = asdict(change)
+    consumer.ack(message)
+    assert broker.client.hget(record, "status") == b"completed"
+    assert broker.client.hget(record, "output") == b"hi\n"
+    assert broker.client.hget(f"{broker.namespace}:stats", "final:dramatiq:completed") == b"1"
+    assert broker.queue_sizes()["in_flight"] == 0 and not broker.client.hlen(f"{broker.namespace}:msgs")
+
+
+def test_a_stale_attempts_result_is_refused_and_its_message_still_settled(broker: PriorityBroker) -> None:
+    job = declare(broker)
+    job.send(1)
+    consumer = PriorityConsumer(broker, slots=1)
+    message = next(consumer)
+    record = f"{broker.namespace}:eval:e2"
+    broker.client.hset(record, mapping={"status": "running", "attempt": "newer"})
+    change = StatusChange("e2", "failed", ("running",), {"error": "late"}, expect={"attempt": "older"})
+    message.options[STATUS_CHANGE] = asdict(change)
+    consumer.ack(message)
+    assert broker.client.hget(record, "status") == b"running"
     assert not broker.client.hlen(f"{broker.namespace}:msgs")
 
 
