@@ -144,6 +144,7 @@ class Settings:
     sandbox_uid_base: int
     python_path: str
     sandbox_cgroups: str
+    sandbox_warm_pool: bool
     max_stdin_bytes: int
     retry_overrides: str | None
     admin_key: str | None
@@ -197,6 +198,7 @@ class Settings:
             sandbox_file_size_mb=_int("SANDBOX_FILE_SIZE_MB", 16),
             sandbox_uid_base=_int("SANDBOX_UID_BASE", 60000),
             python_path=_str("SANDBOX_PYTHON", "/usr/bin/python3"),
+            sandbox_warm_pool=_bool("SANDBOX_WARM_POOL", True),
             sandbox_cgroups=_choice("SANDBOX_CGROUPS", "auto", ("auto", "off", "required")),
             max_stdin_bytes=_int("CRUCIBLE_MAX_STDIN_BYTES", 1024 * 1024),
             retry_overrides=os.environ.get("CRUCIBLE_RETRY_POLICIES") or None,

@@ -38,6 +38,7 @@ from executor.cgroups import CgroupsV1
 from executor.languages import Language, registry
 from executor.sandbox import Limits, Sandbox, SandboxBusy, SandboxError
 from executor.seccomp import build_filter
+from executor.warm import WarmSpec
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +75,25 @@ def open_cgroups(mode: str) -> CgroupsV1 | None:
     return cgroups
 
 
+def request_limits(s: Settings, body: dict[str, object]) -> Limits:
+    """A request's limits: its own where it gives them, within the configured maxima (a value
+    over one is a 422, never clamped), else the defaults."""
+    timeout = require_number(body, "timeout", default=s.default_timeout, low=0.1, high=s.max_timeout)
+    memory = require_number(body, "memory_mb", default=s.memory_limit_mb, low=16, high=s.memory_limit_mb)
+    output = require_number(
+        body, "output_limit", default=s.output_limit_bytes, low=1, high=s.output_limit_bytes
+    )
+    return Limits(
+        timeout=float(timeout),
+        memory_mb=int(memory),
+        output_bytes=int(output),
+        processes=s.sandbox_max_processes,
+        open_files=s.sandbox_max_open_files,
+        file_size_mb=s.sandbox_file_size_mb,
+        tmpfs_mb=s.sandbox_tmpfs_mb,
+    )
+
+
 class Executor:
     """Validates requests against the configured maxima and hands them to the sandbox."""
 
@@ -86,21 +106,7 @@ class Executor:
         ).stdout.strip()
 
     def limits(self, body: dict[str, object]) -> Limits:
-        s = self.settings
-        timeout = require_number(body, "timeout", default=s.default_timeout, low=0.1, high=s.max_timeout)
-        memory = require_number(body, "memory_mb", default=s.memory_limit_mb, low=16, high=s.memory_limit_mb)
-        output = require_number(
-            body, "output_limit", default=s.output_limit_bytes, low=1, high=s.output_limit_bytes
-        )
-        return Limits(
-            timeout=float(timeout),
-            memory_mb=int(memory),
-            output_bytes=int(output),
-            processes=s.sandbox_max_processes,
-            open_files=s.sandbox_max_open_files,
-            file_size_mb=s.sandbox_file_size_mb,
-            tmpfs_mb=s.sandbox_tmpfs_mb,
-        )
+        return request_limits(self.settings, body)
 
     def language(self, body: dict[str, object]) -> Language:
         name = require_string(body, "language", default="python")
@@ -160,6 +166,7 @@ class Executor:
                 "seccomp": self.sandbox.seccomp is not None,
                 "capacity": self.sandbox.capacity,
                 "running": len(self.sandbox.running),
+                "warm": self.sandbox.warm,
                 "languages": sorted(self.languages),
             }
         )
@@ -185,6 +192,9 @@ async def open_sandbox(settings: Settings) -> AsyncIterator[Sandbox]:
             cgroups=cgroups,
             seccomp=build_filter(),
         )
+        python = registry(settings.python_path).get("python")
+        if settings.sandbox_warm_pool and python:
+            sandbox.warm_up(WarmSpec(python, request_limits(settings, {})))
         try:
             yield sandbox
         finally:

@@ -35,12 +35,15 @@ import structlog
 
 from executor.cgroups import CgroupsV1, RunGroup
 from executor.languages import BINARY, RUN_BINARY, Language
+from executor.warm import WarmSpec
 
 log = structlog.get_logger(__name__)
 
 READ_CHUNK = 65536
 #: The whole environment the sandbox launcher (sh, bwrap) gets.
 LAUNCH_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+#: util-linux's setpriv: how the launcher drops from root to a slot's uid (and no groups)
+SETPRIV = "/usr/bin/setpriv"
 #: How long a kill for a run not (yet) here makes this executor refuse to start that run.
 KILL_MEMORY_SECONDS = 300.0
 #: Output past this many times the kept size kills the run (`output_limit_exceeded`).
@@ -177,6 +180,33 @@ class _Run:
                 os.killpg(self.pid, signal.SIGKILL)
 
 
+@dataclass
+class _Started:
+    """A spawned sandbox and what must be read and undone when it ends."""
+
+    process: subprocess.Popen[bytes]
+    group: RunGroup | None
+    status_read: int
+
+
+@dataclass
+class _Warm:
+    """A pre-started Python sandbox waiting for its code on `code_write` (executor/warm.py)."""
+
+    started: _Started
+    code_write: int
+
+    def discard(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.started.process.pid, signal.SIGKILL)
+        self.started.process.wait()
+        if self.code_write >= 0:
+            os.close(self.code_write)
+        os.close(self.started.status_read)
+        if self.started.group:
+            self.started.group.remove()
+
+
 class Sandbox:
     """Builds bwrap command lines and supervises runs; one instance per executor."""
 
@@ -193,12 +223,18 @@ class Sandbox:
         self.cgroups = cgroups
         self.seccomp = seccomp
         self._as_root = os.geteuid() == 0
-        self._free_uids: asyncio.Queue[int] = asyncio.Queue()
+        #: the uid each run slot's sandboxes run as
+        self._uids = [uid_base + slot if self._as_root else os.geteuid() for slot in range(slots)]
+        self._free_slots: asyncio.Queue[int] = asyncio.Queue()
         for slot in range(slots):
-            self._free_uids.put_nowait(uid_base + slot if self._as_root else os.geteuid())
+            self._free_slots.put_nowait(slot)
         self.capacity = slots
         self.running: dict[str, _Run] = {}
         self._killed_early: dict[str, float] = {}
+        #: set by `warm_up`: pre-started Python sandboxes, one per free slot
+        self.warm_spec: WarmSpec | None = None
+        self._warm: dict[int, _Warm] = {}
+        self._busy: set[int] = set()
 
     @property
     def enforced_by(self) -> str:
@@ -290,17 +326,78 @@ class Sandbox:
             log.warning("sandbox.replaced", eval_id=eval_id)
             self.kill(eval_id, remember=False)
             await earlier.finished.wait()
-        if self._free_uids.empty():
+        if self._free_slots.empty():
             raise SandboxBusy(self.capacity)
-        uid = self._free_uids.get_nowait()
+        slot = self._free_slots.get_nowait()
+        self._busy.add(slot)
+        uid = self._uids[slot]
         run = self.running[eval_id] = _Run(eval_id, language.name)
+        warm = self._warm.pop(slot, None)
         try:
+            if warm and self.warm_spec and self.warm_spec.serves(language, limits, stdin, args):
+                outcome = await self._run_warm(run, warm, code, limits)
+                log.info("sandbox.warm_start", taken=outcome is not None)
+                if outcome is not None:
+                    return self._verdict(run, outcome, limits)
+            elif warm:
+                warm.discard()
             return await self._compile_and_run(run, uid, language, code, limits, stdin, args)
         finally:
             if self.running.get(eval_id) is run:
                 del self.running[eval_id]
             run.finished.set()
-            self._free_uids.put_nowait(uid)
+            self._busy.discard(slot)
+            self._free_slots.put_nowait(slot)
+            # once the answer is on its way: the slot's next warm sandbox
+            asyncio.get_running_loop().call_soon(self._rewarm, slot)
+
+    def warm_up(self, spec: WarmSpec) -> None:
+        """Keep a pre-started sandbox for `spec` in every free slot from now on."""
+        self.warm_spec = spec
+        for slot in range(self.capacity):
+            self._rewarm(slot)
+
+    def _rewarm(self, slot: int) -> None:
+        """Start a warm sandbox for a free slot (one taken meanwhile starts its run cold)."""
+        if self.warm_spec is None or slot in self._warm or slot in self._busy:
+            return
+        try:
+            self._warm[slot] = self._prewarm(self._uids[slot], self.warm_spec)
+        except (OSError, SandboxError) as exc:
+            log.warning("sandbox.prewarm_failed", error=str(exc))
+
+    def _prewarm(self, uid: int, spec: WarmSpec) -> _Warm:
+        code_read, code_write = os.pipe()
+        try:
+            started = self._start(uid, spec.argv(code_read), [], None, spec.limits, spec.limits.memory_mb,
+                                  spec.limits.timeout, spec.language, keep_fds=(code_read,))  # fmt: skip
+        except BaseException:
+            os.close(code_write)
+            raise
+        finally:
+            os.close(code_read)
+        return _Warm(started, code_write)
+
+    async def _run_warm(self, run: _Run, warm: _Warm, code: str, limits: Limits) -> _Outcome | None:
+        """Hand the code to a warm sandbox; from then on it is supervised as a cold run is.
+
+        None if it is gone (it died waiting, or its loader failed): the run then starts cold,
+        so nothing of ours is ever reported as the submission's failure.
+        """
+        try:
+            if warm.started.process.poll() is not None:
+                raise BrokenPipeError("the warm sandbox had ended")
+            await asyncio.get_running_loop().run_in_executor(
+                None, _write_and_close, warm.code_write, code.encode()
+            )
+        except OSError as exc:
+            log.warning("sandbox.warm_lost", eval_id=run.eval_id, error=str(exc))
+            warm.code_write = -1
+            warm.discard()
+            return None
+        return await self._supervised(
+            run, warm.started, limits.timeout, (limits.output_bytes, limits.output_bytes)
+        )
 
     async def _compile_and_run(
         self,
@@ -343,6 +440,22 @@ class Sandbox:
             timeout, memory_mb, out_cap = limits.compile_timeout, limits.compile_memory_mb, MAX_BINARY_BYTES
         else:
             timeout, memory_mb, out_cap = limits.timeout, limits.memory_mb, limits.output_bytes
+        started = self._start(uid, argv, files, stdin, limits, memory_mb, timeout, language)
+        return await self._supervised(run, started, timeout, (out_cap, limits.output_bytes))
+
+    def _start(
+        self,
+        uid: int,
+        argv: tuple[str, ...],
+        files: list[tuple[bytes, str, str]],
+        stdin: str | None,
+        limits: Limits,
+        memory_mb: int,
+        timeout: float,
+        language: Language | None,
+        keep_fds: tuple[int, ...] = (),
+    ) -> _Started:
+        """Spawn one sandboxed process in fresh cgroups; `keep_fds` are handed to it too."""
         # With cgroups the group holds memory; RLIMIT_AS then only stops absurd reservations
         # (a refused one still reads as out of memory: see OUT_OF_MEMORY_SIGNS).
         lang_min = language.min_address_space_mb if language else 0
@@ -351,16 +464,29 @@ class Sandbox:
         status_read, status_write = os.pipe()
         try:
             process = self._spawn(
-                argv, files, stdin, status_write, group, uid, address_space, limits, timeout
+                argv, files, stdin, status_write, group, uid, address_space, limits, timeout, keep_fds
             )
-            run.pid = process.pid
+        except BaseException:
+            os.close(status_read)
+            if group:
+                group.remove()
+            raise
+        return _Started(process, group, status_read)
+
+    async def _supervised(
+        self, run: _Run, started: _Started, timeout: float, caps: tuple[int, int]
+    ) -> _Outcome:
+        """Supervise a started sandbox to its end; read its usage and undo its cgroups."""
+        group = started.group
+        try:
+            run.pid = started.process.pid
             if self._was_killed_early(run.eval_id):  # the kill came while the process was spawned
                 run.cancelled = True
                 run.kill()
-            outcome = await _supervise(run, process, timeout, (out_cap, limits.output_bytes))
+            outcome = await _supervise(run, started.process, timeout, caps)
         finally:
             run.pid = None
-            status = _read_all(status_read)
+            status = _read_all(started.status_read)
             stats = group.stats() if group else None
             if group:
                 group.remove()
@@ -391,6 +517,7 @@ class Sandbox:
         address_space_mb: int,
         limits: Limits,
         timeout: float,
+        keep_fds: tuple[int, ...] = (),
     ) -> subprocess.Popen[bytes]:
         """Start bwrap (joining the run's cgroups first); inputs go in as memfds."""
         fds = [_memfd(data) for data, _, _ in files]
@@ -404,17 +531,21 @@ class Sandbox:
             if group:
                 join = 'for f; do [ "$f" = -- ] && break; echo $$ > "$f"; shift; done; shift; exec "$@"'
                 command = ["/bin/sh", "-c", join, "join", *group.procs_files, "--", *command]
+            if self._as_root:
+                # setpriv drops to the slot's uid, not Popen(user=...): with that, Python must
+                # fork a copy of the whole executor; without it, it can vfork (measured: the
+                # spawn was a third of the executor's time per run)
+                command = [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *command]
             return subprocess.Popen(
                 command,
                 stdin=stdin_fd,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                pass_fds=(*fds, *extra, status_fd),
+                pass_fds=(*fds, *extra, status_fd, *keep_fds),
                 start_new_session=True,
                 # Not the executor's environment (secrets, Redis URL): bwrap also clears it
                 # inside, but the launcher and bwrap itself run outside the sandbox.
                 env=LAUNCH_ENV,
-                **({"user": uid, "group": uid, "extra_groups": []} if self._as_root else {}),
             )
         finally:
             for fd in (*fds, *extra, stdin_fd, status_fd):
@@ -496,9 +627,17 @@ class Sandbox:
         return self._killed_early.pop(eval_id, None) is not None
 
     async def shutdown(self) -> None:
-        """Kill every run, so none outlives the executor."""
+        """Kill every run and every warm sandbox, so none outlives the executor."""
+        self.warm_spec = None
         for run in list(self.running.values()):
             run.kill()
+        while self._warm:
+            self._warm.popitem()[1].discard()
+
+    @property
+    def warm(self) -> int:
+        """Pre-started sandboxes waiting for code."""
+        return len(self._warm)
 
 
 async def _supervise(
@@ -571,6 +710,15 @@ async def _wait(
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
+
+
+def _write_and_close(fd: int, data: bytes) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _memfd(data: bytes) -> int:

@@ -12,14 +12,34 @@ from pathlib import Path
 import httpx
 import pytest
 
+from executor.warm import LOADER
 from tests.conftest import EXECUTOR_SECRET, ExecutorService
 from tests.helpers import execute as run
 
+#: How a warm sandbox's loader shows in `ps` (its program text, newlines as spaces).
+LOADER_MARK = " ".join(LOADER.split()[:8])
+
 
 def sandbox_processes() -> str:
-    """Processes on the host owned by the sandbox uids (60000-60999)."""
-    ps = subprocess.run(["ps", "-eo", "uid=,pid=,args="], capture_output=True, text=True).stdout
-    return "\n".join(line for line in ps.splitlines() if line.split()[0].startswith("60"))
+    """Processes on the host owned by the sandbox uids (60000-60999), except the executor's
+    idle warm sandboxes: each exactly bwrap, its init and a loader blocked reading its pipe."""
+    ps = subprocess.run(
+        ["ps", "-ww", "-eo", "uid=,pid=,ppid=,wchan:32=,args="], capture_output=True, text=True
+    )
+    rows = [line.split(None, 4) for line in ps.stdout.splitlines() if line.split()[0].startswith("60")]
+    parent = {row[1]: row[2] for row in rows}
+    trees: dict[str, list[list[str]]] = {}
+    for row in rows:
+        top = row[1]
+        while parent.get(top) in parent:
+            top = parent[top]
+        trees.setdefault(top, []).append(row)
+    active = []
+    for tree in trees.values():
+        waiting = [r for r in tree if "pipe_read" in r[3] and LOADER_MARK in r[4]]
+        if not (len(tree) == 3 and len(waiting) == 1):
+            active += [" ".join(r) for r in tree]
+    return "\n".join(active)
 
 
 def rss_kb(pid: int) -> int:
@@ -176,7 +196,8 @@ time.sleep(120)
 """
     pending = asyncio.create_task(run(executor, code, eval_id=eval_id, timeout=30))
     for _ in range(100):
-        if "time.sleep" in sandbox_processes() or len(sandbox_processes().splitlines()) >= 4:
+        # bwrap, its init, the program, its child and grandchild
+        if len(sandbox_processes().splitlines()) >= 5:
             break
         await asyncio.sleep(0.05)
     assert (await executor.post(f"/kill/{eval_id}")).status_code == 200

@@ -36,7 +36,7 @@ def test_queue_overhead_compares_ours_bare_dramatiq_and_celery(redis_url: str, t
 
 def test_evaluations_beside_the_raw_sandbox_and_celery(redis_url: str, tmp_path: Path) -> None:
     stdout, figures = bench(redis_url, tmp_path, "evaluations", "--runs", "3", "--burst", "10")
-    for path in ("raw", "ours_one_at_a_time", "ours_burst", "celery_burst"):
+    for path in ("raw_cold", "raw_warm", "ours_one_at_a_time", "ours_burst", "celery_burst"):
         assert figures[path]["p50"] > 0, path
     assert (
         figures["raw"]["per_s"] > 0
