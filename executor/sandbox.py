@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -43,7 +44,7 @@ READ_CHUNK = 65536
 #: The whole environment the sandbox launcher (sh, bwrap) gets.
 LAUNCH_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 #: util-linux's setpriv: how the launcher drops from root to a slot's uid (and no groups)
-SETPRIV = "/usr/bin/setpriv"
+SETPRIV = Path("/usr/bin/setpriv")
 #: How long a kill for a run not (yet) here makes this executor refuse to start that run.
 KILL_MEMORY_SECONDS = 300.0
 #: Output past this many times the kept size kills the run (`output_limit_exceeded`).
@@ -531,11 +532,14 @@ class Sandbox:
             if group:
                 join = 'for f; do [ "$f" = -- ] && break; echo $$ > "$f"; shift; done; shift; exec "$@"'
                 command = ["/bin/sh", "-c", join, "join", *group.procs_files, "--", *command]
-            if self._as_root:
+            drop: dict[str, Any] = {}
+            if self._as_root and SETPRIV.exists():
                 # setpriv drops to the slot's uid, not Popen(user=...): with that, Python must
                 # fork a copy of the whole executor; without it, it can vfork (measured: the
                 # spawn was a third of the executor's time per run)
-                command = [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *command]
+                command = [str(SETPRIV), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *command]
+            elif self._as_root:
+                drop = {"user": uid, "group": uid, "extra_groups": []}
             return subprocess.Popen(
                 command,
                 stdin=stdin_fd,
@@ -546,6 +550,7 @@ class Sandbox:
                 # Not the executor's environment (secrets, Redis URL): bwrap also clears it
                 # inside, but the launcher and bwrap itself run outside the sandbox.
                 env=LAUNCH_ENV,
+                **drop,
             )
         finally:
             for fd in (*fds, *extra, stdin_fd, status_fd):
