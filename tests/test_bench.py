@@ -38,11 +38,8 @@ def test_evaluations_beside_the_raw_sandbox_and_celery(redis_url: str, tmp_path:
     stdout, figures = bench(redis_url, tmp_path, "evaluations", "--runs", "3", "--burst", "10")
     for path in ("raw_cold", "raw_warm", "ours_one_at_a_time", "ours_burst", "celery_burst"):
         assert figures[path]["p50"] > 0, path
-    assert (
-        figures["raw"]["per_s"] > 0
-        and figures["ours_burst"]["per_s"] > 0
-        and figures["celery_burst"]["per_s"] > 0
-    )
+    for path in ("raw_cold", "raw_warm", "ours_burst", "celery_burst"):
+        assert figures[path]["per_s"] > 0, path
     assert "ours burst / raw rate" in stdout
 
 
