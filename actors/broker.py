@@ -30,12 +30,13 @@ import structlog
 from dramatiq.broker import Broker, Consumer, MessageProxy
 from dramatiq.errors import ConnectionClosed, QueueJoinTimeout
 from dramatiq.message import Message
+from redis.commands.core import Script
 
 from app.config import LEVELS
 from app.redis_client import sync_client
 from app.store import TRANSITION_LUA, StatusChange
 from middleware.priority import LEVEL_OPTION
-from middleware.state import DEAD_LETTER, SETTLE, STATUS_CHANGE, TRANSIENT_OPTIONS
+from middleware.state import DEAD_LETTER, REDIS_ID_OPTION, SETTLE, STATUS_CHANGE, TRANSIENT_OPTIONS
 
 log = structlog.get_logger(__name__)
 
@@ -46,9 +47,10 @@ TICK_MEMORY_MS = 24 * 3600 * 1000
 
 #: The one Dramatiq queue name every actor uses; levels are a message option.
 QUEUE_NAME = "crucible"
-REDIS_ID_OPTION = "redis_message_id"
 
 DISPATCH_LUA = (Path(__file__).parent / "lua" / "dispatch.lua").read_text()
+#: Broker operations that also record this worker's heartbeat.
+BEATING = ("fetch", "heartbeat")
 
 
 def prepare(message: Message, level: str, delay_ms: int | None = None) -> tuple[Message, list[Any]]:
@@ -103,6 +105,8 @@ class PriorityBroker(Broker):
         #: restarted after a connection error still knows every slot is busy
         self.outstanding: set[str] = set()
         self.slot_freed = threading.Event()
+        #: when this worker last told Redis it is alive (every fetch does)
+        self.last_beat = 0.0
         self.client = sync_client(url)
         self._dispatch = self.client.register_script(DISPATCH_LUA)
         self._transition = self.client.register_script(TRANSITION_LUA)
@@ -113,40 +117,69 @@ class PriorityBroker(Broker):
     def dispatch(self, command: str, *args: Any) -> Any:
         """Run one broker operation atomically in Redis."""
         try:
-            return self._dispatch(keys=[self.namespace], args=self._dispatch_args(command, *args))
+            result = self._dispatch(keys=[self.namespace], args=self._dispatch_args(command, *args))
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
+        if command in BEATING:
+            self.last_beat = time.monotonic()
+        return result
 
-    def settle(self, command: str, *args: Any, status: StatusChange | None = None) -> None:
-        """A broker operation and, in the same MULTI, an evaluation's status change.
+    def settle(
+        self, command: str, *args: Any, status: StatusChange | None = None, refill: int = 0
+    ) -> list[bytes]:
+        """A broker operation and, in the same MULTI, an evaluation's status change, and a
+        fetch of up to `refill` messages for the slot this frees.
 
-        So a retry, a dead letter or a hand-back never leaves the queue and the record at odds.
+        So a retry, a dead letter or a hand-back never leaves the queue and the record at odds,
+        and a finished run's slot gets its next message, highest level first, in the same round
+        trip as its ack. Returns the fetched messages (encoded).
         """
-        if status is None:
+        if status is None and not refill:
             self.dispatch(command, *args)
-            return
+            return []
+        calls: list[tuple[Script, list[Any]]] = [(self._dispatch, self._dispatch_args(command, *args))]
+        if status is not None:
+            calls.append((self._transition, status.args()))
+        if refill:
+            calls.append((self._dispatch, self._dispatch_args("fetch", refill, *self.levels)))
         try:
-            try:
-                applied, current = self._settle_once(command, args, status)
-            except redis.exceptions.NoScriptError:
-                # Redis restarted and lost its script cache. Both halves are safe to send
-                # again: a settled message is not settled twice, a made change is refused.
-                self._dispatch.sha = self.client.script_load(DISPATCH_LUA)
-                self._transition.sha = self.client.script_load(TRANSITION_LUA)
-                applied, current = self._settle_once(command, args, status)
+            results = self._multi_by_sha(calls)
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
-        if not applied:
-            log.info("status.change_refused", eval_id=status.eval_id, wanted=status.status, current=current)
+        if refill:
+            self.last_beat = time.monotonic()
+        if status is not None:
+            applied, current = results[1]
+            if not applied:
+                log.info("status.change_refused", eval_id=status.eval_id, wanted=status.status,
+                         current=current.decode() if isinstance(current, bytes) else current)  # fmt: skip
+        return [data for data in results[-1] if data] if refill else []
 
-    def _settle_once(self, command: str, args: tuple[Any, ...], status: StatusChange) -> tuple[int, str]:
-        """One MULTI, sent by sha alone: redis-py's pipelined scripts would first ask SCRIPT
-        EXISTS, a second round trip on every ack."""
+    def _multi_by_sha(self, calls: list[tuple[Script, list[Any]]]) -> list[Any]:
+        """Run scripts in one MULTI by sha alone (redis-py's pipelined scripts would first ask
+        SCRIPT EXISTS: a second round trip on every ack). If Redis lost its script cache (a
+        restart), load them and run again just the calls that failed for it: each is safe to
+        repeat (a settled message is not settled twice, a made change is refused)."""
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.evalsha(self._dispatch.sha, 1, self.namespace, *self._dispatch_args(command, *args))
-            pipe.evalsha(self._transition.sha, 1, self.namespace, *status.args())
-            _, (applied, current) = pipe.execute()
-        return int(applied), current.decode() if isinstance(current, bytes) else str(current)
+            for script, args in calls:
+                pipe.evalsha(script.sha, 1, self.namespace, *args)
+            results = pipe.execute(raise_on_error=False)
+        lost = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
+        for script in {calls[i][0] for i in lost}:
+            script.sha = self.client.script_load(script.script)
+        for i in lost:
+            script, args = calls[i]
+            results[i] = script(keys=[self.namespace], args=args)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    def transition(self, change: StatusChange) -> tuple[bool, str]:
+        """Apply one guarded status change now; whether it applied, and the status it found
+        ("" when there is no such record)."""
+        applied, current = self._transition(keys=[self.namespace], args=change.args())
+        return bool(applied), current.decode() if isinstance(current, bytes) else str(current)
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 30000) -> Consumer:
         slots = min(prefetch, self.fetch_slots) if self.fetch_slots else prefetch
@@ -241,32 +274,39 @@ class PriorityConsumer(Consumer):
         self.slot_freed = broker.slot_freed
 
     def __next__(self) -> MessageProxy | None:
+        self.slot_freed.clear()  # before looking: a message a worker thread adds after sets it
         if self.cache:
             return MessageProxy(self.cache.pop(0))
-        self.slot_freed.clear()
         free = self.slots - len(self.outstanding)
         if free <= 0:
             # Every slot is busy: wait for one, and keep our heartbeat fresh meanwhile.
             self.slot_freed.wait(self.broker.heartbeat_interval)
-            self.broker.dispatch("heartbeat")
+            if time.monotonic() - self.broker.last_beat >= self.broker.heartbeat_interval / 2:
+                self.broker.dispatch("heartbeat")
             return None
         fetched = [data for data in self.broker.dispatch("fetch", free, *self.broker.levels) if data]
         if not fetched:
             self.broker.wait_for_doorbell(self.broker.heartbeat_interval)
             return None
         for data in fetched:
-            message = Message.decode(data)
-            self.outstanding.add(message.options[REDIS_ID_OPTION])
-            self.cache.append(message)
+            self._take(data)
         return MessageProxy(self.cache.pop(0))
 
     def _settle(self, command: str, message: MessageProxy, *args: Any, status: StatusChange | None) -> None:
+        """Settle from the worker thread that ran it, taking the freed slot's next message in the
+        same round trip; the consumer thread hands it on (`__next__`)."""
         redis_id = message.options[REDIS_ID_OPTION]
         try:
-            self.broker.settle(command, redis_id, *args, status=status)
+            for data in self.broker.settle(command, redis_id, *args, status=status, refill=1):
+                self._take(data)
         finally:
             self.outstanding.discard(redis_id)
             self.slot_freed.set()
+
+    def _take(self, data: bytes) -> None:
+        message = Message.decode(data)
+        self.outstanding.add(message.options[REDIS_ID_OPTION])
+        self.cache.append(message)
 
     def ack(self, message: MessageProxy) -> None:
         """Done with the message: forget it, or do what Backoff decided (retry later, hand back)."""

@@ -14,12 +14,13 @@ import structlog
 from dramatiq.message import Message
 from dramatiq.middleware import CurrentMessage
 
-from actors.broker import QUEUE_NAME, REDIS_ID_OPTION
-from actors.runtime import runtime, worker_name
+from actors.broker import QUEUE_NAME
+from actors.runtime import runtime
 from actors.setup import process_broker
 from app.config import get_settings
 from app.store import NewEvaluation, StatusChange, task_id_of, utc_now
-from middleware.state import STATUS_CHANGE
+from middleware.running import RECORDS_STATUS
+from middleware.state import STATUS_CHANGE, UNRECORDED, attempt_of, worker_name
 
 log = structlog.get_logger(__name__)
 
@@ -32,7 +33,9 @@ TIME_LIMIT_MARGIN_MS = 60_000
 
 
 @dramatiq.actor(
-    queue_name=QUEUE_NAME, time_limit=int(get_settings().max_timeout * 1000) + TIME_LIMIT_MARGIN_MS
+    queue_name=QUEUE_NAME,
+    time_limit=int(get_settings().max_timeout * 1000) + TIME_LIMIT_MARGIN_MS,
+    **{RECORDS_STATUS: True},
 )
 async def evaluate_code(
     eval_id: str,
@@ -53,17 +56,16 @@ async def evaluate_code(
     rt = runtime()
     timeout = timeout or get_settings().default_timeout
     attempt = current_attempt()
-    running = {"started_at": utc_now(), "worker": worker_name(), "next_retry_at": "", "attempt": attempt}
-    started, current = await rt.store.transition(eval_id, "running", ("queued", "running"), **running)
-    if current is None:  # sent straight to the actor (Celery-style), never recorded by the API
+    # The MarkRunning middleware has marked it running already; an evaluation sent straight
+    # to the actor (Celery-style), never recorded by the API, is recorded here first.
+    message = CurrentMessage.get_current_message()
+    if message is not None and message.options.get(UNRECORDED):
         await _record_direct_submission(eval_id, code, language, timeout)
+        running = {"started_at": utc_now(), "worker": worker_name(), "next_retry_at": "", "attempt": attempt}
         started, current = await rt.store.transition(eval_id, "running", ("queued",), **running)
-    if not started:
-        # Cancelled, or finished by an earlier delivery: never run twice. An earlier delivery
-        # may have failed only to tell the storage service; tell it again.
-        log.info("evaluation.skipped", status=current)
-        await rt.store.forward_current(eval_id)
-        return
+        if not started:
+            log.info("evaluation.skipped", status=current)
+            return
     log.info("evaluation.running", language=language)
     payload = {"eval_id": eval_id, "code": code, "language": language, "timeout": timeout,
                "stdin": stdin, "args": args or [], "memory_mb": memory_mb,
@@ -99,7 +101,7 @@ class RunInterrupted(Exception):
 def current_attempt() -> str:
     """This delivery's Redis message id: unique per delivery, so it tells attempts apart."""
     message = CurrentMessage.get_current_message()
-    return str(message.options.get(REDIS_ID_OPTION, "")) if message else ""
+    return attempt_of(message) if message else ""
 
 
 async def _stopped_on_purpose(eval_id: str, attempt: str) -> bool:

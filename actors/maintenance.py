@@ -18,9 +18,10 @@ from periodiq import cron
 
 from actors.broker import QUEUE_NAME, TICK_OPTION
 from actors.evaluate import broker
-from actors.runtime import runtime, worker_name
+from actors.runtime import runtime
 from app.config import get_settings
 from app.dlq import AsyncDeadLetterQueue
+from middleware.state import worker_name
 
 log = structlog.get_logger(__name__)
 

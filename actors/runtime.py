@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
-import socket
 from dataclasses import dataclass
 from functools import partial
 
@@ -23,11 +21,6 @@ from app.redis_client import async_client
 from app.store import EvaluationStore, StatusForwarder
 
 log = structlog.get_logger(__name__)
-
-
-def worker_name() -> str:
-    """How this worker process names itself in records and logs (host:pid, read after fork)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass

@@ -10,8 +10,8 @@ import time
 
 import redis
 
-from actors.runtime import worker_name
 from app.config import Settings
+from middleware.state import worker_name
 
 #: A scheduler is shown as gone when silent this long.
 SCHEDULER_BEAT_S = 5

@@ -19,6 +19,7 @@ from middleware.backoff import Backoff
 from middleware.dead_letter import DeadLetters
 from middleware.priority import PriorityRouting
 from middleware.retry_policy import apply_overrides
+from middleware.running import MarkRunning
 from middleware.worker_stats import WorkerStats
 
 
@@ -48,6 +49,8 @@ def build_broker(settings: Settings) -> PriorityBroker:
             ShutdownNotifications(notify_shutdown=True),
             DeadLetters(on_status_change=forward_soon),
             Backoff(on_status_change=forward_soon),
+            # Last of the before-hooks that may refuse a message: marks the evaluation running.
+            MarkRunning(on_status_change=forward_soon),
             # Return values of actors declared with store_results (health_check...), for
             # the Celery shim's `.get()`; evaluations keep their results in their records.
             Results(backend=result_backend(settings)),

@@ -11,17 +11,15 @@ import dramatiq
 
 from actors.broker import QUEUE_NAME
 from actors.evaluate import broker, current_attempt, settle_with
-from actors.runtime import runtime, worker_name
-from app.store import StatusChange, utc_now
+from actors.runtime import runtime
+from app.store import StatusChange
+from middleware.running import RECORDS_STATUS
 
 assert broker is not None  # the production broker exists before the actor is declared
 
 
-@dramatiq.actor(queue_name=QUEUE_NAME)
+@dramatiq.actor(queue_name=QUEUE_NAME, **{RECORDS_STATUS: True})  # MarkRunning marks it running
 async def noop(eval_id: str, done_key: str) -> None:
-    store = runtime().store
     attempt = current_attempt()
-    await store.transition(eval_id, "running", ("queued",), started_at=utc_now(), worker=worker_name(),
-                           attempt=attempt)  # fmt: skip
     settle_with(StatusChange(eval_id, "completed", ("running",), {"output": ""}, expect={"attempt": attempt}))
     await runtime().redis.incr(done_key)

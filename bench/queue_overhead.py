@@ -77,7 +77,12 @@ def run_ours(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[st
                 eval_id = f"noop-{uuid.uuid4().hex[:12]}"
                 creation = store.creation(NewEvaluation(eval_id, "", "python", 1, "default", False, {}))
                 async with gate:  # as the API submits: the record and the message in one Lua call
-                    await enqueuer.submit(store.key(eval_id), creation, noop.message(eval_id, key), "default")
+                    await enqueuer.submit(
+                        store.key(eval_id),
+                        creation,
+                        noop.message_with_options(kwargs={"eval_id": eval_id, "done_key": key}),
+                        "default",
+                    )
 
             await asyncio.gather(*(one() for _ in range(n)))
             await aclient.aclose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import traceback
 from datetime import UTC, datetime
@@ -22,8 +24,12 @@ STATUS_CHANGE = "status_change"
 #: ({"command": "retry" | "requeue", "delay_ms": int}). The consumer performs it at ack time,
 #: which Dramatiq repeats until Redis answers, so a decision is never lost to an outage.
 SETTLE = "settle"
+#: Set when a worker found no record for the evaluation (a message sent straight to the actor).
+UNRECORDED = "unrecorded"
 #: Options that describe one delivery only; never copied into a re-sent message.
-TRANSIENT_OPTIONS = (DEAD_LETTER, STATUS_CHANGE, SETTLE)
+TRANSIENT_OPTIONS = (DEAD_LETTER, STATUS_CHANGE, SETTLE, UNRECORDED)
+#: The broker's id of one delivery (unique per delivery, so it tells attempts apart).
+REDIS_ID_OPTION = "redis_message_id"
 
 #: Cleared when a dead-lettered evaluation is retried from the DLQ: counts start again.
 FAILURE_OPTIONS = (RETRIES, FIRST_FAILURE, LAST_FAILURE, EXCEPTION_CLASS, EXCEPTION_MESSAGE, TRACEBACK)
@@ -36,6 +42,16 @@ def eval_id_of(message: Any) -> str | None:
     if message.actor_name == "evaluate_code" and message.args:
         return str(message.args[0])
     return None
+
+
+def attempt_of(message: Any) -> str:
+    """This delivery's token: the Redis message id the broker gave it."""
+    return str(message.options.get(REDIS_ID_OPTION, ""))
+
+
+def worker_name() -> str:
+    """How a worker process names itself in records and logs (host:pid, read after fork)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def iso(ms: int | float) -> str:

@@ -8,10 +8,12 @@ from dataclasses import asdict
 
 import dramatiq
 import pytest
+from dramatiq import Worker
 
 from actors.broker import QUEUE_NAME, PriorityBroker, PriorityConsumer
 from app.store import StatusChange
 from middleware.priority import PriorityRouting
+from middleware.running import MarkRunning
 from middleware.state import STATUS_CHANGE
 
 
@@ -155,6 +157,34 @@ def test_a_stale_attempts_result_is_refused_and_its_message_still_settled(broker
     consumer.ack(message)
     assert broker.client.hget(record, "status") == b"running"
     assert not broker.client.hlen(f"{broker.namespace}:msgs")
+
+
+def test_a_worker_marks_an_evaluation_running_and_skips_a_cancelled_one(
+    redis_url: str, namespace: str
+) -> None:
+    broker = PriorityBroker(url=redis_url, namespace=namespace, middleware=[PriorityRouting(), MarkRunning()])
+    seen = []
+
+    @dramatiq.actor(broker=broker, queue_name=QUEUE_NAME, records_status=True)
+    def job(eval_id: str) -> None:
+        seen.append((eval_id, broker.client.hget(f"{namespace}:eval:{eval_id}", "status")))
+
+    broker.client.hset(f"{namespace}:eval:a", mapping={"status": "queued"})
+    broker.client.hset(f"{namespace}:eval:b", mapping={"status": "cancelled"})
+    job.send(eval_id="a")
+    job.send(eval_id="b")
+    worker = Worker(broker, worker_threads=1)
+    worker.start()
+    try:
+        broker.join(QUEUE_NAME, timeout=10_000)
+        worker.join()
+    finally:
+        worker.stop()
+        broker.client.close()
+    assert seen == [("a", b"running")]  # running before the actor started; b never ran
+    record = broker.client.hgetall(f"{namespace}:eval:a")
+    assert record[b"attempt"] and record[b"worker"] and record[b"started_at"]
+    assert broker.client.hget(f"{namespace}:eval:b", "status") == b"cancelled"
 
 
 def test_an_evaluation_message_carries_its_task_id_and_a_time_limit_above_its_timeout() -> None:
