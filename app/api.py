@@ -86,6 +86,8 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
         "peak_memory_kb": record.get("peak_memory_kb"),
         "output_truncated": record.get("output_truncated", False),
         "error_truncated": record.get("error_truncated", False),
+        # failed for a reason of ours (retries exhausted reaching a service), not the program's
+        "internal_error": record.get("internal_error", False),
         "queue": record.get("queue"),
         "worker": record.get("worker"),
         "executor": record.get("executor"),

@@ -126,7 +126,7 @@ class AsyncDeadLetterQueue:
             pipe.multi()
             if record is not None:
                 reset = {"retries": 0, "error": "", "completed_at": "", "started_at": "", "next_retry_at": "",
-                         "submitted_at_ms": int(time.time() * 1000)}  # fmt: skip
+                         "internal_error": False, "submitted_at_ms": int(time.time() * 1000)}  # fmt: skip
                 await self.store.transition_in(pipe, StatusChange(eval_id, "queued", ("failed",), reset))
                 # A second run: counted as a submission, so finals never outnumber submissions.
                 pipe.hincrby(self.store.stats_key, f"submitted:{record.get('queue_system') or 'dramatiq'}", 1)

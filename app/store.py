@@ -66,7 +66,7 @@ _INT_FIELDS = {
     "peak_memory_kb",
     "signal",
 }
-_BOOL_FIELDS = {"output_truncated", "error_truncated", "priority"}
+_BOOL_FIELDS = {"output_truncated", "error_truncated", "priority", "internal_error"}
 
 
 def celery_state(record: dict[str, Any]) -> str:

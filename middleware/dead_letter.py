@@ -77,7 +77,13 @@ class DeadLetters(Middleware):
                 "eval_id": entry["eval_id"],
                 "status": "failed",
                 "allowed_from": ("queued", "running"),
-                "fields": {"completed_at": utc_now(), "error": describe(message), "next_retry_at": ""},
+                # never the program's failure (those are results): ours, or a service's
+                "fields": {
+                    "completed_at": utc_now(),
+                    "error": describe(message),
+                    "next_retry_at": "",
+                    "internal_error": True,
+                },
             }
 
     def after_nack(self, broker: Any, message: Any) -> None:

@@ -84,6 +84,7 @@ async def test_dead_letters_keep_the_final_failure_and_can_be_retried(redis_url:
             failed = await wait_final(api, eval_id)
             assert failed["status"] == "failed" and failed["celery_state"] == "FAILURE"
             assert failed["error"].startswith("ExecutorUnavailable")
+            assert failed["internal_error"] is True  # not the program's failure
 
             listing = (await api.get("/api/dlq/tasks", params={"eval_id": eval_id})).json()
             assert listing["count"] == 1
@@ -122,6 +123,7 @@ async def test_dead_letters_keep_the_final_failure_and_can_be_retried(redis_url:
             }
             result = await wait_final(api, eval_id)
             assert result["status"] == "completed" and result["output"] == "second chance\n"
+            assert result["internal_error"] is False
             assert result["retries"] == 0 and result["error"] is None
             missing = await api.get(f"/api/dlq/tasks/celery-{eval_id}")
             assert missing.status_code == 404 and missing.json()["error"] == "Task not found in DLQ"
