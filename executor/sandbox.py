@@ -391,10 +391,14 @@ class Sandbox:
             await asyncio.get_running_loop().run_in_executor(
                 None, _write_and_close, warm.code_write, code.encode()
             )
-        except OSError as exc:
-            log.warning("sandbox.warm_lost", eval_id=run.eval_id, error=str(exc))
+        except BaseException as exc:
+            # gone, or this run was cancelled mid-handover: either way the sandbox must not
+            # go on unsupervised (the writing thread closes the pipe itself)
             warm.code_write = -1
             warm.discard()
+            if not isinstance(exc, OSError):
+                raise
+            log.warning("sandbox.warm_lost", eval_id=run.eval_id, error=str(exc))
             return None
         return await self._supervised(
             run, warm.started, limits.timeout, (limits.output_bytes, limits.output_bytes)
@@ -481,7 +485,8 @@ class Sandbox:
         group = started.group
         try:
             run.pid = started.process.pid
-            if self._was_killed_early(run.eval_id):  # the kill came while the process was spawned
+            # a kill that came while the process was spawned, or while a warm one got its code
+            if run.cancelled or self._was_killed_early(run.eval_id):
                 run.cancelled = True
                 run.kill()
             outcome = await _supervise(run, started.process, timeout, caps)
@@ -550,6 +555,7 @@ class Sandbox:
                 # Not the executor's environment (secrets, Redis URL): bwrap also clears it
                 # inside, but the launcher and bwrap itself run outside the sandbox.
                 env=LAUNCH_ENV,
+                cwd="/",  # the launcher's PWD reaches bwrap's init, which a run can read
                 **drop,
             )
         finally:

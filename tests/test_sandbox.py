@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import tempfile
 import uuid
@@ -86,6 +87,15 @@ print(os.getuid() != 0)
     assert "usr/local []" in lines
     assert lines[-2] == "['HOME', 'LANG', 'PATH', 'PWD', 'TMPDIR']"
     assert lines[-1] == "True"
+
+
+async def test_the_sandbox_init_carries_nothing_of_the_host_environment(executor: httpx.AsyncClient) -> None:
+    code = "import os\nfor pid in ('1', '2'):\n    print(open(f'/proc/{pid}/environ').read().split('\\0'))"
+    result = await run(executor, code)
+    assert result["status"] == "completed", result
+    for line in result["output"].splitlines():
+        allowed = {"", "PATH=/usr/bin:/bin", "LANG=C.UTF-8", "PWD=/", "PWD=/tmp", "HOME=/tmp", "TMPDIR=/tmp"}
+        assert not set(ast.literal_eval(line)) - allowed, line
 
 
 async def test_kill_stops_a_run_and_reports_cancelled(executor: httpx.AsyncClient) -> None:

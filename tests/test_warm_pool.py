@@ -8,17 +8,20 @@ import dataclasses
 import os
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 
 from app.config import Settings
+from executor import sandbox as sandbox_module
 from executor.app import open_sandbox, request_limits
 from executor.languages import registry
 from executor.sandbox import RunResult, Sandbox
 from executor.warm import LOADER
 
+PYTHON = "/usr/bin/python3"
 PROGRAMS = {
     "hello": "print('hello world')",
     "exit code": "import sys; sys.exit(3)",
@@ -118,3 +121,48 @@ async def test_shutdown_leaves_no_warm_sandbox_behind() -> None:
             break
         await asyncio.sleep(0.02)
     assert uids_in_use(61040, 3) == []
+
+
+@pytest.fixture
+def slow_handover(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Widen the moment a warm sandbox gets its code, so a kill or a cancel lands inside it."""
+    original = sandbox_module._write_and_close
+
+    def slow(fd: int, data: bytes) -> None:
+        time.sleep(0.5)
+        original(fd, data)
+
+    monkeypatch.setattr(sandbox_module, "_write_and_close", slow)
+
+
+@pytest.mark.usefixtures("slow_handover")
+async def test_a_kill_during_the_handover_stops_the_run() -> None:
+    async with sandbox(warm=True, slots=1, uid_base=61050) as box:
+        python = registry("/usr/bin/python3")["python"]
+        code = "import time; time.sleep(3); print('ran to the end')"
+        pending = asyncio.create_task(box.run("handover-kill", python, code, box.limits))  # type: ignore[attr-defined]
+        await asyncio.sleep(0.1)
+        assert box.kill("handover-kill")
+        result = await pending
+        assert (result.status, result.output) == ("cancelled", "")
+        assert result.runtime_ms < 2000
+
+
+@pytest.mark.usefixtures("slow_handover")
+async def test_a_run_cancelled_during_the_handover_leaves_no_sandbox_behind() -> None:
+    async with sandbox(warm=True, slots=1, uid_base=61060) as box:
+        python = registry("/usr/bin/python3")["python"]
+        code = "import time; time.sleep(30)"
+        pending = asyncio.create_task(box.run("handover-cancel", python, code, box.limits))  # type: ignore[attr-defined]
+        await asyncio.sleep(0.1)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        await asyncio.sleep(1)  # the writing thread finishes; the slot's next warm sandbox starts
+        interpreters = [line for line in uids_in_use(61060, 1) if line.split(None, 2)[2].startswith(PYTHON)]
+        assert len(interpreters) == 1  # the slot's new warm sandbox; the cancelled run's is gone
+    for _ in range(100):
+        if not uids_in_use(61060, 1):
+            break
+        await asyncio.sleep(0.02)
+    assert uids_in_use(61060, 1) == []
