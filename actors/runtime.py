@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
@@ -51,6 +52,10 @@ def runtime() -> Runtime:
     return _runtime
 
 
+#: How long a worker thread waits for the storage service to take a status change.
+FORWARD_TIMEOUT_S = 30
+
+
 def forward_soon(eval_id: str) -> None:
     """From a worker thread: send the record's current status to the storage service.
 
@@ -64,6 +69,24 @@ def forward_soon(eval_id: str) -> None:
         return
     future = asyncio.run_coroutine_threadsafe(runtime().store.forward_current(eval_id), loop_thread.loop)
     future.add_done_callback(partial(_log_forward_failure, eval_id))
+
+
+def forward_now(eval_id: str, fields: dict[str, Any]) -> None:
+    """From a worker thread: send a status change to the storage service and wait for it, so
+    it arrives before any later one; a failure raises (the message is retried, as a storage
+    failure in the actor would be)."""
+    if not get_settings().storage_url:
+        return
+    loop_thread = get_event_loop_thread()
+    if loop_thread is None:
+        return
+
+    async def send() -> None:
+        forwarder = runtime().store.forwarder
+        if forwarder:
+            await forwarder.send(eval_id, fields)
+
+    asyncio.run_coroutine_threadsafe(send(), loop_thread.loop).result(timeout=FORWARD_TIMEOUT_S)
 
 
 def _log_forward_failure(eval_id: str, future: concurrent.futures.Future[None]) -> None:

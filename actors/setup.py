@@ -11,7 +11,7 @@ from dramatiq.results.backends import RedisBackend
 from periodiq import PeriodiqMiddleware
 
 from actors.broker import PriorityBroker
-from actors.runtime import forward_soon
+from actors.runtime import forward_now, forward_soon
 from app.config import Settings, get_settings
 from app.logs import configure_logging
 from app.redis_client import sync_client
@@ -50,7 +50,7 @@ def build_broker(settings: Settings) -> PriorityBroker:
             DeadLetters(on_status_change=forward_soon),
             Backoff(on_status_change=forward_soon),
             # Last of the before-hooks that may refuse a message: marks the evaluation running.
-            MarkRunning(on_status_change=forward_soon),
+            MarkRunning(forward=forward_now, on_skip=forward_soon),
             # Return values of actors declared with store_results (health_check...), for
             # the Celery shim's `.get()`; evaluations keep their results in their records.
             Results(backend=result_backend(settings)),

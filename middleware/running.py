@@ -28,12 +28,18 @@ RECORDS_STATUS = "records_status"
 class MarkRunning(Middleware):
     """Before an evaluation's actor runs: `running` with start time, worker and attempt token.
 
-    `on_status_change(eval_id)` is told after the record changed here, or when it is skipped
-    (an earlier delivery may have failed only to tell the storage service).
+    `forward(eval_id, change)` sends the change on (to the storage service) before the actor
+    starts, so it arrives before the result; `on_skip(eval_id)` is told when a message is
+    skipped (an earlier delivery may have failed only to tell the storage service).
     """
 
-    def __init__(self, on_status_change: Callable[[str], None] | None = None) -> None:
-        self.on_status_change = on_status_change
+    def __init__(
+        self,
+        forward: Callable[[str, dict[str, Any]], None] | None = None,
+        on_skip: Callable[[str], None] | None = None,
+    ) -> None:
+        self.forward = forward
+        self.on_skip = on_skip
 
     @property
     def actor_options(self) -> set[str]:
@@ -47,11 +53,14 @@ class MarkRunning(Middleware):
         fields = {"started_at": utc_now(), "worker": worker_name(), "next_retry_at": "",
                   "attempt": attempt_of(message)}  # fmt: skip
         applied, current = broker.transition(StatusChange(eval_id, "running", ("queued", "running"), fields))
-        if not applied and current == "":
+        if applied:
+            if self.forward:
+                self.forward(eval_id, {"status": "running", **fields})
+            return
+        if current == "":
             message.options[UNRECORDED] = True
             return
-        if self.on_status_change:
-            self.on_status_change(eval_id)
-        if not applied:
-            log.info("evaluation.skipped", eval_id=eval_id, status=current)
-            raise SkipMessage(f"evaluation {eval_id} is {current}")
+        log.info("evaluation.skipped", eval_id=eval_id, status=current)
+        if self.on_skip:
+            self.on_skip(eval_id)
+        raise SkipMessage(f"evaluation {eval_id} is {current}")
