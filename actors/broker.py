@@ -67,6 +67,12 @@ def prepare(message: Message, level: str, delay_ms: int | None = None) -> tuple[
     return message, args
 
 
+def _outcome(reply: list[Any]) -> tuple[bool, str]:
+    """transition.lua's answer: whether the change applied, and the status it found."""
+    applied, current = reply
+    return bool(applied), current.decode() if isinstance(current, bytes) else str(current)
+
+
 def tick_key(actor_name: str, scheduled_at: str) -> str:
     """One key per actor and minute (UTC): periodiq's finest schedule is a minute, and a
     scheduler that starts mid-minute sends that minute's tick stamped with its own second."""
@@ -149,10 +155,10 @@ class PriorityBroker(Broker):
         if refill:
             self.last_beat = time.monotonic()
         if status is not None:
-            applied, current = results[1]
+            applied, current = _outcome(results[1])
             if not applied:
                 log.info("status.change_refused", eval_id=status.eval_id, wanted=status.status,
-                         current=current.decode() if isinstance(current, bytes) else current)  # fmt: skip
+                         current=current)  # fmt: skip
         return [data for data in results[-1] if data] if refill else []
 
     def _multi_by_sha(self, calls: list[tuple[Script, list[Any]]]) -> list[Any]:
@@ -178,8 +184,7 @@ class PriorityBroker(Broker):
     def transition(self, change: StatusChange) -> tuple[bool, str]:
         """Apply one guarded status change now; whether it applied, and the status it found
         ("" when there is no such record)."""
-        applied, current = self._transition(keys=[self.namespace], args=change.args())
-        return bool(applied), current.decode() if isinstance(current, bytes) else str(current)
+        return _outcome(self._transition(keys=[self.namespace], args=change.args()))
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 30000) -> Consumer:
         slots = min(prefetch, self.fetch_slots) if self.fetch_slots else prefetch

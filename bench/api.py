@@ -21,7 +21,7 @@ import aiohttp
 
 from bench.common import (
     HELLO,
-    forget_namespace,
+    delete_namespace,
     free_port,
     percentiles,
     print_table,
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 wait_http(f"{bare}/push", healthy=False)
                 figures["bare"] = asyncio.run(load(f"{bare}/push", {}, args.clients, args.seconds, "bare"))
         finally:
-            forget_namespace(url, namespace)
+            delete_namespace(url, namespace)
         with stack(url, workers=0, executors=0) as running:
             auth = {"authorization": f"Bearer {running.admin_key}"}
             figures["ours"] = asyncio.run(

