@@ -33,6 +33,7 @@ from dramatiq.message import Message
 from redis.commands.core import Script
 
 from app.config import LEVELS
+from app.ratelimit import QUOTA_FUNCTION_LUA
 from app.redis_client import sync_client
 from app.store import TRANSITION_LUA, StatusChange
 from middleware.priority import LEVEL_OPTION
@@ -48,7 +49,8 @@ TICK_MEMORY_MS = 24 * 3600 * 1000
 #: The one Dramatiq queue name every actor uses; levels are a message option.
 QUEUE_NAME = "crucible"
 
-DISPATCH_LUA = (Path(__file__).parent / "lua" / "dispatch.lua").read_text()
+#: `submit` counts the submitting key's quota with quota.lua's `admit()`.
+DISPATCH_LUA = QUOTA_FUNCTION_LUA + (Path(__file__).parent / "lua" / "dispatch.lua").read_text()
 #: Broker operations that also record this worker's heartbeat.
 BEATING = ("fetch", "heartbeat")
 
@@ -359,16 +361,16 @@ class AsyncEnqueuer:
         return message
 
     async def submit(
-        self, record_key: str, creation: list[list[str]], message: Message, level: str
-    ) -> int | None:
-        """Write a new record (`creation`, the store's commands) and enqueue its message in one
-        atomic call: one round trip, and never one without the other. None if the record
-        exists already; else how many ready messages are ahead of it."""
+        self, record_key: str, creation: list[list[str]], message: Message, level: str, quota: str = ""
+    ) -> list[Any]:
+        """Count `quota` (RateLimiter.claim, "" for none), write a new record (`creation`, the
+        store's commands) and enqueue its message in one atomic call: one round trip, and never
+        one without the others. The answer (dispatch.lua's `submit`): [-1] if the record exists
+        already, the quota's refusal, or [1, tokens left, ms until full, ready messages ahead]."""
         _, args = prepare(message, level)
         ahead = LEVELS[: LEVELS.index(level) + 1]
-        command = ["submit", "api", 0, record_key, json.dumps(creation), *args, *ahead]
-        result = int(await self._dispatch(keys=[self.namespace], args=command))
-        return None if result == -1 else result
+        command = ["submit", "api", 0, record_key, json.dumps(creation), quota, *args, *ahead]
+        return list(await self._dispatch(keys=[self.namespace], args=command))
 
     async def cancel(self, task_id: str) -> bool:
         """Drop a waiting message by its task id; False if none was waiting."""

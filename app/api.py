@@ -37,7 +37,7 @@ from app.ops_api import OpsApi
 from app.routing import delegate
 from app.services import Services
 from app.store import STATUSES, celery_state, task_id_of
-from app.submission import Accepted, Submission
+from app.submission import Submission
 from app.validation import (
     MAX_ARG_BYTES,
     MAX_ARGS,
@@ -171,8 +171,9 @@ class Api:
         body = await read_json_object(request)
         sub = self.parse_submission(body)
         key = self._submitter_key(request, sub.priority, chose_id="eval_id" in body)
-        allowance = await self.limiter.take(key, [sub.eval_id])
-        accepted = await self._submit_counted(key, sub, "high" if sub.priority else "default", "api")
+        level = "high" if sub.priority else "default"
+        accepted = await self.submitter.submit(sub, level, "api", owner=key.id, quota=key)
+        allowance = accepted.allowance or self.limiter.unmetered(key)
         return JSONResponse(
             {
                 "eval_id": sub.eval_id,
@@ -213,7 +214,9 @@ class Api:
             try:
                 if isinstance(outcome, RequestError):
                     raise outcome
-                accepted = await self._submit_counted(key, outcome, "low", "batch")
+                accepted = await self.submitter.submit(
+                    outcome, "low", "batch", owner=key.id, quota=key, counted=True
+                )
                 results.append(
                     {"eval_id": outcome.eval_id, "status": "queued", "queue_system": accepted.queue_system}
                 )
@@ -224,19 +227,6 @@ class Api:
             {"evaluations": results, "total": len(items), "queued": queued, "failed": len(items) - queued},
             headers=allowance.headers() if allowance else {},
         )
-
-    async def _submit_counted(self, key: ApiKey, sub: Submission, level: str, source: str) -> Accepted:
-        """Submit one evaluation whose place the limiter took; give the place back if it fails
-        (but for a duplicate id: that place belongs to the evaluation already there)."""
-        try:
-            return await self.submitter.submit(sub, level, source, owner=key.id)
-        except RequestError as exc:
-            if exc.status != 409:
-                await self.limiter.release(key, [sub.eval_id])
-            raise
-        except Exception:
-            await self.limiter.release(key, [sub.eval_id])
-            raise
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 A token bucket limits submissions per key: each evaluation costs one token (a batch one per
 evaluation). A cap limits how many of a key's evaluations may be queued or running at once;
-both are checked, and the new evaluations counted, in one Lua call (`lua/quota.lua`), and
-`transition.lua` takes evaluations out of that set (`{ns}:active:<key id>`) as they finish.
+both are checked, and the new evaluations counted, in one Lua call (`lua/quota.lua`'s `admit`,
+which the broker's `submit` also runs, so one evaluation's quota, record and message cost one
+round trip), and `transition.lua` takes evaluations out of that set (`{ns}:active:<key id>`)
+as they finish.
 Refusals are 429 with `Retry-After`; every answer to a submission carries `RateLimit-Limit`,
 `RateLimit-Remaining` and `RateLimit-Reset` (the IETF draft's fields).
 """
@@ -11,10 +13,12 @@ Refusals are 429 with `Retry-After`; every answer to a submission carries `RateL
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
@@ -30,7 +34,9 @@ log = structlog.get_logger(__name__)
 #: How long a count of open streams lives after its last change.
 STREAM_COUNTER_TTL_S = 3600
 
-QUOTA_LUA = (Path(__file__).parent / "lua" / "quota.lua").read_text()
+#: `admit()`, for scripts that count a quota (prepended to them).
+QUOTA_FUNCTION_LUA = (Path(__file__).parent / "lua" / "quota.lua").read_text()
+QUOTA_LUA = QUOTA_FUNCTION_LUA + (Path(__file__).parent / "lua" / "quota_check.lua").read_text()
 
 
 @dataclass(frozen=True)
@@ -70,16 +76,37 @@ class RateLimiter:
         if len(eval_ids) > burst:
             raise RequestError(413, f"at most {burst} evaluations at once for this key", field="evaluations")
         try:
-            admitted, second, third = await self._admit(
+            reply = await self._admit(
                 keys=[f"{self.ns}:bucket:{key.id}", active_key(self.ns, key.id)],
                 args=[limits["per_second"], burst, int(limits["max_active"]), *eval_ids],
             )
         except (RedisConnectionError, RedisTimeoutError) as exc:
             log.warning("ratelimit.unavailable", key_id=key.id, error=str(exc))
-            return Allowance(burst, burst, 0)
+            return self.unmetered(key)
+        return self.settle(key, reply)
+
+    def unmetered(self, key: ApiKey) -> Allowance:
+        """What a submission Redis could not count is told: the whole burst."""
+        burst = int(self.limits[key.tier]["burst"])
+        return Allowance(burst, burst, 0)
+
+    def claim(self, key: ApiKey, eval_id: str) -> str:
+        """`key`'s quota for one evaluation, as the broker's `submit` takes it with the record."""
+        limits = self.limits[key.tier]
+        return json.dumps([
+            f"{self.ns}:bucket:{key.id}", active_key(self.ns, key.id),
+            limits["per_second"], int(limits["burst"]), int(limits["max_active"]), eval_id,
+        ])  # fmt: skip
+
+    def settle(self, key: ApiKey, reply: Sequence[Any]) -> Allowance:
+        """`admit()`'s answer (lua/quota.lua): the allowance left, or the 429 it refused with."""
+        limits = self.limits[key.tier]
+        burst = int(limits["burst"])
+        admitted, second, third = reply
         if admitted:
             return Allowance(burst, int(second), math.ceil(int(third) / 1000))
-        if second == "active":
+        reason = second.decode() if isinstance(second, bytes) else second
+        if reason == "active":
             raise RequestError(
                 429,
                 f"too many evaluations in progress for this key ({third} queued or running, "

@@ -54,19 +54,20 @@ class Services:
         control = MigrationControl(client, settings, legacy_configured=legacy is not None)
         enqueuer = AsyncEnqueuer(client, settings.namespace)
         executors = ExecutorPool(settings.executor_urls, http, settings.executor_secret)
+        limiter = RateLimiter(client, settings.namespace, settings.rate_limits)
         return cls(
             settings=settings,
             client=client,
             http=http,
             store=store,
             enqueuer=enqueuer,
-            submitter=Submitter(client, store, legacy=legacy, control=control),
+            submitter=Submitter(client, store, legacy=legacy, control=control, limiter=limiter),
             canceller=Canceller(client, store, enqueuer, executors, legacy=legacy),
             dlq=AsyncDeadLetterQueue(client, settings.namespace, store),
             control=control,
             legacy=legacy,
             keys=KeyStore(client, settings.namespace),
-            limiter=RateLimiter(client, settings.namespace, settings.rate_limits),
+            limiter=limiter,
             executors=executors,
         )
 

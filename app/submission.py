@@ -25,8 +25,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from actors.broker import AsyncEnqueuer
 from actors.evaluate import evaluation_message
 from app.errors import RequestError
+from app.keys import ApiKey
 from app.legacy import LegacyCelery, LegacyUnavailable
 from app.migration import MigrationControl, legacy_pending_key, other, shadow_id, shadow_pending_key
+from app.ratelimit import Allowance, RateLimiter
 from app.store import EvaluationStore, NewEvaluation
 
 log = structlog.get_logger(__name__)
@@ -61,6 +63,8 @@ class Accepted:
     queue_position: int | None
     #: True when the chosen system failed and the other one took it
     fallback: bool = False
+    #: what is left of the submitting key's quota, when it was counted (and Redis answered)
+    allowance: Allowance | None = None
 
 
 class Submitter:
@@ -71,8 +75,10 @@ class Submitter:
         *,
         legacy: LegacyCelery | None = None,
         control: MigrationControl | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.client = client
+        self.limiter = limiter
         self.store = store
         self.ns = store.ns
         self.enqueuer = AsyncEnqueuer(client, store.ns)
@@ -83,24 +89,47 @@ class Submitter:
         self._shadows: set[asyncio.Task[None]] = set()
 
     async def submit(
-        self, sub: Submission, level: str, source: str, *, system: str | None = None, owner: str | None = None
+        self,
+        sub: Submission,
+        level: str,
+        source: str,
+        *,
+        system: str | None = None,
+        owner: str | None = None,
+        quota: ApiKey | None = None,
+        counted: bool = False,
     ) -> Accepted:
         """Record and enqueue `sub` for `owner` (an API key id); `system` forces a route, else
-        the split chooses."""
+        the split chooses. With `quota`, that key's quota counts it (429 when refused): on
+        Dramatiq in the same Lua call as the record; else first, given back if sending fails.
+        `counted`: the caller took its place already (a batch takes all at once)."""
         system = system or (await self.control.choose() if self.control else "dramatiq")
         evaluation = NewEvaluation(
             sub.eval_id, sub.code, sub.language, sub.timeout, level, sub.priority, {"source": source}, system,
             owner=owner,
         )  # fmt: skip
-        if system == "legacy":
-            accepted = await self._to_legacy(sub, evaluation)
-        else:
-            accepted = await self._to_dramatiq_or_legacy(sub, evaluation)
+        apart = quota if quota and (counted or system == "legacy" or self.store.forwarder) else None
+        allowance = await self._limiter.take(apart, [sub.eval_id]) if apart and not counted else None
+        try:
+            if system == "legacy":
+                accepted = await self._to_legacy(sub, evaluation)
+            else:
+                accepted = await self._to_dramatiq_or_legacy(sub, evaluation, None if apart else quota)
+        except Exception as exc:
+            # a duplicate's place belongs to the evaluation already there
+            if apart and not (isinstance(exc, RequestError) and exc.status == 409):
+                await self._limiter.release(apart, [sub.eval_id])
+            raise
         if self.control and await self.control.shadow_wanted():
             shadow = asyncio.create_task(self._shadow(sub, level, accepted.queue_system))
             self._shadows.add(shadow)  # runs after the answer; kept referenced until done
             shadow.add_done_callback(self._shadows.discard)
-        return accepted
+        return replace(accepted, allowance=allowance) if allowance else accepted
+
+    @property
+    def _limiter(self) -> RateLimiter:
+        assert self.limiter is not None, "a submission with a quota needs the Submitter's limiter"
+        return self.limiter
 
     async def _record(
         self,
@@ -134,9 +163,11 @@ class Submitter:
 
     # -- Dramatiq ------------------------------------------------------------------------
 
-    async def _to_dramatiq_or_legacy(self, sub: Submission, evaluation: NewEvaluation) -> Accepted:
+    async def _to_dramatiq_or_legacy(
+        self, sub: Submission, evaluation: NewEvaluation, quota: ApiKey | None = None
+    ) -> Accepted:
         try:
-            return await self._to_dramatiq(sub, evaluation)
+            return await self._to_dramatiq(sub, evaluation, quota)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             if self.legacy is None:
                 raise
@@ -145,20 +176,25 @@ class Submitter:
             self._keep_unrecorded(replace(evaluation, queue_system="legacy"), fallback=True)
             return Accepted(sub.eval_id, "legacy", None, fallback=True)
 
-    async def _to_dramatiq(self, sub: Submission, evaluation: NewEvaluation) -> Accepted:
-        """Record and enqueue in one Lua call; the position counts ready messages ahead of it."""
+    async def _to_dramatiq(
+        self, sub: Submission, evaluation: NewEvaluation, quota: ApiKey | None = None
+    ) -> Accepted:
+        """Count `quota`, record and enqueue in one Lua call; the position counts ready messages
+        ahead of it."""
         if self.store.forwarder:
             # the storage service hears of it before any worker can report it running
             if await self.client.exists(self.store.key(sub.eval_id)):
                 raise _duplicate()
             await self.store.announce(evaluation)
-        ahead = await self.enqueuer.submit(
-            self.store.key(sub.eval_id), self.store.creation(evaluation), _message(sub), evaluation.level
-        )
-        if ahead is None:
+        claim = self._limiter.claim(quota, sub.eval_id) if quota else ""
+        record = self.store.key(sub.eval_id)
+        creation = self.store.creation(evaluation)
+        reply = await self.enqueuer.submit(record, creation, _message(sub), evaluation.level, claim)
+        if reply == [-1]:
             raise _duplicate()
+        allowance = self._limiter.settle(quota, reply[:3]) if quota else None  # raises 429 if refused
         log.info("evaluation.queued", eval_id=sub.eval_id, level=evaluation.level, language=sub.language)
-        return Accepted(sub.eval_id, "dramatiq", max(ahead, 0))
+        return Accepted(sub.eval_id, "dramatiq", max(int(reply[3]), 0), allowance=allowance)
 
     # -- legacy Celery -------------------------------------------------------------------
 

@@ -117,6 +117,9 @@ async def test_rate_limit_and_the_in_progress_cap(
             limited = await api.post("/api/eval", json={"code": "print(1)"})
             assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
             assert limited.headers["RateLimit-Remaining"] == "0" and "rate limit" in limited.json()["error"]
+            # a refused submission leaves nothing behind: the quota, record and message are one call
+            assert (await api.get("/api/evaluations")).json()["total"] == 3
+            assert await aredis.llen(f"{namespace}:queue:default") == 3
             batch = await api.post("/api/eval-batch", json={"evaluations": [{"code": "print(1)"}] * 5})
             assert batch.status_code == 413  # more than the bucket ever holds
             await asyncio.sleep(1.1)

@@ -128,20 +128,29 @@ if command == "enqueue" then
 
 elseif command == "submit" then
     -- args: the key of a record that must not exist yet, the JSON list of commands that write
-    -- it (the store makes them), a message as for enqueue, then the levels whose ready
-    -- messages count as ahead of it. One call: the record and its message exist together or
-    -- not at all. Returns -1 when the record exists already (nothing is written), else how
-    -- many ready messages are ahead of this one.
-    if redis.call("exists", ARGV[4]) == 1 then return -1 end
+    -- it (the store makes them), the submitting key's quota as JSON ([bucket, active key,
+    -- rate_per_s, burst, max_active, eval_id], or "" for none), a message as for enqueue, then the levels
+    -- whose ready messages count as ahead of it. One call: the quota, the record and its message
+    -- change together or not at all. Returns {-1} when the record exists already and admit()'s
+    -- refusal (quota.lua) when the quota refuses, both having changed nothing; else
+    -- {1, tokens left, ms until the bucket is full, ready messages ahead of this one}
+    -- (tokens and ms are -1 without a quota).
+    if redis.call("exists", ARGV[4]) == 1 then return {-1} end
+    local admitted = {1, -1, -1}
+    if ARGV[6] ~= "" then
+        local q = cjson.decode(ARGV[6])
+        admitted = admit(q[1], q[2], q[3], q[4], q[5], {q[6]}, now)
+        if admitted[1] == 0 then return admitted end
+    end
     for _, op in ipairs(cjson.decode(ARGV[5])) do
         redis.call(unpack(op))
     end
-    enqueue(6)
+    enqueue(7)
     local ahead = -1
-    for i = 11, #ARGV do
+    for i = 12, #ARGV do
         ahead = ahead + redis.call("llen", queue_key(ARGV[i]))
     end
-    return ahead
+    return {1, admitted[2], admitted[3], ahead}
 
 elseif command == "enqueue_once" then
     -- args: an idempotency key and how long to remember it (ms), then a message as for

@@ -1,35 +1,30 @@
 -- Admit submissions for one API key, atomically, on Redis's clock: the in-progress cap, then
--- the token bucket, then the new evaluations are counted as in progress.
+-- the token bucket, then the new evaluations are counted as in progress. A function, so the
+-- broker's `submit` (actors/lua/dispatch.lua) admits and enqueues in one call; quota_check.lua
+-- calls it alone (batches).
 --
--- quota(keys=[bucket, active], args=[rate_per_s, burst, max_active, eval_id...])
+-- admit(bucket, active, rate_per_s, burst, max_active, eval_ids, now_ms)
 -- bucket: hash (tokens, at_ms), refilled at rate_per_s up to burst; each eval_id costs one.
 -- active: set of the key's evaluations queued or running (transition.lua removes the finished).
 -- Returns {1, tokens left, ms until full} when admitted (ids added to active),
 --         {0, "active", how many are in progress} or {0, "rate", ms until enough tokens}.
-
-local bucket, active = KEYS[1], KEYS[2]
-local rate, burst, max_active = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local cost = #ARGV - 3
-local time = redis.call("TIME")
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-
-local in_progress = redis.call("scard", active)
-if in_progress + cost > max_active then
-    return {0, "active", in_progress}
-end
-
-local stored = redis.call("hmget", bucket, "tokens", "at_ms")
-local tokens = tonumber(stored[1]) or burst
-local at = tonumber(stored[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - at) * rate / 1000)
-if cost > tokens then
+local function admit(bucket, active, rate, burst, max_active, eval_ids, now)
+    local cost = #eval_ids
+    local in_progress = redis.call("scard", active)
+    if in_progress + cost > max_active then
+        return {0, "active", in_progress}
+    end
+    local stored = redis.call("hmget", bucket, "tokens", "at_ms")
+    local tokens = tonumber(stored[1]) or burst
+    local at = tonumber(stored[2]) or now
+    tokens = math.min(burst, tokens + math.max(0, now - at) * rate / 1000)
+    if cost > tokens then
+        redis.call("hset", bucket, "tokens", tostring(tokens), "at_ms", now)
+        return {0, "rate", math.ceil((cost - tokens) * 1000 / rate)}
+    end
+    tokens = tokens - cost
     redis.call("hset", bucket, "tokens", tostring(tokens), "at_ms", now)
-    return {0, "rate", math.ceil((cost - tokens) * 1000 / rate)}
+    redis.call("pexpire", bucket, math.ceil(burst * 1000 / rate) + 1000)
+    redis.call("sadd", active, unpack(eval_ids))
+    return {1, math.floor(tokens), math.ceil((burst - tokens) * 1000 / rate)}
 end
-tokens = tokens - cost
-redis.call("hset", bucket, "tokens", tostring(tokens), "at_ms", now)
-redis.call("pexpire", bucket, math.ceil(burst * 1000 / rate) + 1000)
-for i = 4, #ARGV do
-    redis.call("sadd", active, ARGV[i])
-end
-return {1, math.floor(tokens), math.ceil((burst - tokens) * 1000 / rate)}
