@@ -5,6 +5,8 @@ worker holding prefetched low messages runs them before a high message that arri
 Here there is one Dramatiq queue; its consumer fetches with one atomic Lua call that pops the
 oldest high message, else default, else low, and only as many as the worker has free slots.
 Nothing is prefetched beyond that, so the next free slot always takes the best message.
+The same call marks the evaluation of each message it takes running (see MarkRunning), and a
+message's return to a queue marks it queued again.
 
 Idle workers block on a per-level "doorbell" list that every enqueue rings, so a submission
 starts in milliseconds without busy polling. Heartbeats go out at least every
@@ -35,9 +37,19 @@ from redis.commands.core import Script
 from app.config import LEVELS
 from app.ratelimit import QUOTA_FUNCTION_LUA
 from app.redis_client import sync_client
-from app.store import TRANSITION_LUA, StatusChange
+from app.store import HISTOGRAM_BOUNDS_MS, STATUS_FUNCTIONS_LUA, TRANSITION_LUA, StatusChange, utc_now
 from middleware.priority import LEVEL_OPTION
-from middleware.state import DEAD_LETTER, REDIS_ID_OPTION, SETTLE, STATUS_CHANGE, TRANSIENT_OPTIONS
+from middleware.running import RECORDS_STATUS
+from middleware.state import (
+    DEAD_LETTER,
+    FETCH_MARK,
+    REDIS_ID_OPTION,
+    SETTLE,
+    STATUS_CHANGE,
+    TRANSIENT_OPTIONS,
+    eval_id_of,
+    worker_name,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -49,14 +61,21 @@ TICK_MEMORY_MS = 24 * 3600 * 1000
 #: The one Dramatiq queue name every actor uses; levels are a message option.
 QUEUE_NAME = "crucible"
 
-#: `submit` counts the submitting key's quota with quota.lua's `admit()`.
-DISPATCH_LUA = QUOTA_FUNCTION_LUA + (Path(__file__).parent / "lua" / "dispatch.lua").read_text()
+#: `submit` counts the submitting key's quota with quota.lua's `admit()`; `fetch` and hand-backs
+#: change statuses with status.lua's `transition()`.
+DISPATCH_LUA = (
+    QUOTA_FUNCTION_LUA + STATUS_FUNCTIONS_LUA + (Path(__file__).parent / "lua" / "dispatch.lua").read_text()
+)
+BOUNDS_CSV = ",".join(map(str, HISTOGRAM_BOUNDS_MS))
 #: Broker operations that also record this worker's heartbeat.
 BEATING = ("fetch", "heartbeat")
 
 
-def prepare(message: Message, level: str, delay_ms: int | None = None) -> tuple[Message, list[Any]]:
+def prepare(
+    message: Message, level: str, delay_ms: int | None = None, marks: str | None = None
+) -> tuple[Message, list[Any]]:
     """Give `message` a fresh Redis id and its level; return it with the `enqueue` arguments.
+    `marks`: the evaluation its fetch marks running (an actor that records statuses).
 
     Shared by the sync broker and the async enqueuer so both write exactly the same thing.
     """
@@ -65,7 +84,8 @@ def prepare(message: Message, level: str, delay_ms: int | None = None) -> tuple[
     options = {k: v for k, v in message.options.items() if k not in TRANSIENT_OPTIONS}
     options.update({REDIS_ID_OPTION: str(uuid4()), LEVEL_OPTION: level})
     message = dataclasses.replace(message.copy(), queue_name=QUEUE_NAME, options=options)
-    args = [message.options[REDIS_ID_OPTION], level, message.message_id, delay_ms or 0, message.encode()]
+    args = [message.options[REDIS_ID_OPTION], level, message.message_id, delay_ms or 0, message.encode(),
+            marks or ""]  # fmt: skip
     return message, args
 
 
@@ -73,6 +93,19 @@ def _outcome(reply: list[Any]) -> tuple[bool, str]:
     """transition.lua's answer: whether the change applied, and the status it found."""
     applied, current = reply
     return bool(applied), current.decode() if isinstance(current, bytes) else str(current)
+
+
+def fetched(reply: list[bytes], stamp: dict[str, str]) -> list[Message]:
+    """`fetch`'s answer as messages; each carries its mark (FETCH_MARK) and, if its evaluation
+    was marked running, the fields recorded with it (`stamp`), for MarkRunning."""
+    messages = []
+    for data, mark in zip(reply[::2], reply[1::2], strict=True):
+        message = Message.decode(data)
+        sign, current = mark[:1], mark[1:].decode()
+        if sign != b"-":
+            message.options[FETCH_MARK] = {"applied": sign == b"+", "current": current, **stamp}
+        messages.append(message)
+    return messages
 
 
 def tick_key(actor_name: str, scheduled_at: str) -> str:
@@ -115,12 +148,34 @@ class PriorityBroker(Broker):
         self.slot_freed = threading.Event()
         #: when this worker last told Redis it is alive (every fetch does)
         self.last_beat = 0.0
+        #: the worker is shutting down: it takes no more messages (it would only hand them back)
+        self.stopping = False
         self.client = sync_client(url)
         self._dispatch = self.client.register_script(DISPATCH_LUA)
         self._transition = self.client.register_script(TRANSITION_LUA)
 
+    def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        if signal == "worker_shutdown":
+            self.stopping = True
+        super().emit_before(signal, *args, **kwargs)
+
     def _dispatch_args(self, command: str, *args: Any) -> list[Any]:
         return [command, self.broker_id, self.heartbeat_timeout_ms, *args]
+
+    def marks(self, message: Message) -> str | None:
+        """The evaluation a fetch of `message` marks running: its own, if its actor records statuses."""
+        actor = self.actors.get(message.actor_name)
+        return eval_id_of(message) if actor and actor.options.get(RECORDS_STATUS) else None
+
+    def fetch_args(self, wanted: int) -> tuple[list[Any], dict[str, str]]:
+        """`fetch`'s arguments, and the fields it records on each evaluation it marks running."""
+        stamp = {"started_at": utc_now(), "worker": worker_name()}
+        return [wanted, stamp["started_at"], stamp["worker"], BOUNDS_CSV, *self.levels], stamp
+
+    def fetch(self, wanted: int) -> list[Message]:
+        """Take up to `wanted` messages, highest level first (and mark their evaluations running)."""
+        args, stamp = self.fetch_args(wanted)
+        return fetched(self.dispatch("fetch", *args), stamp)
 
     def dispatch(self, command: str, *args: Any) -> Any:
         """Run one broker operation atomically in Redis."""
@@ -134,13 +189,13 @@ class PriorityBroker(Broker):
 
     def settle(
         self, command: str, *args: Any, status: StatusChange | None = None, refill: int = 0
-    ) -> list[bytes]:
+    ) -> list[Message]:
         """A broker operation and, in the same MULTI, an evaluation's status change, and a
         fetch of up to `refill` messages for the slot this frees.
 
         So a retry, a dead letter or a hand-back never leaves the queue and the record at odds,
         and a finished run's slot gets its next message, highest level first, in the same round
-        trip as its ack. Returns the fetched messages (encoded).
+        trip as its ack. Returns the fetched messages.
         """
         if status is None and not refill:
             self.dispatch(command, *args)
@@ -149,7 +204,8 @@ class PriorityBroker(Broker):
         if status is not None:
             calls.append((self._transition, status.args()))
         if refill:
-            calls.append((self._dispatch, self._dispatch_args("fetch", refill, *self.levels)))
+            fetch, stamp = self.fetch_args(refill)
+            calls.append((self._dispatch, self._dispatch_args("fetch", *fetch)))
         try:
             results = self._multi_by_sha(calls)
         except redis.ConnectionError as exc:
@@ -161,7 +217,7 @@ class PriorityBroker(Broker):
             if not applied:
                 log.info("status.change_refused", eval_id=status.eval_id, wanted=status.status,
                          current=current)  # fmt: skip
-        return [data for data in results[-1] if data] if refill else []
+        return fetched(results[-1], stamp) if refill else []
 
     def _multi_by_sha(self, calls: list[tuple[Script, list[Any]]]) -> list[Any]:
         """Run scripts in one MULTI by sha alone (redis-py's pipelined scripts would first ask
@@ -215,7 +271,7 @@ class PriorityBroker(Broker):
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
         """Enqueue; a scheduler tick (periodiq's `scheduled_at`) is enqueued once however many
         schedulers send it, since periodiq itself has no guard against two schedulers."""
-        message, args = prepare(message, self.level_of(message), delay)
+        message, args = prepare(message, self.level_of(message), delay, self.marks(message))
         self.emit_before("enqueue", message, delay)
         tick = message.options.get(TICK_OPTION)
         if tick is None:
@@ -284,34 +340,34 @@ class PriorityConsumer(Consumer):
         self.slot_freed.clear()  # before looking: a message a worker thread adds after sets it
         if self.cache:
             return MessageProxy(self.cache.pop(0))
-        free = self.slots - len(self.outstanding)
+        free = 0 if self.broker.stopping else self.slots - len(self.outstanding)
         if free <= 0:
             # Every slot is busy: wait for one, and keep our heartbeat fresh meanwhile.
             self.slot_freed.wait(self.broker.heartbeat_interval)
             if time.monotonic() - self.broker.last_beat >= self.broker.heartbeat_interval / 2:
                 self.broker.dispatch("heartbeat")
             return None
-        fetched = [data for data in self.broker.dispatch("fetch", free, *self.broker.levels) if data]
-        if not fetched:
+        messages = self.broker.fetch(free)
+        if not messages:
             self.broker.wait_for_doorbell(self.broker.heartbeat_interval)
             return None
-        for data in fetched:
-            self._take(data)
+        for message in messages:
+            self._take(message)
         return MessageProxy(self.cache.pop(0))
 
     def _settle(self, command: str, message: MessageProxy, *args: Any, status: StatusChange | None) -> None:
         """Settle from the worker thread that ran it, taking the freed slot's next message in the
         same round trip; the consumer thread hands it on (`__next__`)."""
         redis_id = message.options[REDIS_ID_OPTION]
+        refill = 0 if self.broker.stopping else 1
         try:
-            for data in self.broker.settle(command, redis_id, *args, status=status, refill=1):
-                self._take(data)
+            for fetched_message in self.broker.settle(command, redis_id, *args, status=status, refill=refill):
+                self._take(fetched_message)
         finally:
             self.outstanding.discard(redis_id)
             self.slot_freed.set()
 
-    def _take(self, data: bytes) -> None:
-        message = Message.decode(data)
+    def _take(self, message: Message) -> None:
         self.outstanding.add(message.options[REDIS_ID_OPTION])
         self.cache.append(message)
 
@@ -324,7 +380,9 @@ class PriorityConsumer(Consumer):
             self._settle("ack", message, status=status)  # the actor's result, if it left one
         elif plan["command"] == "retry":
             # swap the fetched message for a delayed copy: no moment where it is lost or doubled
-            _, args = prepare(message, self.broker.level_of(message), plan["delay_ms"])
+            _, args = prepare(
+                message, self.broker.level_of(message), plan["delay_ms"], self.broker.marks(message)
+            )
             self._settle("retry", message, *args, status=status)
         else:
             self._settle("requeue", message, status=status)
@@ -356,7 +414,8 @@ class AsyncEnqueuer:
         await self._dispatch(keys=[self.namespace], args=[command, "api", 0, *args], client=pipe)
 
     async def enqueue_in(self, pipe: aioredis.client.Pipeline, message: Message, level: str) -> Message:
-        message, args = prepare(message, level)
+        """`message` is an evaluation's (a take-over, a DLQ retry): its fetch marks it running."""
+        message, args = prepare(message, level, marks=eval_id_of(message))
         await self.dispatch_in(pipe, "enqueue", *args)
         return message
 
@@ -367,7 +426,7 @@ class AsyncEnqueuer:
         store's commands) and enqueue its message in one atomic call: one round trip, and never
         one without the others. The answer (dispatch.lua's `submit`): [-1] if the record exists
         already, the quota's refusal, or [1, tokens left, ms until full, ready messages ahead]."""
-        _, args = prepare(message, level)
+        _, args = prepare(message, level, marks=eval_id_of(message))  # the record's own message
         ahead = LEVELS[: LEVELS.index(level) + 1]
         command = ["submit", "api", 0, record_key, json.dumps(creation), quota, *args, *ahead]
         return list(await self._dispatch(keys=[self.namespace], args=command))

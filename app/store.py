@@ -54,7 +54,9 @@ LIST_FIELDS = ("id", "status", "created_at", "code", "language", "queue", "queue
 FILTER_FIELDS = ("id", "language", "queue", "status")
 LIST_SCAN = 5000
 
-TRANSITION_LUA = (Path(__file__).parent / "lua" / "transition.lua").read_text()
+#: `transition()`, for scripts that change statuses (prepended to them).
+STATUS_FUNCTIONS_LUA = (Path(__file__).parent / "lua" / "status.lua").read_text()
+TRANSITION_LUA = STATUS_FUNCTIONS_LUA + (Path(__file__).parent / "lua" / "transition.lua").read_text()
 
 _INT_FIELDS = {
     "runtime_ms",

@@ -26,8 +26,10 @@ STATUS_CHANGE = "status_change"
 SETTLE = "settle"
 #: Set when a worker found no record for the evaluation (a message sent straight to the actor).
 UNRECORDED = "unrecorded"
+#: What the fetch that took this delivery did to its evaluation's status (actors/broker.py).
+FETCH_MARK = "fetch_mark"
 #: Options that describe one delivery only; never copied into a re-sent message.
-TRANSIENT_OPTIONS = (DEAD_LETTER, STATUS_CHANGE, SETTLE, UNRECORDED)
+TRANSIENT_OPTIONS = (DEAD_LETTER, STATUS_CHANGE, SETTLE, UNRECORDED, FETCH_MARK)
 #: The broker's id of one delivery (unique per delivery, so it tells attempts apart).
 REDIS_ID_OPTION = "redis_message_id"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -14,7 +15,7 @@ from actors.broker import QUEUE_NAME, PriorityBroker, PriorityConsumer
 from app.store import StatusChange
 from middleware.priority import PriorityRouting
 from middleware.running import MarkRunning
-from middleware.state import STATUS_CHANGE
+from middleware.state import FETCH_MARK, REDIS_ID_OPTION, STATUS_CHANGE
 
 
 def make_broker(redis_url: str, namespace: str, **options: int) -> PriorityBroker:
@@ -171,8 +172,13 @@ def test_a_worker_marks_an_evaluation_running_and_skips_a_cancelled_one(
 
     broker.client.hset(f"{namespace}:eval:a", mapping={"status": "queued"})
     broker.client.hset(f"{namespace}:eval:b", mapping={"status": "cancelled"})
+    broker.client.hset(f"{namespace}:eval:c", mapping={"status": "queued"})
     job.send(eval_id="a")
     job.send(eval_id="b")
+    # c's message comes without its mark (as a worker of an older release enqueued it): the
+    # middleware marks it running itself
+    sent = job.send(eval_id="c")
+    broker.client.hdel(f"{namespace}:eval_of", sent.options[REDIS_ID_OPTION])
     worker = Worker(broker, worker_threads=1)
     worker.start()
     try:
@@ -181,10 +187,53 @@ def test_a_worker_marks_an_evaluation_running_and_skips_a_cancelled_one(
     finally:
         worker.stop()
         broker.client.close()
-    assert seen == [("a", b"running")]  # running before the actor started; b never ran
-    record = broker.client.hgetall(f"{namespace}:eval:a")
-    assert record[b"attempt"] and record[b"worker"] and record[b"started_at"]
+    assert seen == [("a", b"running"), ("c", b"running")]  # running before the actor started; b never ran
+    for eval_id in "ac":
+        record = broker.client.hgetall(f"{namespace}:eval:{eval_id}")
+        assert record[b"attempt"] and record[b"worker"] and record[b"started_at"]
     assert broker.client.hget(f"{namespace}:eval:b", "status") == b"cancelled"
+
+
+def test_a_fetch_marks_its_evaluation_running_and_a_return_to_the_queue_marks_it_queued(
+    redis_url: str, namespace: str
+) -> None:
+    """The fetch saves the worker a round trip; wherever a message goes back to its queue (a
+    hand-back, a dead worker's release) its evaluation says so again."""
+    crashed, survivor = (
+        PriorityBroker(
+            url=redis_url,
+            namespace=namespace,
+            middleware=[PriorityRouting(), MarkRunning()],
+            heartbeat_timeout_ms=300,
+        )
+        for _ in range(2)
+    )
+    for broker in (crashed, survivor):
+        dramatiq.actor(lambda eval_id: None, broker=broker, actor_name="job", queue_name=QUEUE_NAME,
+                       records_status=True)  # fmt: skip
+    record = f"{namespace}:eval:a"
+    crashed.client.hset(record, mapping={"status": "queued"})
+    crashed.get_actor("job").send(eval_id="a")
+
+    def status() -> tuple[bytes, bytes, bytes]:
+        values = crashed.client.hmget(record, "status", "worker", "attempt")
+        return values[0], values[1], values[2]
+
+    consumer = PriorityConsumer(crashed, slots=1)
+    taken = next(consumer)
+    attempt = taken.options[REDIS_ID_OPTION].encode()
+    assert taken.options[FETCH_MARK]["applied"] and status()[0] == b"running"
+    assert status()[2] == attempt and status()[1].decode() == taken.options[FETCH_MARK]["worker"]
+    consumer.requeue([taken])  # a worker stopping hands it back unstarted
+    assert status() == (b"queued", b"", attempt)
+    assert next(PriorityConsumer(crashed, slots=1)) is not None and status()[0] == b"running"
+    time.sleep(0.4)  # the crashed worker never acks nor heartbeats again
+    again = next(PriorityConsumer(survivor, slots=1))
+    assert again.options[FETCH_MARK]["applied"]
+    events = [json.loads(e)["status"] for e in crashed.client.lrange(f"{record}:events", 0, -1)]
+    assert events == ["running", "queued", "running", "queued", "running"]
+    for broker in (crashed, survivor):
+        broker.client.close()
 
 
 def test_an_evaluation_message_carries_its_task_id_and_a_time_limit_above_its_timeout() -> None:

@@ -10,6 +10,8 @@
 -- $ns:level            hash message id -> level
 -- $ns:task             hash message id -> task id (celery-<eval_id>), and
 -- $ns:task_msg         hash task id -> message id: how a cancel finds a queued message
+-- $ns:eval_of          hash message id -> the evaluation it runs, for messages whose fetch marks
+--                      that evaluation running (and whose return to a queue marks it queued)
 -- $ns:acks:$worker     set of message ids a worker fetched and has not acked
 -- $ns:heartbeats       zset worker id -> last heartbeat (ms)
 -- $ns:doorbell:$level  list of tokens; an enqueue rings it so idle workers wake at once
@@ -28,6 +30,7 @@ local msgs = ns .. ":msgs"
 local levels = ns .. ":level"
 local tasks = ns .. ":task"
 local task_msg = ns .. ":task_msg"
+local eval_of = ns .. ":eval_of"
 local delayed = ns .. ":delayed"
 local heartbeats = ns .. ":heartbeats"
 local DOORBELL_TOKENS = 64
@@ -50,14 +53,20 @@ local function forget(message_id)
     redis.call("hdel", msgs, message_id)
     redis.call("hdel", levels, message_id)
     redis.call("hdel", tasks, message_id)
+    redis.call("hdel", eval_of, message_id)
 end
 
--- Put a fetched message back at the head of its level: it was taken in priority order.
+-- Put a fetched message back at the head of its level: it was taken in priority order. Its
+-- evaluation, if this delivery marked it running, is queued again.
 local function return_to_head(message_id)
     local level = redis.call("hget", levels, message_id)
     if level and redis.call("hexists", msgs, message_id) == 1 then
         redis.call("lpush", queue_key(level), message_id)
         ring(level)
+        local eval_id = redis.call("hget", eval_of, message_id)
+        if eval_id then
+            transition(ns, eval_id, "queued", now, "running", {worker = ""}, {attempt = message_id}, "0", {})
+        end
     end
 end
 
@@ -104,7 +113,8 @@ local function maintain()
     end
 end
 
--- args from `first`: message_id, level, task_id, delay_ms (0 = now), encoded message.
+-- args from `first`: message_id, level, task_id, delay_ms (0 = now), encoded message, and the
+-- evaluation whose status its fetch sets running ("" for none).
 -- A message id already known is not enqueued again (a re-sent command).
 local function enqueue(first)
     local message_id, level, task_id = ARGV[first], ARGV[first + 1], ARGV[first + 2]
@@ -114,6 +124,9 @@ local function enqueue(first)
     redis.call("hset", levels, message_id, level)
     redis.call("hset", tasks, message_id, task_id)
     redis.call("hset", task_msg, task_id, message_id)
+    if ARGV[first + 5] ~= "" then
+        redis.call("hset", eval_of, message_id, ARGV[first + 5])
+    end
     if eta > now then
         redis.call("zadd", delayed, eta, message_id)
     else
@@ -147,7 +160,7 @@ elseif command == "submit" then
     end
     enqueue(7)
     local ahead = -1
-    for i = 12, #ARGV do
+    for i = 13, #ARGV do
         ahead = ahead + redis.call("llen", queue_key(ARGV[i]))
     end
     return {1, admitted[2], admitted[3], ahead}
@@ -185,24 +198,40 @@ elseif command == "cancel" then
     return removed
 
 elseif command == "fetch" then
-    -- args: how many, then the levels to take from, highest first
+    -- args: how many, the start time (ISO) and worker name to record, the histograms' bucket
+    -- bounds (CSV), then the levels to take from, highest first. Each message enqueued with an
+    -- evaluation is marked running here, as MarkRunning would (middleware/running.py), saving
+    -- its worker that round trip. Returns {encoded message, mark} per message; mark is "-" (not
+    -- marked), "+" (now running) or "=" .. the status that refused it ("" for no record).
     redis.call("zadd", heartbeats, now, worker_id)
     maintain()
     local wanted = tonumber(ARGV[4])
-    local ids = {}
-    for i = 5, #ARGV do
+    local started_at, worker_name = ARGV[5], ARGV[6]
+    local bounds = {}
+    for bound in string.gmatch(ARGV[7], "[^,]+") do bounds[#bounds + 1] = tonumber(bound) end
+    local taken = {}
+    for i = 8, #ARGV do
         local queue = queue_key(ARGV[i])
-        while #ids < wanted do
+        while #taken < wanted * 2 do
             local message_id = redis.call("lpop", queue)
             if not message_id then break end
-            if redis.call("hexists", msgs, message_id) == 1 then
+            local data = redis.call("hget", msgs, message_id)
+            if data then
                 redis.call("sadd", acks_key(worker_id), message_id)
-                ids[#ids + 1] = message_id
+                local mark = "-"
+                local eval_id = redis.call("hget", eval_of, message_id)
+                if eval_id then
+                    local fields = {started_at = started_at, worker = worker_name, next_retry_at = "",
+                                    attempt = message_id}
+                    local done = transition(ns, eval_id, "running", now, "queued,running", fields, {}, "0", bounds)
+                    mark = done[1] == 1 and "+" or "=" .. done[2]
+                end
+                taken[#taken + 1] = data
+                taken[#taken + 1] = mark
             end
         end
     end
-    if #ids == 0 then return {} end
-    return redis.call("hmget", msgs, unpack(ids))
+    return taken
 
 elseif command == "heartbeat" then
     redis.call("zadd", heartbeats, now, worker_id)

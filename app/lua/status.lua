@@ -1,0 +1,130 @@
+-- transition(): move one evaluation to a new status, atomically, only from the statuses allowed.
+-- A function, so the broker's scripts (actors/lua/dispatch.lua: a fetch marks what it takes
+-- running) change statuses exactly as transition.lua does alone.
+--
+-- transition(ns, eval_id, new_status, now_ms, allowed_from_csv, fields, expect, final, bounds)
+-- allowed_from_csv lists statuses; "running+next_retry_at" allows "running" only while that
+-- field is set (non-empty). Fields given as "" are cleared. expect ({} for none) names
+-- fields that must hold exactly these values (a run's attempt token, so a superseded delivery
+-- cannot write its result over the current one's).
+-- fields and expect are tables; bounds lists the histograms' bucket bounds (ms).
+-- final is "1" when new_status is a final one: it is then counted in $ns:stats, by queue
+-- system and by language, and its submit-to-result latency is kept in $ns:latency:$system.
+-- Returns {1, new_status} when done, {0, current_status} when refused ("" if no such record).
+--
+-- $ns:eval:$id          hash, the evaluation record
+-- $ns:eval:$id:events   list of JSON status changes (the timeline)
+-- $ns:evals             zset eval id -> created (ms): every evaluation
+-- $ns:evals:$status     zset eval id -> created (ms): evaluations by status
+-- $ns:stats            hash of counters ("final:<system>:<status>", "language:<lang>:<status>")
+-- $ns:latency:$system  list of the latest latencies in ms, newest first
+-- $ns:hist:wait_ms     histogram ("in:<ms>": how many fell in the bucket up to that bound and
+--                      above the one before, "in:+Inf", sum, count) of queue waits:
+--                      from entering the queue (queued_at_ms) to starting
+-- $ns:hist:run_ms      histogram of run times (the final change's runtime_ms)
+-- Latency is from submission (submitted_at_ms: creation, or a retry from the DLQ) to result.
+-- $ns:minute:$n        per minute n (ms / 60000): final statuses and a latency bucket each
+--                      ("lat:<ms>"), kept two hours, for rates and percentiles over the last hour
+-- channels $ns:events and $ns:events:$id   each change is published to both as JSON
+
+local LATENCY_SAMPLES = 1000
+
+local function bucket(bounds, value)
+    for _, bound in ipairs(bounds) do
+        if value <= bound then return tostring(bound) end
+    end
+    return "+Inf"
+end
+
+-- One counter per bucket (the reader adds them up into Prometheus's cumulative ones): three
+-- writes per observation rather than one per bound.
+local function observe(bounds, hist, value)
+    redis.call("hincrby", hist, "in:" .. bucket(bounds, value), 1)
+    redis.call("hincrbyfloat", hist, "sum", value)
+    redis.call("hincrby", hist, "count", 1)
+end
+
+local function transition(ns, eval_id, new_status, now, allowed_csv, fields, expect, final, bounds)
+    local record = ns .. ":eval:" .. eval_id
+    local current = redis.call("hget", record, "status")
+    if not current then
+        return {0, ""}
+    end
+    local allowed = false
+    for rule in string.gmatch(allowed_csv, "[^,]+") do
+        local status, needed = string.match(rule, "^([^+]+)%+?(.*)$")
+        if status == current then
+            if needed == "" then
+                allowed = true
+            else
+                local value = redis.call("hget", record, needed)
+                if value and value ~= "" then allowed = true end
+            end
+        end
+    end
+    for field, value in pairs(expect) do
+        if (redis.call("hget", record, field) or "") ~= value then allowed = false end
+    end
+    if not allowed then
+        return {0, current}
+    end
+
+    local flat = {"status", new_status}
+    for key, value in pairs(fields) do
+        flat[#flat + 1] = key
+        flat[#flat + 1] = tostring(value)
+    end
+    redis.call("hset", record, unpack(flat))
+
+    local created = redis.call("zscore", ns .. ":evals", eval_id) or now
+    redis.call("zrem", ns .. ":evals:" .. current, eval_id)
+    redis.call("zadd", ns .. ":evals:" .. new_status, created, eval_id)
+
+    -- Shadow copies (runs compared across systems while migrating) stay out of every counter.
+    local counted = not redis.call("hget", record, "shadow_of")
+    local function since(field)
+        local at = tonumber(redis.call("hget", record, field)) or tonumber(created)
+        return math.max(0, tonumber(now) - at)
+    end
+    local since_submitted = since("submitted_at_ms")
+    if counted and new_status == "running" and current == "queued" then
+        observe(bounds, ns .. ":hist:wait_ms", since("queued_at_ms"))
+    end
+    if new_status == "queued" then
+        redis.call("hset", record, "queued_at_ms", now)
+    end
+    -- $ns:active:$owner: the submitting key's evaluations that are queued or running (its quota)
+    local owner = redis.call("hget", record, "owner")
+    if owner and final == "1" then
+        redis.call("srem", ns .. ":active:" .. owner, eval_id)
+    elseif owner and new_status == "queued" then
+        redis.call("sadd", ns .. ":active:" .. owner, eval_id)
+    end
+    if counted and final == "1" then
+        local system = redis.call("hget", record, "queue_system") or "dramatiq"
+        local language = redis.call("hget", record, "language") or "unknown"
+        redis.call("hincrby", ns .. ":stats", "final:" .. system .. ":" .. new_status, 1)
+        redis.call("hincrby", ns .. ":stats", "language:" .. language .. ":" .. new_status, 1)
+        redis.call("lpush", ns .. ":latency:" .. system, since_submitted)
+        redis.call("ltrim", ns .. ":latency:" .. system, 0, LATENCY_SAMPLES - 1)
+        if tonumber(fields["runtime_ms"]) then
+            observe(bounds, ns .. ":hist:run_ms", tonumber(fields["runtime_ms"]))
+        end
+        local minute = ns .. ":minute:" .. math.floor(tonumber(now) / 60000)
+        redis.call("hincrby", minute, new_status, 1)
+        redis.call("hincrby", minute, "lat:" .. bucket(bounds, since_submitted), 1)
+        redis.call("expire", minute, 7200)
+    end
+
+    fields["eval_id"] = eval_id
+    fields["status"] = new_status
+    fields["previous_status"] = current
+    fields["at_ms"] = tonumber(now)
+    fields["output"] = nil
+    fields["error"] = nil
+    local event = cjson.encode(fields)
+    redis.call("rpush", record .. ":events", event)
+    redis.call("publish", ns .. ":events", event)
+    redis.call("publish", ns .. ":events:" .. eval_id, event)
+    return {1, new_status}
+end
