@@ -4,9 +4,9 @@ the raw rate of the same sandboxed command run in a loop, and Celery calling the
     .venv/bin/python -m bench evaluations --burst 300 --runs 100 [--json out.json]
 
 - raw: the executor's own `Sandbox` (same bwrap command, limits, cgroups) called in a loop in
-  this process, no HTTP, queue or Redis: one run at a time for the single-run time, then as
-  many loops at once as the stack has worker slots for the rate. This is the physical limit:
-  measured with a cold start per run, and with warm (pre-started) sandboxes.
+  this process, no HTTP, queue or Redis: one run at a time for the single-run time, then
+  `--burst` runs in as many loops at once as the stack has worker slots for the rate. This is
+  the physical limit: measured with a cold start per run, and with warm (pre-started) sandboxes.
 - ours, one at a time: POST /api/eval, then follow /api/eval/{id}/events until `completed`.
 - ours, burst: `--burst` submissions sent at once (64 in flight, through aiohttp: the lightest
   client at hand, as it shares the machine); evaluations/s from the first POST to the last
@@ -52,9 +52,10 @@ from bench.common import (
 )
 
 
-async def raw_sandbox(runs: int, parallel: int, warm: bool) -> dict[str, float]:
-    """The sandboxed command alone: single-run times, then the rate with `parallel` loops;
-    `warm`: with pre-started Python sandboxes (executor/warm.py), else every run cold."""
+async def raw_sandbox(runs: int, parallel: int, warm: bool, rate_runs: int) -> dict[str, float]:
+    """The sandboxed command alone: `runs` single-run times, then the rate of `rate_runs` runs
+    in `parallel` loops (as many as the burst it is compared with); `warm`: with pre-started
+    Python sandboxes (executor/warm.py), else every run cold."""
     from app.config import get_settings
     from app.logs import configure_logging
     from executor.app import Executor, open_sandbox
@@ -72,7 +73,7 @@ async def raw_sandbox(runs: int, parallel: int, warm: bool) -> dict[str, float]:
             return (time.perf_counter() - started) * 1000
 
         single = [await run(f"raw-{n}") for n in steps(runs, "raw, one at a time")]
-        per_loop = max(1, runs // parallel)
+        per_loop = max(1, rate_runs // parallel)
         bar = progress(per_loop * parallel, f"raw, {parallel} loops", "run")
 
         async def loop(k: int) -> None:
@@ -203,8 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parser.parse_args(argv)
     slots = args.workers * args.threads
     figures: dict[str, dict[str, float]] = {}
-    figures["raw_cold"] = asyncio.run(raw_sandbox(args.runs, slots, warm=False))
-    figures["raw_warm"] = asyncio.run(raw_sandbox(args.runs, slots, warm=True))
+    figures["raw_cold"] = asyncio.run(raw_sandbox(args.runs, slots, warm=False, rate_runs=args.burst))
+    figures["raw_warm"] = asyncio.run(raw_sandbox(args.runs, slots, warm=True, rate_runs=args.burst))
     env = {"SANDBOX_WARM_POOL": args.warm}
     with redis_server() as url, stack(url, workers=args.workers, threads=args.threads, env=env) as running:
         wait_workers(url, running.namespace, args.workers)
@@ -215,9 +216,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     cold, warm = figures["raw_cold"], figures["raw_warm"]
     rows = [
         [f"raw sandboxed run, cold start, {args.runs} one at a time", "-", *_ms(cold)],
-        [f"raw sandboxed runs, cold start, {slots} loops at once", cold["per_s"], "-", "-", "-"],
+        [f"raw sandboxed runs, cold start, {args.burst} in {slots} loops", cold["per_s"], "-", "-", "-"],
         [f"raw sandboxed run, warm sandbox, {args.runs} one at a time", "-", *_ms(warm)],
-        [f"raw sandboxed runs, warm sandboxes, {slots} loops at once", warm["per_s"], "-", "-", "-"],
+        [f"raw sandboxed runs, warm sandboxes, {args.burst} in {slots} loops", warm["per_s"], "-", "-", "-"],
         [f"ours, {args.runs} one at a time (HTTP, queue, sandbox)", "-", *_ms(figures["ours_one_at_a_time"])],
         [f"ours, burst of {args.burst}", figures["ours_burst"]["per_s"], *_ms(figures["ours_burst"])],
     ]
