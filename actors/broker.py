@@ -200,9 +200,10 @@ class PriorityBroker(Broker):
         if status is None and not refill:
             self.dispatch(command, *args)
             return []
-        calls: list[tuple[Script, list[Any]]] = [(self._dispatch, self._dispatch_args(command, *args))]
-        if status is not None:
-            calls.append((self._transition, status.args()))
+        # The status change first: a hand-back's own change (running -> queued) then stands, and
+        # the one `requeue` makes for a message its fetch marked is refused quietly.
+        calls: list[tuple[Script, list[Any]]] = [] if status is None else [(self._transition, status.args())]
+        calls.append((self._dispatch, self._dispatch_args(command, *args)))
         if refill:
             fetch, stamp = self.fetch_args(refill)
             calls.append((self._dispatch, self._dispatch_args("fetch", *fetch)))
@@ -213,7 +214,7 @@ class PriorityBroker(Broker):
         if refill:
             self.last_beat = time.monotonic()
         if status is not None:
-            applied, current = _outcome(results[1])
+            applied, current = _outcome(results[0])
             if not applied:
                 log.info("status.change_refused", eval_id=status.eval_id, wanted=status.status,
                          current=current)  # fmt: skip
