@@ -83,7 +83,7 @@ def prepare(
         raise ValueError(f"unknown queue level {level!r}; known: {LEVELS}")
     options = {k: v for k, v in message.options.items() if k not in TRANSIENT_OPTIONS}
     options.update({REDIS_ID_OPTION: str(uuid4()), LEVEL_OPTION: level})
-    message = dataclasses.replace(message.copy(), queue_name=QUEUE_NAME, options=options)
+    message = dataclasses.replace(message, queue_name=QUEUE_NAME, options=options)  # options: a new dict
     args = [message.options[REDIS_ID_OPTION], level, message.message_id, delay_ms or 0, message.encode(),
             marks or ""]  # fmt: skip
     return message, args

@@ -134,11 +134,14 @@ def evaluation_message(
     kwargs: dict[str, object] = {"eval_id": eval_id, "code": code, "language": language, "timeout": timeout}
     optional = {"stdin": stdin, "args": args or None, "memory_mb": memory_mb, "output_limit": output_limit}
     kwargs.update({name: value for name, value in optional.items() if value is not None})
-    message = evaluate_code.message_with_options(
+    return Message(
+        queue_name=evaluate_code.queue_name,
+        actor_name=evaluate_code.actor_name,
+        args=(),
         kwargs=kwargs,
-        time_limit=int(timeout * 1000) + TIME_LIMIT_MARGIN_MS,
+        options={"time_limit": int(timeout * 1000) + TIME_LIMIT_MARGIN_MS},
+        message_id=task_id_of(eval_id),
     )
-    return message.copy(message_id=task_id_of(eval_id))
 
 
 @dramatiq.actor(queue_name=QUEUE_NAME, queue_level="high", store_results=True)
