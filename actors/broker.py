@@ -83,6 +83,8 @@ def prepare(
         raise ValueError(f"unknown queue level {level!r}; known: {LEVELS}")
     options = {k: v for k, v in message.options.items() if k not in TRANSIENT_OPTIONS}
     options.update({REDIS_ID_OPTION: str(uuid4()), LEVEL_OPTION: level})
+    if isinstance(message, MessageProxy):  # a fetched message being retried
+        message = message.copy()
     message = dataclasses.replace(message, queue_name=QUEUE_NAME, options=options)  # options: a new dict
     args = [message.options[REDIS_ID_OPTION], level, message.message_id, delay_ms or 0, message.encode(),
             marks or ""]  # fmt: skip
@@ -155,8 +157,8 @@ class PriorityBroker(Broker):
         self._transition = self.client.register_script(TRANSITION_LUA)
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
-        if signal == "worker_shutdown":
-            self.stopping = True
+        if signal in ("worker_boot", "worker_shutdown"):
+            self.stopping = signal == "worker_shutdown"
         super().emit_before(signal, *args, **kwargs)
 
     def _dispatch_args(self, command: str, *args: Any) -> list[Any]:

@@ -251,7 +251,7 @@ class OpsApi:
                 in_flight, retries, *histograms]  # fmt: skip
 
     async def _histogram(self, name: str, documentation: str, key: str) -> HistogramMetricFamily:
-        """A Prometheus histogram from the per-bucket counts transition.lua keeps (in ms)."""
+        """A Prometheus histogram from the per-bucket counts status.lua keeps (in ms)."""
         raw: dict[str, str] = await self.client.hgetall(f"{self.store.ns}:hist:{key}")
         counts = accumulate(int(raw.get(f"in:{ms}", 0)) for ms in HISTOGRAM_BOUNDS_MS)
         buckets = [(str(ms / 1000), count) for ms, count in zip(HISTOGRAM_BOUNDS_MS, counts, strict=True)]
@@ -265,7 +265,7 @@ class OpsApi:
 
 
 def minute_rates(counts: dict[str, int]) -> dict[str, Any]:
-    """Rates and latency percentiles from one window's counters (see transition.lua)."""
+    """Rates and latency percentiles from one window's counters (see lua/status.lua)."""
     finals = {s: counts.get(s, 0) for s in TERMINAL}
     finished = sum(finals.values())
     failures = finished - finals["completed"] - finals["cancelled"]

@@ -4,8 +4,8 @@ A token bucket limits submissions per key: each evaluation costs one token (a ba
 evaluation). A cap limits how many of a key's evaluations may be queued or running at once;
 both are checked, and the new evaluations counted, in one Lua call (`lua/quota.lua`'s `admit`,
 which the broker's `submit` also runs, so one evaluation's quota, record and message cost one
-round trip), and `transition.lua` takes evaluations out of that set (`{ns}:active:<key id>`)
-as they finish.
+round trip), and every final status change (`lua/status.lua`'s `transition()`) takes
+evaluations out of that set (`{ns}:active:<key id>`) as they finish.
 Refusals are 429 with `Retry-After`; every answer to a submission carries `RateLimit-Limit`,
 `RateLimit-Remaining` and `RateLimit-Reset` (the IETF draft's fields).
 """

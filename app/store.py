@@ -1,6 +1,7 @@
 """Evaluation records in Redis: one hash each, indexes by time and status, a timeline.
 
-Every status change goes through one Lua script (`lua/transition.lua`) that checks the
+Every status change goes through one Lua function (`lua/status.lua`'s `transition()`, run alone
+by `lua/transition.lua` or inside a broker operation) that checks the
 change is allowed from the current status, so racing writers (a cancel and a finishing run,
 a redelivered message) leave exactly one final status.
 """
@@ -46,7 +47,7 @@ CELERY_STATES: dict[str, str] = {
     "cancelled": "REVOKED",
 }
 
-#: Upper bounds (ms) of the latency, wait and run-time histograms kept by transition.lua.
+#: Upper bounds (ms) of the latency, wait and run-time histograms kept by status.lua.
 HISTOGRAM_BOUNDS_MS = (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 
 #: What a list row holds, and how many recent evaluations the list's filters look through.

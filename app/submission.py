@@ -29,7 +29,7 @@ from app.keys import ApiKey
 from app.legacy import LegacyCelery, LegacyUnavailable
 from app.migration import MigrationControl, legacy_pending_key, other, shadow_id, shadow_pending_key
 from app.ratelimit import Allowance, RateLimiter
-from app.store import EvaluationStore, NewEvaluation
+from app.store import TERMINAL, EvaluationStore, NewEvaluation
 
 log = structlog.get_logger(__name__)
 
@@ -116,8 +116,9 @@ class Submitter:
             else:
                 accepted = await self._to_dramatiq_or_legacy(sub, evaluation, None if apart else quota)
         except Exception as exc:
-            # a duplicate's place belongs to the evaluation already there
-            if apart and not (isinstance(exc, RequestError) and exc.status == 409):
+            # a duplicate's place belongs to the evaluation already there, if it is in progress
+            duplicate = isinstance(exc, RequestError) and exc.status == 409
+            if apart and not (duplicate and await self._in_progress(sub.eval_id)):
                 await self._limiter.release(apart, [sub.eval_id])
             raise
         if self.control and await self.control.shadow_wanted():
@@ -125,6 +126,10 @@ class Submitter:
             self._shadows.add(shadow)  # runs after the answer; kept referenced until done
             shadow.add_done_callback(self._shadows.discard)
         return replace(accepted, allowance=allowance) if allowance else accepted
+
+    async def _in_progress(self, eval_id: str) -> bool:
+        record = await self.store.get(eval_id)
+        return record is not None and record["status"] not in TERMINAL
 
     @property
     def _limiter(self) -> RateLimiter:

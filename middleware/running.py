@@ -2,9 +2,10 @@
 
 Usually the broker's fetch has done it already, in the Lua call that took the message
 (actors/broker.py puts what it did on the message as FETCH_MARK): no round trip of its own. Else
-(a message enqueued without its evaluation, Celery-style) it is one round trip here, in the
-worker thread with the broker's own client. `bench queue` measured the cost of that round
-trip: a no-op task through our stack ran at 0.84x bare Dramatiq's rate with it, 1.12x without.
+(a message enqueued by an earlier release, without its evaluation noted for the fetch) it is one
+round trip here, in the worker thread with the broker's own client. `bench queue` measured the
+cost of that round trip: a no-op task through our stack ran at 0.84x bare Dramatiq's rate
+with it, 1.12x without.
 A message whose evaluation is already cancelled or finished (an earlier delivery completed it)
 is skipped: a run never happens twice. An evaluation with no record (sent straight to the
 actor) is left to the actor, which records it first.

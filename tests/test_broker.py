@@ -15,7 +15,7 @@ from actors.broker import QUEUE_NAME, PriorityBroker, PriorityConsumer
 from app.store import StatusChange
 from middleware.priority import PriorityRouting
 from middleware.running import MarkRunning
-from middleware.state import FETCH_MARK, REDIS_ID_OPTION, STATUS_CHANGE
+from middleware.state import FETCH_MARK, REDIS_ID_OPTION, SETTLE, STATUS_CHANGE
 
 
 def make_broker(redis_url: str, namespace: str, **options: int) -> PriorityBroker:
@@ -194,12 +194,11 @@ def test_a_worker_marks_an_evaluation_running_and_skips_a_cancelled_one(
     assert broker.client.hget(f"{namespace}:eval:b", "status") == b"cancelled"
 
 
-def test_a_fetch_marks_its_evaluation_running_and_a_return_to_the_queue_marks_it_queued(
-    redis_url: str, namespace: str
-) -> None:
-    """The fetch saves the worker a round trip; wherever a message goes back to its queue (a
-    hand-back, a dead worker's release) its evaluation says so again."""
-    crashed, survivor = (
+@pytest.fixture
+def two_workers(redis_url: str, namespace: str) -> Iterator[tuple[PriorityBroker, PriorityBroker]]:
+    """Two workers' brokers declaring an actor that records statuses, and evaluation `a` queued
+    with its message sent."""
+    pair = tuple(
         PriorityBroker(
             url=redis_url,
             namespace=namespace,
@@ -208,32 +207,87 @@ def test_a_fetch_marks_its_evaluation_running_and_a_return_to_the_queue_marks_it
         )
         for _ in range(2)
     )
-    for broker in (crashed, survivor):
+    for broker in pair:
         dramatiq.actor(lambda eval_id: None, broker=broker, actor_name="job", queue_name=QUEUE_NAME,
                        records_status=True)  # fmt: skip
-    record = f"{namespace}:eval:a"
-    crashed.client.hset(record, mapping={"status": "queued"})
-    crashed.get_actor("job").send(eval_id="a")
+    pair[0].client.hset(f"{namespace}:eval:a", mapping={"status": "queued"})
+    pair[0].get_actor("job").send(eval_id="a")
+    yield pair[0], pair[1]
+    for broker in pair:
+        broker.client.close()
 
-    def status() -> tuple[bytes, bytes, bytes]:
-        values = crashed.client.hmget(record, "status", "worker", "attempt")
-        return values[0], values[1], values[2]
 
+def record_of(broker: PriorityBroker) -> tuple[bytes, bytes, bytes]:
+    status, worker, attempt = broker.client.hmget(f"{broker.namespace}:eval:a", "status", "worker", "attempt")
+    return status, worker, attempt
+
+
+def events_of(broker: PriorityBroker) -> list[str]:
+    return [json.loads(e)["status"] for e in broker.client.lrange(f"{broker.namespace}:eval:a:events", 0, -1)]
+
+
+def test_a_fetch_marks_its_evaluation_running_and_a_hand_back_marks_it_queued(
+    two_workers: tuple[PriorityBroker, PriorityBroker],
+) -> None:
+    """The fetch saves the worker a round trip; a stopping worker's hand-back says so again."""
+    crashed, survivor = two_workers
     consumer = PriorityConsumer(crashed, slots=1)
     taken = next(consumer)
     attempt = taken.options[REDIS_ID_OPTION].encode()
-    assert taken.options[FETCH_MARK]["applied"] and status()[0] == b"running"
-    assert status()[2] == attempt and status()[1].decode() == taken.options[FETCH_MARK]["worker"]
+    assert taken.options[FETCH_MARK]["applied"] and record_of(crashed)[0] == b"running"
+    assert record_of(crashed)[2] == attempt
+    assert record_of(crashed)[1].decode() == taken.options[FETCH_MARK]["worker"]
     consumer.requeue([taken])  # a worker stopping hands it back unstarted
-    assert status() == (b"queued", b"", attempt)
-    assert next(PriorityConsumer(crashed, slots=1)) is not None and status()[0] == b"running"
-    time.sleep(0.4)  # the crashed worker never acks nor heartbeats again
+    assert record_of(crashed) == (b"queued", b"", attempt)
+    # a worker taken for dead may be stalled only: its evaluation stays running until refetched
+    assert next(PriorityConsumer(crashed, slots=1)) is not None and record_of(crashed)[0] == b"running"
+    time.sleep(0.4)
+    survivor.dispatch("heartbeat")  # releases the silent worker's message
+    assert record_of(crashed)[0] == b"running" and survivor.queue_sizes()["default"] == 1
     again = next(PriorityConsumer(survivor, slots=1))
     assert again.options[FETCH_MARK]["applied"]
-    events = [json.loads(e)["status"] for e in crashed.client.lrange(f"{record}:events", 0, -1)]
-    assert events == ["running", "queued", "running", "queued", "running"]
-    for broker in (crashed, survivor):
-        broker.client.close()
+    assert events_of(crashed) == ["running", "queued", "running", "running"]
+
+
+def test_a_worker_taken_for_dead_that_finishes_before_a_refetch_keeps_its_result(
+    two_workers: tuple[PriorityBroker, PriorityBroker],
+) -> None:
+    stalled, peer = two_workers
+    consumer = PriorityConsumer(stalled, slots=1)
+    taken = next(consumer)
+    time.sleep(0.4)
+    peer.dispatch("heartbeat")  # the stalled worker is taken for dead; its message is queued again
+    change = StatusChange("a", "completed", ("running",), {"output": "1\n"},
+                          expect={"attempt": taken.options[REDIS_ID_OPTION]})  # fmt: skip
+    taken.options[STATUS_CHANGE] = asdict(change)
+    consumer.ack(taken)
+    assert record_of(stalled)[0] == b"completed"
+    assert peer.queue_sizes() == {"high": 0, "default": 0, "low": 0, "delayed": 0, "in_flight": 0}
+
+
+def test_a_hand_back_of_a_message_another_worker_took_since_changes_nothing(
+    two_workers: tuple[PriorityBroker, PriorityBroker],
+) -> None:
+    stalled, peer = two_workers
+    consumer = PriorityConsumer(stalled, slots=1)
+    taken = next(consumer)
+    time.sleep(0.4)
+    assert next(PriorityConsumer(peer, slots=1)) is not None  # releases it, and runs it
+    consumer.requeue([taken])  # the stalled worker, stopping, hands back what it thinks it holds
+    assert record_of(peer)[0] == b"running"
+    assert peer.queue_sizes()["default"] == 0 and peer.queue_sizes()["in_flight"] == 1
+
+
+def test_a_failed_attempt_is_retried_later_and_its_slot_freed(
+    two_workers: tuple[PriorityBroker, PriorityBroker],
+) -> None:
+    broker, _ = two_workers
+    consumer = PriorityConsumer(broker, slots=1)
+    taken = next(consumer)  # a MessageProxy, as Dramatiq hands it to the middleware
+    taken.options[SETTLE] = {"command": "retry", "delay_ms": 60_000, "policy": "default"}
+    consumer.ack(taken)
+    assert broker.queue_sizes()["delayed"] == 1 and broker.queue_sizes()["in_flight"] == 0
+    assert not consumer.outstanding and record_of(broker)[0] == b"running"
 
 
 def test_an_evaluation_message_carries_its_task_id_and_a_time_limit_above_its_timeout() -> None:

@@ -7,7 +7,9 @@ import json
 import time
 
 import httpx
+import redis.asyncio as aioredis
 
+from tests.conftest import Stack
 from tests.helpers import submit, wait_final
 
 
@@ -92,7 +94,9 @@ async def test_listing_shows_recent_evaluations_by_status(api: httpx.AsyncClient
     assert everything["count"] == 1 and everything["has_more"] is True
 
 
-async def test_caller_supplied_eval_id_is_kept_and_duplicates_refused(api: httpx.AsyncClient) -> None:
+async def test_caller_supplied_eval_id_is_kept_and_duplicates_refused(
+    api: httpx.AsyncClient, shared_stack: Stack, aredis: aioredis.Redis
+) -> None:
     eval_id = f"client-{time.monotonic_ns()}"
     first = await api.post("/api/eval", json={"code": "print(1)", "eval_id": eval_id})
     assert first.status_code == 200 and first.json()["eval_id"] == eval_id
@@ -100,6 +104,13 @@ async def test_caller_supplied_eval_id_is_kept_and_duplicates_refused(api: httpx
     assert second.status_code == 409
     assert second.json()["details"]["field"] == "eval_id"
     assert (await wait_final(api, eval_id))["output"] == "1\n"
+    # a duplicate of a finished evaluation holds no place in the key's quota, whichever door
+    batch = await api.post(
+        "/api/eval-batch", json={"evaluations": [{"code": "print(3)", "eval_id": eval_id}]}
+    )
+    assert batch.json()["failed"] == 1
+    assert (await api.post("/api/eval", json={"code": "print(4)", "eval_id": eval_id})).status_code == 409
+    assert not await aredis.sismember(f"{shared_stack.namespace}:active:env-admin", eval_id)
 
 
 async def test_batch_goes_to_the_low_queue(api: httpx.AsyncClient) -> None:

@@ -56,25 +56,28 @@ local function forget(message_id)
     redis.call("hdel", eval_of, message_id)
 end
 
--- Put a fetched message back at the head of its level: it was taken in priority order. Its
--- evaluation, if this delivery marked it running, is queued again.
-local function return_to_head(message_id)
+-- Put a fetched message back at the head of its level: it was taken in priority order.
+-- `handed_back`: its worker gives it back (stopping), so its evaluation, marked running by
+-- this delivery, is queued again. Not so for a worker taken for dead: it may only be stalled,
+-- and finish the run before anyone fetches the message again.
+local function return_to_head(message_id, handed_back)
     local level = redis.call("hget", levels, message_id)
     if level and redis.call("hexists", msgs, message_id) == 1 then
         redis.call("lpush", queue_key(level), message_id)
         ring(level)
-        local eval_id = redis.call("hget", eval_of, message_id)
+        local eval_id = handed_back and redis.call("hget", eval_of, message_id)
         if eval_id then
             transition(ns, eval_id, "queued", now, "running", {worker = ""}, {attempt = message_id}, "0", {})
         end
     end
 end
 
--- A worker that is gone (dead or leaving) hands its unacked messages back; returns how many.
-local function release(worker)
+-- A worker that is gone (dead, or leaving: `handed_back`) hands its unacked messages back;
+-- returns how many.
+local function release(worker, handed_back)
     local ids = redis.call("smembers", acks_key(worker))
     for i = #ids, 1, -1 do
-        return_to_head(ids[i])
+        return_to_head(ids[i], handed_back)
     end
     redis.call("del", acks_key(worker))
     redis.call("zrem", heartbeats, worker)
@@ -83,18 +86,20 @@ end
 
 -- Take a message this worker is settling: out of its ack set and, if a peer handed it back
 -- meanwhile (this worker was taken for dead), out of the queues again. False when it was
--- settled already (a re-sent command), so settling twice changes nothing.
+-- settled already (a re-sent command), so settling twice changes nothing. The second answer
+-- says whether this worker had it (held, or taken back out of a queue), rather than another
+-- worker that fetched it since.
 local function claim(message_id)
     local held = redis.call("srem", acks_key(worker_id), message_id) == 1
-    if redis.call("hexists", msgs, message_id) == 0 then return false end
-    if not held then
-        -- handed back meanwhile: out of the queues again. Only then, as LREM reads the
-        -- whole list, which under a backlog made every ack cost O(backlog).
-        local level = redis.call("hget", levels, message_id)
-        if level then redis.call("lrem", queue_key(level), 0, message_id) end
-        redis.call("zrem", delayed, message_id)
-    end
-    return true
+    if redis.call("hexists", msgs, message_id) == 0 then return false, false end
+    if held then return true, true end
+    -- handed back meanwhile: out of the queues again. Only then, as LREM reads the whole
+    -- list, which under a backlog made every ack cost O(backlog).
+    local removed = 0
+    local level = redis.call("hget", levels, message_id)
+    if level then removed = redis.call("lrem", queue_key(level), 0, message_id) end
+    removed = removed + redis.call("zrem", delayed, message_id)
+    return true, removed > 0
 end
 
 -- Workers whose heartbeat stopped are released; due delays become ready.
@@ -258,15 +263,16 @@ elseif command == "nack" then
 elseif command == "requeue" then
     -- args: message ids this worker fetched but will not run (shutdown); keep their order
     for i = #ARGV, 4, -1 do
-        if claim(ARGV[i]) then
-            return_to_head(ARGV[i])
+        local _, ours = claim(ARGV[i])
+        if ours then  -- not one another worker runs now (this one was taken for dead meanwhile)
+            return_to_head(ARGV[i], true)
         end
     end
     return 1
 
 elseif command == "leave" then
     -- a worker shutting down cleanly: hand back anything unacked and stop being tracked
-    return release(worker_id)
+    return release(worker_id, true)
 
 elseif command == "sizes" then
     -- ready count per level, then delayed, then in flight across workers

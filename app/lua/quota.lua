@@ -5,7 +5,8 @@
 --
 -- admit(bucket, active, rate_per_s, burst, max_active, eval_ids, now_ms)
 -- bucket: hash (tokens, at_ms), refilled at rate_per_s up to burst; each eval_id costs one.
--- active: set of the key's evaluations queued or running (transition.lua removes the finished).
+-- active: set of the key's evaluations queued or running (status.lua's transition() removes the
+-- finished).
 -- Returns {1, tokens left, ms until full} when admitted (ids added to active),
 --         {0, "active", how many are in progress} or {0, "rate", ms until enough tokens}.
 local function admit(bucket, active, rate, burst, max_active, eval_ids, now)
