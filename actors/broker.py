@@ -6,7 +6,7 @@ Here there is one Dramatiq queue; its consumer fetches with one atomic Lua call 
 oldest high message, else default, else low, and only as many as the worker has free slots.
 Nothing is prefetched beyond that, so the next free slot always takes the best message.
 The same call marks the evaluation of each message it takes running (see MarkRunning), and a
-message's return to a queue marks it queued again.
+stopping worker's hand-back marks it queued again.
 
 Idle workers block on a per-level "doorbell" list that every enqueue rings, so a submission
 starts in milliseconds without busy polling. Heartbeats go out at least every
@@ -206,6 +206,7 @@ class PriorityBroker(Broker):
         # the one `requeue` makes for a message its fetch marked is refused quietly.
         calls: list[tuple[Script, list[Any]]] = [] if status is None else [(self._transition, status.args())]
         calls.append((self._dispatch, self._dispatch_args(command, *args)))
+        stamp: dict[str, str] = {}
         if refill:
             fetch, stamp = self.fetch_args(refill)
             calls.append((self._dispatch, self._dispatch_args("fetch", *fetch)))

@@ -10,6 +10,7 @@ from dataclasses import asdict
 import dramatiq
 import pytest
 from dramatiq import Worker
+from dramatiq.broker import MessageProxy
 
 from actors.broker import QUEUE_NAME, PriorityBroker, PriorityConsumer
 from app.store import StatusChange
@@ -222,6 +223,14 @@ def record_of(broker: PriorityBroker) -> tuple[bytes, bytes, bytes]:
     return status, worker, attempt
 
 
+def take_and_go_silent(broker: PriorityBroker) -> tuple[PriorityConsumer, MessageProxy]:
+    """Fetch `a` on `broker`, then let its heartbeat lapse (its peers may take it for dead)."""
+    consumer = PriorityConsumer(broker, slots=1)
+    taken = next(consumer)
+    time.sleep(0.4)
+    return consumer, taken
+
+
 def events_of(broker: PriorityBroker) -> list[str]:
     return [json.loads(e)["status"] for e in broker.client.lrange(f"{broker.namespace}:eval:a:events", 0, -1)]
 
@@ -240,8 +249,8 @@ def test_a_fetch_marks_its_evaluation_running_and_a_hand_back_marks_it_queued(
     consumer.requeue([taken])  # a worker stopping hands it back unstarted
     assert record_of(crashed) == (b"queued", b"", attempt)
     # a worker taken for dead may be stalled only: its evaluation stays running until refetched
-    assert next(PriorityConsumer(crashed, slots=1)) is not None and record_of(crashed)[0] == b"running"
-    time.sleep(0.4)
+    take_and_go_silent(crashed)
+    assert record_of(crashed)[0] == b"running"
     survivor.dispatch("heartbeat")  # releases the silent worker's message
     assert record_of(crashed)[0] == b"running" and survivor.queue_sizes()["default"] == 1
     again = next(PriorityConsumer(survivor, slots=1))
@@ -253,9 +262,7 @@ def test_a_worker_taken_for_dead_that_finishes_before_a_refetch_keeps_its_result
     two_workers: tuple[PriorityBroker, PriorityBroker],
 ) -> None:
     stalled, peer = two_workers
-    consumer = PriorityConsumer(stalled, slots=1)
-    taken = next(consumer)
-    time.sleep(0.4)
+    consumer, taken = take_and_go_silent(stalled)
     peer.dispatch("heartbeat")  # the stalled worker is taken for dead; its message is queued again
     change = StatusChange("a", "completed", ("running",), {"output": "1\n"},
                           expect={"attempt": taken.options[REDIS_ID_OPTION]})  # fmt: skip
@@ -269,9 +276,7 @@ def test_a_hand_back_of_a_message_another_worker_took_since_changes_nothing(
     two_workers: tuple[PriorityBroker, PriorityBroker],
 ) -> None:
     stalled, peer = two_workers
-    consumer = PriorityConsumer(stalled, slots=1)
-    taken = next(consumer)
-    time.sleep(0.4)
+    consumer, taken = take_and_go_silent(stalled)
     assert next(PriorityConsumer(peer, slots=1)) is not None  # releases it, and runs it
     consumer.requeue([taken])  # the stalled worker, stopping, hands back what it thinks it holds
     assert record_of(peer)[0] == b"running"

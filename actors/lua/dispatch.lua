@@ -11,7 +11,7 @@
 -- $ns:task             hash message id -> task id (celery-<eval_id>), and
 -- $ns:task_msg         hash task id -> message id: how a cancel finds a queued message
 -- $ns:eval_of          hash message id -> the evaluation it runs, for messages whose fetch marks
---                      that evaluation running (and whose return to a queue marks it queued)
+--                      that evaluation running (and whose hand-back marks it queued)
 -- $ns:acks:$worker     set of message ids a worker fetched and has not acked
 -- $ns:heartbeats       zset worker id -> last heartbeat (ms)
 -- $ns:doorbell:$level  list of tokens; an enqueue rings it so idle workers wake at once
