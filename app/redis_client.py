@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.backoff import ExponentialBackoff
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -13,17 +17,49 @@ RETRIES = 5
 _RETRY_ON = [RedisConnectionError, RedisTimeoutError]
 
 
+class _HiredisPacking:
+    """redis-py's asyncio connections pack commands in Python, about a microsecond an argument
+    (a tenth of `POST /api/eval`'s CPU); its sync ones let hiredis pack the same bytes."""
+
+    _packer = HiredisRespSerializer()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return self._packer.pack(*args)
+
+
+class _HiredisConnection(_HiredisPacking, Connection):
+    pass
+
+
+class _HiredisSSLConnection(_HiredisPacking, SSLConnection):
+    pass
+
+
+class _HiredisUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
+    pass
+
+
+_PACKED_BY_HIREDIS: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _HiredisConnection,
+    SSLConnection: _HiredisSSLConnection,
+    UnixDomainSocketConnection: _HiredisUnixConnection,
+}
+
+
 def async_client(url: str, decode: bool = True) -> aioredis.Redis:
     """For the API and actors (decoded strings unless `decode` is False)."""
     from redis.asyncio.retry import Retry
 
-    return aioredis.Redis.from_url(
+    client = aioredis.Redis.from_url(
         url,
         decode_responses=decode,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES),
         retry_on_error=_RETRY_ON,
         health_check_interval=15,
     )
+    pool = client.connection_pool  # its class comes from the URL's scheme
+    pool.connection_class = _PACKED_BY_HIREDIS.get(pool.connection_class, pool.connection_class)
+    return client
 
 
 def sync_client(url: str) -> redis.Redis:
