@@ -1,13 +1,19 @@
-"""Calls executors round-robin, skipping any that refused a connection recently."""
+"""Calls executors round-robin, skipping any that refused a connection recently.
+
+On aiohttp rather than httpx, the project's other HTTP client: a worker makes one request per
+evaluation, and httpx's pure-Python HTTP/1.1 costs ~550 µs of CPU a request against aiohttp's
+~75 µs (measured with both against one uvicorn endpoint), a third of a worker's CPU per run.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from typing import Any
 
-import httpx
+import aiohttp
 import structlog
 
 from app.auth import executor_headers
@@ -28,6 +34,11 @@ class ExecutorUnavailable(ConnectionError):
     """No executor could be reached; the run has not started anywhere (retried as network_error)."""
 
 
+class ExecutorConnectionLost(ConnectionError):
+    """The request reached an executor but its answer did not come back (retried as
+    network_error); the attempt there has been stopped."""
+
+
 class ExecutorHTTPError(Exception):
     """An executor answered with an error status; the retry policy decides by `status`."""
 
@@ -36,17 +47,39 @@ class ExecutorHTTPError(Exception):
         self.status = status
 
 
-class ExecutorPool:
-    """Round-robin over `urls`; a connection failure marks that executor down for a while."""
+#: Idle connections are dropped before uvicorn's 5 s keep-alive would close them under us.
+KEEPALIVE_SECONDS = 4.0
 
-    def __init__(self, urls: tuple[str, ...], client: httpx.AsyncClient, secret: str | None = None) -> None:
+
+class ExecutorPool:
+    """Round-robin over `urls`; a connection failure marks that executor down for a while.
+
+    Its connections are opened on the event loop of its first request; `close()` them there.
+    """
+
+    def __init__(self, urls: tuple[str, ...], secret: str | None = None) -> None:
         if not urls:
             raise ValueError("EXECUTOR_SERVICE_URL names no executor")
         self.urls = urls
-        self.client = client
         self.headers = executor_headers(secret)
         self._next = itertools.cycle(range(len(urls)))
         self._down_until: dict[str, float] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS)
+            self._session = aiohttp.ClientSession(connector=connector, headers=self.headers)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _post(self, url: str, timeout: aiohttp.ClientTimeout, **options: Any) -> tuple[int, bytes]:
+        async with self.session.post(url, timeout=timeout, **options) as response:
+            return response.status, await response.read()
 
     def _rotation(self) -> list[str]:
         start = next(self._next)
@@ -64,31 +97,28 @@ class ExecutorPool:
         goes on unwatched.
         """
         eval_id = payload["eval_id"]
-        # every language gets the compile budget: a worker cannot tell which ones an executor
-        # compiles, and giving up on a slow compile would only run it again
-        answer_within = float(payload["timeout"]) + COMPILE_TIMEOUT_SECONDS + ANSWER_MARGIN_SECONDS
-        timeout = httpx.Timeout(answer_within, connect=2.0)
+        timeout = answer_timeout(float(payload["timeout"]))
         deadline = time.monotonic() + BUSY_WAIT_SECONDS
         while True:
             unreachable: list[str] = []
             for url in self._rotation():
                 try:
-                    response = await self.client.post(
-                        f"{url}/execute", json=payload, timeout=timeout, headers=self.headers
-                    )
-                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                    status, body = await self._post(f"{url}/execute", timeout, json=payload)
+                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                     self._down_until[url] = time.monotonic() + DOWN_SECONDS
                     log.warning("executor.down", executor=url, error=str(exc))
                     unreachable.append(f"{url}: {exc}")
                     continue
-                except (httpx.HTTPError, asyncio.CancelledError):
+                except (aiohttp.ClientError, TimeoutError, asyncio.CancelledError) as exc:
                     await asyncio.shield(self.kill(url, eval_id, attempt_only=True))
-                    raise
-                if response.status_code == 503 and _is_busy(response):
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    raise ExecutorConnectionLost(f"{url}: no answer ({type(exc).__name__}: {exc})") from exc
+                if status == 503 and _is_busy(body):
                     continue
-                if response.status_code >= 400:
-                    raise ExecutorHTTPError(url, response.status_code, response.text[:500])
-                return url, response.json()
+                if status >= 400:
+                    raise ExecutorHTTPError(url, status, body[:500].decode(errors="replace"))
+                return url, json.loads(body)
             if len(unreachable) == len(self.urls):
                 raise ExecutorUnavailable("; ".join(unreachable))
             if time.monotonic() > deadline:
@@ -101,11 +131,12 @@ class ExecutorPool:
         failures: list[str] = []
         for url in self._rotation():
             try:
-                response = await self.client.get(f"{url}/languages", timeout=5.0, headers=self.headers)
-                response.raise_for_status()
-                return response.json()
-            except (httpx.HTTPError, ValueError) as exc:
-                failures.append(f"{url}: {exc}")
+                timeout = aiohttp.ClientTimeout(total=5.0)
+                async with self.session.get(f"{url}/languages", timeout=timeout) as response:
+                    response.raise_for_status()
+                    return json.loads(await response.read())
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                failures.append(f"{url}: {exc!r}")
         raise ExecutorUnavailable("; ".join(failures))
 
     async def kill(self, url: str, eval_id: str, attempt_only: bool = False) -> bool:
@@ -117,11 +148,10 @@ class ExecutorPool:
         """
         params = {"attempt_only": "true"} if attempt_only else {}
         try:
-            response = await self.client.post(
-                f"{url}/kill/{eval_id}", params=params, timeout=0.8, headers=self.headers
-            )
-            return response.status_code == 200 and response.json().get("killed") is True
-        except (httpx.HTTPError, ValueError) as exc:
+            timeout = aiohttp.ClientTimeout(total=0.8)
+            status, body = await self._post(f"{url}/kill/{eval_id}", timeout, params=params)
+            return status == 200 and json.loads(body).get("killed") is True
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.warning("executor.kill_failed", executor=url, eval_id=eval_id, error=str(exc))
             return False
 
@@ -131,8 +161,16 @@ class ExecutorPool:
         return any(results)
 
 
-def _is_busy(response: httpx.Response) -> bool:
+def answer_timeout(run_timeout: float) -> aiohttp.ClientTimeout:
+    """How long to wait for a run's answer. Every language gets the compile budget: a worker
+    cannot tell which ones an executor compiles, and giving up on a slow compile would only
+    run it again."""
+    total = run_timeout + COMPILE_TIMEOUT_SECONDS + ANSWER_MARGIN_SECONDS
+    return aiohttp.ClientTimeout(total=total, connect=2.0)
+
+
+def _is_busy(body: bytes) -> bool:
     try:
-        return response.json().get("details", {}).get("busy") is True
-    except ValueError:
+        return json.loads(body).get("details", {}).get("busy") is True
+    except (ValueError, AttributeError):
         return False

@@ -46,9 +46,8 @@ def runtime() -> Runtime:
         store = EvaluationStore(
             client, settings.namespace, retention_seconds=settings.retention_seconds, forwarder=forwarder
         )
-        _runtime = Runtime(
-            client, http, store, ExecutorPool(settings.executor_urls, http, settings.executor_secret)
-        )
+        executors = ExecutorPool(settings.executor_urls, settings.executor_secret)
+        _runtime = Runtime(client, http, store, executors)
     return _runtime
 
 

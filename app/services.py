@@ -53,7 +53,7 @@ class Services:
             )
         control = MigrationControl(client, settings, legacy_configured=legacy is not None)
         enqueuer = AsyncEnqueuer(client, settings.namespace)
-        executors = ExecutorPool(settings.executor_urls, http, settings.executor_secret)
+        executors = ExecutorPool(settings.executor_urls, settings.executor_secret)
         limiter = RateLimiter(client, settings.namespace, settings.rate_limits)
         return cls(
             settings=settings,
@@ -73,6 +73,7 @@ class Services:
 
     async def close(self) -> None:
         await self.http.aclose()
+        await self.executors.close()
         await self.client.aclose()
         if self.legacy:
             await self.legacy.close()

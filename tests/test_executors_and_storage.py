@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
-from actors.executor_client import ExecutorPool
+from actors.executor_client import ExecutorConnectionLost, ExecutorPool, answer_timeout
 from executor.sandbox import COMPILE_TIMEOUT_SECONDS
+from middleware.retry_policy import policy_for
 from tests.conftest import stack_env, start_stack
 from tests.helpers import api_client, submit, wait_final
 from tests.stack import free_port
@@ -93,14 +96,56 @@ async def test_runs_wait_for_a_free_executor_slot(redis_url: str, namespace: str
     assert all(r["retries"] == 0 for r in results)
 
 
-async def test_a_worker_waits_for_the_compile_step_and_the_run() -> None:
+def test_a_worker_waits_for_the_compile_step_and_the_run() -> None:
     """A worker giving up during a slow compile would only have the run started again."""
-    waited: list[float] = []
+    assert answer_timeout(10).total > 10 + COMPILE_TIMEOUT_SECONDS
 
-    def executor(request: httpx.Request) -> httpx.Response:
-        waited.append(request.extensions["timeout"]["read"])
-        return httpx.Response(200, json={"status": "completed"})
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(executor)) as client:
-        await ExecutorPool(("http://executor",), client).execute({"eval_id": "e", "timeout": 10})
-    assert waited[0] > 10 + COMPILE_TIMEOUT_SECONDS
+@contextlib.asynccontextmanager
+async def fake_executor(
+    execute: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[tuple[str, list[web.Request]]]:
+    """An executor on loopback whose `/execute` is `execute`; yields its URL and the kills it got."""
+    kills: list[web.Request] = []
+
+    async def kill(request: web.Request) -> web.Response:
+        kills.append(request)
+        return web.json_response({"killed": True})
+
+    app = web.Application()
+    app.add_routes([web.post("/execute", execute), web.post("/kill/{eval_id}", kill)])
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/"), kills
+    finally:
+        await server.close()
+
+
+async def test_a_lost_answer_stops_the_attempt_and_is_retried_as_a_network_error() -> None:
+    """The run may be going on there: it is stopped before the worker gives up on it."""
+
+    async def hang_up(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response()
+
+    async with fake_executor(hang_up) as (url, kills):
+        pool = ExecutorPool((url,))
+        with pytest.raises(ExecutorConnectionLost) as lost:
+            await pool.execute({"eval_id": "e1", "timeout": 5})
+        await pool.close()
+    assert policy_for(lost.value) == "network_error"
+    assert [(k.match_info["eval_id"], k.query.get("attempt_only")) for k in kills] == [("e1", "true")]
+
+
+async def test_a_refused_connection_moves_on_to_the_next_executor() -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"status": "completed", "eval_id": (await request.json())["eval_id"]})
+
+    refusing = f"http://127.0.0.1:{free_port()}"
+    async with fake_executor(answer) as (url, _):
+        pool = ExecutorPool((refusing, url))
+        results = [await pool.execute({"eval_id": f"e{n}", "timeout": 5}) for n in range(3)]
+        await pool.close()
+    assert results == [(url, {"status": "completed", "eval_id": f"e{n}"}) for n in range(3)]
