@@ -429,7 +429,8 @@ class AsyncEnqueuer:
         """Count `quota` (RateLimiter.claim, "" for none), write a new record (`creation`, the
         store's commands) and enqueue its message in one atomic call: one round trip, and never
         one without the others. The answer (dispatch.lua's `submit`): [-1] if the record exists
-        already, the quota's refusal, or [1, tokens left, ms until full, ready messages ahead]."""
+        already, the quota's refusal, or [1, tokens left, ms until full, ready messages ahead];
+        [2, -1, -1, ahead] if it exists from this same call (re-sent after a lost reply)."""
         _, args = prepare(message, level, marks=eval_id_of(message))  # the record's own message
         ahead = LEVELS[: LEVELS.index(level) + 1]
         command = ["submit", "api", 0, record_key, json.dumps(creation), quota, *args, *ahead]

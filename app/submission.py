@@ -197,7 +197,9 @@ class Submitter:
         reply = await self.enqueuer.submit(record, creation, _message(sub), evaluation.level, claim)
         if reply == [-1]:
             raise _duplicate()
-        allowance = self._limiter.settle(quota, reply[:3]) if quota else None  # raises 429 if refused
+        # 2: this very call, re-sent by the Redis client after a lost reply: the first one took it
+        resent = int(reply[0]) == 2
+        allowance = self._limiter.settle(quota, reply[:3]) if quota and not resent else None  # 429?
         log.info("evaluation.queued", eval_id=sub.eval_id, level=evaluation.level, language=sub.language)
         return Accepted(sub.eval_id, "dramatiq", max(int(reply[3]), 0), allowance=allowance)
 

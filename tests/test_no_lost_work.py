@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -133,3 +136,78 @@ async def test_redis_restart_loses_no_evaluation(tmp_path: Path, executor_url: s
             assert sum(e["status"] in TERMINAL for e in events) == 1, events
     finally:
         server.stop()
+
+
+class ReplyCutter:
+    """A TCP proxy in front of Redis that, once armed, forwards the next command containing
+    `marker` and then cuts that connection before its reply comes back: the command ran, and
+    its sender cannot know it."""
+
+    def __init__(self, redis_url: str, marker: bytes) -> None:
+        self.target = (httpx.URL(redis_url).host, httpx.URL(redis_url).port or 6379)
+        self.marker = marker
+        self.armed = threading.Event()
+        self.cut = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            doomed = threading.Event()  # this connection's next reply is never delivered
+            threading.Thread(target=self._to_redis, args=(client, server, doomed), daemon=True).start()
+            threading.Thread(target=self._to_client, args=(server, client, doomed), daemon=True).start()
+
+    def _to_redis(self, client: socket.socket, server: socket.socket, doomed: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                if self.marker in data and self.armed.is_set():
+                    self.armed.clear()
+                    doomed.set()
+                server.sendall(data)
+
+    def _to_client(self, server: socket.socket, client: socket.socket, doomed: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                if doomed.is_set():  # Redis ran the command; its reply goes nowhere
+                    self.cut.set()
+                    for end in (client, server):
+                        end.shutdown(socket.SHUT_RDWR)
+                    return
+                client.sendall(data)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+async def test_a_submission_whose_reply_was_lost_is_accepted_once(
+    redis_url: str, namespace: str, executor_url: str
+) -> None:
+    """Redis ran the submission but the API lost the reply; its client sends the call again.
+    The caller gets 202 for an evaluation that runs once (it was answered 409, "an evaluation
+    with this eval_id exists", for its own submission)."""
+    cutter = ReplyCutter(redis_url, b"\r\nsubmit\r\n")
+    try:
+        with ExitStack() as stack:
+            url = stack.enter_context(
+                api_process(stack, "lost-reply", stack_env(cutter.url, namespace, executor_url))
+            )
+            direct = stack_env(redis_url, namespace, executor_url)
+            stack.enter_context(process("lost-reply-worker", "worker", direct))
+            async with api_client(url) as api:
+                cutter.armed.set()
+                response = await api.post("/api/eval", json={"code": "print('once')"})
+                assert cutter.cut.is_set()
+                assert response.status_code == 200, response.text
+                eval_id = response.json()["eval_id"]
+                result = await wait_final(api, eval_id)
+        assert result["status"] == "completed" and result["output"] == "once\n"
+        events = await statuses(redis_url, namespace, eval_id)
+        assert [e["status"] for e in events] == ["queued", "running", "completed"]
+    finally:
+        cutter.close()

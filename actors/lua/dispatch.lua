@@ -152,8 +152,20 @@ elseif command == "submit" then
     -- change together or not at all. Returns {-1} when the record exists already and admit()'s
     -- refusal (quota.lua) when the quota refuses, both having changed nothing; else
     -- {1, tokens left, ms until the bucket is full, ready messages ahead of this one}
-    -- (tokens and ms are -1 without a quota).
-    if redis.call("exists", ARGV[4]) == 1 then return {-1} end
+    -- (tokens and ms are -1 without a quota). The record keeps the message's id as
+    -- `submission_id`: the same call again (a client re-sending it after losing the reply) finds
+    -- its own record and gets {2, -1, -1, ahead}, having changed nothing.
+    local function ahead()
+        local n = -1
+        for i = 13, #ARGV do
+            n = n + redis.call("llen", queue_key(ARGV[i]))
+        end
+        return n
+    end
+    if redis.call("exists", ARGV[4]) == 1 then
+        if redis.call("hget", ARGV[4], "submission_id") == ARGV[7] then return {2, -1, -1, ahead()} end
+        return {-1}
+    end
     local admitted = {1, -1, -1}
     if ARGV[6] ~= "" then
         local q = cjson.decode(ARGV[6])
@@ -163,12 +175,9 @@ elseif command == "submit" then
     for _, op in ipairs(cjson.decode(ARGV[5])) do
         redis.call(unpack(op))
     end
+    redis.call("hset", ARGV[4], "submission_id", ARGV[7])
     enqueue(7)
-    local ahead = -1
-    for i = 13, #ARGV do
-        ahead = ahead + redis.call("llen", queue_key(ARGV[i]))
-    end
-    return {1, admitted[2], admitted[3], ahead}
+    return {1, admitted[2], admitted[3], ahead()}
 
 elseif command == "enqueue_once" then
     -- args: an idempotency key and how long to remember it (ms), then a message as for
