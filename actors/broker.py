@@ -103,9 +103,11 @@ def fetched(reply: list[bytes], stamp: dict[str, str]) -> list[Message]:
     messages = []
     for data, mark in zip(reply[::2], reply[1::2], strict=True):
         message = Message.decode(data)
-        sign, current = mark[:1], mark[1:].decode()
-        if sign != b"-":
-            message.options[FETCH_MARK] = {"applied": sign == b"+", "current": current, **stamp}
+        sign, rest = mark[:1], mark[1:].decode()
+        if sign == b"+":  # marked running by this delivery, whose attempt token follows
+            message.options[FETCH_MARK] = {"applied": True, "attempt": rest, **stamp}
+        elif sign == b"=":  # refused: the evaluation's status follows
+            message.options[FETCH_MARK] = {"applied": False, "current": rest, **stamp}
         messages.append(message)
     return messages
 

@@ -21,7 +21,16 @@ from dramatiq.middleware import Middleware, MiddlewareError, Shutdown
 
 from app.store import StatusChange
 from middleware.retry_policy import RETRY_POLICIES, calculate_retry_delay, get_retry_message, policy_for
-from middleware.state import RETRIES, SETTLE, STATUS_CHANGE, describe, eval_id_of, iso, record_failure
+from middleware.state import (
+    RETRIES,
+    SETTLE,
+    STATUS_CHANGE,
+    delivery_expectation,
+    describe,
+    eval_id_of,
+    iso,
+    record_failure,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -72,9 +81,10 @@ class Backoff(Middleware):
         eval_id = eval_id_of(message)
         if isinstance(exception, Shutdown):
             if eval_id:
-                message.options[STATUS_CHANGE] = asdict(
-                    StatusChange(eval_id, "queued", ("running",), {"worker": ""})
+                handed_back = StatusChange(
+                    eval_id, "queued", ("running",), {"worker": ""}, delivery_expectation(message)
                 )
+                message.options[STATUS_CHANGE] = asdict(handed_back)
             message.options[SETTLE] = {"command": "requeue"}
             log.info("message.handing_back", eval_id=eval_id, task_id=message.message_id)
             return
@@ -102,7 +112,7 @@ class Backoff(Middleware):
             fields = {RETRIES: retries + 1, "next_retry_at": iso(time.time() * 1000 + delay * 1000),
                       "error": describe(message)}  # fmt: skip
             message.options[STATUS_CHANGE] = asdict(
-                StatusChange(eval_id, "running", ("running", "queued"), fields)
+                StatusChange(eval_id, "running", ("running", "queued"), fields, delivery_expectation(message))
             )
         message.options[SETTLE] = {"command": "retry", "delay_ms": int(delay * 1000), "policy": policy}
         log.warning(

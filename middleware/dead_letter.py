@@ -26,6 +26,7 @@ from middleware.state import (
     RETRIES,
     STATUS_CHANGE,
     TRACEBACK,
+    delivery_expectation,
     describe,
     eval_id_of,
     iso,
@@ -84,6 +85,7 @@ class DeadLetters(Middleware):
                     "next_retry_at": "",
                     "internal_error": True,
                 },
+                "expect": delivery_expectation(message),
             }
 
     def after_nack(self, broker: Any, message: Any) -> None:

@@ -58,7 +58,7 @@ class MarkRunning(Middleware):
         fields = {"started_at": stamp["started_at"], "worker": stamp["worker"], "next_retry_at": "",
                   "attempt": attempt_of(message)}  # fmt: skip
         if mark:
-            applied, current = mark["applied"], mark["current"]
+            applied, current = mark["applied"], mark.get("current", "")
         else:
             change = StatusChange(eval_id, "running", ("queued", "running"), fields)
             applied, current = broker.transition(change)

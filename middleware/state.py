@@ -30,7 +30,7 @@ UNRECORDED = "unrecorded"
 FETCH_MARK = "fetch_mark"
 #: Options that describe one delivery only; never copied into a re-sent message.
 TRANSIENT_OPTIONS = (DEAD_LETTER, STATUS_CHANGE, SETTLE, UNRECORDED, FETCH_MARK)
-#: The broker's id of one delivery (unique per delivery, so it tells attempts apart).
+#: The broker's id of one message (the same on each delivery of it; attempt_of tells deliveries apart).
 REDIS_ID_OPTION = "redis_message_id"
 
 #: Cleared when a dead-lettered evaluation is retried from the DLQ: counts start again.
@@ -47,8 +47,20 @@ def eval_id_of(message: Any) -> str | None:
 
 
 def attempt_of(message: Any) -> str:
-    """This delivery's token: the Redis message id the broker gave it."""
+    """This delivery's token: the one its fetch recorded ("<Redis message id>#<delivery>"), else
+    (a message whose fetch did not mark it) the Redis message id the broker gave it."""
+    mark = message.options.get(FETCH_MARK)
+    if mark and mark.get("attempt"):
+        return str(mark["attempt"])
     return str(message.options.get(REDIS_ID_OPTION, ""))
+
+
+def delivery_expectation(message: Any) -> dict[str, str]:
+    """What a status change made for this delivery requires of the record: its attempt token,
+    where its fetch recorded one. A worker taken for dead whose message was fetched again
+    meanwhile then changes nothing (its retry, dead letter or hand-back is not the record's)."""
+    mark = message.options.get(FETCH_MARK)
+    return {"attempt": mark["attempt"]} if mark and mark.get("attempt") else {}
 
 
 def worker_name() -> str:

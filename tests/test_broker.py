@@ -16,7 +16,14 @@ from actors.broker import QUEUE_NAME, PriorityBroker, PriorityConsumer
 from app.store import StatusChange
 from middleware.priority import PriorityRouting
 from middleware.running import MarkRunning
-from middleware.state import FETCH_MARK, REDIS_ID_OPTION, SETTLE, STATUS_CHANGE
+from middleware.state import (
+    FETCH_MARK,
+    REDIS_ID_OPTION,
+    SETTLE,
+    STATUS_CHANGE,
+    attempt_of,
+    delivery_expectation,
+)
 
 
 def make_broker(redis_url: str, namespace: str, **options: int) -> PriorityBroker:
@@ -242,7 +249,7 @@ def test_a_fetch_marks_its_evaluation_running_and_a_hand_back_marks_it_queued(
     crashed, survivor = two_workers
     consumer = PriorityConsumer(crashed, slots=1)
     taken = next(consumer)
-    attempt = taken.options[REDIS_ID_OPTION].encode()
+    attempt = attempt_of(taken).encode()
     assert taken.options[FETCH_MARK]["applied"] and record_of(crashed)[0] == b"running"
     assert record_of(crashed)[2] == attempt
     assert record_of(crashed)[1].decode() == taken.options[FETCH_MARK]["worker"]
@@ -265,11 +272,58 @@ def test_a_worker_taken_for_dead_that_finishes_before_a_refetch_keeps_its_result
     consumer, taken = take_and_go_silent(stalled)
     peer.dispatch("heartbeat")  # the stalled worker is taken for dead; its message is queued again
     change = StatusChange("a", "completed", ("running",), {"output": "1\n"},
-                          expect={"attempt": taken.options[REDIS_ID_OPTION]})  # fmt: skip
+                          expect={"attempt": attempt_of(taken)})  # fmt: skip
     taken.options[STATUS_CHANGE] = asdict(change)
     consumer.ack(taken)
     assert record_of(stalled)[0] == b"completed"
     assert peer.queue_sizes() == {"high": 0, "default": 0, "low": 0, "delayed": 0, "in_flight": 0}
+
+
+def test_a_stalled_workers_late_result_gives_way_to_the_delivery_that_took_over(
+    two_workers: tuple[PriorityBroker, PriorityBroker],
+) -> None:
+    """Each delivery has its own attempt token: the late result of a worker taken for dead is
+    refused, and its ack leaves the message to the worker running it now."""
+    stalled, peer = two_workers
+    consumer, taken = take_and_go_silent(stalled)
+    peer_consumer = PriorityConsumer(peer, slots=1)
+    again = next(peer_consumer)  # releases the stalled worker's message and runs it
+    assert attempt_of(again) != attempt_of(taken) and record_of(peer)[2] == attempt_of(again).encode()
+    late = StatusChange(
+        "a", "completed", ("running",), {"output": "late\n"}, expect={"attempt": attempt_of(taken)}
+    )
+    taken.options[STATUS_CHANGE] = asdict(late)
+    consumer.ack(taken)
+    assert record_of(peer)[0] == b"running" and peer.queue_sizes()["in_flight"] == 1
+    result = StatusChange(
+        "a", "completed", ("running",), {"output": "1\n"}, expect={"attempt": attempt_of(again)}
+    )
+    again.options[STATUS_CHANGE] = asdict(result)
+    peer_consumer.ack(again)
+    assert record_of(peer)[0] == b"completed"
+    assert peer.client.hget(f"{peer.namespace}:eval:a", "output") == b"1\n"
+    assert peer.queue_sizes()["in_flight"] == 0
+
+
+@pytest.mark.parametrize("settle", ["retry", "requeue"])
+def test_a_stalled_workers_retry_or_hand_back_leaves_the_delivery_that_took_over_alone(
+    two_workers: tuple[PriorityBroker, PriorityBroker], settle: str
+) -> None:
+    """As Backoff plans them (a failed attempt, a shutdown): neither the record nor the message
+    of the worker running it now changes."""
+    stalled, peer = two_workers
+    consumer, taken = take_and_go_silent(stalled)
+    assert next(PriorityConsumer(peer, slots=1)) is not None
+    status, fields = (
+        ("running", {"next_retry_at": "soon"}) if settle == "retry" else ("queued", {"worker": ""})
+    )
+    change = StatusChange("a", status, ("running",), fields, delivery_expectation(taken))
+    taken.options[STATUS_CHANGE] = asdict(change)
+    taken.options[SETTLE] = {"command": settle, "delay_ms": 60_000, "policy": "default"}
+    consumer.ack(taken)
+    record = peer.client.hgetall(f"{peer.namespace}:eval:a")
+    assert record[b"status"] == b"running" and not record.get(b"next_retry_at")
+    assert peer.queue_sizes() == {"high": 0, "default": 0, "low": 0, "delayed": 0, "in_flight": 1}
 
 
 def test_a_hand_back_of_a_message_another_worker_took_since_changes_nothing(

@@ -12,6 +12,9 @@
 -- $ns:task_msg         hash task id -> message id: how a cancel finds a queued message
 -- $ns:eval_of          hash message id -> the evaluation it runs, for messages whose fetch marks
 --                      that evaluation running (and whose hand-back marks it queued)
+-- $ns:deliveries       hash message id -> how many times it was fetched: a delivery's attempt
+--                      token is "<message id>#<n>", so a stalled worker's late result, taken
+--                      for dead and redelivered meanwhile, no longer passes for the new one's
 -- $ns:acks:$worker     set of message ids a worker fetched and has not acked
 -- $ns:heartbeats       zset worker id -> last heartbeat (ms)
 -- $ns:doorbell:$level  list of tokens; an enqueue rings it so idle workers wake at once
@@ -31,6 +34,7 @@ local levels = ns .. ":level"
 local tasks = ns .. ":task"
 local task_msg = ns .. ":task_msg"
 local eval_of = ns .. ":eval_of"
+local deliveries = ns .. ":deliveries"
 local delayed = ns .. ":delayed"
 local heartbeats = ns .. ":heartbeats"
 local DOORBELL_TOKENS = 64
@@ -54,6 +58,7 @@ local function forget(message_id)
     redis.call("hdel", levels, message_id)
     redis.call("hdel", tasks, message_id)
     redis.call("hdel", eval_of, message_id)
+    redis.call("hdel", deliveries, message_id)
 end
 
 -- Put a fetched message back at the head of its level: it was taken in priority order.
@@ -67,7 +72,8 @@ local function return_to_head(message_id, handed_back)
         ring(level)
         local eval_id = handed_back and redis.call("hget", eval_of, message_id)
         if eval_id then
-            transition(ns, eval_id, "queued", now, "running", {worker = ""}, {attempt = message_id}, "0", {})
+            local attempt = message_id .. "#" .. (redis.call("hget", deliveries, message_id) or "")
+            transition(ns, eval_id, "queued", now, "running", {worker = ""}, {attempt = attempt}, "0", {})
         end
     end
 end
@@ -85,21 +91,21 @@ local function release(worker, handed_back)
 end
 
 -- Take a message this worker is settling: out of its ack set and, if a peer handed it back
--- meanwhile (this worker was taken for dead), out of the queues again. False when it was
--- settled already (a re-sent command), so settling twice changes nothing. The second answer
--- says whether this worker had it (held, or taken back out of a queue), rather than another
--- worker that fetched it since.
+-- meanwhile (this worker was taken for dead), out of the queues again. True only if this worker
+-- had it (held, or taken back out of a queue): false when it was settled already (a re-sent
+-- command, so settling twice changes nothing) or another worker fetched it since (that worker
+-- runs it now, and settles it).
 local function claim(message_id)
     local held = redis.call("srem", acks_key(worker_id), message_id) == 1
-    if redis.call("hexists", msgs, message_id) == 0 then return false, false end
-    if held then return true, true end
+    if redis.call("hexists", msgs, message_id) == 0 then return false end
+    if held then return true end
     -- handed back meanwhile: out of the queues again. Only then, as LREM reads the whole
     -- list, which under a backlog made every ack cost O(backlog).
     local removed = 0
     local level = redis.call("hget", levels, message_id)
     if level then removed = redis.call("lrem", queue_key(level), 0, message_id) end
     removed = removed + redis.call("zrem", delayed, message_id)
-    return true, removed > 0
+    return removed > 0
 end
 
 -- Workers whose heartbeat stopped are released; due delays become ready.
@@ -216,7 +222,8 @@ elseif command == "fetch" then
     -- bounds (CSV), then the levels to take from, highest first. Each message enqueued with an
     -- evaluation is marked running here, as MarkRunning would (middleware/running.py), saving
     -- its worker that round trip. Returns {encoded message, mark} per message; mark is "-" (not
-    -- marked), "+" (now running) or "=" .. the status that refused it ("" for no record).
+    -- marked), "+" .. its attempt token (now running) or "=" .. the status that refused it ("" for
+    -- no record).
     redis.call("zadd", heartbeats, now, worker_id)
     maintain()
     local wanted = tonumber(ARGV[4])
@@ -235,10 +242,11 @@ elseif command == "fetch" then
                 local mark = "-"
                 local eval_id = redis.call("hget", eval_of, message_id)
                 if eval_id then
+                    local attempt = message_id .. "#" .. redis.call("hincrby", deliveries, message_id, 1)
                     local fields = {started_at = started_at, worker = worker_name, next_retry_at = "",
-                                    attempt = message_id}
+                                    attempt = attempt}
                     local done = transition(ns, eval_id, "running", now, "queued,running", fields, {}, "0", bounds)
-                    mark = done[1] == 1 and "+" or "=" .. done[2]
+                    mark = done[1] == 1 and "+" .. attempt or "=" .. done[2]
                 end
                 taken[#taken + 1] = data
                 taken[#taken + 1] = mark
@@ -272,8 +280,7 @@ elseif command == "nack" then
 elseif command == "requeue" then
     -- args: message ids this worker fetched but will not run (shutdown); keep their order
     for i = #ARGV, 4, -1 do
-        local _, ours = claim(ARGV[i])
-        if ours then  -- not one another worker runs now (this one was taken for dead meanwhile)
+        if claim(ARGV[i]) then  -- not one another worker runs now (this one was taken for dead)
             return_to_head(ARGV[i], true)
         end
     end
