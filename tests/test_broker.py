@@ -14,6 +14,7 @@ from dramatiq.broker import MessageProxy
 
 from actors.broker import QUEUE_NAME, PriorityBroker, PriorityConsumer
 from app.store import StatusChange
+from middleware.dead_letter import DeadLetters
 from middleware.priority import PriorityRouting
 from middleware.running import MarkRunning
 from middleware.state import (
@@ -324,6 +325,18 @@ def test_a_stalled_workers_retry_or_hand_back_leaves_the_delivery_that_took_over
     record = peer.client.hgetall(f"{peer.namespace}:eval:a")
     assert record[b"status"] == b"running" and not record.get(b"next_retry_at")
     assert peer.queue_sizes() == {"high": 0, "default": 0, "low": 0, "delayed": 0, "in_flight": 1}
+
+
+def test_a_stalled_workers_dead_letter_leaves_the_delivery_that_took_over_alone(
+    two_workers: tuple[PriorityBroker, PriorityBroker],
+) -> None:
+    stalled, peer = two_workers
+    consumer, taken = take_and_go_silent(stalled)
+    assert next(PriorityConsumer(peer, slots=1)) is not None
+    DeadLetters().before_nack(peer, taken)  # its retries ran out
+    consumer.nack(taken)
+    assert record_of(peer)[0] == b"running" and peer.client.zcard(f"{peer.namespace}:dlq") == 0
+    assert peer.queue_sizes()["in_flight"] == 1
 
 
 def test_a_hand_back_of_a_message_another_worker_took_since_changes_nothing(
