@@ -47,6 +47,7 @@ from middleware.state import (
     SETTLE,
     STATUS_CHANGE,
     TRANSIENT_OPTIONS,
+    attempt_of,
     eval_id_of,
     worker_name,
 )
@@ -367,7 +368,9 @@ class PriorityConsumer(Consumer):
         redis_id = message.options[REDIS_ID_OPTION]
         refill = 0 if self.broker.stopping else 1
         try:
-            for fetched_message in self.broker.settle(command, redis_id, *args, status=status, refill=refill):
+            # named by its attempt token: a delivery fetched again since settles nothing
+            settled = self.broker.settle(command, attempt_of(message), *args, status=status, refill=refill)
+            for fetched_message in settled:
                 self._take(fetched_message)
         finally:
             self.outstanding.discard(redis_id)
@@ -400,10 +403,10 @@ class PriorityConsumer(Consumer):
         self._settle("nack", message, entry, status=StatusChange(**change) if change else None)
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
-        ids = [m.options[REDIS_ID_OPTION] for m in messages]
-        if ids:
-            self.broker.dispatch("requeue", *ids)
-            self.outstanding.difference_update(ids)
+        messages = list(messages)
+        if messages:
+            self.broker.dispatch("requeue", *(attempt_of(m) for m in messages))
+            self.outstanding.difference_update(m.options[REDIS_ID_OPTION] for m in messages)
             self.slot_freed.set()
 
 

@@ -99,7 +99,7 @@ class RunInterrupted(Exception):
 
 
 def current_attempt() -> str:
-    """This delivery's Redis message id: unique per delivery, so it tells attempts apart."""
+    """This delivery's attempt token (middleware/state.py: attempt_of): it tells deliveries apart."""
     message = CurrentMessage.get_current_message()
     return attempt_of(message) if message else ""
 

@@ -75,7 +75,8 @@ class ExecutorPool:
 
     async def close(self) -> None:
         if self._session is not None:
-            await self._session.close()
+            session, self._session = self._session, None  # a later call opens a new one
+            await session.close()
 
     async def _post(self, url: str, timeout: aiohttp.ClientTimeout, **options: Any) -> tuple[int, bytes]:
         async with self.session.post(url, timeout=timeout, **options) as response:

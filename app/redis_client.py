@@ -11,6 +11,7 @@ from redis.backoff import ExponentialBackoff
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.utils import HIREDIS_AVAILABLE
 
 #: A command that hits a dropped connection is retried on a fresh one this many times.
 RETRIES = 5
@@ -58,7 +59,8 @@ def async_client(url: str, decode: bool = True) -> aioredis.Redis:
         health_check_interval=15,
     )
     pool = client.connection_pool  # its class comes from the URL's scheme
-    pool.connection_class = _PACKED_BY_HIREDIS.get(pool.connection_class, pool.connection_class)
+    if HIREDIS_AVAILABLE:
+        pool.connection_class = _PACKED_BY_HIREDIS.get(pool.connection_class, pool.connection_class)
     return client
 
 

@@ -327,6 +327,31 @@ def test_a_stalled_workers_retry_or_hand_back_leaves_the_delivery_that_took_over
     assert peer.queue_sizes() == {"high": 0, "default": 0, "low": 0, "delayed": 0, "in_flight": 1}
 
 
+@pytest.mark.parametrize("settle", ["ack", "requeue"])
+def test_a_worker_taken_for_dead_twice_over_leaves_the_latest_delivery_to_be_redelivered(
+    two_workers: tuple[PriorityBroker, PriorityBroker], settle: str
+) -> None:
+    """Its delivery was fetched again by a peer that was taken for dead in turn: its late result
+    is refused and its settle leaves the message, back in its queue for redelivery, alone."""
+    first, second = two_workers
+    first_consumer, taken = take_and_go_silent(first)
+    take_and_go_silent(second)  # releases the first's; then goes silent
+    first.dispatch("heartbeat")  # the first is back: releases the second's message
+    assert first.queue_sizes()["default"] == 1
+    if settle == "ack":
+        late = StatusChange("a", "completed", ("running",), {"output": "late\n"}, delivery_expectation(taken))
+        taken.options[STATUS_CHANGE] = asdict(late)
+        first_consumer.ack(taken)
+    else:
+        first_consumer.requeue([taken])
+    # still there: queued, or fetched anew by the settle's refill (a delivery of its own)
+    sizes = first.queue_sizes()
+    assert sizes["default"] + sizes["in_flight"] == 1
+    status, _, attempt = record_of(first)
+    assert status == b"running" and attempt not in (attempt_of(taken).encode(), b"")
+    assert first.client.hget(f"{first.namespace}:eval:a", "output") is None
+
+
 def test_a_stalled_workers_dead_letter_leaves_the_delivery_that_took_over_alone(
     two_workers: tuple[PriorityBroker, PriorityBroker],
 ) -> None:

@@ -72,7 +72,8 @@ local function return_to_head(message_id, handed_back)
         ring(level)
         local eval_id = handed_back and redis.call("hget", eval_of, message_id)
         if eval_id then
-            local attempt = message_id .. "#" .. (redis.call("hget", deliveries, message_id) or "")
+            local delivery = redis.call("hget", deliveries, message_id)
+            local attempt = delivery and message_id .. "#" .. delivery or message_id
             transition(ns, eval_id, "queued", now, "running", {worker = ""}, {attempt = attempt}, "0", {})
         end
     end
@@ -90,22 +91,27 @@ local function release(worker, handed_back)
     return #ids
 end
 
--- Take a message this worker is settling: out of its ack set and, if a peer handed it back
--- meanwhile (this worker was taken for dead), out of the queues again. True only if this worker
--- had it (held, or taken back out of a queue): false when it was settled already (a re-sent
--- command, so settling twice changes nothing) or another worker fetched it since (that worker
--- runs it now, and settles it).
-local function claim(message_id)
+-- Take a message this worker is settling, named by its delivery's attempt token ("<message
+-- id>#<n>", or the bare id of a message its fetch did not mark): out of its ack set and, if a
+-- peer handed it back meanwhile (this worker was taken for dead), out of the queues again.
+-- Returns the message id only if this worker's delivery is still the message's own (held, or
+-- back in a queue with no later fetch); false when it was settled already (a re-sent command,
+-- so settling twice changes nothing) or fetched again since (by a worker that settles it, or
+-- that was taken for dead in turn and whose redelivery is due).
+local function claim(token)
+    local message_id, delivery = string.match(token, "^(.-)#(%d+)$")
+    message_id = message_id or token
     local held = redis.call("srem", acks_key(worker_id), message_id) == 1
     if redis.call("hexists", msgs, message_id) == 0 then return false end
-    if held then return true end
+    if held then return message_id end
+    if delivery and redis.call("hget", deliveries, message_id) ~= delivery then return false end
     -- handed back meanwhile: out of the queues again. Only then, as LREM reads the whole
     -- list, which under a backlog made every ack cost O(backlog).
     local removed = 0
     local level = redis.call("hget", levels, message_id)
     if level then removed = redis.call("lrem", queue_key(level), 0, message_id) end
     removed = removed + redis.call("zrem", delayed, message_id)
-    return removed > 0
+    return removed > 0 and message_id
 end
 
 -- Workers whose heartbeat stopped are released; due delays become ready.
@@ -195,9 +201,10 @@ elseif command == "enqueue_once" then
     return 1
 
 elseif command == "retry" then
-    -- args: the fetched message's id, then a new message as for enqueue (usually delayed)
-    if claim(ARGV[4]) then
-        forget(ARGV[4])
+    -- args: the fetched delivery's attempt token, then a new message as for enqueue (usually delayed)
+    local message_id = claim(ARGV[4])
+    if message_id then
+        forget(message_id)
         enqueue(5)
     end
     return 1
@@ -261,15 +268,16 @@ elseif command == "heartbeat" then
     return 1
 
 elseif command == "ack" then
-    if claim(ARGV[4]) then
-        forget(ARGV[4])
+    local message_id = claim(ARGV[4])
+    if message_id then
+        forget(message_id)
     end
     return 1
 
 elseif command == "nack" then
-    -- args: message id, its dead-letter entry (JSON); entry and removal happen together
-    local message_id, entry = ARGV[4], ARGV[5]
-    if claim(message_id) then
+    -- args: the delivery's attempt token, its dead-letter entry (JSON); entry and removal happen together
+    local message_id, entry = claim(ARGV[4]), ARGV[5]
+    if message_id then
         local task_id = redis.call("hget", tasks, message_id) or message_id
         redis.call("zadd", ns .. ":dlq", now, task_id)
         redis.call("hset", ns .. ":dlq:entries", task_id, entry)
@@ -278,10 +286,11 @@ elseif command == "nack" then
     return 1
 
 elseif command == "requeue" then
-    -- args: message ids this worker fetched but will not run (shutdown); keep their order
+    -- args: attempt tokens of deliveries this worker fetched but will not run (shutdown), in order
     for i = #ARGV, 4, -1 do
-        if claim(ARGV[i]) then  -- not one another worker runs now (this one was taken for dead)
-            return_to_head(ARGV[i], true)
+        local message_id = claim(ARGV[i])
+        if message_id then  -- not one fetched again since (this worker was taken for dead)
+            return_to_head(message_id, true)
         end
     end
     return 1
