@@ -46,21 +46,24 @@ def eval_id_of(message: Any) -> str | None:
     return None
 
 
-def attempt_of(message: Any) -> str:
-    """This delivery's token: the one its fetch recorded ("<Redis message id>#<delivery>"), else
-    (a message whose fetch did not mark it) the Redis message id the broker gave it."""
+def _fetched_attempt(message: Any) -> str | None:
+    """The attempt token ("<Redis message id>#<delivery>") the fetch recorded, if it marked it."""
     mark = message.options.get(FETCH_MARK)
-    if mark and mark.get("attempt"):
-        return str(mark["attempt"])
-    return str(message.options.get(REDIS_ID_OPTION, ""))
+    return str(mark["attempt"]) if mark and mark.get("attempt") else None
+
+
+def attempt_of(message: Any) -> str:
+    """This delivery's token: the one its fetch recorded, else (a message whose fetch did not
+    mark it) the Redis message id the broker gave it."""
+    return _fetched_attempt(message) or str(message.options.get(REDIS_ID_OPTION, ""))
 
 
 def delivery_expectation(message: Any) -> dict[str, str]:
     """What a status change made for this delivery requires of the record: its attempt token,
     where its fetch recorded one. A worker taken for dead whose message was fetched again
     meanwhile then changes nothing (its retry, dead letter or hand-back is not the record's)."""
-    mark = message.options.get(FETCH_MARK)
-    return {"attempt": mark["attempt"]} if mark and mark.get("attempt") else {}
+    attempt = _fetched_attempt(message)
+    return {"attempt": attempt} if attempt else {}
 
 
 def worker_name() -> str:
