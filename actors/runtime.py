@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 import structlog
+from dramatiq import Broker, Middleware, Worker
 from dramatiq.asyncio import get_event_loop_thread
 
 from actors.executor_client import ExecutorPool
@@ -30,6 +31,11 @@ class Runtime:
     http: httpx.AsyncClient
     store: EvaluationStore
     executors: ExecutorPool
+
+    async def close(self) -> None:
+        await self.executors.close()
+        await self.http.aclose()
+        await self.redis.aclose()
 
 
 _runtime: Runtime | None = None
@@ -49,6 +55,27 @@ def runtime() -> Runtime:
         executors = ExecutorPool(settings.executor_urls, settings.executor_secret)
         _runtime = Runtime(client, http, store, executors)
     return _runtime
+
+
+#: How long a stopping worker waits for its clients to close their connections.
+CLOSE_TIMEOUT_S = 5
+
+
+class CloseRuntime(Middleware):
+    """Closes the process's clients on the event loop once its worker threads have stopped,
+    before Dramatiq's AsyncIO stops that loop (after-hooks run in reverse order: list this one
+    after AsyncIO), so keep-alive connections to executors and Redis end cleanly."""
+
+    def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+        global _runtime
+        loop_thread = get_event_loop_thread()
+        if _runtime is None or loop_thread is None:
+            return
+        closing, _runtime = _runtime, None
+        try:
+            asyncio.run_coroutine_threadsafe(closing.close(), loop_thread.loop).result(CLOSE_TIMEOUT_S)
+        except Exception as exc:  # the process is exiting anyway; say why it was not clean
+            log.warning("worker.close_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 #: How long a worker thread waits for the storage service to take a status change.

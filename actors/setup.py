@@ -11,7 +11,7 @@ from dramatiq.results.backends import RedisBackend
 from periodiq import PeriodiqMiddleware
 
 from actors.broker import PriorityBroker
-from actors.runtime import forward_now, forward_soon
+from actors.runtime import CloseRuntime, forward_now, forward_soon
 from app.config import Settings, get_settings
 from app.logs import configure_logging
 from app.redis_client import sync_client
@@ -42,6 +42,7 @@ def build_broker(settings: Settings) -> PriorityBroker:
             # what Backoff decided about each message.
             WorkerStats(),
             AsyncIO(),
+            CloseRuntime(),
             CurrentMessage(),
             PriorityRouting(),
             TimeLimit(),

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
+import dramatiq
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from dramatiq import Worker
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import AsyncIO
 
 from actors.executor_client import ExecutorConnectionLost, ExecutorPool, answer_timeout
+from actors.runtime import CloseRuntime, runtime
+from app.config import get_settings
 from executor.sandbox import COMPILE_TIMEOUT_SECONDS
 from middleware.retry_policy import policy_for
 from tests.conftest import stack_env, start_stack
@@ -149,3 +157,44 @@ async def test_a_refused_connection_moves_on_to_the_next_executor() -> None:
         results = [await pool.execute({"eval_id": f"e{n}", "timeout": 5}) for n in range(3)]
         await pool.close()
     assert results == [(url, {"status": "completed", "eval_id": f"e{n}"}) for n in range(3)]
+
+
+async def test_a_stopping_worker_closes_its_keep_alive_connections_to_executors(
+    redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker process that stops (a deploy, a scale-down) leaves no connection open on an
+    executor, which would otherwise hold it until its keep-alive timer ends."""
+    connections: list[asyncio.BaseTransport] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        connections.append(request.transport)
+        return web.json_response({"status": "completed", "eval_id": (await request.json())["eval_id"]})
+
+    async with fake_executor(answer) as (url, _):
+        monkeypatch.setenv("REDIS_URL", redis_url)
+        monkeypatch.setenv("CRUCIBLE_NAMESPACE", namespace)
+        monkeypatch.setenv("EXECUTOR_SERVICE_URL", url)
+        get_settings.cache_clear()
+        broker = StubBroker(middleware=[AsyncIO(), CloseRuntime()])
+        results: list[tuple[str, dict[str, Any]]] = []
+
+        @dramatiq.actor(broker=broker)
+        async def run_one() -> None:
+            results.append(await runtime().executors.execute({"eval_id": "e1", "timeout": 5}))
+
+        worker = Worker(broker, worker_timeout=50)
+        worker.start()
+        try:
+            run_one.send()
+            await asyncio.to_thread(broker.join, run_one.queue_name)
+            assert results == [(url, {"status": "completed", "eval_id": "e1"})]
+            assert not connections[0].is_closing()  # kept alive for the next run
+        finally:
+            await asyncio.to_thread(worker.stop)
+            get_settings.cache_clear()
+        for _ in range(50):
+            if connections[0].is_closing():
+                break
+            await asyncio.sleep(0.02)
+        assert connections[0].is_closing()
