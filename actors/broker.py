@@ -17,7 +17,6 @@ starts in milliseconds without busy polling. Heartbeats go out at least every
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import dramatiq
 import redis
 import redis.asyncio as aioredis
 import structlog
@@ -34,6 +34,7 @@ from dramatiq.errors import ConnectionClosed, QueueJoinTimeout
 from dramatiq.message import Message
 from redis.commands.core import Script
 
+from app import json_codec
 from app.config import LEVELS
 from app.ratelimit import QUOTA_FUNCTION_LUA
 from app.redis_client import sync_client
@@ -53,6 +54,9 @@ from middleware.state import (
 )
 
 log = structlog.get_logger(__name__)
+
+# Every process that speaks to our queues (API, workers, scheduler) imports this module.
+dramatiq.set_encoder(json_codec.MessageEncoder())
 
 #: periodiq's option naming the tick a scheduled message belongs to.
 TICK_OPTION = "scheduled_at"
@@ -398,7 +402,7 @@ class PriorityConsumer(Consumer):
 
     def nack(self, message: MessageProxy) -> None:
         """Reject: the dead-letter entry and status the DeadLetters middleware prepared commit together."""
-        entry = message.options.get(DEAD_LETTER) or json.dumps({"task_id": message.message_id})
+        entry = message.options.get(DEAD_LETTER) or json_codec.dumps({"task_id": message.message_id})
         change = message.options.get(STATUS_CHANGE)
         self._settle("nack", message, entry, status=StatusChange(**change) if change else None)
 
@@ -438,7 +442,7 @@ class AsyncEnqueuer:
         [2, -1, -1, ahead] if it exists from this same call (re-sent after a lost reply)."""
         _, args = prepare(message, level, marks=eval_id_of(message))  # the record's own message
         ahead = LEVELS[: LEVELS.index(level) + 1]
-        command = ["submit", "api", 0, record_key, json.dumps(creation), quota, *args, *ahead]
+        command = ["submit", "api", 0, record_key, json_codec.dumps(creation), quota, *args, *ahead]
         return list(await self._dispatch(keys=[self.namespace], args=command))
 
     async def cancel(self, task_id: str) -> bool:

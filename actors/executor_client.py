@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
 from typing import Any
 
 import aiohttp
 import structlog
 
+from app import json_codec
 from app.auth import executor_headers
 from executor.sandbox import COMPILE_TIMEOUT_SECONDS
 
@@ -70,7 +70,9 @@ class ExecutorPool:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS)
-            self._session = aiohttp.ClientSession(connector=connector, headers=self.headers)
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self.headers, json_serialize=json_codec.dumps
+            )
         return self._session
 
     async def close(self) -> None:
@@ -119,7 +121,7 @@ class ExecutorPool:
                     continue
                 if status >= 400:
                     raise ExecutorHTTPError(url, status, body[:500].decode(errors="replace"))
-                return url, json.loads(body)
+                return url, json_codec.loads(body)
             if len(unreachable) == len(self.urls):
                 raise ExecutorUnavailable("; ".join(unreachable))
             if time.monotonic() > deadline:
@@ -135,7 +137,7 @@ class ExecutorPool:
                 timeout = aiohttp.ClientTimeout(total=5.0)
                 async with self.session.get(f"{url}/languages", timeout=timeout) as response:
                     response.raise_for_status()
-                    return json.loads(await response.read())
+                    return json_codec.loads(await response.read())
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 failures.append(f"{url}: {exc!r}")
         raise ExecutorUnavailable("; ".join(failures))
@@ -151,7 +153,7 @@ class ExecutorPool:
         try:
             timeout = aiohttp.ClientTimeout(total=0.8)
             status, body = await self._post(f"{url}/kill/{eval_id}", timeout, params=params)
-            return status == 200 and json.loads(body).get("killed") is True
+            return status == 200 and json_codec.loads(body).get("killed") is True
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.warning("executor.kill_failed", executor=url, eval_id=eval_id, error=str(exc))
             return False
@@ -172,6 +174,6 @@ def answer_timeout(run_timeout: float) -> aiohttp.ClientTimeout:
 
 def _is_busy(body: bytes) -> bool:
     try:
-        return json.loads(body).get("details", {}).get("busy") is True
+        return json_codec.loads(body).get("details", {}).get("busy") is True
     except (ValueError, AttributeError):
         return False

@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
-import secrets
+import time
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from actors.executor_client import ExecutorUnavailable
@@ -29,6 +29,7 @@ from app.config import LEVELS, Settings, get_settings
 from app.dashboard import dashboard_routes, root_redirect
 from app.dlq import NotInDLQ, NotRetryable, public_entry
 from app.errors import RequestError, Unavailable, install_error_handlers
+from app.json_codec import JSONResponse
 from app.keys import PRIORITY_TIERS, ApiKey
 from app.logs import configure_logging
 from app.migration import MigrationTracker
@@ -61,7 +62,7 @@ MAX_PAGE = 1000
 
 def new_eval_id() -> str:
     """`eval_{YYYYmmdd_HHMMSS}_{8 hex}`, as the original platform made them."""
-    return f"eval_{datetime.now(UTC):%Y%m%d_%H%M%S}_{secrets.token_hex(4)}"
+    return f"eval_{time.strftime('%Y%m%d_%H%M%S', time.gmtime())}_{os.urandom(4).hex()}"
 
 
 def public_view(record: dict[str, Any]) -> dict[str, Any]:

@@ -14,9 +14,9 @@ import hmac
 from redis.exceptions import RedisError
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, BaseUser
 from starlette.requests import HTTPConnection
-from starlette.responses import JSONResponse
 
 from app.config import Settings
+from app.json_codec import JSONResponse
 from app.keys import ApiKey, KeyStore
 
 

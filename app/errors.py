@@ -7,7 +7,8 @@ from redis.exceptions import ConnectionError as RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+
+from app.json_codec import JSONResponse
 
 log = structlog.get_logger(__name__)
 

@@ -15,10 +15,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from app.config import LEVELS
 from app.errors import RequestError
+from app.json_codec import JSONResponse
 from app.migration import SYSTEMS, migration_report
 from app.services import Services
 from app.status import SystemStatus

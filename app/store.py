@@ -8,7 +8,6 @@ a redelivered message) leave exactly one final status.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 import structlog
+
+from app import json_codec
 
 log = structlog.get_logger(__name__)
 
@@ -92,7 +93,7 @@ def _encode(value: Any) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, dict | list):
-        return json.dumps(value)
+        return json_codec.dumps(value)
     return "" if value is None else str(value)
 
 
@@ -104,7 +105,7 @@ def _decode(record: dict[str, str]) -> dict[str, Any]:
         elif key in _BOOL_FIELDS:
             out[key] = raw == "1"
         elif key == "metadata":
-            out[key] = json.loads(raw) if raw else {}
+            out[key] = json_codec.loads(raw) if raw else {}
         else:
             out[key] = raw if raw != "" else None
     return out
@@ -133,8 +134,8 @@ class StatusChange:
             self.status,
             self.at_ms or int(time.time() * 1000),
             ",".join(self.allowed_from),
-            json.dumps(encoded),
-            json.dumps(self.expect),
+            json_codec.dumps(encoded),
+            json_codec.dumps(self.expect),
             "1" if self.status in TERMINAL else "0",
             ",".join(map(str, HISTOGRAM_BOUNDS_MS)),
         ]
@@ -238,7 +239,7 @@ class EvaluationStore:
         """
         fields = evaluation.fields()
         created_ms = int(time.time() * 1000)
-        event = json.dumps(
+        event = json_codec.dumps(
             {"eval_id": evaluation.eval_id, "status": "queued", "previous_status": None, "at_ms": created_ms}
         )
         at = str(created_ms)
@@ -324,7 +325,7 @@ class EvaluationStore:
             await self.forwarder.send(eval_id, payload)
 
     async def events(self, eval_id: str) -> list[dict[str, Any]]:
-        return [json.loads(e) for e in await self.client.lrange(f"{self.key(eval_id)}:events", 0, -1)]
+        return [json_codec.loads(e) for e in await self.client.lrange(f"{self.key(eval_id)}:events", 0, -1)]
 
     async def follow(self, eval_id: str, keepalive: float = 15.0) -> AsyncIterator[dict[str, Any] | None]:
         """Each status change of one evaluation, past then live, ending after a final one.
@@ -349,7 +350,7 @@ class EvaluationStore:
                     yield None
                     backlog = []
                 else:
-                    backlog = [json.loads(message["data"])]
+                    backlog = [json_codec.loads(message["data"])]
 
     async def list(
         self,

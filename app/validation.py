@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from app import json_codec
 from app.errors import RequestError
 
 D = TypeVar("D", float, bool, None)
@@ -36,10 +36,9 @@ async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
         if len(body) > max_bytes:
             raise RequestError(413, f"request body over {max_bytes} bytes")
     try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as exc:  # also numbers with too many digits, deep nesting
-        reason = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
-        raise RequestError(400, "request body is not valid JSON", reason=reason[:200]) from None
+        return json_codec.loads(body)
+    except json_codec.JSONDecodeError as exc:  # also deep nesting, invalid UTF-8, lone surrogates
+        raise RequestError(400, "request body is not valid JSON", reason=str(exc)[:200]) from None
 
 
 async def read_json_object(request: Request, max_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:

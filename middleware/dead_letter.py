@@ -8,13 +8,13 @@ entry, removes the message and marks the evaluation `failed` in one Redis transa
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 from dramatiq.middleware import Middleware
 
+from app import json_codec
 from app.store import utc_now
 from middleware.priority import LEVEL_OPTION
 from middleware.state import (
@@ -72,7 +72,7 @@ class DeadLetters(Middleware):
 
     def before_nack(self, broker: Any, message: Any) -> None:
         entry = dead_letter_entry(message)
-        message.options[DEAD_LETTER] = json.dumps(entry)
+        message.options[DEAD_LETTER] = json_codec.dumps(entry)
         if entry["eval_id"]:
             message.options[STATUS_CHANGE] = {
                 "eval_id": entry["eval_id"],
