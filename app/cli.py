@@ -12,10 +12,11 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import httpx
 
-from app.config import Settings, get_settings
+from app.config import ConfigError, Settings, get_settings
 from app.logs import configure_logging
 
 #: How long a worker process waits for its running evaluations on shutdown.
@@ -36,7 +37,7 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def serve(factory: str, host: str, port: int, **options: str) -> int:
+def serve(factory: str, host: str, port: int, **options: Any) -> int:
     """Run an app factory under uvicorn, logging through our structlog set-up."""
     import uvicorn
 
@@ -48,7 +49,8 @@ def serve(factory: str, host: str, port: int, **options: str) -> int:
 
 def run_api(args: argparse.Namespace) -> int:
     s = get_settings()
-    return serve("app.api:create_app", s.api_host, s.api_port)
+    # several processes share one listening socket; each has its own Redis pool (app/services.py)
+    return serve("app.api:create_app", s.api_host, s.api_port, workers=s.api_processes)
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
@@ -397,7 +399,11 @@ HANDLERS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return HANDLERS[args.command](args)
+    try:
+        return HANDLERS[args.command](args)
+    except ConfigError as exc:  # a setting it cannot use: say which, not a traceback
+        print(f"crucible {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -41,6 +41,13 @@ def _int(name: str, default: int) -> int:
         raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
 
 
+def _at_least_one(name: str, default: int) -> int:
+    value = _int(name, default)
+    if value < 1:
+        raise ConfigError(f"{name} must be 1 or more, got {value}")
+    return value
+
+
 def _share(name: str, default: float, alias: str | None = None) -> float:
     raw = os.environ.get(name) or (os.environ.get(alias) if alias else None)
     if raw is None or raw == "":
@@ -119,6 +126,7 @@ class Settings:
     log_format: str
     api_host: str
     api_port: int
+    api_processes: int
     dashboard_host: str
     dashboard_port: int
     executor_host: str
@@ -174,6 +182,7 @@ class Settings:
             log_format=_str("LOG_FORMAT", "auto"),
             api_host=_str("CRUCIBLE_API_HOST", "127.0.0.1"),
             api_port=_int("CRUCIBLE_API_PORT", 8080),
+            api_processes=_at_least_one("CRUCIBLE_API_PROCESSES", 1),
             dashboard_host=_str("DASHBOARD_HOST", "127.0.0.1"),
             dashboard_port=_int("DASHBOARD_PORT", 5555),
             executor_host=_str("EXECUTOR_HOST", "127.0.0.1"),

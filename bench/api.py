@@ -1,11 +1,12 @@
 """API: `POST /api/eval` requests/s and latency under concurrent clients, against a bare
 Starlette endpoint that only pushes the body to Redis (the floor of what an API can do here).
 
-    .venv/bin/python -m bench api --seconds 10 --clients 32 [--json out.json]
+    .venv/bin/python -m bench api --seconds 10 --clients 32 [--processes 1] [--json out.json]
 
-Both run as one uvicorn process (as `crucible api` runs) on the same Redis; no workers run, so
-every accepted evaluation stays queued. The clients are keep-alive httpx connections in this
-process; each sends one request after another for `--seconds` after a short warm-up.
+Both run as `--processes` uvicorn processes (`crucible api` with CRUCIBLE_API_PROCESSES) on the
+same Redis; no workers run, so every accepted evaluation stays queued. The clients are
+keep-alive aiohttp connections in this process; each sends one request after another for
+`--seconds` after a short warm-up.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     )
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--processes", type=int, default=1, help="uvicorn processes of each server")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     figures: dict[str, dict[str, float]] = {}
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         namespace = f"bench-bare-{uuid.uuid4().hex[:6]}"
         port = free_port()
         argv_bare = [sys.executable, "-m", "uvicorn", "--factory", "bench.bare_endpoint:create_app",
-                     "--port", str(port), "--no-access-log", "--log-level", "warning"]  # fmt: skip
+                     "--port", str(port), "--workers", str(args.processes), "--no-access-log",
+                     "--log-level", "warning"]  # fmt: skip
         try:
             with spawn(
                 "bench-bare-endpoint", argv_bare, {"BENCH_REDIS_URL": url, "BENCH_NAMESPACE": namespace}
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 figures["bare"] = asyncio.run(load(f"{bare}/push", {}, args.clients, args.seconds, "bare"))
         finally:
             delete_namespace(url, namespace)
-        with stack(url, workers=0, executors=0) as running:
+        processes = {"CRUCIBLE_API_PROCESSES": str(args.processes)}
+        with stack(url, workers=0, executors=0, env=processes) as running:
             auth = {"authorization": f"Bearer {running.admin_key}"}
             figures["ours"] = asyncio.run(
                 load(f"{running.api}/api/eval", auth, args.clients, args.seconds, "POST /api/eval")
@@ -113,12 +117,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     ]
     print_table(
         f"API: {args.clients} concurrent keep-alive clients for {args.seconds:.0f} s,"
-        " one uvicorn process each",
+        f" {args.processes} uvicorn process(es) each",
         ["endpoint", "requests/s", "p50 ms", "p95 ms", "p99 ms"],
         rows,
     )
     print(f"ours / bare: {ratio(figures['ours']['per_s'], figures['bare']['per_s'])} (target >= 0.70x)")
-    write_json(args.json, "api", {"clients": args.clients, "seconds": args.seconds, **figures})
+    setup = {"clients": args.clients, "seconds": args.seconds, "processes": args.processes}
+    write_json(args.json, "api", {**setup, **figures})
     return figures
 
 

@@ -7,6 +7,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from contextlib import ExitStack
 from typing import Any
@@ -15,7 +17,7 @@ import httpx
 
 from tests.conftest import stack_env, start_api
 from tests.helpers import api_client, submit, wait_final
-from tests.stack import ROOT, process
+from tests.stack import ROOT, free_port, process, wait_http
 
 
 async def poll(api: httpx.AsyncClient, path: str, ready: Any, seconds: float = 30) -> dict[str, Any]:
@@ -120,3 +122,47 @@ async def test_status_shows_workers_tasks_queues_and_a_worker_that_died(
             gone = await poll(api, "/api/celery-status", lambda b: not b["workers"], seconds=60)
             assert gone["worker_stats"][name]["online"] is False, gone["worker_stats"]
             assert (await api.get("/health")).json()["status"] == "degraded"
+
+
+async def test_the_api_runs_as_several_processes_on_one_port(
+    redis_url: str, executor_url: str, namespace: str
+) -> None:
+    """CRUCIBLE_API_PROCESSES: more cores for the API, one address for its callers."""
+    port = free_port()
+    env = stack_env(
+        redis_url, namespace, executor_url, CRUCIBLE_API_PROCESSES="2", CRUCIBLE_API_PORT=str(port)
+    )
+    url = f"http://127.0.0.1:{port}"
+    with ExitStack() as stack:
+        api_process = stack.enter_context(process("multi-api", "api", env))
+        stack.enter_context(process("multi-worker", "worker", env))
+        wait_http(f"{url}/health")
+        children = open(f"/proc/{api_process.pid}/task/{api_process.pid}/children").read().split()
+        commands = [open(f"/proc/{child}/cmdline", "rb").read() for child in children]
+        assert len([c for c in commands if b"resource_tracker" not in c]) == 2  # not multiprocessing's
+
+        async def submit_alone(n: int) -> str:
+            async with api_client(url) as api:  # a connection of its own
+                return await submit(api, f"print({n})")
+
+        eval_ids = await asyncio.gather(*(submit_alone(n) for n in range(12)))
+        async with api_client(url) as api:
+            results = [await wait_final(api, eval_id) for eval_id in eval_ids]
+        assert [r["output"] for r in results] == [f"{n}\n" for n in range(12)]
+
+
+def test_a_setting_the_service_cannot_use_is_named_without_a_traceback() -> None:
+    for name, value, expected in [
+        ("CRUCIBLE_API_PROCESSES", "0", "CRUCIBLE_API_PROCESSES must be 1 or more, got 0"),
+        ("CRUCIBLE_API_PORT", "eighty", "CRUCIBLE_API_PORT must be a whole number, got 'eighty'"),
+    ]:
+        ran = subprocess.run(
+            [sys.executable, "-m", "app.cli", "api"],
+            env={**os.environ, name: value},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert ran.returncode == 2
+        assert ran.stderr.strip() == f"crucible api: {expected}"
