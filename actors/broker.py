@@ -415,7 +415,8 @@ class PriorityConsumer(Consumer):
 
 
 class AsyncEnqueuer:
-    """Enqueues from async code (the API) with the same Lua script, never blocking the loop."""
+    """Broker operations from async code (the API, upkeep actors) with the same Lua script,
+    never blocking the loop."""
 
     def __init__(self, client: aioredis.Redis, namespace: str) -> None:
         self.client = client
@@ -444,6 +445,20 @@ class AsyncEnqueuer:
         ahead = LEVELS[: LEVELS.index(level) + 1]
         command = ["submit", "api", 0, record_key, json_codec.dumps(creation), quota, *args, *ahead]
         return list(await self._dispatch(keys=[self.namespace], args=command))
+
+    async def sweep_orphans(self, page: int = 1000) -> int:
+        """Drop message bookkeeping (`eval_of`, `deliveries`) left behind by workers of an
+        earlier release; a page per call, so Redis is never held long. Returns how many."""
+        dropped = 0
+        for hash_name in ("eval_of", "deliveries"):
+            cursor = "0"
+            while True:
+                args = ["sweep", "api", 0, hash_name, cursor, page]
+                cursor, count = await self._dispatch(keys=[self.namespace], args=args)
+                dropped += int(count)
+                if str(cursor) == "0":
+                    break
+        return dropped
 
     async def cancel(self, task_id: str) -> bool:
         """Drop a waiting message by its task id; False if none was waiting."""

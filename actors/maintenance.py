@@ -16,7 +16,7 @@ import structlog
 from dramatiq.middleware import CurrentMessage
 from periodiq import cron
 
-from actors.broker import QUEUE_NAME, TICK_OPTION
+from actors.broker import QUEUE_NAME, TICK_OPTION, AsyncEnqueuer
 from actors.evaluate import broker
 from actors.runtime import runtime
 from app.config import get_settings
@@ -53,12 +53,16 @@ def _dlq() -> AsyncDeadLetterQueue:
     queue_name=QUEUE_NAME, queue_level="low", store_results=True, periodic=cron(_settings.cleanup_cron)
 )
 async def cleanup_old_evaluations() -> int:
-    """Delete evaluations past the retention window (with their indexes and timelines) and
-    dead-letter entries older than `CRUCIBLE_DLQ_RETENTION_DAYS`. Idempotent."""
-    removed = await runtime().store.cleanup()
+    """Delete evaluations past the retention window (with their indexes and timelines),
+    dead-letter entries older than `CRUCIBLE_DLQ_RETENTION_DAYS`, and bookkeeping of messages
+    that no longer exist (AsyncEnqueuer.sweep_orphans). Idempotent."""
+    rt = runtime()
+    removed = await rt.store.cleanup()
     dead = await _dlq().clear_old_tasks(days=_settings.dlq_retention_days)
-    log.info("cleanup.done", removed=removed, dead_letters_removed=dead)
-    await _record_run("cleanup_old_evaluations", {"removed": removed, "dead_letters_removed": dead})
+    orphans = await AsyncEnqueuer(rt.redis, _settings.namespace).sweep_orphans()
+    outcome = {"removed": removed, "dead_letters_removed": dead, "message_orphans_removed": orphans}
+    log.info("cleanup.done", **outcome)
+    await _record_run("cleanup_old_evaluations", outcome)
     return removed
 
 

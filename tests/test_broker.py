@@ -9,10 +9,11 @@ from dataclasses import asdict
 
 import dramatiq
 import pytest
+import redis.asyncio as aioredis
 from dramatiq import Worker
 from dramatiq.broker import MessageProxy
 
-from actors.broker import QUEUE_NAME, PriorityBroker, PriorityConsumer
+from actors.broker import QUEUE_NAME, AsyncEnqueuer, PriorityBroker, PriorityConsumer
 from app.store import StatusChange
 from middleware.dead_letter import DeadLetters
 from middleware.priority import PriorityRouting
@@ -394,3 +395,27 @@ def test_an_evaluation_message_carries_its_task_id_and_a_time_limit_above_its_ti
     assert message.message_id == "celery-e1"
     assert message.kwargs == {"eval_id": "e1", "code": "print(1)", "language": "python", "timeout": 30}
     assert message.options["time_limit"] > 30_000
+
+
+async def test_cleanup_drops_message_bookkeeping_an_earlier_release_left_behind(
+    two_workers: tuple[PriorityBroker, PriorityBroker], aredis: aioredis.Redis
+) -> None:
+    """Workers from before `eval_of` and `deliveries` existed forget a message without them;
+    the hourly cleanup drops those entries, and only those."""
+    broker, _ = two_workers
+    ns = broker.namespace
+    broker.client.hset(f"{ns}:eval:b", mapping={"status": "queued"})
+    broker.get_actor("job").send(eval_id="b")
+    consumer = PriorityConsumer(broker, slots=2)
+    a, b = next(consumer), next(consumer)
+    old_release_forgot = a.options[REDIS_ID_OPTION]
+    for hash_name in ("msgs", "level", "task"):
+        broker.client.hdel(f"{ns}:{hash_name}", old_release_forgot)
+    kept = b.options[REDIS_ID_OPTION].encode()
+    assert broker.client.hlen(f"{ns}:eval_of") == broker.client.hlen(f"{ns}:deliveries") == 2
+
+    assert await AsyncEnqueuer(aredis, ns).sweep_orphans(page=1) == 2
+    assert broker.client.hkeys(f"{ns}:eval_of") == broker.client.hkeys(f"{ns}:deliveries") == [kept]
+    assert await AsyncEnqueuer(aredis, ns).sweep_orphans() == 0
+    consumer.ack(b)  # the live message settles as before, and its bookkeeping goes with it
+    assert broker.client.hlen(f"{ns}:eval_of") == broker.client.hlen(f"{ns}:deliveries") == 0

@@ -299,6 +299,24 @@ elseif command == "leave" then
     -- a worker shutting down cleanly: hand back anything unacked and stop being tracked
     return release(worker_id, true)
 
+elseif command == "sweep" then
+    -- args: "eval_of" or "deliveries", an HSCAN cursor, a page size. Drops that hash's entries
+    -- of messages that no longer exist: workers of a release before these hashes forgot
+    -- messages without them. Returns {next cursor ("0": done), entries dropped}.
+    if ARGV[4] ~= "eval_of" and ARGV[4] ~= "deliveries" then
+        return redis.error_reply("sweep: unknown hash " .. tostring(ARGV[4]))
+    end
+    local hash = ns .. ":" .. ARGV[4]
+    local page = redis.call("hscan", hash, ARGV[5], "COUNT", ARGV[6])
+    local dropped = 0
+    for i = 1, #page[2], 2 do
+        local message_id = page[2][i]
+        if redis.call("hexists", msgs, message_id) == 0 then
+            dropped = dropped + redis.call("hdel", hash, message_id)
+        end
+    end
+    return {page[1], dropped}
+
 elseif command == "sizes" then
     -- ready count per level, then delayed, then in flight across workers
     local out = {}
