@@ -1,6 +1,7 @@
 """JSON on the hot paths (request bodies, responses, records' events, messages), through orjson.
 
-The standard library's encoder and decoder took about a tenth of `POST /api/eval`'s CPU.
+With it (and cheaper eval ids) `POST /api/eval` runs a fifth fewer instructions (callgrind,
+in process: 1.10M → 0.85M a request); the standard library's JSON was most of the difference.
 orjson also refuses what would only fail later: lone surrogates and invalid UTF-8 (which
 Redis could not store as text), NaN and infinities (which no field accepts).
 """

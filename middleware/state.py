@@ -82,8 +82,14 @@ def record_failure(message: Any, exception: BaseException) -> None:
     options.setdefault(FIRST_FAILURE, now)
     options[LAST_FAILURE] = now
     options[EXCEPTION_CLASS] = type(exception).__name__
-    options[EXCEPTION_MESSAGE] = str(exception)
-    options[TRACEBACK] = "".join(traceback.format_exception(exception))
+    options[EXCEPTION_MESSAGE] = _valid_text(str(exception))
+    options[TRACEBACK] = _valid_text("".join(traceback.format_exception(exception)))
+
+
+def _valid_text(text: str) -> str:
+    """A failure's text may hold lone surrogates (a file name the OS gave as bytes): JSON
+    encoders and Redis's Lua refuse them, and a failure must always be recordable."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def describe(message: Any) -> str:

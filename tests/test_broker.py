@@ -25,6 +25,7 @@ from middleware.state import (
     STATUS_CHANGE,
     attempt_of,
     delivery_expectation,
+    record_failure,
 )
 
 
@@ -419,3 +420,21 @@ async def test_cleanup_drops_message_bookkeeping_an_earlier_release_left_behind(
     assert await AsyncEnqueuer(aredis, ns).sweep_orphans() == 0
     consumer.ack(b)  # the live message settles as before, and its bookkeeping goes with it
     assert broker.client.hlen(f"{ns}:eval_of") == broker.client.hlen(f"{ns}:deliveries") == 0
+
+
+def test_a_failure_whose_text_is_not_valid_unicode_is_still_dead_lettered(
+    two_workers: tuple[PriorityBroker, PriorityBroker],
+) -> None:
+    """An error message naming a file the OS gave as bytes carries lone surrogates, which no
+    JSON encoder here (nor Redis's Lua) takes: the failure is recorded with them replaced."""
+    broker, _ = two_workers
+    consumer = PriorityConsumer(broker, slots=1)
+    taken = next(consumer)
+    path = b"/data/r\xe9sum\xe9".decode(errors="surrogateescape")  # a Latin-1 name, read as bytes
+    record_failure(taken, OSError(f"cannot read {path}"))
+    DeadLetters().before_nack(broker, taken)
+    consumer.nack(taken)
+    ns = broker.namespace
+    assert record_of(broker)[0] == b"failed"
+    entry = json.loads(broker.client.hget(f"{ns}:dlq:entries", broker.client.zrange(f"{ns}:dlq", 0, 0)[0]))
+    assert entry["exception_class"] == "OSError" and entry["exception_message"] == "cannot read /data/r?sum?"
