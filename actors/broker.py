@@ -456,7 +456,7 @@ class AsyncEnqueuer:
                 args = ["sweep", "api", 0, hash_name, cursor, page]
                 cursor, count = await self._dispatch(keys=[self.namespace], args=args)
                 dropped += int(count)
-                if str(cursor) == "0":
+                if int(cursor) == 0:
                     break
         return dropped
 

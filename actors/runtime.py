@@ -33,9 +33,11 @@ class Runtime:
     executors: ExecutorPool
 
     async def close(self) -> None:
-        await self.executors.close()
-        await self.http.aclose()
-        await self.redis.aclose()
+        try:
+            await self.executors.close()
+            await self.http.aclose()
+        finally:
+            await self.redis.aclose()
 
 
 _runtime: Runtime | None = None

@@ -8,6 +8,7 @@ Redis could not store as text), NaN and infinities (which no field accepts).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -28,14 +29,19 @@ def loads(data: bytes | bytearray | str) -> Any:
 
 
 class MessageEncoder(Encoder):
-    """Dramatiq's message encoding through orjson: the same JSON its `JSONEncoder` writes
-    (compact; keys that are not strings become strings), so either side can read the other."""
+    """Dramatiq's message encoding through orjson: the same compact JSON its `JSONEncoder`
+    writes (keys that are not strings become strings). What that encoder wrote and orjson
+    refuses (NaN, lone surrogates: a message from an earlier release, a dead letter retried)
+    is read by the standard library, as before: one unreadable message would strand its batch."""
 
     def encode(self, data: MessageData) -> bytes:
         return orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
 
     def decode(self, data: bytes) -> MessageData:
-        return orjson.loads(data)
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return json.loads(data)
 
 
 class JSONResponse(responses.JSONResponse):

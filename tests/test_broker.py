@@ -14,6 +14,7 @@ from dramatiq import Worker
 from dramatiq.broker import MessageProxy
 
 from actors.broker import QUEUE_NAME, AsyncEnqueuer, PriorityBroker, PriorityConsumer
+from app.json_codec import MessageEncoder
 from app.store import StatusChange
 from middleware.dead_letter import DeadLetters
 from middleware.priority import PriorityRouting
@@ -414,8 +415,10 @@ async def test_cleanup_drops_message_bookkeeping_an_earlier_release_left_behind(
         broker.client.hdel(f"{ns}:{hash_name}", old_release_forgot)
     kept = b.options[REDIS_ID_OPTION].encode()
     assert broker.client.hlen(f"{ns}:eval_of") == broker.client.hlen(f"{ns}:deliveries") == 2
+    # more, so the hashes outgrow Redis's compact encoding and are scanned a page at a time
+    broker.client.hset(f"{ns}:eval_of", mapping={f"gone-{n}": f"e{n}" for n in range(300)})
 
-    assert await AsyncEnqueuer(aredis, ns).sweep_orphans(page=1) == 2
+    assert await AsyncEnqueuer(aredis, ns).sweep_orphans(page=20) == 302
     assert broker.client.hkeys(f"{ns}:eval_of") == broker.client.hkeys(f"{ns}:deliveries") == [kept]
     assert await AsyncEnqueuer(aredis, ns).sweep_orphans() == 0
     consumer.ack(b)  # the live message settles as before, and its bookkeeping goes with it
@@ -438,3 +441,13 @@ def test_a_failure_whose_text_is_not_valid_unicode_is_still_dead_lettered(
     assert record_of(broker)[0] == b"failed"
     entry = json.loads(broker.client.hget(f"{ns}:dlq:entries", broker.client.zrange(f"{ns}:dlq", 0, 0)[0]))
     assert entry["exception_class"] == "OSError" and entry["exception_message"] == "cannot read /data/r?sum?"
+
+
+def test_messages_read_alike_whichever_encoder_wrote_them() -> None:
+    """Workers encode with orjson; what Dramatiq's own encoder wrote (an earlier release, a
+    retried dead letter) still reads, even what orjson refuses."""
+    ours, dramatiqs = MessageEncoder(), dramatiq.encoder.JSONEncoder()
+    message = asdict(dramatiq.Message("crucible", "evaluate", (), {"eval_id": "e1", "timeout": 5.0}, {}))
+    assert ours.encode(message) == dramatiqs.encode(message)
+    odd = {"kwargs": {"code": "\ud800", "timeout": float("inf")}}
+    assert ours.decode(dramatiqs.encode(odd)) == odd

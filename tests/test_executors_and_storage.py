@@ -19,6 +19,7 @@ from dramatiq import Worker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AsyncIO
 
+import actors.runtime
 from actors.executor_client import ExecutorConnectionLost, ExecutorPool, answer_timeout
 from actors.runtime import CloseRuntime, runtime
 from app.config import get_settings
@@ -176,6 +177,7 @@ async def test_a_stopping_worker_closes_its_keep_alive_connections_to_executors(
         monkeypatch.setenv("CRUCIBLE_NAMESPACE", namespace)
         monkeypatch.setenv("EXECUTOR_SERVICE_URL", url)
         get_settings.cache_clear()
+        monkeypatch.setattr(actors.runtime, "_runtime", None)  # made from these settings
         broker = StubBroker(middleware=[AsyncIO(), CloseRuntime()])
         results: list[tuple[str, dict[str, Any]]] = []
 
@@ -193,7 +195,7 @@ async def test_a_stopping_worker_closes_its_keep_alive_connections_to_executors(
         finally:
             await asyncio.to_thread(worker.stop)
             get_settings.cache_clear()
-        for _ in range(50):
+        for _ in range(250):
             if connections[0].is_closing():
                 break
             await asyncio.sleep(0.02)

@@ -158,11 +158,12 @@ def test_a_setting_the_service_cannot_use_is_named_without_a_traceback() -> None
     ]:
         ran = subprocess.run(
             [sys.executable, "-m", "app.cli", "api"],
-            env={**os.environ, name: value},
+            # a free port: were the setting taken, this would serve rather than hold 8080
+            env={**os.environ, "CRUCIBLE_API_PORT": str(free_port()), name: value},
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=20,
         )
         assert ran.returncode == 2
         assert ran.stderr.strip() == f"crucible api: {expected}"
