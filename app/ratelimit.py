@@ -13,7 +13,6 @@ Refusals are 429 with `Retry-After`; every answer to a submission carries `RateL
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app import json_codec
 from app.errors import RequestError
 from app.keys import ApiKey
 
@@ -93,7 +93,7 @@ class RateLimiter:
     def claim(self, key: ApiKey, eval_id: str) -> str:
         """`key`'s quota for one evaluation, as the broker's `submit` takes it with the record."""
         limits = self.limits[key.tier]
-        return json.dumps([
+        return json_codec.dumps([
             f"{self.ns}:bucket:{key.id}", active_key(self.ns, key.id),
             limits["per_second"], int(limits["burst"]), int(limits["max_active"]), eval_id,
         ])  # fmt: skip
