@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -29,7 +30,8 @@ from app.config import LEVEL_ALIASES, get_settings
 from app.errors import RequestError
 from app.services import Services
 from app.store import celery_state, task_id_of
-from app.submission import Submission
+from app.submission_input import parse_submission
+from executor.languages import registry
 
 try:  # callers may catch Celery's own exceptions; they do when celery is installed
     from celery.exceptions import TaskRevokedError as _RevokedBase
@@ -68,6 +70,11 @@ def level_for(queue: str | None, priority: int | bool | None) -> str:
 
 
 # -- evaluations ---------------------------------------------------------------------------
+
+
+@functools.cache
+def _languages() -> list[str]:
+    return sorted(registry(get_settings().python_path))
 
 
 class _Handle:
@@ -189,20 +196,15 @@ class EvaluateTask:
                 "countdown/eta are not supported: evaluations start when a worker is free"
             )
         call = self._signature.bind(*(args or ()), **(kwargs or {}))
-        call.apply_defaults()
-        given = call.arguments
         level = level_for(queue, priority)
-        sub = Submission(
-            eval_id=given["eval_id"],
-            code=given["code"],
-            language=given["language"],
-            timeout=float(given["timeout"] or get_settings().default_timeout),
-            priority=level == "high",
-            stdin=given["stdin"],
-            args=list(given["args"] or []),
-            memory_mb=given["memory_mb"],
-            output_limit=given["output_limit"],
-        )
+        # checked as the API checks a request body: what it refuses is refused here, by field
+        body = {name: value for name, value in call.arguments.items() if value is not None}
+        if isinstance(body.get("args"), tuple):  # Celery's JSON made lists of tuples
+            body["args"] = list(body["args"])
+        try:
+            sub = parse_submission({**body, "priority": level == "high"}, get_settings(), _languages())
+        except RequestError as exc:
+            raise ValueError(exc.message) from None
         services = blocking_services()
         try:
             services.call(lambda s: s.submitter.submit(sub, level, "celery-shim", system="dramatiq"))

@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import re
-import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -39,30 +36,14 @@ from app.routing import delegate
 from app.services import Services
 from app.store import STATUSES, celery_state, task_id_of
 from app.submission import Submission
-from app.validation import (
-    MAX_ARG_BYTES,
-    MAX_ARGS,
-    MIN_MEMORY_MB,
-    read_json,
-    read_json_object,
-    require_bool,
-    require_number,
-    require_string,
-    require_string_list,
-)
+from app.submission_input import EVAL_ID_PATTERN, parse_submission
+from app.validation import read_json, read_json_object
 from executor.languages import registry
 
 log = structlog.get_logger(__name__)
 
-#: No ':' — it separates parts of Redis keys ("{ns}:eval:{id}:events").
-EVAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 MAX_BATCH = 100
 MAX_PAGE = 1000
-
-
-def new_eval_id() -> str:
-    """`eval_{YYYYmmdd_HHMMSS}_{8 hex}`, as the original platform made them."""
-    return f"eval_{time.strftime('%Y%m%d_%H%M%S', time.gmtime())}_{os.urandom(4).hex()}"
 
 
 def public_view(record: dict[str, Any]) -> dict[str, Any]:
@@ -124,36 +105,6 @@ class Api:
             raise Unavailable("no executor answered, try again shortly") from None
         return JSONResponse({"languages": listing.get("languages", [])})
 
-    # -- input ---------------------------------------------------------------------------
-
-    def parse_submission(self, body: dict[str, Any]) -> Submission:
-        s = self.settings
-        code = require_string(body, "code", max_bytes=s.max_code_bytes)
-        if not code.strip():
-            raise RequestError(422, "field 'code' must not be empty", field="code")
-        language = require_string(body, "language", default="python")
-        if language not in self.languages:
-            raise RequestError(422, f"unknown language {language!r}", field="language", known=self.languages)
-        eval_id = require_string(body, "eval_id", default=None)
-        if eval_id is not None and not EVAL_ID_PATTERN.match(eval_id):
-            raise RequestError(422, "field 'eval_id' must be 1-128 letters, digits or _.-", field="eval_id")
-        timeout = require_number(body, "timeout", default=s.default_timeout, low=1, high=s.max_timeout)
-        priority = require_bool(body, "priority", default=False)
-        stdin = require_string(body, "stdin", default=None, max_bytes=s.max_stdin_bytes)
-        args = require_string_list(body, "args", max_items=MAX_ARGS, max_bytes=MAX_ARG_BYTES)
-        # bounded by the same maxima the executors enforce, so an accepted request is never
-        # refused there (a retry could not help it)
-        memory_mb = require_number(
-            body, "memory_mb", default=None, low=MIN_MEMORY_MB, high=s.memory_limit_mb, integer=True
-        )
-        output_limit = require_number(
-            body, "output_limit", default=None, low=1, high=s.output_limit_bytes, integer=True
-        )
-        return Submission(
-            eval_id or new_eval_id(), code, language, float(timeout), priority, stdin, args,
-            memory_mb=memory_mb, output_limit=output_limit,
-        )  # fmt: skip
-
     # -- submission ----------------------------------------------------------------------
 
     def _submitter_key(self, request: Request, wants_priority: bool, chose_id: bool = False) -> ApiKey:
@@ -170,7 +121,7 @@ class Api:
 
     async def submit(self, request: Request) -> JSONResponse:
         body = await read_json_object(request)
-        sub = self.parse_submission(body)
+        sub = parse_submission(body, self.settings, self.languages)
         key = self._submitter_key(request, sub.priority, chose_id="eval_id" in body)
         level = "high" if sub.priority else "default"
         accepted = await self.submitter.submit(sub, level, "api", owner=key.id, quota=key)
@@ -205,7 +156,7 @@ class Api:
         for item in items:
             try:
                 self._submitter_key(request, wants_priority=False, chose_id="eval_id" in item)
-                parsed.append(self.parse_submission(item))
+                parsed.append(parse_submission(item, self.settings, self.languages))
             except RequestError as exc:
                 parsed.append(exc)
         valid = [p for p in parsed if isinstance(p, Submission)]

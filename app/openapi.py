@@ -1,6 +1,6 @@
 """The API's OpenAPI 3 description, served at `/openapi.json` and fuzzed by the test suite.
 
-Written by hand, next to the validation it describes (`app/validation.py`, `Api.parse_submission`):
+Written by hand, next to the validation it describes (`app/validation.py`, `app/submission_input.py`):
 the test suite runs schemathesis against a live API with it, so a 5xx or an answer that does
 not match what is written here fails the build.
 """

@@ -83,7 +83,25 @@ def lifecycle(prefix: str) -> dict[str, Any]:
     out["missing_info"] = get_celery_task_info(f"{prefix}-missing")
     out["ok_info"] = get_celery_task_info(f"{prefix}-ok")
     out["health"] = health_check.delay().get(timeout=10)
+    out["refused"] = {
+        name: refusal(lambda kw=kw: evaluate_code.delay(eval_id=f"{prefix}-{name}", **kw))
+        for name, kw in {
+            "empty": {"code": "  "},
+            "surrogate": {"code": "print('\udcff')"},  # what Celery's JSON would carry
+            "language": {"code": "print(1)", "language": "cobol"},
+            "timeout": {"code": "print(1)", "timeout": 10**6},
+        }.items()
+    }
     return out
+
+
+def refusal(call: Any) -> str | None:
+    """The message of the ValueError `call` raised (None if it raised nothing)."""
+    try:
+        call()
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def rebuild(prefix: str) -> dict[str, Any]:

@@ -84,6 +84,15 @@ async def test_seed_readme_calls_work_unchanged(shared_stack: Stack, api: httpx.
     assert ok_info["successful"] is True and ok_info["result"]["output"] == "Hello\n"
     assert seen["health"] == {"status": "healthy", "worker": socket.gethostname()}
 
+    # What the API refuses, the shim refuses when it is called, naming the field; nothing is kept.
+    refused = seen["refused"]
+    assert refused["empty"] == "field 'code' must not be empty"
+    assert refused["surrogate"] == "field 'code' is not valid UTF-8"
+    assert refused["language"].startswith("unknown language 'cobol'")
+    assert refused["timeout"].startswith("field 'timeout' must be between 1 and")
+    for name in refused:
+        assert (await api.get(f"/api/eval/{prefix}-{name}")).status_code == 404
+
     # Another process rebuilds the handle from the task id alone.
     again = run_client(shared_stack, "rebuild", prefix)
     assert again["surface"]["state"] == "SUCCESS" and again["result"]["output"] == "Hello\n"

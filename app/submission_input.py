@@ -1,0 +1,61 @@
+"""What a submission may ask for, checked the same way at both doors (the HTTP API and the
+Celery shim), so neither accepts what the other refuses and nothing invalid reaches a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any
+
+from app.config import Settings
+from app.errors import RequestError
+from app.submission import Submission
+from app.validation import (
+    MAX_ARG_BYTES,
+    MAX_ARGS,
+    MIN_MEMORY_MB,
+    require_bool,
+    require_number,
+    require_string,
+    require_string_list,
+)
+
+#: No ':' — it separates parts of Redis keys ("{ns}:eval:{id}:events").
+EVAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def new_eval_id() -> str:
+    """`eval_{YYYYmmdd_HHMMSS}_{8 hex}`, as the original platform made them."""
+    return f"eval_{time.strftime('%Y%m%d_%H%M%S', time.gmtime())}_{os.urandom(4).hex()}"
+
+
+def parse_submission(body: dict[str, Any], settings: Settings, languages: list[str]) -> Submission:
+    """The submission `body` asks for, or a RequestError naming the first field at fault."""
+    s = settings
+    code = require_string(body, "code", max_bytes=s.max_code_bytes)
+    if not code.strip():
+        raise RequestError(422, "field 'code' must not be empty", field="code")
+    language = require_string(body, "language", default="python")
+    if language not in languages:
+        raise RequestError(422, f"unknown language {language!r}", field="language", known=languages)
+    eval_id = require_string(body, "eval_id", default=None)
+    if eval_id is not None and not EVAL_ID_PATTERN.match(eval_id):
+        raise RequestError(422, "field 'eval_id' must be 1-128 letters, digits or _.-", field="eval_id")
+    timeout = require_number(body, "timeout", default=s.default_timeout, low=1, high=s.max_timeout)
+    priority = require_bool(body, "priority", default=False)
+    stdin = require_string(body, "stdin", default=None, max_bytes=s.max_stdin_bytes)
+    args = require_string_list(body, "args", max_items=MAX_ARGS, max_bytes=MAX_ARG_BYTES)
+    # bounded by the same maxima the executors enforce, so an accepted request is never
+    # refused there (a retry could not help it)
+    memory_mb = require_number(
+        body, "memory_mb", default=None, low=MIN_MEMORY_MB, high=s.memory_limit_mb, integer=True
+    )
+    output_limit = require_number(
+        body, "output_limit", default=None, low=1, high=s.output_limit_bytes, integer=True
+    )
+    return Submission(
+        eval_id or new_eval_id(), code, language, float(timeout), priority, stdin, args,
+        memory_mb=memory_mb, output_limit=output_limit,
+    )  # fmt: skip
