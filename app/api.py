@@ -26,6 +26,7 @@ from app.config import LEVELS, Settings, get_settings
 from app.dashboard import dashboard_routes, root_redirect
 from app.dlq import NotInDLQ, NotRetryable, public_entry
 from app.errors import RequestError, Unavailable, install_error_handlers
+from app.gc_tuning import tune_for_serving
 from app.json_codec import JSONResponse
 from app.keys import PRIORITY_TIERS, ApiKey
 from app.logs import configure_logging
@@ -394,6 +395,7 @@ def create_app(settings: Settings | None = None, extra_routes: Sequence[BaseRout
             if services.legacy
             else None
         )
+        tune_for_serving()
         try:
             yield
         finally:

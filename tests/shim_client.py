@@ -84,7 +84,7 @@ def lifecycle(prefix: str) -> dict[str, Any]:
     out["ok_info"] = get_celery_task_info(f"{prefix}-ok")
     out["health"] = health_check.delay().get(timeout=10)
     out["refused"] = {
-        name: refusal(lambda kw=kw: evaluate_code.delay(eval_id=f"{prefix}-{name}", **kw))
+        name: refusal(lambda n=name, kw=kw: evaluate_code.delay(eval_id=f"{prefix}-{n}", **kw))
         for name, kw in {
             "empty": {"code": "  "},
             "surrogate": {"code": "print('\udcff')"},  # what Celery's JSON would carry
