@@ -16,6 +16,7 @@ from app.config import Settings, get_settings
 from app.logs import configure_logging
 from app.redis_client import sync_client
 from middleware.backoff import Backoff
+from middleware.collector import CollectorForServing
 from middleware.dead_letter import DeadLetters
 from middleware.priority import PriorityRouting
 from middleware.retry_policy import apply_overrides
@@ -41,6 +42,7 @@ def build_broker(settings: Settings) -> PriorityBroker:
             # First, so its after-hooks run last (Dramatiq calls them in reverse order) and see
             # what Backoff decided about each message.
             WorkerStats(),
+            CollectorForServing(),
             AsyncIO(),
             CloseRuntime(),
             CurrentMessage(),

@@ -188,3 +188,29 @@ async def test_the_api_sets_the_collector_for_serving_once_started(redis_url: st
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_a_worker_process_sets_the_collector_for_serving_once_booted(redis_url: str, namespace: str) -> None:
+    """The production broker's middleware does for each worker process what the API does."""
+    import dramatiq.broker
+    from dramatiq import Worker
+
+    from actors.setup import build_broker
+    from app.config import Settings
+    from app.gc_tuning import YOUNG_THRESHOLD
+
+    global_broker = dramatiq.broker.global_broker  # build_broker replaces it: put it back after
+    broker = build_broker(dataclasses.replace(Settings.from_env(), redis_url=redis_url, namespace=namespace))
+    before = gc.get_threshold()
+    gc.unfreeze()
+    worker = Worker(broker, worker_threads=1, worker_timeout=100)
+    try:
+        worker.start()
+        assert gc.get_freeze_count() > 10_000
+        assert gc.get_threshold()[0] == YOUNG_THRESHOLD
+    finally:
+        worker.stop()
+        broker.close()
+        dramatiq.broker.global_broker = global_broker
+        gc.unfreeze()
+        gc.set_threshold(*before)
