@@ -81,6 +81,23 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: Names of our machines (executor URLs, worker hosts): operators see them, other callers do not.
+INTERNAL_FIELDS = frozenset({"executor", "worker"})
+
+
+def for_caller(data: dict[str, Any], key: ApiKey | None) -> dict[str, Any]:
+    """A record's view or a status change as `key` may see it. For a key that is not an
+    admin's, without internal addresses, and a failure of ours (`internal_error`) by its kind
+    only: its text names executors and hosts; the DLQ entry and the logs keep it whole."""
+    if key is not None and key.is_admin:
+        return data
+    shown = {name: value for name, value in data.items() if name not in INTERNAL_FIELDS}
+    if shown.get("internal_error") and shown.get("error"):
+        kind = str(shown["error"]).split(":", 1)[0]
+        shown["error"] = f"{kind}: the service failed to run this evaluation (not the program's fault)"
+    return shown
+
+
 class Api:
     """The endpoints, sharing one process's services (one Redis pool, one HTTP client)."""
 
@@ -196,12 +213,7 @@ class Api:
         return record
 
     async def get_evaluation(self, request: Request) -> JSONResponse:
-        view = public_view(await self.visible(request))
-        key = caller(request)
-        if key is None or not key.is_admin:  # internal addresses are for operators
-            view.pop("executor", None)
-            view.pop("worker", None)
-        return JSONResponse(view)
+        return JSONResponse(for_caller(public_view(await self.visible(request)), caller(request)))
 
     async def follow_evaluation(self, request: Request) -> StreamingResponse:
         """Server-sent events: one `status` event per change, closing after the final one."""
@@ -217,7 +229,7 @@ class Api:
                     yield (
                         ": keep-alive\n\n"
                         if event is None
-                        else f"event: status\ndata: {json.dumps(event)}\n\n"
+                        else f"event: status\ndata: {json.dumps(for_caller(event, key))}\n\n"
                     )
 
         return StreamingResponse(
@@ -347,9 +359,10 @@ class Api:
         )
 
     async def timeline(self, request: Request) -> JSONResponse:
-        """Every status change of one evaluation, oldest first (with worker, retries...)."""
+        """Every status change of one evaluation, oldest first (retries, times; workers for admins)."""
         eval_id = (await self.visible(request))["id"]
-        return JSONResponse({"eval_id": eval_id, "events": await self.store.events(eval_id)})
+        events = [for_caller(event, caller(request)) for event in await self.store.events(eval_id)]
+        return JSONResponse({"eval_id": eval_id, "events": events})
 
 
 def _query_bool(raw: str | None, name: str) -> bool:

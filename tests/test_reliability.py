@@ -10,7 +10,9 @@ from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 
 import httpx
+import redis.asyncio as aioredis
 
+from app.keys import KeyStore
 from tests.conftest import Stack, stack_env, start_stack
 from tests.helpers import TERMINAL, api_client, executor_client, submit, wait_final
 from tests.stack import LOG_DIR, free_port, process, wait_http
@@ -67,6 +69,33 @@ async def test_executor_down_retries_under_network_error_then_finishes(
     log = (LOG_DIR / "retry-network-worker.log").read_text()
     assert f"Task evaluate_code for evaluation {eval_id} failed: ExecutorUnavailable" in log
     assert "Retry 1/5 in " in log
+
+
+async def test_a_failure_of_ours_shows_its_submitter_its_kind_but_no_internal_address(
+    redis_url: str, namespace: str, aredis: aioredis.Redis
+) -> None:
+    port = free_port()  # nothing listens: every attempt fails with ExecutorUnavailable
+    url = f"http://127.0.0.1:{port}"
+    env = stack_env(redis_url, namespace, url, CRUCIBLE_RETRY_POLICIES=FAST_NETWORK_RETRIES)
+    _, secret = await KeyStore(aredis, namespace).create("internal-error", "standard")
+    with ExitStack() as stack:
+        async with stack_and_client(stack, "internal", env) as admin:
+            async with api_client(str(admin.base_url), key=secret) as user:
+                eval_id = await submit(user, "print('never runs')")
+                seen = await wait_final(user, eval_id)
+                timeline = (await user.get(f"/api/eval/{eval_id}/timeline")).json()["events"]
+                events = (await user.get(f"/api/eval/{eval_id}/events")).text
+                full = (await admin.get(f"/api/eval/{eval_id}")).json()
+    assert seen["status"] == "failed" and seen["internal_error"] is True
+    assert seen["error"] == (
+        "ExecutorUnavailable: the service failed to run this evaluation (not the program's fault)"
+    )
+    assert "executor" not in seen and "worker" not in seen
+    assert [e["status"] for e in timeline][-1] == "failed" and all("worker" not in e for e in timeline)
+    for shown in (json.dumps(seen), json.dumps(timeline), events):
+        assert f":{port}" not in shown  # no executor address anywhere the submitter looks
+    # an operator sees it all
+    assert f"127.0.0.1:{port}" in full["error"] and full["worker"] and full["executor"] is None
 
 
 async def test_dead_letters_keep_the_final_failure_and_can_be_retried(redis_url: str, namespace: str) -> None:
