@@ -199,7 +199,7 @@ class EvaluateTask:
         level = level_for(queue, priority)
         # checked as the API checks a request body: what it refuses is refused here, by field
         body = {name: value for name, value in call.arguments.items() if value is not None}
-        if isinstance(body.get("args"), tuple):  # Celery's JSON made lists of tuples
+        if isinstance(body.get("args"), tuple):  # Celery's JSON turned tuples into lists
             body["args"] = list(body["args"])
         try:
             sub = parse_submission({**body, "priority": level == "high"}, get_settings(), _languages())
