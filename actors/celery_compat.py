@@ -30,8 +30,7 @@ from app.config import LEVEL_ALIASES, get_settings
 from app.errors import RequestError
 from app.services import Services
 from app.store import celery_state, task_id_of
-from app.submission_input import parse_submission
-from executor.languages import registry
+from app.submission_input import offered_languages, parse_submission
 
 try:  # callers may catch Celery's own exceptions; they do when celery is installed
     from celery.exceptions import TaskRevokedError as _RevokedBase
@@ -74,7 +73,7 @@ def level_for(queue: str | None, priority: int | bool | None) -> str:
 
 @functools.cache
 def _languages() -> list[str]:
-    return sorted(registry(get_settings().python_path))
+    return offered_languages(get_settings())
 
 
 class _Handle:

@@ -37,9 +37,8 @@ from app.routing import delegate
 from app.services import Services
 from app.store import STATUSES, celery_state, task_id_of
 from app.submission import Submission
-from app.submission_input import EVAL_ID_PATTERN, parse_submission
+from app.submission_input import EVAL_ID_PATTERN, offered_languages, parse_submission
 from app.validation import read_json, read_json_object
-from executor.languages import registry
 
 log = structlog.get_logger(__name__)
 
@@ -109,7 +108,7 @@ class Api:
         self.dlq = services.dlq
         self.limiter = services.limiter
         self.executors = services.executors
-        self.languages = sorted(registry(self.settings.python_path))
+        self.languages = offered_languages(self.settings)
 
     async def openapi(self, request: Request) -> JSONResponse:
         return JSONResponse(openapi_schema(self.settings, self.languages))
@@ -361,7 +360,8 @@ class Api:
     async def timeline(self, request: Request) -> JSONResponse:
         """Every status change of one evaluation, oldest first (retries, times; workers for admins)."""
         eval_id = (await self.visible(request))["id"]
-        events = [for_caller(event, caller(request)) for event in await self.store.events(eval_id)]
+        key = caller(request)
+        events = [for_caller(event, key) for event in await self.store.events(eval_id)]
         return JSONResponse({"eval_id": eval_id, "events": events})
 
 

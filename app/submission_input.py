@@ -21,6 +21,7 @@ from app.validation import (
     require_string,
     require_string_list,
 )
+from executor.languages import registry
 
 #: No ':' — it separates parts of Redis keys ("{ns}:eval:{id}:events").
 EVAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -29,6 +30,11 @@ EVAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 def new_eval_id() -> str:
     """`eval_{YYYYmmdd_HHMMSS}_{8 hex}`, as the original platform made them."""
     return f"eval_{time.strftime('%Y%m%d_%H%M%S', time.gmtime())}_{os.urandom(4).hex()}"
+
+
+def offered_languages(settings: Settings) -> list[str]:
+    """The languages a submission may name: those installed for the executors' sandbox."""
+    return sorted(registry(settings.python_path))
 
 
 def parse_submission(body: dict[str, Any], settings: Settings, languages: list[str]) -> Submission:
