@@ -10,12 +10,19 @@ from redis.asyncio.connection import AbstractConnection, Connection, SSLConnecti
 from redis.backoff import ExponentialBackoff
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import HIREDIS_AVAILABLE
 
 #: A command that hits a dropped connection is retried on a fresh one this many times.
 RETRIES = 5
 _RETRY_ON = [RedisConnectionError, RedisTimeoutError]
+#: Connections one process opens to Redis at most. More commands in flight than that wait for a
+#: free connection (a burst queues) rather than fail: redis-py's plain pool raises "Too many
+#: connections" past its 100, which a burst of clients turned into 503s.
+POOL_SIZE = 100
+#: How long a command waits for a free connection before Redis counts as unavailable.
+POOL_WAIT_S = 10.0
 
 
 class _HiredisPacking:
@@ -47,21 +54,35 @@ _PACKED_BY_HIREDIS: dict[type[AbstractConnection], type[AbstractConnection]] = {
 }
 
 
+class _WaitingPool(aioredis.BlockingConnectionPool):
+    """redis-py's pool that waits for a free connection, but only when there is none: its own
+    `get_connection` arms a timer for every command, which cost `POST /api/eval` 6 %."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
+        if self.can_get_connection():
+            try:
+                return await aioredis.ConnectionPool.get_connection(self, *args, **kwargs)
+            except MaxConnectionsError:  # taken while a release held the lock: wait after all
+                pass
+        return await super().get_connection(*args, **kwargs)
+
+
 def async_client(url: str, decode: bool = True) -> aioredis.Redis:
     """For the API and actors (decoded strings unless `decode` is False)."""
     from redis.asyncio.retry import Retry
 
-    client = aioredis.Redis.from_url(
+    pool = _WaitingPool.from_url(
         url,
+        max_connections=POOL_SIZE,
+        timeout=POOL_WAIT_S,
         decode_responses=decode,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES),
         retry_on_error=_RETRY_ON,
         health_check_interval=15,
     )
-    pool = client.connection_pool  # its class comes from the URL's scheme
-    if HIREDIS_AVAILABLE:
+    if HIREDIS_AVAILABLE:  # the connection class comes from the URL's scheme
         pool.connection_class = _PACKED_BY_HIREDIS.get(pool.connection_class, pool.connection_class)
-    return client
+    return aioredis.Redis.from_pool(pool)
 
 
 def sync_client(url: str) -> redis.Redis:

@@ -53,8 +53,12 @@ async def load(
             nonlocal errors
             while time.perf_counter() < until:
                 started = time.perf_counter()
-                async with client.post(url, json={"code": HELLO}) as response:
-                    await response.read()
+                try:
+                    async with client.post(url, json={"code": HELLO}) as response:
+                        await response.read()
+                except (aiohttp.ClientError, OSError):
+                    errors += 1  # a refused or reset connection is a failed request, not the end
+                    continue
                 if response.status >= 300:
                     errors += 1
                 elif keep:
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print_table(
         f"API: {args.clients} concurrent keep-alive clients for {args.seconds:.0f} s,"
         f" {args.processes} uvicorn process(es) each",
-        ["endpoint", "requests/s", "p50 ms", "p95 ms", "p99 ms"],
+        ["endpoint", "requests/s", "p50 ms", "p95 ms", "p99 ms", "failed"],
         rows,
     )
     print(f"ours / bare: {ratio(figures['ours']['per_s'], figures['bare']['per_s'])} (target >= 0.70x)")
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 def _row(f: dict[str, float]) -> list[float]:
-    return [f["per_s"], f["p50"], f["p95"], f["p99"]]
+    return [f["per_s"], f["p50"], f["p95"], f["p99"], f["errors"]]
 
 
 if __name__ == "__main__":

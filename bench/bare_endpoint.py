@@ -16,7 +16,9 @@ from starlette.routing import Route
 
 
 def create_app() -> Starlette:
-    client = aioredis.Redis.from_url(os.environ["BENCH_REDIS_URL"])
+    # a pool that waits for a free connection, as the API's does: a burst of clients queues
+    pool = aioredis.BlockingConnectionPool.from_url(os.environ["BENCH_REDIS_URL"], max_connections=100)
+    client = aioredis.Redis.from_pool(pool)
     key = f"{os.environ['BENCH_NAMESPACE']}:bare"
 
     async def push(request: Request) -> JSONResponse:

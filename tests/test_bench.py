@@ -3,6 +3,7 @@ reported, never asserted: they depend on the machine)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.stack import ROOT
+from tests.stack import ROOT, free_port
 
 
 def bench(redis_url: str, tmp_path: Path, scenario: str, *options: str) -> tuple[str, dict[str, Any]]:
@@ -48,6 +49,14 @@ def test_api_against_a_bare_endpoint(redis_url: str, tmp_path: Path) -> None:
     assert figures["bare"]["per_s"] > 0 and figures["ours"]["per_s"] > 0
     assert figures["bare"]["errors"] == figures["ours"]["errors"] == 0
     assert "ours / bare" in stdout
+
+
+def test_api_load_counts_refused_connections_as_failed_requests() -> None:
+    from bench.api import load
+
+    url = f"http://127.0.0.1:{free_port()}/push"  # nothing listens there
+    figures = asyncio.run(load(url, {}, clients=2, seconds=0.3, label="nobody"))
+    assert figures["errors"] > 0 and figures["per_s"] == 0
 
 
 def test_priority_high_tasks_jump_the_backlog(redis_url: str, tmp_path: Path) -> None:

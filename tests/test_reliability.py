@@ -13,6 +13,7 @@ import httpx
 import redis.asyncio as aioredis
 
 from app.keys import KeyStore
+from app.redis_client import POOL_SIZE, async_client
 from tests.conftest import Stack, stack_env, start_stack
 from tests.helpers import TERMINAL, api_client, executor_client, submit, wait_final
 from tests.stack import LOG_DIR, free_port, process, wait_http
@@ -262,3 +263,18 @@ async def test_cancel_racing_the_end_of_runs_leaves_one_final_status(
             for e in await aredis.lrange(f"{shared_stack.namespace}:eval:{eval_id}:events", 0, -1)
         ]
         assert sum(e["status"] in TERMINAL for e in events) == 1, events
+
+
+async def test_more_commands_at_once_than_the_pool_holds_wait_for_a_connection(
+    redis_url: str, namespace: str
+) -> None:
+    """A burst of requests in one process must queue for Redis connections, not fail: the
+    plain pool raised "Too many connections" past 100, and the API answered 503."""
+    client = async_client(redis_url)
+    try:
+        burst = POOL_SIZE + 20  # each BLPOP holds its connection until it times out
+        empty = [f"{namespace}:empty"]
+        replies = await asyncio.gather(*(client.blpop(empty, timeout=0.2) for _ in range(burst)))
+        assert replies == [None] * burst
+    finally:
+        await client.aclose()
