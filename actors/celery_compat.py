@@ -150,7 +150,7 @@ async def _final_record(services: Services, eval_id: str, timeout: float | None)
     """Follow the evaluation's status events until a final one (no polling)."""
     try:
         async with asyncio.timeout(timeout):
-            async for _ in services.store.follow(eval_id):
+            async for _ in services.streams.follow(eval_id):
                 pass
     except builtins.TimeoutError:
         raise TimeoutError from None

@@ -103,6 +103,7 @@ class Api:
     def __init__(self, services: Services) -> None:
         self.settings = services.settings
         self.store = services.store
+        self.streams = services.streams
         self.submitter = services.submitter
         self.canceller = services.canceller
         self.dlq = services.dlq
@@ -224,7 +225,7 @@ class Api:
 
         async def stream() -> AsyncIterator[str]:
             async with place:
-                async for event in self.store.follow(eval_id):
+                async for event in self.streams.follow(eval_id):
                     yield (
                         ": keep-alive\n\n"
                         if event is None

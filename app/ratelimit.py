@@ -129,8 +129,8 @@ class RateLimiter:
 
     @contextlib.asynccontextmanager
     async def stream(self, key: ApiKey) -> AsyncIterator[None]:
-        """Hold one of `key`'s event-stream places while a stream is open (each stream holds a
-        Redis connection); 429 when all are taken."""
+        """Hold one of `key`'s event-stream places while a stream is open (each holds a
+        connection to the API); 429 when all are taken."""
         counter = f"{self.ns}:streams:{key.id}"
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.incr(counter)

@@ -12,6 +12,7 @@ from actors.executor_client import ExecutorPool
 from app.cancellation import Canceller
 from app.config import Settings
 from app.dlq import AsyncDeadLetterQueue
+from app.event_streams import EventStreams
 from app.keys import KeyStore
 from app.legacy import LegacyCelery
 from app.migration import MigrationControl
@@ -27,6 +28,7 @@ class Services:
     client: aioredis.Redis
     http: httpx.AsyncClient
     store: EvaluationStore
+    streams: EventStreams
     enqueuer: AsyncEnqueuer
     submitter: Submitter
     canceller: Canceller
@@ -60,6 +62,7 @@ class Services:
             client=client,
             http=http,
             store=store,
+            streams=EventStreams(client, store),
             enqueuer=enqueuer,
             submitter=Submitter(client, store, legacy=legacy, control=control, limiter=limiter),
             canceller=Canceller(client, store, enqueuer, executors, legacy=legacy),
@@ -72,6 +75,7 @@ class Services:
         )
 
     async def close(self) -> None:
+        await self.streams.close()
         await self.http.aclose()
         await self.executors.close()
         await self.client.aclose()

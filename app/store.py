@@ -9,7 +9,7 @@ a redelivered message) leave exactly one final status.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -326,31 +326,6 @@ class EvaluationStore:
 
     async def events(self, eval_id: str) -> list[dict[str, Any]]:
         return [json_codec.loads(e) for e in await self.client.lrange(f"{self.key(eval_id)}:events", 0, -1)]
-
-    async def follow(self, eval_id: str, keepalive: float = 15.0) -> AsyncIterator[dict[str, Any] | None]:
-        """Each status change of one evaluation, past then live, ending after a final one.
-
-        Yields None when nothing happened for `keepalive` seconds, so a stream can ping.
-        """
-        async with self.client.pubsub() as pubsub:
-            await pubsub.subscribe(f"{self.events_channel}:{eval_id}")
-            seen: set[tuple[str, int]] = set()
-            backlog = await self.events(eval_id)
-            while True:
-                for event in backlog:
-                    mark = (event["status"], event["at_ms"])
-                    if mark in seen:
-                        continue  # published after we subscribed and also in the list
-                    seen.add(mark)
-                    yield event
-                    if event["status"] in TERMINAL:
-                        return
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=keepalive)
-                if message is None:
-                    yield None
-                    backlog = []
-                else:
-                    backlog = [json_codec.loads(message["data"])]
 
     async def list(
         self,

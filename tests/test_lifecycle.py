@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, ExitStack
 
 import httpx
 import redis.asyncio as aioredis
 
-from tests.conftest import Stack
-from tests.helpers import submit, wait_final
+from app.redis_client import POOL_SIZE
+from tests.conftest import Stack, stack_env, start_api
+from tests.helpers import api_client, submit, wait_final
 
 
 async def test_hello_world_completes_with_its_output(api: httpx.AsyncClient) -> None:
@@ -152,6 +155,39 @@ async def test_status_changes_can_be_followed_as_server_sent_events(api: httpx.A
         replay = [json.loads(x[6:])["status"] async for x in response.aiter_lines() if x.startswith("data: ")]
     assert replay == statuses
     assert (await api.get("/api/eval/nope/events")).status_code == 404
+
+
+async def test_many_open_event_streams_leave_the_api_serving(
+    redis_url: str, namespace: str, executor_url: str
+) -> None:
+    """Each stream held a Redis connection of its own: a hundred followers took the API
+    process's whole pool, and every other request waited for one, then failed."""
+    with ExitStack() as processes:
+        running = start_api(processes, "streams", stack_env(redis_url, namespace, executor_url))  # no workers
+        async with api_client(running.api_url, limits=httpx.Limits(max_connections=None)) as client:
+            eval_id = await submit(client, "print('followed')")  # stays queued: nothing runs it
+            async with AsyncExitStack() as streams:
+                followers = []
+                for _ in range(POOL_SIZE + 20):
+                    response = await streams.enter_async_context(
+                        client.stream("GET", f"/api/eval/{eval_id}/events")
+                    )
+                    assert response.status_code == 200
+                    lines = response.aiter_lines()
+                    assert await _next_status(lines) == "queued"
+                    followers.append(lines)
+                other = await asyncio.wait_for(client.post("/api/eval", json={"code": "print(2)"}), 5)
+                assert other.status_code == 200, other.text
+                assert (await client.post(f"/api/eval/{eval_id}/cancel")).status_code == 200
+                ends = await asyncio.wait_for(asyncio.gather(*(_next_status(f) for f in followers)), 10)
+                assert ends == ["cancelled"] * len(followers)
+
+
+async def _next_status(lines: AsyncIterator[str]) -> str:
+    async for line in lines:
+        if line.startswith("data: "):
+            return json.loads(line[len("data: ") :])["status"]
+    raise AssertionError("the stream ended without a status")
 
 
 async def test_a_message_sent_straight_to_the_actor_is_recorded_and_run(

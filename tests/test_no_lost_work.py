@@ -125,10 +125,14 @@ async def test_redis_restart_loses_no_evaluation(tmp_path: Path, executor_url: s
             async with api_client(api_url) as api:
                 ids = [await submit(api, f"import time; time.sleep(0.2); print({n})") for n in range(20)]
                 await wait_final(api, ids[1])
+                follower = asyncio.create_task(streamed_statuses(api, ids[-1]))
+                await asyncio.sleep(0.2)
                 server.stop()
                 await asyncio.sleep(1)
                 server = start_redis()
                 results = [await wait_final(api, i, seconds=90) for i in ids]
+                # its event stream, open through the restart, still ends with the final status
+                assert (await asyncio.wait_for(follower, 30))[-1] == "completed"
         assert [r["status"] for r in results] == ["completed"] * 20
         assert [r["output"] for r in results] == [f"{n}\n" for n in range(20)]
         for eval_id in ids:
@@ -136,6 +140,11 @@ async def test_redis_restart_loses_no_evaluation(tmp_path: Path, executor_url: s
             assert sum(e["status"] in TERMINAL for e in events) == 1, events
     finally:
         server.stop()
+
+
+async def streamed_statuses(api: httpx.AsyncClient, eval_id: str) -> list[str]:
+    async with api.stream("GET", f"/api/eval/{eval_id}/events") as response:
+        return [json.loads(x[6:])["status"] async for x in response.aiter_lines() if x.startswith("data: ")]
 
 
 class ReplyCutter:

@@ -1,0 +1,116 @@
+"""Following evaluations' status changes live, for every follower of one process over one Redis
+subscription.
+
+A subscription holds its connection for as long as it lasts. With one per follower, a hundred
+open event streams took the whole Redis pool of an API process, and every other request waited
+for a connection. Here one redis-py `PubSub` carries the channels of all followers, its own
+`run()` loop hands each message to the followers of its channel, and a follower holds only a
+queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from app import json_codec
+from app.store import TERMINAL, EvaluationStore
+
+log = structlog.get_logger(__name__)
+
+#: After the subscription fails (Redis away), wait this long before reading again.
+RETRY_AFTER_S = 1.0
+
+
+class EventStreams:
+    """Each status change of an evaluation, to any number of followers in this process."""
+
+    def __init__(self, client: aioredis.Redis, store: EvaluationStore) -> None:
+        self.store = store
+        self.pubsub = client.pubsub()
+        #: channel -> the queues of the followers on it
+        self.followers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def follow(self, eval_id: str, keepalive: float = 15.0) -> AsyncIterator[dict[str, Any] | None]:
+        """Each status change of `eval_id`, past then live, ending after a final one.
+
+        Yields None when nothing happened for `keepalive` seconds, so a stream can ping; the
+        recorded timeline is read again then, so a change published while the subscription was
+        reconnecting is still seen.
+        """
+        channel = f"{self.store.events_channel}:{eval_id}"
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        await self._join(channel, queue)
+        try:
+            seen: set[tuple[str, int]] = set()
+            news = await self.store.events(eval_id)
+            while True:
+                for event in news:
+                    mark = (event["status"], event["at_ms"])
+                    if mark in seen:
+                        continue  # published after we subscribed and also in the timeline
+                    seen.add(mark)
+                    yield event
+                    if event["status"] in TERMINAL:
+                        return
+                try:
+                    news = [await asyncio.wait_for(queue.get(), keepalive)]
+                except TimeoutError:
+                    yield None
+                    news = await self.store.events(eval_id)
+        finally:
+            await self._leave(channel, queue)
+
+    async def _join(self, channel: str, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        first = channel not in self.followers
+        self.followers.setdefault(channel, set()).add(queue)
+        if first:
+            try:
+                await self.pubsub.subscribe(**{channel: self._deliver})
+            except BaseException:
+                await self._leave(channel, queue)
+                raise
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read(), name="event-streams")
+
+    async def _leave(self, channel: str, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        queues = self.followers.get(channel, set())
+        queues.discard(queue)
+        if queues or channel not in self.followers:
+            return
+        del self.followers[channel]
+        # a follower usually leaves by being cancelled (its client went away): finish anyway
+        with anyio.CancelScope(shield=True), contextlib.suppress(RedisError, OSError):
+            await self.pubsub.unsubscribe(channel)
+
+    async def _deliver(self, message: dict[str, Any]) -> None:
+        queues = self.followers.get(message["channel"], ())
+        if queues:
+            event = json_codec.loads(message["data"])
+            for queue in queues:
+                queue.put_nowait(event)
+
+    async def _read(self) -> None:
+        """redis-py's loop of the subscription, kept alive across a Redis restart (it
+        subscribes again to every channel when it reconnects)."""
+
+        async def note(exc: BaseException, _: object) -> None:
+            log.warning("event_streams.read_failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(RETRY_AFTER_S)
+
+        await self.pubsub.run(exception_handler=note, poll_timeout=1.0)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self.pubsub.aclose()
