@@ -47,16 +47,27 @@ def serve(factory: str, host: str, port: int, **options: Any) -> int:
     return 0
 
 
+#: On SIGTERM, requests still open this long after (event streams of unfinished evaluations,
+#: which never end by themselves) are closed, so a stopping API process does not wait forever.
+API_STOP_GRACE_S = 5
+
+
 def run_api(args: argparse.Namespace) -> int:
     s = get_settings()
     # several processes share one listening socket; each has its own Redis pool (app/services.py)
-    return serve("app.api:create_app", s.api_host, s.api_port, workers=s.api_processes)
+    return serve(
+        "app.api:create_app", s.api_host, s.api_port, workers=s.api_processes,
+        timeout_graceful_shutdown=API_STOP_GRACE_S,
+    )  # fmt: skip
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
     """The API app on the dashboard's port, `/` opening the dashboard (Flower's port, 5555)."""
     s = get_settings()
-    return serve("app.api:create_dashboard_app", s.dashboard_host, s.dashboard_port)
+    return serve(
+        "app.api:create_dashboard_app", s.dashboard_host, s.dashboard_port,
+        timeout_graceful_shutdown=API_STOP_GRACE_S,
+    )  # fmt: skip
 
 
 def run_executor(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, ExitStack
@@ -14,6 +15,7 @@ import redis.asyncio as aioredis
 from app.redis_client import POOL_SIZE
 from tests.conftest import Stack, stack_env, start_api
 from tests.helpers import api_client, submit, wait_final
+from tests.stack import free_port, process, wait_http
 
 
 async def test_hello_world_completes_with_its_output(api: httpx.AsyncClient) -> None:
@@ -181,6 +183,24 @@ async def test_many_open_event_streams_leave_the_api_serving(
                 assert (await client.post(f"/api/eval/{eval_id}/cancel")).status_code == 200
                 ends = await asyncio.wait_for(asyncio.gather(*(_next_status(f) for f in followers)), 10)
                 assert ends == ["cancelled"] * len(followers)
+
+
+async def test_a_stopping_api_closes_event_streams_that_would_never_end(
+    redis_url: str, namespace: str, executor_url: str
+) -> None:
+    """A stream ends only with its evaluation: one left open kept a stopped API running."""
+    port = free_port()
+    env = {**stack_env(redis_url, namespace, executor_url), "CRUCIBLE_API_PORT": str(port)}
+    with process("stopping-api", "api", env) as api_process:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health")
+        async with api_client(url) as client:
+            eval_id = await submit(client, "print('never run')")  # no workers: stays queued
+            async with client.stream("GET", f"/api/eval/{eval_id}/events") as response:
+                lines = response.aiter_lines()  # kept: the stream stays open while it waits
+                assert await _next_status(lines) == "queued"
+                api_process.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(api_process.wait, 30)  # raises if it is still running
 
 
 async def _next_status(lines: AsyncIterator[str]) -> str:
