@@ -38,6 +38,7 @@ class EventStreams:
         #: channel -> the queues of the followers on it
         self.followers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._starting = asyncio.Lock()
 
     async def follow(self, eval_id: str, keepalive: float = 15.0) -> AsyncIterator[dict[str, Any] | None]:
         """Each status change of `eval_id`, past then live, ending after a final one.
@@ -70,6 +71,7 @@ class EventStreams:
             await self._leave(channel, queue)
 
     async def _join(self, channel: str, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        await self._start()
         first = channel not in self.followers
         self.followers.setdefault(channel, set()).add(queue)
         if first:
@@ -78,8 +80,15 @@ class EventStreams:
             except BaseException:
                 await self._leave(channel, queue)
                 raise
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._read(), name="event-streams")
+
+    async def _start(self) -> None:
+        """Start the reader, subscribed first to a channel of its own that it keeps: redis-py
+        checks an idle connection's health before a command by sending PING and reading the
+        answer itself, which would race the reader, unless the connection is subscribed."""
+        async with self._starting:
+            if self._reader is None or self._reader.done():
+                await self.pubsub.subscribe(**{f"{self.store.events_channel}:readers": self._deliver})
+                self._reader = asyncio.create_task(self._read(), name="event-streams")
 
     async def _leave(self, channel: str, queue: asyncio.Queue[dict[str, Any]]) -> None:
         queues = self.followers.get(channel, set())
