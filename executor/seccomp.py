@@ -2,13 +2,15 @@
 
 Namespaces already make most of these harmless (a run can only reach its own processes and
 mounts); the filter shrinks the kernel surface a run can reach at all (io_uring, keyrings,
-BPF, perf, module loading...) and stops `ptrace` even of the run's own processes. Built once
-with libseccomp (through `pyseccomp`), handed to bwrap as BPF (`--seccomp FD`) per run.
+BPF, perf, module loading...), stops `ptrace` even of the run's own processes, and allows only
+the socket families a run can use inside its namespaces. Built once with libseccomp (through
+`pyseccomp`), handed to bwrap as BPF (`--seccomp FD`) per run.
 """
 
 from __future__ import annotations
 
 import errno
+import socket
 import tempfile
 
 import structlog
@@ -30,6 +32,15 @@ DENIED = (
 )  # fmt: skip
 #: Refused with ENOSYS, so runtimes that try them first (libuv's io_uring) fall back quietly.
 UNSUPPORTED = ("io_uring_setup", "io_uring_enter", "io_uring_register")
+#: The only socket families a run may open: local sockets, IP (in its own empty network
+#: namespace) and netlink (glibc asks it about interfaces). Every other family is refused with
+#: EAFNOSUPPORT: AF_VSOCK, for one, is not confined by network namespaces and reaches the host
+#: of a virtual machine.
+SOCKET_FAMILIES = frozenset({socket.AF_UNIX, socket.AF_INET, socket.AF_INET6, socket.AF_NETLINK})
+#: Families are numbered below this (AF_MAX is 46 on Linux 6); the kernel refuses higher ones.
+FAMILY_LIMIT = 64
+#: The kernel reads the family as a 32-bit int: compare only those bits of the register.
+INT_BITS = 0xFFFFFFFF
 
 
 def build_filter() -> bytes | None:
@@ -46,6 +57,11 @@ def build_filter() -> bytes | None:
                 rules.add_rule(seccomp.ERRNO(errno_value), name)
             except (ValueError, RuntimeError):
                 log.info("seccomp.unknown_syscall", syscall=name)  # not on this architecture
+    for name in ("socket", "socketpair"):
+        for family in range(FAMILY_LIMIT):
+            if family not in SOCKET_FAMILIES:
+                condition = seccomp.Arg(0, seccomp.MASKED_EQ, INT_BITS, family)
+                rules.add_rule(seccomp.ERRNO(errno.EAFNOSUPPORT), name, condition)
     with tempfile.TemporaryFile() as exported:  # libseccomp writes to a file descriptor
         rules.export_bpf(exported)
         exported.seek(0)

@@ -260,6 +260,55 @@ print(sorted(k for k, v in results.items() if v >= 0))
     await assert_host_unharmed(executor)
 
 
+async def test_only_socket_families_confined_by_the_namespaces_open(executor: httpx.AsyncClient) -> None:
+    """AF_VSOCK ignores network namespaces: in a virtual machine it reaches the machine's host."""
+    code = """
+import ctypes, socket
+libc = ctypes.CDLL(None, use_errno=True)
+def opens(family, kind):
+    fd = libc.syscall(41, ctypes.c_uint64(family), kind, 0)  # socket(2), the register as given
+    return "opens" if fd >= 0 else ctypes.get_errno()
+print({
+    "vsock": opens(40, socket.SOCK_STREAM),
+    "vsock, high bits set": opens((1 << 32) | 40, socket.SOCK_STREAM),
+    "alg": opens(38, socket.SOCK_SEQPACKET),
+    "packet": opens(17, socket.SOCK_DGRAM),
+    "unix": opens(1, socket.SOCK_STREAM),
+    "inet": opens(2, socket.SOCK_STREAM),
+    "inet6": opens(10, socket.SOCK_DGRAM),
+    "netlink": opens(16, socket.SOCK_RAW),
+})
+"""
+    result = await run(executor, code)
+    assert result["status"] == "completed", result
+    refused = 97  # EAFNOSUPPORT
+    assert result["output"] == str({
+        "vsock": refused, "vsock, high bits set": refused, "alg": refused, "packet": refused,
+        "unix": "opens", "inet": "opens", "inet6": "opens", "netlink": "opens",
+    }) + "\n"  # fmt: skip
+    await assert_host_unharmed(executor)
+
+
+async def test_disk_reads_are_capped_per_run(executor: httpx.AsyncClient) -> None:
+    """Reading the host's disk past its cache (O_DIRECT) for 2 s: uncapped, one run read
+    ~860 MB/s here and the host's own reads became ~60 times slower."""
+    assert (await executor.get("/health")).json()["disk_reads_capped"]
+    code = """
+import mmap, os, time
+files = [e for d in ("/usr/lib/x86_64-linux-gnu", "/usr/bin") for e in os.scandir(d) if e.is_file()]
+biggest = max(files, key=lambda e: e.stat().st_size).path
+fd = os.open(biggest, os.O_RDONLY | os.O_DIRECT)
+buffer, size, total, started = mmap.mmap(-1, 1 << 20), os.fstat(fd).st_size, 0, time.monotonic()
+while time.monotonic() - started < 2:
+    total += os.preadv(fd, [buffer], total % (size - (1 << 20)) // 4096 * 4096)
+print(round(total / (time.monotonic() - started) / 2**20))
+"""
+    result = await run(executor, code, timeout=10)
+    assert result["status"] == "completed", result
+    assert int(result["output"]) < 2 * 32  # MB/s: the default SANDBOX_READ_MB_PER_S is 32
+    await assert_host_unharmed(executor)
+
+
 async def test_planted_links_are_never_followed(executor: httpx.AsyncClient) -> None:
     code = """
 import os
