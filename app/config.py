@@ -150,6 +150,8 @@ class Settings:
     sandbox_max_open_files: int
     sandbox_file_size_mb: int
     sandbox_uid_base: int
+    sandbox_read_mb_per_s: int
+    sandbox_read_ops_per_s: int
     python_path: str
     sandbox_cgroups: str
     sandbox_warm_pool: bool
@@ -206,6 +208,8 @@ class Settings:
             sandbox_max_open_files=_int("SANDBOX_MAX_OPEN_FILES", 64),
             sandbox_file_size_mb=_int("SANDBOX_FILE_SIZE_MB", 16),
             sandbox_uid_base=_int("SANDBOX_UID_BASE", 60000),
+            sandbox_read_mb_per_s=_int("SANDBOX_READ_MB_PER_S", 32),
+            sandbox_read_ops_per_s=_int("SANDBOX_READ_OPS_PER_S", 1000),
             python_path=_str("SANDBOX_PYTHON", "/usr/bin/python3"),
             sandbox_warm_pool=_bool("SANDBOX_WARM_POOL", True),
             sandbox_cgroups=_choice("SANDBOX_CGROUPS", "auto", ("auto", "off", "required")),

@@ -34,7 +34,7 @@ from app.validation import (
     require_string,
     require_string_list,
 )
-from executor.cgroups import CgroupsV1
+from executor.cgroups import CgroupsV1, DiskLimits
 from executor.languages import Language, registry
 from executor.sandbox import Limits, Sandbox, SandboxBusy, SandboxError
 from executor.seccomp import build_filter
@@ -60,11 +60,13 @@ def stage_bwrap(target: Path) -> Path:
     return target / package.name / "_bin" / "bwrap"
 
 
-def open_cgroups(mode: str) -> CgroupsV1 | None:
+def open_cgroups(settings: Settings) -> CgroupsV1 | None:
     """Per-run cgroups when allowed and available; `required` refuses to run without them."""
+    mode = settings.sandbox_cgroups
     if mode == "off":
         return None
-    cgroups = CgroupsV1.open()
+    disk = DiskLimits(settings.sandbox_read_mb_per_s * 1024 * 1024, settings.sandbox_read_ops_per_s)
+    cgroups = CgroupsV1.open(disk)
     if cgroups is None:
         if mode == "required":
             raise RuntimeError("SANDBOX_CGROUPS=required but the cgroup v1 hierarchies cannot be managed")
@@ -164,6 +166,7 @@ class Executor:
                 "sandbox": self.bwrap_version,
                 "limits_enforced_by": self.sandbox.enforced_by,
                 "seccomp": self.sandbox.seccomp is not None,
+                "disk_reads_capped": bool(self.sandbox.cgroups and self.sandbox.cgroups.disk_rules),
                 "capacity": self.sandbox.capacity,
                 "running": len(self.sandbox.running),
                 "warm": self.sandbox.warm,
@@ -184,7 +187,7 @@ async def open_sandbox(settings: Settings) -> AsyncIterator[Sandbox]:
     """The executor's sandbox: bwrap staged, cgroups opened, seccomp filter built; all undone
     on exit. The service and the raw-rate benchmark run exactly this one."""
     with tempfile.TemporaryDirectory(prefix="crucible-executor-") as runtime:
-        cgroups = open_cgroups(settings.sandbox_cgroups)
+        cgroups = open_cgroups(settings)
         sandbox = Sandbox(
             stage_bwrap(Path(runtime)),
             uid_base=settings.sandbox_uid_base,

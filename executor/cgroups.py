@@ -17,9 +17,22 @@ from pathlib import Path
 
 V1_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("memory", "pids", "cpuacct", "cpu")
+#: Used where the machine has it: caps each run's reads from the host's disks.
+DISK_CONTROLLER = "blkio"
+SYS_BLOCK = Path("/sys/block")
 #: Socket buffer memory a run may hold, within its memory limit.
 TCP_BUFFER_BYTES = 64 * 1024 * 1024
 CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class DiskLimits:
+    """Reads per second one run may make from each of the host's disks (0: no cap). Without
+    them, one run reading with O_DIRECT (or thrashing in a tiny memory limit) kept the disk
+    busy enough to make the host's own reads ~60 times slower."""
+
+    read_bytes_per_s: int
+    read_ops_per_s: int
 
 
 @dataclass(frozen=True)
@@ -73,15 +86,20 @@ class RunGroup:
 class CgroupsV1:
     """Run groups under `<hierarchy>/crucible-<executor pid>/`."""
 
-    def __init__(self, root: Path = V1_ROOT) -> None:
-        self.base = {c: root / c / f"crucible-{os.getpid()}" for c in CONTROLLERS}
+    def __init__(self, disk_limits: DiskLimits, root: Path = V1_ROOT) -> None:
+        controllers = [*CONTROLLERS]
+        self.disk_rules: list[tuple[str, str]] = []
+        if (root / DISK_CONTROLLER / "cgroup.procs").exists():
+            controllers.append(DISK_CONTROLLER)
+            self.disk_rules = _disk_rules(disk_limits)
+        self.base = {c: root / c / f"crucible-{os.getpid()}" for c in controllers}
 
     @classmethod
-    def open(cls) -> CgroupsV1 | None:
+    def open(cls, disk_limits: DiskLimits) -> CgroupsV1 | None:
         """The v1 hierarchies if this process may manage them, else None (use rlimits)."""
         if os.geteuid() != 0 or not all((V1_ROOT / c / "cgroup.procs").exists() for c in CONTROLLERS):
             return None
-        groups = cls()
+        groups = cls(disk_limits)
         try:
             for path in groups.base.values():
                 _remove_stale_siblings(path)
@@ -91,7 +109,8 @@ class CgroupsV1:
         return groups
 
     def create(self, name: str, uid: int, memory_bytes: int, max_pids: int) -> RunGroup:
-        """A fresh group for one run: memory (with socket buffers) and processes capped, one CPU.
+        """A fresh group for one run: memory (with socket buffers) and processes capped, one CPU,
+        disk reads capped where the machine has the blkio hierarchy.
 
         Raises OSError if the kernel refuses; the caller treats that as the sandbox's failure.
         """
@@ -110,6 +129,8 @@ class CgroupsV1:
             # at most one core each, however many sessions or processes the run makes
             (paths["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
             (paths["cpu"] / "cpu.cfs_quota_us").write_text(str(CPU_PERIOD_US))
+            for setting, rule in self.disk_rules:
+                (paths[DISK_CONTROLLER] / setting).write_text(rule)
             for path in paths.values():  # the run's own uid moves itself in
                 os.chown(path / "cgroup.procs", uid, -1)
         except OSError:
@@ -120,6 +141,21 @@ class CgroupsV1:
     def close(self) -> None:
         for path in self.base.values():
             _remove_stale_siblings(path, only_dead=False)
+
+
+def _disk_rules(limits: DiskLimits) -> list[tuple[str, str]]:
+    """(file, "major:minor limit") for every disk of the host. Whole disks only: the kernel
+    refuses limits on partitions, and a disk's limit covers its partitions."""
+    settings = [("blkio.throttle.read_bps_device", limits.read_bytes_per_s),
+                ("blkio.throttle.read_iops_device", limits.read_ops_per_s)]  # fmt: skip
+    rules = []
+    for disk in sorted(SYS_BLOCK.glob("*")):
+        if disk.name.startswith(("loop", "ram")):
+            continue  # nothing a run can reach lives on these
+        with contextlib.suppress(OSError):
+            device = (disk / "dev").read_text().strip()
+            rules += [(setting, f"{device} {value}") for setting, value in settings if value > 0]
+    return rules
 
 
 def _procs(path: Path) -> str:

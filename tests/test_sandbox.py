@@ -186,7 +186,7 @@ async def test_a_set_up_failure_after_the_clone_is_an_internal_error_not_the_sub
     results = {}
     for kind in (Sandbox, _BrokenMounts):
         with tempfile.TemporaryDirectory(prefix="crucible-test-bwrap-") as runtime:
-            cgroups = open_cgroups(settings.sandbox_cgroups)
+            cgroups = open_cgroups(settings)
             sandbox = kind(stage_bwrap(Path(runtime)), uid_base=settings.sandbox_uid_base, slots=1,
                            cgroups=cgroups, seccomp=build_filter())  # fmt: skip
             try:
