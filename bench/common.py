@@ -87,7 +87,8 @@ def stack(
         urls = []
         for n in range(executors):
             port = free_port()
-            env_n = {**base, "EXECUTOR_PORT": str(port)}
+            # each executor on one host needs its own sandbox uids (README: SANDBOX_UID_BASE)
+            env_n = {**base, "EXECUTOR_PORT": str(port), "SANDBOX_UID_BASE": str(60000 + 100 * n)}
             running.enter_context(process(f"bench-executor-{n}", "executor", env_n))
             urls.append(f"http://127.0.0.1:{port}")
         for executor in urls:
