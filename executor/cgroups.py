@@ -106,6 +106,8 @@ class CgroupsV1:
                 path.mkdir(exist_ok=True)
         except OSError:
             return None
+        if groups.disk_rules:
+            groups.disk_rules = _accepted(groups.base[DISK_CONTROLLER], groups.disk_rules)
         return groups
 
     def create(self, name: str, uid: int, memory_bytes: int, max_pids: int) -> RunGroup:
@@ -156,6 +158,22 @@ def _disk_rules(limits: DiskLimits) -> list[tuple[str, str]]:
             device = (disk / "dev").read_text().strip()
             rules += [(setting, f"{device} {value}") for setting, value in settings if value > 0]
     return rules
+
+
+def _accepted(base: Path, rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The rules the kernel takes, tried once on a probe group: a disk it refuses (a device
+    that cannot be throttled) must not make every run's set-up fail."""
+    probe = base / "probe"
+    probe.mkdir(exist_ok=True)
+    try:
+        accepted = []
+        for setting, rule in rules:
+            with contextlib.suppress(OSError):
+                (probe / setting).write_text(rule)
+                accepted.append((setting, rule))
+        return accepted
+    finally:
+        probe.rmdir()
 
 
 def _procs(path: Path) -> str:
