@@ -1,6 +1,6 @@
 """The Celery worker service's `retry_config` module: the very objects our Backoff middleware uses."""
 
-from actors.celery_compat import DeadLetterQueue
+from app.celery_compat import DeadLetterQueue
 from middleware.retry_policy import (
     RETRY_POLICIES,
     RetryStrategy,

@@ -1,6 +1,6 @@
 """Dramatiq actors, their broker and the worker's runtime.
 
-`actors.evaluate` declares the evaluation actors (building the broker on import) and
-`actors.maintenance` the scheduled ones; `crucible worker` runs both with Dramatiq's CLI and
-`crucible scheduler` sends the scheduled ones with periodiq.
+`actors.evaluate` and `actors.maintenance` hold the actors' functions; `actors.worker` builds
+the broker and declares them (`crucible worker` runs Dramatiq's CLI on `actors.worker:main`,
+`crucible scheduler` periodiq on the same).
 """

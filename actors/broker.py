@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-import dramatiq
 import redis
 import redis.asyncio as aioredis
 import structlog
@@ -34,12 +33,11 @@ from dramatiq.errors import ConnectionClosed, QueueJoinTimeout
 from dramatiq.message import Message
 from redis.commands.core import Script
 
-from app import json_codec
-from app.config import LEVELS
-from app.ratelimit import QUOTA_FUNCTION_LUA
-from app.redis_client import sync_client
-from app.store import HISTOGRAM_BOUNDS_MS, STATUS_FUNCTIONS_LUA, TRANSITION_LUA, StatusChange, utc_now
-from middleware.priority import LEVEL_OPTION
+from evaluations import json_codec
+from evaluations.queue import LEVEL_OPTION, LEVELS, QUEUE_NAME, TICK_OPTION, decode_message, encode_message
+from evaluations.quotas import QUOTA_FUNCTION_LUA
+from evaluations.redis_client import sync_client
+from evaluations.store import HISTOGRAM_BOUNDS_MS, STATUS_FUNCTIONS_LUA, TRANSITION_LUA, StatusChange, utc_now
 from middleware.running import RECORDS_STATUS
 from middleware.state import (
     DEAD_LETTER,
@@ -55,16 +53,8 @@ from middleware.state import (
 
 log = structlog.get_logger(__name__)
 
-# Every process that speaks to our queues (API, workers, scheduler) imports this module.
-dramatiq.set_encoder(json_codec.MessageEncoder())
-
-#: periodiq's option naming the tick a scheduled message belongs to.
-TICK_OPTION = "scheduled_at"
 #: How long a sent tick is remembered (longer than any two schedulers' clocks disagree).
 TICK_MEMORY_MS = 24 * 3600 * 1000
-
-#: The one Dramatiq queue name every actor uses; levels are a message option.
-QUEUE_NAME = "crucible"
 
 #: `submit` counts the submitting key's quota with quota.lua's `admit()`; `fetch` and hand-backs
 #: change statuses with status.lua's `transition()`.
@@ -91,8 +81,8 @@ def prepare(
     if isinstance(message, MessageProxy):  # a fetched message being retried
         message = message.copy()
     message = dataclasses.replace(message, queue_name=QUEUE_NAME, options=options)  # options: a new dict
-    args = [message.options[REDIS_ID_OPTION], level, message.message_id, delay_ms or 0, message.encode(),
-            marks or ""]  # fmt: skip
+    args = [message.options[REDIS_ID_OPTION], level, message.message_id, delay_ms or 0,
+            encode_message(message), marks or ""]  # fmt: skip
     return message, args
 
 
@@ -107,7 +97,7 @@ def fetched(reply: list[bytes], stamp: dict[str, str]) -> list[Message]:
     was marked running, the fields recorded with it (`stamp`), for MarkRunning."""
     messages = []
     for data, mark in zip(reply[::2], reply[1::2], strict=True):
-        message = Message.decode(data)
+        message = decode_message(data)
         sign, rest = mark[:1], mark[1:].decode()
         if sign == b"+":  # marked running by this delivery, whose attempt token follows
             message.options[FETCH_MARK] = {"applied": True, "attempt": rest, **stamp}

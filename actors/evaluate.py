@@ -1,6 +1,7 @@
-"""The `evaluate_code` and `health_check` actors (async, on Dramatiq's AsyncIO middleware).
+"""The `evaluate_code` and `health_check` actors' functions (async, on Dramatiq's AsyncIO middleware).
 
-Importing this module builds the process's broker; `actors.maintenance` holds the scheduled actors.
+Plain functions: `actors.worker.build_worker` declares them on the broker it builds, so
+importing this module builds nothing. `actors.maintenance` holds the scheduled ones.
 """
 
 from __future__ import annotations
@@ -9,34 +10,18 @@ import socket
 from dataclasses import asdict
 from typing import Any
 
-import dramatiq
 import structlog
-from dramatiq.message import Message
 from dramatiq.middleware import CurrentMessage
 
-from actors.broker import QUEUE_NAME
 from actors.runtime import runtime
-from actors.setup import process_broker
-from app.config import get_settings
-from app.store import NewEvaluation, StatusChange, task_id_of, utc_now
-from middleware.running import RECORDS_STATUS
+from evaluations.settings import get_settings
+from evaluations.status import FINISH, START, Status
+from evaluations.store import NewEvaluation, StatusChange, utc_now
 from middleware.state import STATUS_CHANGE, UNRECORDED, attempt_of, worker_name
 
 log = structlog.get_logger(__name__)
 
-#: Actors bind to the broker when declared, so it must exist first.
-broker = process_broker()
 
-#: A stuck actor is interrupted this long after its run's own time-out; more than the
-#: executor client waits beyond it (compile step and answer margin), so it never cuts a run short.
-TIME_LIMIT_MARGIN_MS = 60_000
-
-
-@dramatiq.actor(
-    queue_name=QUEUE_NAME,
-    time_limit=int(get_settings().max_timeout * 1000) + TIME_LIMIT_MARGIN_MS,
-    **{RECORDS_STATUS: True},
-)
 async def evaluate_code(
     eval_id: str,
     code: str,
@@ -62,7 +47,7 @@ async def evaluate_code(
     if message is not None and message.options.get(UNRECORDED):
         await _record_direct_submission(eval_id, code, language, timeout)
         running = {"started_at": utc_now(), "worker": worker_name(), "next_retry_at": "", "attempt": attempt}
-        started, current = await rt.store.transition(eval_id, "running", ("queued",), **running)
+        started, current = await rt.store.transition(eval_id, Status.RUNNING, START.allowed_from, **running)
         if not started:
             log.info("evaluation.skipped", status=current)
             return
@@ -78,7 +63,7 @@ async def evaluate_code(
     # dead) owns the record if the attempt token changed, and Dramatiq repeats the ack until
     # Redis answers, so a finished run is never lost to a Redis outage.
     fields.update(completed_at=utc_now(), executor=executor)
-    settle_with(StatusChange(eval_id, result["status"], ("running",), fields, expect={"attempt": attempt}))
+    settle_with(StatusChange.by(FINISH, eval_id, result["status"], fields, expect={"attempt": attempt}))
     log.info("evaluation.finished", status=result["status"], ms=result["runtime_ms"])
 
 
@@ -119,32 +104,6 @@ async def _record_direct_submission(eval_id: str, code: str, language: str, time
         await pipe.execute()
 
 
-def evaluation_message(
-    eval_id: str,
-    code: str,
-    language: str,
-    timeout: float,
-    stdin: str | None = None,
-    args: list[str] | None = None,
-    memory_mb: int | None = None,
-    output_limit: int | None = None,
-) -> Message:
-    """The message for one evaluation; its id is the Celery-style task id. Optional arguments
-    go in only when given, so such a message stays readable by workers that predate them."""
-    kwargs: dict[str, object] = {"eval_id": eval_id, "code": code, "language": language, "timeout": timeout}
-    optional = {"stdin": stdin, "args": args or None, "memory_mb": memory_mb, "output_limit": output_limit}
-    kwargs.update({name: value for name, value in optional.items() if value is not None})
-    return Message(
-        queue_name=evaluate_code.queue_name,
-        actor_name=evaluate_code.actor_name,
-        args=(),
-        kwargs=kwargs,
-        options={"time_limit": int(timeout * 1000) + TIME_LIMIT_MARGIN_MS},
-        message_id=task_id_of(eval_id),
-    )
-
-
-@dramatiq.actor(queue_name=QUEUE_NAME, queue_level="high", store_results=True)
 async def health_check() -> dict[str, Any]:
     """Proves a worker is consuming: answers from whichever worker takes it."""
     return {"status": "healthy", "worker": socket.gethostname()}

@@ -15,9 +15,9 @@ from typing import Any
 import aiohttp
 import structlog
 
-from app import json_codec
-from app.auth import executor_headers
-from executor.sandbox import COMPILE_TIMEOUT_SECONDS
+from evaluations import json_codec
+from evaluations.credentials import executor_headers
+from evaluations.languages import COMPILE_TIMEOUT_SECONDS
 
 log = structlog.get_logger(__name__)
 

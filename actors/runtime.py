@@ -18,9 +18,9 @@ from dramatiq import Broker, Middleware, Worker
 from dramatiq.asyncio import get_event_loop_thread
 
 from actors.executor_client import ExecutorPool
-from app.config import get_settings
-from app.redis_client import async_client
-from app.store import EvaluationStore, StatusForwarder
+from evaluations.redis_client import async_client
+from evaluations.settings import get_settings
+from evaluations.store import EvaluationStore, StatusForwarder
 
 log = structlog.get_logger(__name__)
 

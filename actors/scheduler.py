@@ -10,7 +10,7 @@ import time
 
 import redis
 
-from app.config import Settings
+from evaluations.settings import Settings
 from middleware.state import worker_name
 
 #: A scheduler is shown as gone when silent this long.
@@ -49,5 +49,5 @@ def run(settings: Settings) -> int:
     import periodiq
 
     start_heartbeat(settings)
-    args = periodiq.make_argument_parser().parse_args(["actors.evaluate", "actors.maintenance"])
+    args = periodiq.make_argument_parser().parse_args(["actors.worker:main"])
     return periodiq.main(args)

@@ -20,25 +20,41 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from actors.dlq import NotInDLQ, NotRetryable, public_entry
 from actors.executor_client import ExecutorUnavailable
-from app.auth import ApiKeyBackend, auth_failed, caller
-from app.config import LEVELS, Settings, get_settings
+from app.auth import ApiKeyBackend, caller
 from app.dashboard import dashboard_routes, root_redirect
-from app.dlq import NotInDLQ, NotRetryable, public_entry
-from app.errors import RequestError, Unavailable, install_error_handlers
-from app.gc_tuning import tune_for_serving
-from app.json_codec import JSONResponse
-from app.keys import PRIORITY_TIERS, ApiKey
-from app.logs import configure_logging
-from app.migration import MigrationTracker
+from app.migration_tracker import MigrationTracker
 from app.openapi import FALSE_WORDS, TRUE_WORDS, openapi_schema
 from app.ops_api import OpsApi
-from app.routing import delegate
 from app.services import Services
-from app.store import STATUSES, celery_state, task_id_of
 from app.submission import Submission
 from app.submission_input import EVAL_ID_PATTERN, offered_languages, parse_submission
-from app.validation import read_json, read_json_object
+from evaluations.api_keys import PRIORITY_TIERS, ApiKey
+from evaluations.credentials import auth_failed
+from evaluations.errors import (
+    Conflict,
+    CrucibleError,
+    Forbidden,
+    InvalidInput,
+    MalformedInput,
+    NotFound,
+    TooLarge,
+    Unavailable,
+)
+from evaluations.gc_tuning import tune_for_serving
+from evaluations.logs import configure_logging
+from evaluations.queue import LEVELS, task_id_of
+from evaluations.settings import Settings, get_settings
+from evaluations.status import STATUSES, celery_state
+from evaluations.web import (
+    Handler,
+    JSONResponse,
+    install_error_handlers,
+    read_json,
+    read_json_object,
+    requires,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -129,12 +145,12 @@ class Api:
         key = caller(request)
         assert key is not None  # routes for submissions need the `user` scope
         if wants_priority and key.tier not in PRIORITY_TIERS:
-            raise RequestError(
-                403, "priority (the high queue) needs a premium or admin key", field="priority", tier=key.tier
+            raise Forbidden(
+                "priority (the high queue) needs a premium or admin key", field="priority", tier=key.tier
             )
         if chose_id and not key.is_admin:
             # ids are global: a "taken" answer would tell one key about another's evaluations
-            raise RequestError(403, "choosing the eval_id needs an admin key", field="eval_id", tier=key.tier)
+            raise Forbidden("choosing the eval_id needs an admin key", field="eval_id", tier=key.tier)
         return key
 
     async def submit(self, request: Request) -> JSONResponse:
@@ -161,28 +177,26 @@ class Api:
         body = await read_json_object(request)
         items = body.get("evaluations")
         if not isinstance(items, list) or not items:
-            raise RequestError(422, "field 'evaluations' must be a non-empty list", field="evaluations")
+            raise InvalidInput("field 'evaluations' must be a non-empty list", field="evaluations")
         if len(items) > MAX_BATCH:
-            raise RequestError(413, f"at most {MAX_BATCH} evaluations per batch", field="evaluations")
+            raise TooLarge(f"at most {MAX_BATCH} evaluations per batch", field="evaluations")
         not_objects = [i for i, item in enumerate(items) if not isinstance(item, dict)]
         if not_objects:
-            raise RequestError(
-                422, "each evaluation must be a JSON object", field="evaluations", at=not_objects
-            )
+            raise InvalidInput("each evaluation must be a JSON object", field="evaluations", at=not_objects)
         key = self._submitter_key(request, wants_priority=False)  # batches go to the low queue
-        parsed: list[Submission | RequestError] = []
+        parsed: list[Submission | CrucibleError] = []
         for item in items:
             try:
                 self._submitter_key(request, wants_priority=False, chose_id="eval_id" in item)
                 parsed.append(parse_submission(item, self.settings, self.languages))
-            except RequestError as exc:
+            except CrucibleError as exc:
                 parsed.append(exc)
         valid = [p for p in parsed if isinstance(p, Submission)]
         allowance = await self.limiter.take(key, [s.eval_id for s in valid]) if valid else None
         results: list[dict[str, Any]] = []
         for index, outcome in enumerate(parsed):
             try:
-                if isinstance(outcome, RequestError):
+                if isinstance(outcome, CrucibleError):
                     raise outcome
                 accepted = await self.submitter.submit(
                     outcome, "low", "batch", owner=key.id, quota=key, counted=True
@@ -190,7 +204,7 @@ class Api:
                 results.append(
                     {"eval_id": outcome.eval_id, "status": "queued", "queue_system": accepted.queue_system}
                 )
-            except RequestError as exc:
+            except CrucibleError as exc:
                 results.append({"index": index, "status": "failed", "error": exc.message, **exc.details})
         queued = sum(r["status"] == "queued" for r in results)
         return JSONResponse(
@@ -209,7 +223,7 @@ class Api:
         record = await self.store.get(eval_id) if EVAL_ID_PATTERN.match(eval_id) else None
         key = caller(request)
         if record is None or key is None or not (key.is_admin or record.get("owner") == key.id):
-            raise RequestError(404, "evaluation not found", eval_id=eval_id)
+            raise NotFound("evaluation not found", eval_id=eval_id)
         return record
 
     async def get_evaluation(self, request: Request) -> JSONResponse:
@@ -241,9 +255,9 @@ class Api:
         terminate = _query_bool(request.query_params.get("terminate"), "terminate")
         outcome = await self.canceller.cancel(eval_id, terminate)
         if outcome is None:
-            raise RequestError(404, "evaluation not found", eval_id=eval_id)
+            raise NotFound("evaluation not found", eval_id=eval_id)
         if not outcome.cancelled:
-            raise RequestError(400, outcome.message, **outcome.to_dict())
+            raise MalformedInput(outcome.message, **outcome.to_dict())
         return JSONResponse({"eval_id": eval_id, "status": "cancelled", **outcome.to_dict()})
 
     # -- dead-letter queue -------------------------------------------------------------------
@@ -266,16 +280,16 @@ class Api:
         task_id = request.path_params["task_id"]
         entry = await self.dlq.get_task(task_id)
         if entry is None:
-            raise RequestError(404, "Task not found in DLQ", task_id=task_id)
+            raise NotFound("Task not found in DLQ", task_id=task_id)
         return JSONResponse(public_entry(entry))
 
     async def _retry_one(self, task_id: str) -> None:
         try:
             await self.dlq.retry_task(task_id)
         except NotInDLQ:
-            raise RequestError(404, "Task not found in DLQ", task_id=task_id) from None
+            raise NotFound("Task not found in DLQ", task_id=task_id) from None
         except NotRetryable as exc:
-            raise RequestError(409, str(exc), task_id=task_id) from None
+            raise Conflict(str(exc), task_id=task_id) from None
 
     async def dlq_retry(self, request: Request) -> JSONResponse:
         task_id = request.path_params["task_id"]
@@ -285,22 +299,22 @@ class Api:
     async def dlq_delete(self, request: Request) -> JSONResponse:
         task_id = request.path_params["task_id"]
         if not await self.dlq.remove_task(task_id):
-            raise RequestError(404, "Task not found in DLQ", task_id=task_id)
+            raise NotFound("Task not found in DLQ", task_id=task_id)
         return JSONResponse({"status": "success", "message": f"Task {task_id} removed", "task_id": task_id})
 
     async def dlq_retry_batch(self, request: Request) -> JSONResponse:
         ids = await read_json(request)
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise RequestError(400, "body must be a JSON list of task ids")
+            raise MalformedInput("body must be a JSON list of task ids")
         if len(ids) > MAX_BATCH:
-            raise RequestError(400, f"at most {MAX_BATCH} task ids per batch", count=len(ids))
+            raise MalformedInput(f"at most {MAX_BATCH} task ids per batch", count=len(ids))
         succeeded: list[str] = []
         failed: list[dict[str, str]] = []
         for task_id in ids:
             try:
                 await self._retry_one(task_id)
                 succeeded.append(task_id)
-            except RequestError as exc:
+            except CrucibleError as exc:
                 failed.append({"task_id": task_id, "error": exc.message})
         return JSONResponse(
             {
@@ -317,12 +331,12 @@ class Api:
         offset = _query_int(params.get("offset"), "offset", default=0, low=0, high=10**9)
         status = params.get("status")
         if status is not None and status not in STATUSES:
-            raise RequestError(422, f"unknown status {status!r}", field="status", known=list(STATUSES))
+            raise InvalidInput(f"unknown status {status!r}", field="status", known=list(STATUSES))
         key = caller(request)
         assert key is not None
         queue = params.get("queue")
         if queue is not None and queue not in LEVELS:
-            raise RequestError(422, f"unknown queue {queue!r}", field="queue", known=list(LEVELS))
+            raise InvalidInput(f"unknown queue {queue!r}", field="queue", known=list(LEVELS))
         records, total = await self.store.list(
             limit=limit,
             offset=offset,
@@ -374,7 +388,7 @@ def _query_bool(raw: str | None, name: str) -> bool:
         return True
     if raw in FALSE_WORDS:
         return False
-    raise RequestError(422, f"query parameter '{name}' must be true or false", field=name)
+    raise InvalidInput(f"query parameter '{name}' must be true or false", field=name)
 
 
 def _query_int(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:
@@ -382,10 +396,10 @@ def _query_int(raw: str | None, name: str, *, default: int, low: int, high: int)
     if raw is None:
         return default
     if not raw.isascii() or not raw.isdigit():
-        raise RequestError(422, f"query parameter '{name}' must be a whole number", field=name)
+        raise InvalidInput(f"query parameter '{name}' must be a whole number", field=name)
     value = int(raw)
     if not low <= value <= high:
-        raise RequestError(422, f"query parameter '{name}' must be between {low} and {high}", field=name)
+        raise InvalidInput(f"query parameter '{name}' must be between {low} and {high}", field=name)
     return value
 
 
@@ -402,8 +416,8 @@ def create_app(settings: Settings | None = None, extra_routes: Sequence[BaseRout
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         services = Services.build(settings)
         app.state.keys = services.keys
-        app.state.api = Api(services)
-        app.state.ops = OpsApi(services)
+        api.set(Api(services))
+        ops.set(OpsApi(services))
         tracker = (
             asyncio.create_task(MigrationTracker(services.store, services.legacy, services.submitter).run())
             if services.legacy
@@ -415,47 +429,51 @@ def create_app(settings: Settings | None = None, extra_routes: Sequence[BaseRout
         finally:
             if tracker:
                 tracker.cancel()
+            api.set(None)
+            ops.set(None)
             await services.close()
 
+    # The endpoints' objects are built in the lifespan (they need the loop); each route names
+    # the method it runs. Every route needs a live API key ("user") unless it says otherwise.
+    api: Handler[Api] = Handler()
+    ops: Handler[OpsApi] = Handler()
+    user, admin, metrics, anyone = requires("user"), requires("admin"), requires("metrics"), requires(None)
     app = Starlette(
-        # Every route needs a live API key ("user") unless it says otherwise; see app/auth.py.
         routes=[
-            Route("/openapi.json", delegate("api", "openapi")),
-            Route("/api/languages", delegate("api", "list_languages")),
-            Route("/api/eval", delegate("api", "submit"), methods=["POST"]),
-            Route("/api/eval-batch", delegate("api", "submit_batch"), methods=["POST"]),
-            Route("/api/eval/{eval_id}", delegate("api", "get_evaluation")),
-            Route("/api/eval-status/{eval_id}", delegate("api", "get_evaluation")),
-            Route("/api/eval/{eval_id}/events", delegate("api", "follow_evaluation")),
-            Route("/api/eval/{eval_id}/timeline", delegate("api", "timeline")),
-            Route("/api/eval/{eval_id}/cancel", delegate("api", "cancel"), methods=["POST"]),
-            Route("/api/evaluations", delegate("api", "list_evaluations")),
-            Route("/api/dlq/tasks", delegate("api", "dlq_list", scope="admin")),
-            Route("/api/dlq/statistics", delegate("api", "dlq_statistics", scope="admin")),
+            Route("/openapi.json", user(api.endpoint(Api.openapi))),
+            Route("/api/languages", user(api.endpoint(Api.list_languages))),
+            Route("/api/eval", user(api.endpoint(Api.submit)), methods=["POST"]),
+            Route("/api/eval-batch", user(api.endpoint(Api.submit_batch)), methods=["POST"]),
+            Route("/api/eval/{eval_id}", user(api.endpoint(Api.get_evaluation))),
+            Route("/api/eval-status/{eval_id}", user(api.endpoint(Api.get_evaluation))),
+            Route("/api/eval/{eval_id}/events", user(api.endpoint(Api.follow_evaluation))),
+            Route("/api/eval/{eval_id}/timeline", user(api.endpoint(Api.timeline))),
+            Route("/api/eval/{eval_id}/cancel", user(api.endpoint(Api.cancel)), methods=["POST"]),
+            Route("/api/evaluations", user(api.endpoint(Api.list_evaluations))),
+            Route("/api/dlq/tasks", admin(api.endpoint(Api.dlq_list))),
+            Route("/api/dlq/statistics", admin(api.endpoint(Api.dlq_statistics))),
             Route(
                 "/api/dlq/tasks/retry-batch",
-                delegate("api", "dlq_retry_batch", scope="admin"),
+                admin(api.endpoint(Api.dlq_retry_batch)),
                 methods=["POST"],
             ),
-            Route("/api/dlq/tasks/{task_id}", delegate("api", "dlq_get", scope="admin")),
-            Route(
-                "/api/dlq/tasks/{task_id}", delegate("api", "dlq_delete", scope="admin"), methods=["DELETE"]
-            ),
+            Route("/api/dlq/tasks/{task_id}", admin(api.endpoint(Api.dlq_get))),
+            Route("/api/dlq/tasks/{task_id}", admin(api.endpoint(Api.dlq_delete)), methods=["DELETE"]),
             Route(
                 "/api/dlq/tasks/{task_id}/retry",
-                delegate("api", "dlq_retry", scope="admin"),
+                admin(api.endpoint(Api.dlq_retry)),
                 methods=["POST"],
             ),
-            Route("/api/migration-status", delegate("ops", "migration_status", scope="admin")),
-            Route("/api/migration", delegate("ops", "change_migration", scope="admin"), methods=["PUT"]),
-            Route("/api/celery-status", delegate("ops", "celery_status", scope="admin")),
-            Route("/api/queue-status", delegate("ops", "queue_status", scope="admin")),
-            Route("/metrics", delegate("ops", "metrics", scope="metrics")),
-            Route("/api/rates", delegate("ops", "rates", scope="admin")),
+            Route("/api/migration-status", admin(ops.endpoint(OpsApi.migration_status))),
+            Route("/api/migration", admin(ops.endpoint(OpsApi.change_migration)), methods=["PUT"]),
+            Route("/api/celery-status", admin(ops.endpoint(OpsApi.celery_status))),
+            Route("/api/queue-status", admin(ops.endpoint(OpsApi.queue_status))),
+            Route("/metrics", metrics(ops.endpoint(OpsApi.metrics))),
+            Route("/api/rates", admin(ops.endpoint(OpsApi.rates))),
             *dashboard_routes(),
             *extra_routes,
-            Route("/health", delegate("ops", "health", scope=None)),
-            Route("/api/health", delegate("ops", "health")),
+            Route("/health", anyone(ops.endpoint(OpsApi.health))),
+            Route("/api/health", user(ops.endpoint(OpsApi.health))),
         ],
         lifespan=lifespan,
         middleware=[

@@ -18,8 +18,8 @@ from typing import TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from app.config import Settings, get_settings
 from app.services import Services
+from evaluations.settings import Settings, get_settings
 
 T = TypeVar("T")
 

@@ -22,16 +22,12 @@ import structlog
 from actors.broker import AsyncEnqueuer
 from actors.executor_client import ExecutorPool
 from app.legacy import LegacyCelery
-from app.store import TERMINAL, EvaluationStore, StatusChange, celery_state, task_id_of, utc_now
+from evaluations.queue import task_id_of
+from evaluations.status import CANCEL_BY_STATE, CANCEL_LEGACY, TERMINAL, Status, Transition, celery_state
+from evaluations.store import EvaluationStore, StatusChange, utc_now
 
 log = structlog.get_logger(__name__)
 
-#: Which statuses a cancel may move from, per Celery state.
-CANCELLABLE_FROM: dict[str, tuple[str, ...]] = {
-    "PENDING": ("queued",),
-    "RETRY": ("running+next_retry_at",),
-    "STARTED": ("running",),
-}
 DONE_MESSAGES = {
     "PENDING": "Task cancelled successfully (was pending in queue)",
     "RETRY": "Task cancelled successfully (retry chain stopped)",
@@ -88,10 +84,10 @@ class Canceller:
             refusal = self._refusal(state, terminate)
             if refusal:
                 return CancelOutcome(eval_id, task_id, state, False, refusal)
-            allowed = ("queued", "running") if on_legacy else CANCELLABLE_FROM[state]
+            transition = CANCEL_LEGACY if on_legacy else CANCEL_BY_STATE[state]
             if on_legacy:  # first, so a broker error leaves the task and its record as they were
                 await self.legacy.revoke(task_id, terminate=state != "PENDING")
-            if await self._cancel_from(eval_id, task_id, allowed):
+            if await self._cancel_from(eval_id, task_id, transition):
                 if state == "STARTED" and not on_legacy:
                     killed = await self.executors.kill_everywhere(eval_id)
                     log.info("evaluation.terminated", eval_id=eval_id, sandbox_killed=killed)
@@ -116,14 +112,10 @@ class Canceller:
         known = ("STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED")
         return found.state if found and found.state in known else "PENDING"  # e.g. RECEIVED
 
-    async def _cancel_from(self, eval_id: str, task_id: str, allowed: tuple[str, ...]) -> bool:
+    async def _cancel_from(self, eval_id: str, task_id: str, transition: Transition) -> bool:
         """Mark cancelled and drop any waiting message, in one transaction."""
-        change = StatusChange(
-            eval_id,
-            "cancelled",
-            allowed,
-            {"completed_at": utc_now(), "error": "Cancelled by request", "next_retry_at": ""},
-        )
+        fields = {"completed_at": utc_now(), "error": "Cancelled by request", "next_retry_at": ""}
+        change = StatusChange.by(transition, eval_id, Status.CANCELLED, fields)
         async with self.client.pipeline(transaction=True) as pipe:
             await self.store.transition_in(pipe, change)
             await self.enqueuer.dispatch_in(pipe, "cancel", task_id)

@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
-from app.config import ConfigError, Settings, get_settings
-from app.logs import configure_logging
+from evaluations.logs import configure_logging
+from evaluations.settings import ConfigError, Settings, get_settings
 
 #: How long a worker process waits for its running evaluations on shutdown.
 WORKER_SHUTDOWN_MS = 30_000
@@ -86,8 +86,7 @@ def run_worker(args: argparse.Namespace) -> int:
         get_settings.cache_clear()
     s = get_settings()
     argv = [
-        "actors.evaluate",
-        "actors.maintenance",
+        "actors.worker:main",
         "--processes", str(s.worker_processes),
         "--threads", str(s.worker_threads),
         "--skip-logging",
@@ -110,8 +109,8 @@ def run_keys(args: argparse.Namespace) -> int:
     import asyncio
     from datetime import UTC, datetime
 
-    from app.keys import InvalidKeyRequest, KeyStore
-    from app.redis_client import async_client
+    from evaluations.api_keys import InvalidKeyRequest, KeyStore
+    from evaluations.redis_client import async_client
 
     s = get_settings()
 
@@ -268,8 +267,8 @@ def ensure_admin_key(redis_url: str, settings: Settings) -> str:
     and return it so `crucible up` can print it. Later starts print the same key."""
     import asyncio
 
-    from app.keys import KeyStore
-    from app.redis_client import async_client
+    from evaluations.api_keys import KeyStore
+    from evaluations.redis_client import async_client
 
     path = settings.data_dir / "admin.key"
 
@@ -339,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("dashboard", help="run the dashboard on DASHBOARD_PORT (5555)")
     redis_cmd = commands.add_parser("embedded-redis", help="run an embedded Valkey in the foreground")
     redis_cmd.add_argument("--port", type=int, default=6399)
-    from app.keys import TIERS
     from app.submit_cli import add_arguments
+    from evaluations.api_keys import TIERS
 
     keys = commands.add_parser("keys", help="create, list or revoke API keys").add_subparsers(
         dest="action", required=True
@@ -368,8 +367,8 @@ def run_migration(args: argparse.Namespace) -> int:
     import json
 
     from app.migration import MigrationControl, migration_report
-    from app.redis_client import async_client
-    from app.store import EvaluationStore
+    from evaluations.redis_client import async_client
+    from evaluations.store import EvaluationStore
 
     s = get_settings()
 

@@ -20,8 +20,9 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from app import json_codec
-from app.store import TERMINAL, EvaluationStore
+from evaluations import json_codec
+from evaluations.status import TERMINAL
+from evaluations.store import EvaluationStore
 
 log = structlog.get_logger(__name__)
 

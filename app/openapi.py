@@ -1,6 +1,6 @@
 """The API's OpenAPI 3 description, served at `/openapi.json` and fuzzed by the test suite.
 
-Written by hand, next to the validation it describes (`app/validation.py`, `app/submission_input.py`):
+Written by hand, next to the validation it describes (`evaluations/validation.py`, `app/submission_input.py`):
 the test suite runs schemathesis against a live API with it, so a 5xx or an answer that does
 not match what is written here fails the build.
 """
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.config import LEVELS, Settings
-from app.store import STATUSES
-from app.validation import MIN_MEMORY_MB
+from evaluations.queue import LEVELS
+from evaluations.settings import Settings
+from evaluations.status import STATUSES
+from evaluations.validation import MIN_MEMORY_MB
 
 #: How a boolean query parameter may be written.
 TRUE_WORDS = ("true", "1", "yes")

@@ -17,14 +17,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.config import LEVELS
-from app.errors import RequestError
-from app.json_codec import JSONResponse
 from app.migration import SYSTEMS, migration_report
 from app.services import Services
 from app.status import SystemStatus
-from app.store import HISTOGRAM_BOUNDS_MS, STATUSES, TERMINAL
-from app.validation import read_json_object, require_bool, require_number
+from evaluations.errors import InvalidInput
+from evaluations.queue import LEVELS
+from evaluations.status import STATUSES, TERMINAL
+from evaluations.store import HISTOGRAM_BOUNDS_MS
+from evaluations.validation import require_bool, require_number
+from evaluations.web import JSONResponse, read_json_object
 from middleware.retry_policy import RETRY_POLICIES
 
 log = structlog.get_logger(__name__)
@@ -58,7 +59,7 @@ class OpsApi:
         body = await read_json_object(request)
         known = {"dramatiq_share", "force_legacy", "shadow_rate", "reset"}
         if not body or set(body) - known:
-            raise RequestError(422, f"give one or more of {sorted(known)}", unknown=sorted(set(body) - known))
+            raise InvalidInput(f"give one or more of {sorted(known)}", unknown=sorted(set(body) - known))
         reset = require_bool(body, "reset", default=False)  # everything is checked before any change
         share = require_number(body, "dramatiq_share", default=None, low=0, high=1)
         force = require_bool(body, "force_legacy", default=None)
@@ -122,7 +123,7 @@ class OpsApi:
         failure rates, latency percentiles (bucket upper bounds, ms); and the whole window."""
         raw = request.query_params.get("minutes") or "60"
         if not raw.isdigit() or not 1 <= int(raw) <= 120:
-            raise RequestError(422, "query parameter 'minutes' must be between 1 and 120", field="minutes")
+            raise InvalidInput("query parameter 'minutes' must be between 1 and 120", field="minutes")
         now_minute = int(time.time() // 60)
         minutes = list(range(now_minute - int(raw) + 1, now_minute + 1))
         async with self.client.pipeline(transaction=False) as pipe:

@@ -8,18 +8,18 @@ import httpx
 import redis.asyncio as aioredis
 
 from actors.broker import AsyncEnqueuer
+from actors.dlq import AsyncDeadLetterQueue
 from actors.executor_client import ExecutorPool
 from app.cancellation import Canceller
-from app.config import Settings
-from app.dlq import AsyncDeadLetterQueue
 from app.event_streams import EventStreams
-from app.keys import KeyStore
 from app.legacy import LegacyCelery
 from app.migration import MigrationControl
-from app.ratelimit import RateLimiter
-from app.redis_client import async_client
-from app.store import EvaluationStore, StatusForwarder
 from app.submission import Submitter
+from evaluations.api_keys import KeyStore
+from evaluations.quotas import RateLimiter
+from evaluations.redis_client import async_client
+from evaluations.settings import Settings
+from evaluations.store import EvaluationStore, StatusForwarder
 
 
 @dataclass

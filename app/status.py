@@ -13,12 +13,11 @@ from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
-from dramatiq.message import Message
 
 from actors.scheduler import SCHEDULER_BEAT_S, schedulers_key
-from app.auth import executor_headers
-from app.config import LEVELS, Settings
-from middleware.priority import LEVEL_OPTION
+from evaluations.credentials import executor_headers
+from evaluations.queue import LEVEL_OPTION, LEVELS, decode_message
+from evaluations.settings import Settings
 from middleware.worker_stats import worker_key, workers_key
 
 EXECUTOR_TIMEOUT_S = 1.0
@@ -124,7 +123,7 @@ class SystemStatus:
 
     async def _enqueued_ms(self, message_id: str) -> int | None:
         data = await self.client.hget(f"{self.ns}:msgs", message_id)
-        return Message.decode(data.encode()).message_timestamp if data else None
+        return decode_message(data.encode()).message_timestamp if data else None
 
     async def schedulers(self) -> list[dict[str, Any]]:
         now_ms = await self.server_ms()
@@ -157,6 +156,6 @@ def _dead_level(raw_entry: str) -> str:
     """The level a dead-lettered message was on (its saved message's option), default if unknown."""
     try:
         message = json.loads(raw_entry).get("message")
-        return Message.decode(message.encode()).options.get(LEVEL_OPTION, "default") if message else "default"
+        return decode_message(message.encode()).options.get(LEVEL_OPTION, "default") if message else "default"
     except (ValueError, AttributeError):
         return "default"

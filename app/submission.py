@@ -23,13 +23,14 @@ from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.broker import AsyncEnqueuer
-from actors.evaluate import evaluation_message
-from app.errors import RequestError
-from app.keys import ApiKey
 from app.legacy import LegacyCelery, LegacyUnavailable
 from app.migration import MigrationControl, legacy_pending_key, other, shadow_id, shadow_pending_key
-from app.ratelimit import Allowance, RateLimiter
-from app.store import TERMINAL, EvaluationStore, NewEvaluation
+from evaluations.api_keys import ApiKey
+from evaluations.errors import Conflict, CrucibleError
+from evaluations.queue import evaluation_message
+from evaluations.quotas import Allowance, RateLimiter
+from evaluations.status import TERMINAL
+from evaluations.store import EvaluationStore, NewEvaluation
 
 log = structlog.get_logger(__name__)
 
@@ -117,7 +118,7 @@ class Submitter:
                 accepted = await self._to_dramatiq_or_legacy(sub, evaluation, None if apart else quota)
         except Exception as exc:
             # a duplicate's place belongs to the evaluation already there, if it is in progress
-            duplicate = isinstance(exc, RequestError) and exc.status == 409
+            duplicate = isinstance(exc, Conflict)
             if apart and not (duplicate and await self._in_progress(sub.eval_id)):
                 await self._limiter.release(apart, [sub.eval_id])
             raise
@@ -280,7 +281,7 @@ class Submitter:
             try:
                 await self._record(evaluation, track, count=False, announce=False)
                 recorded += 1
-            except RequestError:
+            except CrucibleError:
                 pass
             except RedisError:
                 return recorded
@@ -304,7 +305,7 @@ class Submitter:
             await self.client.sadd(shadow_pending_key(self.ns), sub.eval_id)
         except LegacyUnavailable:
             await self._forget(copy.eval_id)
-        except (RequestError, RedisError) as exc:
+        except (CrucibleError, RedisError) as exc:
             log.warning("migration.shadow_failed", eval_id=sub.eval_id, error=str(exc))
 
     async def _forget(self, eval_id: str) -> None:
@@ -320,5 +321,5 @@ def _message(sub: Submission) -> Message:
     )
 
 
-def _duplicate() -> RequestError:
-    return RequestError(409, "an evaluation with this eval_id exists", field="eval_id")
+def _duplicate() -> CrucibleError:
+    return Conflict("an evaluation with this eval_id exists", field="eval_id")

@@ -9,10 +9,11 @@ import re
 import time
 from typing import Any
 
-from app.config import Settings
-from app.errors import RequestError
 from app.submission import Submission
-from app.validation import (
+from evaluations.errors import InvalidInput
+from evaluations.languages import registry
+from evaluations.settings import Settings
+from evaluations.validation import (
     MAX_ARG_BYTES,
     MAX_ARGS,
     MIN_MEMORY_MB,
@@ -21,7 +22,6 @@ from app.validation import (
     require_string,
     require_string_list,
 )
-from executor.languages import registry
 
 #: No ':' — it separates parts of Redis keys ("{ns}:eval:{id}:events").
 EVAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -38,17 +38,17 @@ def offered_languages(settings: Settings) -> list[str]:
 
 
 def parse_submission(body: dict[str, Any], settings: Settings, languages: list[str]) -> Submission:
-    """The submission `body` asks for, or a RequestError naming the first field at fault."""
+    """The submission `body` asks for, or a CrucibleError naming the first field at fault."""
     s = settings
     code = require_string(body, "code", max_bytes=s.max_code_bytes)
     if not code.strip():
-        raise RequestError(422, "field 'code' must not be empty", field="code")
+        raise InvalidInput("field 'code' must not be empty", field="code")
     language = require_string(body, "language", default="python")
     if language not in languages:
-        raise RequestError(422, f"unknown language {language!r}", field="language", known=languages)
+        raise InvalidInput(f"unknown language {language!r}", field="language", known=languages)
     eval_id = require_string(body, "eval_id", default=None)
     if eval_id is not None and not EVAL_ID_PATTERN.match(eval_id):
-        raise RequestError(422, "field 'eval_id' must be 1-128 letters, digits or _.-", field="eval_id")
+        raise InvalidInput("field 'eval_id' must be 1-128 letters, digits or _.-", field="eval_id")
     timeout = require_number(body, "timeout", default=s.default_timeout, low=1, high=s.max_timeout)
     priority = require_bool(body, "priority", default=False)
     stdin = require_string(body, "stdin", default=None, max_bytes=s.max_stdin_bytes)

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from app.store import TERMINAL
+from evaluations.status import TERMINAL
 
 BATCH = 100
 POLL_S = 0.3

@@ -56,8 +56,8 @@ async def raw_sandbox(runs: int, parallel: int, warm: bool, rate_runs: int) -> d
     """The sandboxed command alone: `runs` single-run times, then the rate of `rate_runs` runs
     in `parallel` loops (as many as the burst it is compared with); `warm`: with pre-started
     Python sandboxes (executor/warm.py), else every run cold."""
-    from app.config import get_settings
-    from app.logs import configure_logging
+    from evaluations.logs import configure_logging
+    from evaluations.settings import get_settings
     from executor.app import Executor, open_sandbox
 
     configure_logging("WARNING", "json")  # the executor's per-run lines would drown the table

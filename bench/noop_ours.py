@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import dramatiq
 
-from actors.broker import QUEUE_NAME
-from actors.evaluate import broker, current_attempt, settle_with
+from actors.evaluate import current_attempt, settle_with
 from actors.runtime import runtime
-from app.store import StatusChange
+from actors.worker import process_worker
+from evaluations.queue import QUEUE_NAME
+from evaluations.status import FINISH
+from evaluations.store import StatusChange
 from middleware.running import RECORDS_STATUS
 
-assert broker is not None  # the production broker exists before the actor is declared
 
-
-@dramatiq.actor(queue_name=QUEUE_NAME, **{RECORDS_STATUS: True})  # MarkRunning marks it running
 async def noop(eval_id: str, done_key: str) -> None:
     attempt = current_attempt()
-    settle_with(StatusChange(eval_id, "completed", ("running",), {"output": ""}, expect={"attempt": attempt}))
+    settle_with(StatusChange.by(FINISH, eval_id, "completed", {"output": ""}, expect={"attempt": attempt}))
     await runtime().redis.incr(done_key)
+
+
+def main() -> None:
+    """The production worker, plus the no-op actor (MarkRunning marks it running)."""
+    worker = process_worker()
+    dramatiq.actor(noop, broker=worker.broker, queue_name=QUEUE_NAME, **{RECORDS_STATUS: True})

@@ -59,10 +59,12 @@ def run_ours(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[st
     namespace = f"bench-ours-{uuid.uuid4().hex[:6]}"
     env = {"REDIS_URL": url, "CRUCIBLE_NAMESPACE": namespace, "LOG_LEVEL": "WARNING", "LOG_FORMAT": "json"}
     os.environ.update(env)
+    from dramatiq.message import Message
+
     from actors.broker import AsyncEnqueuer
-    from app.redis_client import async_client
-    from app.store import EvaluationStore, NewEvaluation
-    from bench.noop_ours import noop
+    from evaluations.queue import QUEUE_NAME
+    from evaluations.redis_client import async_client
+    from evaluations.store import EvaluationStore, NewEvaluation
 
     key = f"{namespace}:bench:done"
 
@@ -80,7 +82,7 @@ def run_ours(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[st
                     await enqueuer.submit(
                         store.key(eval_id),
                         creation,
-                        noop.message_with_options(kwargs={"eval_id": eval_id, "done_key": key}),
+                        Message(QUEUE_NAME, "noop", (), {"eval_id": eval_id, "done_key": key}, {}),
                         "default",
                     )
 
@@ -91,7 +93,7 @@ def run_ours(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[st
         asyncio.run(go())
         return first, time.time()
 
-    argv = [sys.executable, "-m", "dramatiq", "bench.noop_ours", "--processes", str(args.processes),
+    argv = [sys.executable, "-m", "dramatiq", "bench.noop_ours:main", "--processes", str(args.processes),
             "--threads", str(args.threads)]  # fmt: skip
     try:
         with spawn("bench-ours", argv, env):

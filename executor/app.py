@@ -22,20 +22,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from app.auth import SharedSecretBackend, auth_failed
-from app.config import ConfigError, Settings, get_settings
-from app.errors import RequestError, error_response, install_error_handlers
-from app.routing import delegate
-from app.validation import (
+from evaluations.credentials import SharedSecretBackend, auth_failed
+from evaluations.errors import InvalidInput, Unavailable
+from evaluations.languages import Language, registry
+from evaluations.settings import ConfigError, Settings, get_settings
+from evaluations.validation import (
     MAX_ARG_BYTES,
     MAX_ARGS,
-    read_json_object,
     require_number,
     require_string,
     require_string_list,
 )
+from evaluations.web import Handler, error_response, install_error_handlers, read_json_object, requires
 from executor.cgroups import CgroupsV1, DiskLimits
-from executor.languages import Language, registry
 from executor.sandbox import Limits, Sandbox, SandboxBusy, SandboxError
 from executor.seccomp import build_filter
 from executor.warm import WarmSpec
@@ -113,9 +112,7 @@ class Executor:
     def language(self, body: dict[str, object]) -> Language:
         name = require_string(body, "language", default="python")
         if name not in self.languages:
-            raise RequestError(
-                422, f"unknown language {name!r}", field="language", known=sorted(self.languages)
-            )
+            raise InvalidInput(f"unknown language {name!r}", field="language", known=sorted(self.languages))
         return self.languages[name]
 
     async def execute(self, request: Request) -> JSONResponse:
@@ -130,7 +127,7 @@ class Executor:
         try:
             result = await self.sandbox.run(eval_id, language, code, limits, stdin, tuple(args))
         except SandboxBusy:
-            raise RequestError(503, "executor busy", busy=True, capacity=self.sandbox.capacity) from None
+            raise Unavailable("executor busy", busy=True, capacity=self.sandbox.capacity) from None
         except SandboxError as exc:
             log.error("sandbox.failed", error=str(exc))
             return error_response(
@@ -217,22 +214,28 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with open_sandbox(settings) as sandbox:
-            app.state.executor = Executor(settings, sandbox)
+            executor.set(Executor(settings, sandbox))
             log.info(
                 "executor.ready",
                 capacity=sandbox.capacity,
-                languages=sorted(app.state.executor.languages),
+                languages=sorted(executor.instance.languages),
                 limits_enforced_by=sandbox.enforced_by,
             )
-            yield
+            try:
+                yield
+            finally:
+                executor.set(None)
+
+    executor: Handler[Executor] = Handler()
+    workers, anyone = requires(WORKERS), requires(None)
 
     app = Starlette(
         routes=[
-            Route("/execute", delegate("executor", "execute", scope=WORKERS), methods=["POST"]),
-            Route("/kill/{eval_id}", delegate("executor", "kill", scope=WORKERS), methods=["POST"]),
-            Route("/running", delegate("executor", "running", scope=WORKERS)),
-            Route("/health", delegate("executor", "health", scope=None)),
-            Route("/languages", delegate("executor", "list_languages", scope=WORKERS)),
+            Route("/execute", workers(executor.endpoint(Executor.execute)), methods=["POST"]),
+            Route("/kill/{eval_id}", workers(executor.endpoint(Executor.kill)), methods=["POST"]),
+            Route("/running", workers(executor.endpoint(Executor.running))),
+            Route("/health", anyone(executor.endpoint(Executor.health))),
+            Route("/languages", workers(executor.endpoint(Executor.list_languages))),
         ],
         lifespan=lifespan,
         # Work only from callers holding EXECUTOR_SECRET (and it listens on loopback by default).

@@ -34,8 +34,8 @@ from typing import Any
 
 import structlog
 
+from evaluations.languages import BINARY, COMPILE_TIMEOUT_SECONDS, RUN_BINARY, Language
 from executor.cgroups import CgroupsV1, RunGroup
-from executor.languages import BINARY, RUN_BINARY, Language
 from executor.warm import WarmSpec
 
 log = structlog.get_logger(__name__)
@@ -56,8 +56,6 @@ CPU_LIMIT_SHARE = 0.9
 #: Size of the run's /dev/shm (POSIX shared memory, semaphores); /tmp and this are the only
 #: writable places in the sandbox, both size-capped tmpfs.
 SHM_BYTES = 16 * 1024 * 1024
-#: Wall-time limit of a compile step, on top of the run's own (workers wait for both).
-COMPILE_TIMEOUT_SECONDS = 30.0
 #: Largest compiled binary handed from the compile sandbox to the run sandbox.
 MAX_BINARY_BYTES = 64 * 1024 * 1024
 #: Messages runtimes print when an allocation fails. RLIMIT_AS refuses an allocation past it

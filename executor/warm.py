@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from executor.languages import Language
+from evaluations.languages import Language
 
 if TYPE_CHECKING:
     from executor.sandbox import Limits

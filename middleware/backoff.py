@@ -19,7 +19,8 @@ from typing import Any
 import structlog
 from dramatiq.middleware import Middleware, MiddlewareError, Shutdown
 
-from app.store import StatusChange
+from evaluations.status import HAND_BACK, WAIT_FOR_RETRY, Status
+from evaluations.store import StatusChange
 from middleware.retry_policy import RETRY_POLICIES, calculate_retry_delay, get_retry_message, policy_for
 from middleware.state import (
     RETRIES,
@@ -81,8 +82,8 @@ class Backoff(Middleware):
         eval_id = eval_id_of(message)
         if isinstance(exception, Shutdown):
             if eval_id:
-                handed_back = StatusChange(
-                    eval_id, "queued", ("running",), {"worker": ""}, delivery_expectation(message)
+                handed_back = StatusChange.by(
+                    HAND_BACK, eval_id, Status.QUEUED, {"worker": ""}, delivery_expectation(message)
                 )
                 message.options[STATUS_CHANGE] = asdict(handed_back)
             message.options[SETTLE] = {"command": "requeue"}
@@ -112,7 +113,9 @@ class Backoff(Middleware):
             fields = {RETRIES: retries + 1, "next_retry_at": iso(time.time() * 1000 + delay * 1000),
                       "error": describe(message)}  # fmt: skip
             message.options[STATUS_CHANGE] = asdict(
-                StatusChange(eval_id, "running", ("running", "queued"), fields, delivery_expectation(message))
+                StatusChange.by(
+                    WAIT_FOR_RETRY, eval_id, Status.RUNNING, fields, delivery_expectation(message)
+                )
             )
         message.options[SETTLE] = {"command": "retry", "delay_ms": int(delay * 1000), "policy": policy}
         log.warning(

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from dramatiq.middleware import Middleware
 
-from app import json_codec
-from app.store import utc_now
-from middleware.priority import LEVEL_OPTION
+from evaluations import json_codec
+from evaluations.queue import LEVEL_OPTION, encode_message
+from evaluations.status import DEAD_LETTER as DEAD_LETTER_TRANSITION
+from evaluations.status import Status
+from evaluations.store import StatusChange, utc_now
 from middleware.state import (
     DEAD_LETTER,
     EXCEPTION_CLASS,
@@ -57,7 +60,7 @@ def dead_letter_entry(message: Any) -> dict[str, Any]:
             "language": kwargs.get("language", "python"),
             "queue": options.get(LEVEL_OPTION),
         },
-        "message": message.encode().decode(),
+        "message": encode_message(message).decode(),
     }
 
 
@@ -74,19 +77,13 @@ class DeadLetters(Middleware):
         entry = dead_letter_entry(message)
         message.options[DEAD_LETTER] = json_codec.dumps(entry)
         if entry["eval_id"]:
-            message.options[STATUS_CHANGE] = {
-                "eval_id": entry["eval_id"],
-                "status": "failed",
-                "allowed_from": ("queued", "running"),
-                # never the program's failure (those are results): ours, or a service's
-                "fields": {
-                    "completed_at": utc_now(),
-                    "error": describe(message),
-                    "next_retry_at": "",
-                    "internal_error": True,
-                },
-                "expect": delivery_expectation(message),
-            }
+            # never the program's failure (those are results): ours, or a service's
+            fields = {"completed_at": utc_now(), "error": describe(message), "next_retry_at": "",
+                      "internal_error": True}  # fmt: skip
+            change = StatusChange.by(
+                DEAD_LETTER_TRANSITION, entry["eval_id"], Status.FAILED, fields, delivery_expectation(message)
+            )
+            message.options[STATUS_CHANGE] = asdict(change)
 
     def after_nack(self, broker: Any, message: Any) -> None:
         eval_id = eval_id_of(message)

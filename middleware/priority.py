@@ -6,10 +6,7 @@ from typing import Any
 
 from dramatiq.middleware import Middleware, MiddlewareError
 
-from app.config import LEVELS
-
-#: The message (and actor) option naming a message's level.
-LEVEL_OPTION = "queue_level"
+from evaluations.queue import LEVEL_OPTION, LEVELS
 
 
 class UnknownLevel(MiddlewareError, ValueError):

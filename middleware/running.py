@@ -19,7 +19,8 @@ from typing import Any
 import structlog
 from dramatiq.middleware import Middleware, SkipMessage
 
-from app.store import StatusChange, utc_now
+from evaluations.status import FETCH, Status
+from evaluations.store import StatusChange, utc_now
 from middleware.state import FETCH_MARK, UNRECORDED, attempt_of, eval_id_of, worker_name
 
 log = structlog.get_logger(__name__)
@@ -60,7 +61,7 @@ class MarkRunning(Middleware):
         if mark:
             applied, current = mark["applied"], mark.get("current", "")
         else:
-            change = StatusChange(eval_id, "running", ("queued", "running"), fields)
+            change = StatusChange.by(FETCH, eval_id, Status.RUNNING, fields)
             applied, current = broker.transition(change)
         if applied:
             if self.forward:

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from app.store import TERMINAL as STORE_TERMINAL
+from evaluations.status import TERMINAL as STORE_TERMINAL
 
 TERMINAL = set(STORE_TERMINAL)
 

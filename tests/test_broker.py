@@ -13,9 +13,10 @@ import redis.asyncio as aioredis
 from dramatiq import Worker
 from dramatiq.broker import MessageProxy
 
-from actors.broker import QUEUE_NAME, AsyncEnqueuer, PriorityBroker, PriorityConsumer
-from app.json_codec import MessageEncoder
-from app.store import StatusChange
+from actors.broker import AsyncEnqueuer, PriorityBroker, PriorityConsumer
+from evaluations.json_codec import MessageEncoder
+from evaluations.queue import QUEUE_NAME
+from evaluations.store import StatusChange
 from middleware.dead_letter import DeadLetters
 from middleware.priority import PriorityRouting
 from middleware.running import MarkRunning
@@ -391,7 +392,7 @@ def test_a_failed_attempt_is_retried_later_and_its_slot_freed(
 
 
 def test_an_evaluation_message_carries_its_task_id_and_a_time_limit_above_its_timeout() -> None:
-    from actors.evaluate import evaluation_message
+    from evaluations.queue import evaluation_message
 
     message = evaluation_message("e1", "print(1)", "python", 30)
     assert message.message_id == "celery-e1"

@@ -7,7 +7,7 @@ import asyncio
 import redis.asyncio as aioredis
 
 from app.event_streams import EventStreams
-from app.store import EvaluationStore, NewEvaluation
+from evaluations.store import EvaluationStore, NewEvaluation
 
 
 async def test_followers_come_and_go_while_the_connection_checks_its_health(

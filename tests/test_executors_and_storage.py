@@ -22,8 +22,8 @@ from dramatiq.middleware import AsyncIO
 import actors.runtime
 from actors.executor_client import ExecutorConnectionLost, ExecutorPool, answer_timeout
 from actors.runtime import CloseRuntime, runtime
-from app.config import get_settings
-from executor.sandbox import COMPILE_TIMEOUT_SECONDS
+from evaluations.languages import COMPILE_TIMEOUT_SECONDS
+from evaluations.settings import get_settings
 from middleware.retry_policy import policy_for
 from tests.conftest import stack_env, start_stack
 from tests.helpers import api_client, submit, wait_final

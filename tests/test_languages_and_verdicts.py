@@ -6,7 +6,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from app.keys import KeyStore
+from evaluations.api_keys import KeyStore
 from tests.conftest import Stack
 from tests.helpers import api_client, submit, wait_final
 from tests.helpers import execute as run

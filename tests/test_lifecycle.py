@@ -12,7 +12,7 @@ from contextlib import AsyncExitStack, ExitStack
 import httpx
 import redis.asyncio as aioredis
 
-from app.redis_client import POOL_SIZE
+from evaluations.redis_client import POOL_SIZE
 from tests.conftest import Stack, stack_env, start_api
 from tests.helpers import api_client, submit, wait_final
 from tests.stack import free_port, process, wait_http
@@ -215,7 +215,7 @@ async def test_a_message_sent_straight_to_the_actor_is_recorded_and_run(
 ) -> None:
     """Celery-era callers send to the actor without the API: the worker records it itself."""
     from actors.broker import PriorityBroker
-    from actors.evaluate import evaluation_message
+    from evaluations.queue import evaluation_message
 
     broker = PriorityBroker(url=redis_url, namespace=shared_stack.namespace)
     eval_id = f"direct-{time.monotonic_ns()}"

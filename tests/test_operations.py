@@ -172,11 +172,11 @@ def test_a_setting_the_service_cannot_use_is_named_without_a_traceback() -> None
 
 
 async def test_the_api_sets_the_collector_for_serving_once_started(redis_url: str, namespace: str) -> None:
-    """Full collections skip what start-up made, and young ones run less often (app/gc_tuning.py):
+    """Full collections skip what start-up made, and young ones run less often (evaluations/gc_tuning.py):
     measured, this took the slowest `POST /api/eval` from ~45 ms to ~15 ms under load."""
     from app.api import create_app
-    from app.config import Settings
-    from app.gc_tuning import YOUNG_THRESHOLD
+    from evaluations.gc_tuning import YOUNG_THRESHOLD
+    from evaluations.settings import Settings
 
     app = create_app(dataclasses.replace(Settings.from_env(), redis_url=redis_url, namespace=namespace))
     before = gc.get_threshold()
@@ -195,9 +195,9 @@ def test_a_worker_process_sets_the_collector_for_serving_once_booted(redis_url: 
     import dramatiq.broker
     from dramatiq import Worker
 
-    from actors.setup import build_broker
-    from app.config import Settings
-    from app.gc_tuning import YOUNG_THRESHOLD
+    from actors.worker import build_broker
+    from evaluations.gc_tuning import YOUNG_THRESHOLD
+    from evaluations.settings import Settings
 
     global_broker = dramatiq.broker.global_broker  # build_broker replaces it: put it back after
     broker = build_broker(dataclasses.replace(Settings.from_env(), redis_url=redis_url, namespace=namespace))

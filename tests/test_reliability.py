@@ -12,8 +12,8 @@ from contextlib import ExitStack, asynccontextmanager
 import httpx
 import redis.asyncio as aioredis
 
-from app.keys import KeyStore
-from app.redis_client import POOL_SIZE, async_client
+from evaluations.api_keys import KeyStore
+from evaluations.redis_client import POOL_SIZE, async_client
 from tests.conftest import Stack, stack_env, start_stack
 from tests.helpers import TERMINAL, api_client, executor_client, submit, wait_final
 from tests.stack import LOG_DIR, free_port, process, wait_http

@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 
-from app.config import Settings
+from evaluations.languages import registry
+from evaluations.settings import Settings
 from executor.app import open_cgroups, stage_bwrap
-from executor.languages import registry
 from executor.sandbox import Limits, RunResult, Sandbox, SandboxError
 from executor.seccomp import build_filter
 from tests.helpers import execute as run

@@ -10,10 +10,11 @@ from contextlib import ExitStack
 
 import pytest
 import redis.asyncio as aioredis
+from dramatiq.message import Message
 
 from actors.broker import PriorityBroker
-from actors.maintenance import cleanup_old_evaluations
-from app.store import EvaluationStore, NewEvaluation
+from evaluations.queue import QUEUE_NAME
+from evaluations.store import EvaluationStore, NewEvaluation
 from tests.conftest import stack_env, start_stack
 from tests.stack import process
 
@@ -25,15 +26,20 @@ def ready(broker: PriorityBroker) -> int:
     return sizes["high"] + sizes["default"] + sizes["low"]
 
 
+def cleanup_tick(**options: str) -> Message:
+    """The message periodiq sends for the cleanup actor (its options name the tick)."""
+    return Message(QUEUE_NAME, "cleanup_old_evaluations", (), {}, options)
+
+
 def test_the_same_tick_from_two_schedulers_is_enqueued_once(redis_url: str, namespace: str) -> None:
     first, second = (PriorityBroker(url=redis_url, namespace=namespace) for _ in range(2))
     try:
         # Two schedulers started at different seconds of the same minute stamp the tick differently.
-        first.enqueue(cleanup_old_evaluations.message_with_options(scheduled_at="2026-11-24T13:00:00+00:00"))
-        second.enqueue(cleanup_old_evaluations.message_with_options(scheduled_at="2026-11-24T14:00:07+01:00"))
+        first.enqueue(cleanup_tick(scheduled_at="2026-11-24T13:00:00+00:00"))
+        second.enqueue(cleanup_tick(scheduled_at="2026-11-24T14:00:07+01:00"))
         assert ready(first) == 1
-        second.enqueue(cleanup_old_evaluations.message_with_options(scheduled_at="2026-11-24T13:01:00+00:00"))
-        first.enqueue(cleanup_old_evaluations.message())  # sent by hand: never deduplicated
+        second.enqueue(cleanup_tick(scheduled_at="2026-11-24T13:01:00+00:00"))
+        first.enqueue(cleanup_tick())  # sent by hand: never deduplicated
         assert ready(first) == 3
     finally:
         first.client.close()

@@ -6,7 +6,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from app.store import EvaluationStore, NewEvaluation
+from evaluations.store import EvaluationStore, NewEvaluation
 
 
 async def create(store: EvaluationStore, eval_id: str) -> None:

@@ -14,10 +14,10 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from app.config import Settings
+from evaluations.languages import registry
+from evaluations.settings import Settings
 from executor import sandbox as sandbox_module
 from executor.app import open_sandbox, request_limits
-from executor.languages import registry
 from executor.sandbox import RunResult, Sandbox
 from executor.warm import LOADER
 

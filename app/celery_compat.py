@@ -15,7 +15,7 @@ import asyncio
 import builtins
 import functools
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import dramatiq
@@ -24,13 +24,14 @@ from dramatiq.results import ResultFailure, ResultMissing, Results, ResultTimeou
 from dramatiq.results.backends import RedisBackend
 
 from actors import evaluate as _actors
-from actors import maintenance as _maintenance
+from actors.worker import Worker, process_worker
 from app.blocking import blocking_services
-from app.config import LEVEL_ALIASES, get_settings
-from app.errors import RequestError
 from app.services import Services
-from app.store import celery_state, task_id_of
 from app.submission_input import offered_languages, parse_submission
+from evaluations.errors import CrucibleError
+from evaluations.queue import LEVEL_ALIASES, task_id_of
+from evaluations.settings import get_settings
+from evaluations.status import celery_state
 
 try:  # callers may catch Celery's own exceptions; they do when celery is installed
     from celery.exceptions import TaskRevokedError as _RevokedBase
@@ -174,7 +175,7 @@ class EvaluateTask:
     """`tasks.evaluate_code`: `.delay()` / `.apply_async()` submit through the same path as the API."""
 
     name = "tasks.evaluate_code"
-    _signature = inspect.signature(_actors.evaluate_code.fn)
+    _signature = inspect.signature(_actors.evaluate_code)
 
     def delay(self, *args: Any, **kwargs: Any) -> EvaluationResult:
         return self.apply_async(args, kwargs)
@@ -202,12 +203,12 @@ class EvaluateTask:
             body["args"] = list(body["args"])
         try:
             sub = parse_submission({**body, "priority": level == "high"}, get_settings(), _languages())
-        except RequestError as exc:
+        except CrucibleError as exc:
             raise ValueError(exc.message) from None
         services = blocking_services()
         try:
             services.call(lambda s: s.submitter.submit(sub, level, "celery-shim", system="dramatiq"))
-        except RequestError as exc:  # a duplicate eval_id
+        except CrucibleError as exc:  # a duplicate eval_id
             raise ValueError(exc.message) from None
         return EvaluationResult(task_id_of(sub.eval_id))
 
@@ -220,7 +221,7 @@ class EvaluateTask:
 
 
 def _results_backend() -> RedisBackend:
-    for middleware in dramatiq.get_broker().middleware:
+    for middleware in process_worker().broker.middleware:
         if isinstance(middleware, Results):
             return middleware.backend
     raise RuntimeError("the broker has no Results middleware")
@@ -275,9 +276,14 @@ class ActorResult(_Handle):
 class ActorTask:
     """A plain actor with Celery's `.delay()` / `.apply_async()`."""
 
-    def __init__(self, actor: dramatiq.Actor[Any, Any]) -> None:
-        self.actor = actor
-        self.name = f"tasks.{actor.actor_name}"
+    def __init__(self, name: str, actor: Callable[[Worker], dramatiq.Actor[Any, Any]]) -> None:
+        self._actor = actor
+        self.name = f"tasks.{name}"
+
+    @property
+    def actor(self) -> dramatiq.Actor[Any, Any]:
+        """The actor, declared on this process's broker when first sent (not at import)."""
+        return self._actor(process_worker())
 
     def delay(self, *args: Any, **kwargs: Any) -> ActorResult:
         return self.apply_async(args, kwargs)
@@ -376,6 +382,8 @@ class DeadLetterQueue:
 
 
 evaluate_code = EvaluateTask()
-health_check = ActorTask(_actors.health_check)
-cleanup_old_evaluations = ActorTask(_maintenance.cleanup_old_evaluations)
-monitor_dead_letter_queue = ActorTask(_maintenance.monitor_dead_letter_queue)
+health_check = ActorTask("health_check", lambda worker: worker.health_check)
+cleanup_old_evaluations = ActorTask("cleanup_old_evaluations", lambda worker: worker.cleanup_old_evaluations)
+monitor_dead_letter_queue = ActorTask(
+    "monitor_dead_letter_queue", lambda worker: worker.monitor_dead_letter_queue
+)

@@ -19,34 +19,11 @@ import httpx
 import redis.asyncio as aioredis
 import structlog
 
-from app import json_codec
+from evaluations import json_codec
+from evaluations.queue import task_id_of
+from evaluations.status import STATUSES, TERMINAL, Transition
 
 log = structlog.get_logger(__name__)
-
-#: Final statuses. Beyond the Celery platform's four: the run's own limits, and compile errors.
-TERMINAL: tuple[str, ...] = (
-    "completed",
-    "failed",
-    "cancelled",
-    "timeout",
-    "memory_limit_exceeded",
-    "output_limit_exceeded",
-    "compile_error",
-)
-STATUSES: tuple[str, ...] = ("queued", "running", *TERMINAL)
-
-#: How the Celery compatibility layer names each status (RETRY: running, waiting to retry).
-CELERY_STATES: dict[str, str] = {
-    "queued": "PENDING",
-    "running": "STARTED",
-    "completed": "SUCCESS",
-    "timeout": "SUCCESS",
-    "memory_limit_exceeded": "SUCCESS",
-    "output_limit_exceeded": "SUCCESS",
-    "compile_error": "SUCCESS",
-    "failed": "FAILURE",
-    "cancelled": "REVOKED",
-}
 
 #: Upper bounds (ms) of the latency, wait and run-time histograms kept by status.lua.
 HISTOGRAM_BOUNDS_MS = (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
@@ -71,18 +48,6 @@ _INT_FIELDS = {
     "signal",
 }
 _BOOL_FIELDS = {"output_truncated", "error_truncated", "priority", "internal_error"}
-
-
-def celery_state(record: dict[str, Any]) -> str:
-    """The Celery task state of an evaluation record."""
-    if record["status"] == "running" and record.get("next_retry_at"):
-        return "RETRY"
-    return CELERY_STATES[record["status"]]
-
-
-def task_id_of(eval_id: str) -> str:
-    """The Celery-compatible task id of an evaluation (callers and the DLQ know it by this)."""
-    return f"celery-{eval_id}"
 
 
 def utc_now() -> str:
@@ -126,6 +91,20 @@ class StatusChange:
     expect: dict[str, str] = field(default_factory=dict)
     #: when it happened, if not now (a result read later from another system)
     at_ms: int | None = None
+
+    @classmethod
+    def by(
+        cls,
+        transition: Transition,
+        eval_id: str,
+        status: str,
+        fields: dict[str, Any],
+        expect: dict[str, str] | None = None,
+        at_ms: int | None = None,
+    ) -> StatusChange:
+        """The change `transition` makes to `status` (which it must be able to set)."""
+        transition.check(status)
+        return cls(eval_id, status, transition.allowed_from, fields, expect or {}, at_ms)
 
     def args(self) -> list[Any]:
         encoded = {k: _encode(v) for k, v in self.fields.items()}

@@ -16,6 +16,8 @@ from functools import cached_property
 #: Where the compile step leaves the binary, and where the run finds it.
 BINARY = "/tmp/main"
 RUN_BINARY = "/sandbox/main"
+#: Wall-time limit of a compile step, on top of the run's own (workers wait for both).
+COMPILE_TIMEOUT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app import json_codec
-from app.errors import RequestError
-from app.keys import ApiKey
+from evaluations import json_codec
+from evaluations.api_keys import ApiKey
+from evaluations.errors import LimitExceeded, TooLarge
 
 log = structlog.get_logger(__name__)
 
@@ -74,7 +74,7 @@ class RateLimiter:
         limits = self.limits[key.tier]
         burst = int(limits["burst"])
         if len(eval_ids) > burst:
-            raise RequestError(413, f"at most {burst} evaluations at once for this key", field="evaluations")
+            raise TooLarge(f"at most {burst} evaluations at once for this key", field="evaluations")
         try:
             reply = await self._admit(
                 keys=[f"{self.ns}:bucket:{key.id}", active_key(self.ns, key.id)],
@@ -107,16 +107,14 @@ class RateLimiter:
             return Allowance(burst, int(second), math.ceil(int(third) / 1000))
         reason = second.decode() if isinstance(second, bytes) else second
         if reason == "active":
-            raise RequestError(
-                429,
+            raise LimitExceeded(
                 f"too many evaluations in progress for this key ({third} queued or running, "
                 f"at most {int(limits['max_active'])})",
                 headers={"Retry-After": "1"},
                 retry_after=1,
             )
         retry_after = max(1, math.ceil(int(third) / 1000))
-        raise RequestError(
-            429,
+        raise LimitExceeded(
             "rate limit exceeded for this key",
             headers={
                 "Retry-After": str(retry_after),
@@ -138,8 +136,7 @@ class RateLimiter:
             open_now, _ = await pipe.execute()
         try:
             if open_now > self.limits[key.tier]["max_streams"]:
-                raise RequestError(
-                    429,
+                raise LimitExceeded(
                     f"too many event streams open for this key ({open_now - 1})",
                     headers={"Retry-After": "5"},
                 )

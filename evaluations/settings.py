@@ -12,19 +12,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-#: Queue levels in strict priority order: a worker drains high before default before low.
-LEVELS: tuple[str, ...] = ("high", "default", "low")
-
-#: Names callers of the Celery deployment used for the same three levels.
-LEVEL_ALIASES: dict[str, str] = {
-    "high": "high",
-    "high_priority": "high",
-    "default": "default",
-    "evaluation": "default",
-    "low": "low",
-    "batch": "low",
-    "maintenance": "low",
-}
+from evaluations.queue import LEVEL_ALIASES, LEVELS
 
 
 class ConfigError(ValueError):

@@ -13,7 +13,6 @@ from typing import Any
 
 import orjson
 from dramatiq.encoder import Encoder, MessageData
-from starlette import responses
 
 #: Raised for bad input; a `ValueError` (and `json.JSONDecodeError`) like the standard library's.
 JSONDecodeError = orjson.JSONDecodeError
@@ -42,10 +41,3 @@ class MessageEncoder(Encoder):
             return orjson.loads(data)
         except orjson.JSONDecodeError:
             return json.loads(data)
-
-
-class JSONResponse(responses.JSONResponse):
-    """Starlette's JSON response, rendered by orjson (the same compact UTF-8 JSON)."""
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)

@@ -1,7 +1,7 @@
 """The dead-letter queue: entries the DeadLetters middleware wrote, read and acted on.
 
 `AsyncDeadLetterQueue` serves the API and the scheduler; the Celery service's synchronous
-`DeadLetterQueue` (in `actors.celery_compat`, importable from `tasks`) wraps it.
+`DeadLetterQueue` (in `app.celery_compat`, importable from `tasks`) wraps it.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from collections import Counter
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from dramatiq.message import Message
 from redis.exceptions import WatchError
 
 from actors.broker import AsyncEnqueuer
-from app.store import EvaluationStore, StatusChange, task_id_of
-from middleware.priority import LEVEL_OPTION
+from evaluations.queue import LEVEL_OPTION, decode_message, task_id_of
+from evaluations.status import RETRY_DEAD_LETTER, Status
+from evaluations.store import EvaluationStore, StatusChange
 from middleware.state import FAILURE_OPTIONS
 
 T = TypeVar("T")
@@ -120,14 +120,16 @@ class AsyncDeadLetterQueue:
             record = await self.store.get(eval_id) if eval_id else None
             if record is not None and record["status"] != "failed":
                 raise NotRetryable(f"evaluation {eval_id} is {record['status']}, not failed")
-            original = Message.decode(entry["message"].encode())
+            original = decode_message(entry["message"].encode())
             options = {k: v for k, v in original.options.items() if k not in FAILURE_OPTIONS}
             message = dataclasses.replace(original, options=options)
             pipe.multi()
             if record is not None:
                 reset = {"retries": 0, "error": "", "completed_at": "", "started_at": "", "next_retry_at": "",
                          "internal_error": False, "submitted_at_ms": int(time.time() * 1000)}  # fmt: skip
-                await self.store.transition_in(pipe, StatusChange(eval_id, "queued", ("failed",), reset))
+                await self.store.transition_in(
+                    pipe, StatusChange.by(RETRY_DEAD_LETTER, eval_id, Status.QUEUED, reset)
+                )
                 # A second run: counted as a submission, so finals never outnumber submissions.
                 pipe.hincrby(self.store.stats_key, f"submitted:{record.get('queue_system') or 'dramatiq'}", 1)
             await self.enqueuer.enqueue_in(pipe, message, options.get(LEVEL_OPTION, "default"))

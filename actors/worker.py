@@ -1,0 +1,134 @@
+"""A worker process's entry point: builds the broker with its middleware stack from the
+settings, sets Dramatiq's globals (broker, message encoder) and declares the actors with
+their options (levels, time limits, cron schedules). Nothing of it happens at import time.
+
+`crucible worker` runs Dramatiq's CLI and `crucible scheduler` periodiq, both on
+`actors.worker:main`; the Celery shim calls `process_worker()` when it first sends an actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import AsyncIO, CurrentMessage, ShutdownNotifications, TimeLimit
+from dramatiq.results import Results
+from dramatiq.results.backends import RedisBackend
+from periodiq import PeriodiqMiddleware, cron
+
+from actors import evaluate, maintenance
+from actors.broker import PriorityBroker
+from actors.runtime import CloseRuntime, forward_now, forward_soon
+from evaluations.logs import configure_logging
+from evaluations.queue import ENCODER, EVALUATE_ACTOR, HEALTH_CHECK_ACTOR, QUEUE_NAME, TIME_LIMIT_MARGIN_MS
+from evaluations.redis_client import sync_client
+from evaluations.settings import Settings, get_settings
+from middleware.backoff import Backoff
+from middleware.collector import CollectorForServing
+from middleware.dead_letter import DeadLetters
+from middleware.priority import PriorityRouting
+from middleware.retry_policy import apply_overrides
+from middleware.running import RECORDS_STATUS, MarkRunning
+from middleware.worker_stats import WorkerStats
+
+
+def result_backend(settings: Settings) -> RedisBackend:
+    return RedisBackend(
+        client=sync_client(settings.redis_url_or_default), namespace=f"{settings.namespace}:results"
+    )
+
+
+def build_broker(settings: Settings) -> PriorityBroker:
+    """The broker with Crucible's middleware stack (no actors, no globals set)."""
+    apply_overrides(settings.retry_overrides)
+    broker = PriorityBroker(
+        url=settings.redis_url_or_default,
+        namespace=settings.namespace,
+        levels=settings.worker_levels,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        heartbeat_timeout_ms=settings.heartbeat_timeout_ms,
+        middleware=[
+            # First, so its after-hooks run last (Dramatiq calls them in reverse order) and see
+            # what Backoff decided about each message.
+            WorkerStats(),
+            CollectorForServing(),
+            AsyncIO(),
+            CloseRuntime(),
+            CurrentMessage(),
+            PriorityRouting(),
+            TimeLimit(),
+            # Interrupt running actors on SIGTERM so Backoff hands their messages back at once.
+            ShutdownNotifications(notify_shutdown=True),
+            DeadLetters(on_status_change=forward_soon),
+            Backoff(on_status_change=forward_soon),
+            # Last of the before-hooks that may refuse a message: marks the evaluation running.
+            MarkRunning(forward=forward_now, on_skip=forward_soon),
+            # Return values of actors declared with store_results (health_check...), for
+            # the Celery shim's `.get()`; evaluations keep their results in their records.
+            Results(backend=result_backend(settings)),
+            # periodiq drops a tick not started within 30 s by default, so a busy queue would
+            # skip cleanup every time; ours are idempotent, so a late tick still runs.
+            PeriodiqMiddleware(skip_delay=settings.tick_skip_after_s),
+        ],
+    )
+    return broker
+
+
+Actor = dramatiq.Actor[Any, Any]
+
+
+@dataclass(frozen=True)
+class Worker:
+    """The broker and the actors declared on it."""
+
+    broker: PriorityBroker
+    evaluate_code: Actor
+    health_check: Actor
+    cleanup_old_evaluations: Actor
+    monitor_dead_letter_queue: Actor
+
+
+def declare_actors(broker: PriorityBroker, settings: Settings) -> Worker:
+    """Declare every actor on `broker`, each with its level, time limit or schedule."""
+    time_limit = int(settings.max_timeout * 1000) + TIME_LIMIT_MARGIN_MS
+    return Worker(
+        broker=broker,
+        evaluate_code=dramatiq.actor(
+            evaluate.evaluate_code, broker=broker, actor_name=EVALUATE_ACTOR, queue_name=QUEUE_NAME,
+            time_limit=time_limit, **{RECORDS_STATUS: True},
+        ),
+        health_check=dramatiq.actor(
+            evaluate.health_check, broker=broker, actor_name=HEALTH_CHECK_ACTOR, queue_name=QUEUE_NAME,
+            queue_level="high", store_results=True,
+        ),
+        cleanup_old_evaluations=dramatiq.actor(
+            maintenance.cleanup_old_evaluations, broker=broker, queue_name=QUEUE_NAME,
+            queue_level="low", store_results=True, periodic=cron(settings.cleanup_cron),
+        ),
+        monitor_dead_letter_queue=dramatiq.actor(
+            maintenance.monitor_dead_letter_queue, broker=broker, queue_name=QUEUE_NAME,
+            queue_level="low", store_results=True, periodic=cron(settings.dlq_monitor_cron),
+        ),
+    )  # fmt: skip
+
+
+def build_worker(settings: Settings) -> Worker:
+    """Everything a worker (or a process sending actors' messages) needs, made Dramatiq's globals."""
+    configure_logging(settings.log_level, settings.log_format)
+    broker = build_broker(settings)
+    dramatiq.set_encoder(ENCODER)
+    dramatiq.set_broker(broker)
+    return declare_actors(broker, settings)
+
+
+@cache
+def process_worker() -> Worker:
+    """This process's worker, built once from the environment."""
+    return build_worker(get_settings())
+
+
+def main() -> None:
+    """For Dramatiq's CLI and periodiq (`actors.worker:main`): they then take the global broker."""
+    process_worker()

@@ -1,0 +1,59 @@
+"""What the service refuses or cannot do, said in the domain's words.
+
+Raised anywhere below the HTTP edge (the store, quotas, submission, input checks); the edge
+(`evaluations.web.HTTP_STATUS`) is the one place that turns each kind into a status code,
+and the Celery shim turns the same exceptions into `ValueError`s.
+"""
+
+from __future__ import annotations
+
+
+class CrucibleError(Exception):
+    """A refusal that names its problem: `message` for people, `details` for programs, and
+    `headers` an HTTP answer should carry (a rate limit's `Retry-After`)."""
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        self.details = details
+
+
+class MalformedInput(CrucibleError):
+    """The input cannot be read at all (not JSON)."""
+
+
+class UnsupportedMediaType(CrucibleError):
+    """The input declares a format the service does not read."""
+
+
+class InvalidInput(CrucibleError):
+    """A field is missing, of the wrong type or out of range."""
+
+
+class TooLarge(CrucibleError):
+    """The input, or one field of it, is over its size limit."""
+
+
+class Unauthenticated(CrucibleError):
+    """No valid credentials came with the call."""
+
+
+class Forbidden(CrucibleError):
+    """The caller is known but may not do this."""
+
+
+class NotFound(CrucibleError):
+    """No such thing, or not the caller's to see (both answer alike)."""
+
+
+class Conflict(CrucibleError):
+    """The thing exists already, or is in a state that refuses this."""
+
+
+class LimitExceeded(CrucibleError):
+    """A quota or rate limit refuses the call for now."""
+
+
+class Unavailable(CrucibleError):
+    """A service this one depends on cannot be reached now."""

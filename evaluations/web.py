@@ -1,0 +1,176 @@
+"""The HTTP edge shared by the API and the executor: errors as `{"error": ..., "details": {...}}`,
+each domain exception mapped to its status code here and nowhere else, JSON bodies read with
+limits, and the scope an endpoint needs declared where its route is."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import orjson
+import structlog
+from redis.exceptions import ConnectionError as RedisError
+from starlette import responses
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from evaluations import errors, json_codec
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+#: The status code of each kind of refusal (a subclass answers as its nearest listed base).
+HTTP_STATUS: dict[type[errors.CrucibleError], int] = {
+    errors.MalformedInput: 400,
+    errors.Unauthenticated: 401,
+    errors.Forbidden: 403,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.TooLarge: 413,
+    errors.UnsupportedMediaType: 415,
+    errors.InvalidInput: 422,
+    errors.LimitExceeded: 429,
+    errors.Unavailable: 503,
+}
+
+#: Largest request body read at all; bigger bodies are refused before parsing.
+MAX_BODY_BYTES = 2 * 1024 * 1024
+
+
+def status_of(exc: errors.CrucibleError) -> int:
+    """The HTTP status code that answers `exc`."""
+    for kind in type(exc).__mro__:
+        if kind in HTTP_STATUS:
+            return HTTP_STATUS[kind]
+    return 400
+
+
+class JSONResponse(responses.JSONResponse):
+    """Starlette's JSON response, rendered by orjson (the same compact UTF-8 JSON)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
+
+
+def error_response(status: int, error: str, **details: object) -> JSONResponse:
+    return JSONResponse({"error": error, "details": details}, status_code=status)
+
+
+def error_body(exc: errors.CrucibleError) -> dict[str, Any]:
+    """The `{"error", "details"}` body of a refusal (also one item of a batch's answer)."""
+    return {"error": exc.message, "details": exc.details}
+
+
+async def _refused(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.CrucibleError)
+    if isinstance(exc, errors.Unavailable):
+        log.warning("request.dependency_unavailable", path=request.url.path, error=str(exc))
+        response = error_response(503, exc.message, path=request.url.path, **exc.details)
+    else:
+        response = error_response(status_of(exc), exc.message, **exc.details)
+    response.headers.update(exc.headers)
+    return response
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, str(exc.detail), path=request.url.path)
+
+
+async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("request.redis_unavailable", path=request.url.path, error=str(exc))
+    return error_response(503, "storage unavailable, try again shortly", path=request.url.path)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("request.failed", path=request.url.path)
+    return error_response(500, "internal error", path=request.url.path)
+
+
+def install_error_handlers(app: Starlette) -> None:
+    app.add_exception_handler(errors.CrucibleError, _refused)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RedisError, _redis_down)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def requires(scope: str | None) -> Callable[[Endpoint], Endpoint]:
+    """An endpoint for callers holding `scope` ("user": any live key, "admin", "metrics",
+    "executor"; None: anyone): 401 without credentials, 403 with the wrong ones."""
+
+    def decorate(endpoint: Endpoint) -> Endpoint:
+        if scope is None:
+            return endpoint
+
+        @functools.wraps(endpoint)
+        async def guarded(request: Request) -> Response:
+            if scope not in request.auth.scopes:
+                if not request.user.is_authenticated:
+                    raise errors.Unauthenticated(
+                        "an API key is required (Authorization: Bearer <key> or X-API-Key)"
+                    )
+                raise errors.Forbidden(f"this needs an {scope} key", needs=scope)
+            return await endpoint(request)
+
+        return guarded
+
+    return decorate
+
+
+async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
+    """The body parsed as JSON, or a 4xx saying why not (a declared non-JSON type: 415)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        raise errors.UnsupportedMediaType("request body must be JSON (Content-Type: application/json)")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise errors.TooLarge(f"request body over {max_bytes} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise errors.TooLarge(f"request body over {max_bytes} bytes")
+    try:
+        return json_codec.loads(body)
+    except json_codec.JSONDecodeError as exc:  # also deep nesting, invalid UTF-8, lone surrogates
+        raise errors.MalformedInput("request body is not valid JSON", reason=str(exc)[:200]) from None
+
+
+async def read_json_object(request: Request, max_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """The body as a JSON object, or a 4xx saying why not."""
+    data = await read_json(request, max_bytes)
+    if not isinstance(data, dict):
+        raise errors.InvalidInput("request body must be a JSON object")
+    return data
+
+
+class Handler(Generic[T]):
+    """The object whose methods answer a set of routes, built only in the app's lifespan (it
+    needs the event loop). Routes bind to its methods where they are declared, by the function
+    itself (`Route("/x", handler.endpoint(Api.x))`), so each route names the code it runs."""
+
+    def __init__(self) -> None:
+        self._instance: T | None = None
+
+    def set(self, instance: T | None) -> None:
+        self._instance = instance
+
+    @property
+    def instance(self) -> T:
+        assert self._instance is not None, "the app's lifespan has not built its handlers yet"
+        return self._instance
+
+    def endpoint(self, method: Callable[[T, Request], Awaitable[Response]]) -> Endpoint:
+        async def endpoint(request: Request) -> Response:
+            return await method(self.instance, request)
+
+        endpoint.__name__ = method.__name__
+        endpoint.__doc__ = method.__doc__
+        return endpoint
