@@ -37,6 +37,7 @@ from evaluations import json_codec
 from evaluations.queue import LEVEL_OPTION, LEVELS, QUEUE_NAME, TICK_OPTION, decode_message, encode_message
 from evaluations.quotas import QUOTA_FUNCTION_LUA
 from evaluations.redis_client import sync_client
+from evaluations.redis_keys import RedisKeys
 from evaluations.store import HISTOGRAM_BOUNDS_MS, STATUS_FUNCTIONS_LUA, TRANSITION_LUA, StatusChange, utc_now
 from middleware.running import RECORDS_STATUS
 from middleware.state import (
@@ -297,7 +298,7 @@ class PriorityBroker(Broker):
 
     def wait_for_doorbell(self, timeout: float) -> None:
         """Block until an enqueue on one of our levels rings, or `timeout` passes."""
-        bells = [f"{self.namespace}:doorbell:{level}" for level in self.levels]
+        bells = [RedisKeys(self.namespace).doorbell(level) for level in self.levels]
         try:
             self.client.blpop(bells, timeout=timeout)
         except redis.ConnectionError as exc:
@@ -307,7 +308,7 @@ class PriorityBroker(Broker):
         self.flush_all()
 
     def flush_all(self) -> None:
-        keys = list(self.client.scan_iter(match=f"{self.namespace}:*", count=1000))
+        keys = list(self.client.scan_iter(match=RedisKeys(self.namespace).everything, count=1000))
         if keys:
             self.client.delete(*keys)
 

@@ -17,6 +17,7 @@ from redis.exceptions import WatchError
 
 from actors.broker import AsyncEnqueuer
 from evaluations.queue import LEVEL_OPTION, decode_message, task_id_of
+from evaluations.redis_keys import RedisKeys
 from evaluations.status import RETRY_DEAD_LETTER, Status
 from evaluations.store import EvaluationStore, StatusChange
 from middleware.state import FAILURE_OPTIONS
@@ -52,8 +53,8 @@ class AsyncDeadLetterQueue:
     ) -> None:
         self.client = client
         self.warning_threshold = warning_threshold
-        self.index = f"{namespace}:dlq"
-        self.entries = f"{namespace}:dlq:entries"
+        self.index = RedisKeys(namespace).dlq
+        self.entries = RedisKeys(namespace).dlq_entries
         self.store = store
         self.enqueuer = AsyncEnqueuer(client, namespace)
 
@@ -116,7 +117,7 @@ class AsyncDeadLetterQueue:
                 raise NotRetryable(f"entry {task_id} holds no original message to send again")
             eval_id = entry.get("eval_id")
             if eval_id:
-                await pipe.watch(self.store.key(eval_id))
+                await pipe.watch(self.store.keys.record(eval_id))
             record = await self.store.get(eval_id) if eval_id else None
             if record is not None and record["status"] != "failed":
                 raise NotRetryable(f"evaluation {eval_id} is {record['status']}, not failed")
@@ -131,7 +132,8 @@ class AsyncDeadLetterQueue:
                     pipe, StatusChange.by(RETRY_DEAD_LETTER, eval_id, Status.QUEUED, reset)
                 )
                 # A second run: counted as a submission, so finals never outnumber submissions.
-                pipe.hincrby(self.store.stats_key, f"submitted:{record.get('queue_system') or 'dramatiq'}", 1)
+                system = record.get("queue_system") or "dramatiq"
+                pipe.hincrby(self.store.keys.stats, f"submitted:{system}", 1)
             await self.enqueuer.enqueue_in(pipe, message, options.get(LEVEL_OPTION, "default"))
             pipe.zrem(self.index, task_id)
             pipe.hdel(self.entries, task_id)

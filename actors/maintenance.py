@@ -19,6 +19,7 @@ from actors.broker import AsyncEnqueuer
 from actors.dlq import AsyncDeadLetterQueue
 from actors.runtime import runtime
 from evaluations.queue import TICK_OPTION
+from evaluations.redis_keys import RedisKeys
 from evaluations.settings import get_settings
 from middleware.state import worker_name
 
@@ -32,7 +33,7 @@ async def _record_run(actor: str, outcome: dict[str, Any]) -> None:
     tick = message.options.get(TICK_OPTION) if message else None
     run = {"actor": actor, "scheduled_at": tick, "at_ms": int(time.time() * 1000), "worker": worker_name(),
            **outcome}  # fmt: skip
-    key = f"{get_settings().namespace}:scheduler:runs"
+    key = RedisKeys(get_settings().namespace).scheduler_runs
     async with runtime().redis.pipeline(transaction=True) as pipe:
         pipe.lpush(key, json.dumps(run))
         pipe.ltrim(key, 0, RUNS_KEPT - 1)

@@ -10,6 +10,8 @@ import time
 
 import redis
 
+from evaluations.redis_client import sync_client
+from evaluations.redis_keys import RedisKeys
 from evaluations.settings import Settings
 from middleware.state import worker_name
 
@@ -19,17 +21,13 @@ SCHEDULER_BEAT_S = 5
 FORGET_AFTER_S = 3600
 
 
-def schedulers_key(namespace: str) -> str:
-    return f"{namespace}:schedulers"
-
-
 def start_heartbeat(settings: Settings) -> threading.Thread:
     """Publish `{ns}:schedulers` (zset name -> last beat, ms) every few seconds, in a daemon thread."""
-    client = redis.Redis.from_url(settings.redis_url_or_default)
+    client = sync_client(settings.redis_url_or_default)
     name = worker_name()
 
     def beat() -> None:
-        key = schedulers_key(settings.namespace)
+        key = RedisKeys(settings.namespace).schedulers
         while True:
             try:
                 seconds, micros = client.time()  # Redis's clock, as the status page reads it

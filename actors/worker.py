@@ -24,6 +24,7 @@ from actors.runtime import CloseRuntime, forward_now, forward_soon
 from evaluations.logs import configure_logging
 from evaluations.queue import ENCODER, EVALUATE_ACTOR, HEALTH_CHECK_ACTOR, QUEUE_NAME, TIME_LIMIT_MARGIN_MS
 from evaluations.redis_client import sync_client
+from evaluations.redis_keys import RedisKeys
 from evaluations.settings import Settings, get_settings
 from middleware.backoff import Backoff
 from middleware.collector import CollectorForServing
@@ -36,7 +37,7 @@ from middleware.worker_stats import WorkerStats
 
 def result_backend(settings: Settings) -> RedisBackend:
     return RedisBackend(
-        client=sync_client(settings.redis_url_or_default), namespace=f"{settings.namespace}:results"
+        client=sync_client(settings.redis_url_or_default), namespace=RedisKeys(settings.namespace).results
     )
 
 

@@ -25,7 +25,7 @@ from actors.executor_client import ExecutorUnavailable
 from app.auth import ApiKeyBackend, caller
 from app.dashboard import dashboard_routes, root_redirect
 from app.migration_tracker import MigrationTracker
-from app.openapi import FALSE_WORDS, TRUE_WORDS, openapi_schema
+from app.openapi import openapi_schema
 from app.ops_api import OpsApi
 from app.services import Services
 from app.submission import Submission
@@ -51,6 +51,8 @@ from evaluations.web import (
     Handler,
     JSONResponse,
     install_error_handlers,
+    query_bool,
+    query_int,
     read_json,
     read_json_object,
     requires,
@@ -252,7 +254,7 @@ class Api:
 
     async def cancel(self, request: Request) -> JSONResponse:
         eval_id = (await self.visible(request))["id"]
-        terminate = _query_bool(request.query_params.get("terminate"), "terminate")
+        terminate = query_bool(request.query_params.get("terminate"), "terminate")
         outcome = await self.canceller.cancel(eval_id, terminate)
         if outcome is None:
             raise NotFound("evaluation not found", eval_id=eval_id)
@@ -264,8 +266,8 @@ class Api:
 
     async def dlq_list(self, request: Request) -> JSONResponse:
         params = request.query_params
-        limit = _query_int(params.get("limit"), "limit", default=100, low=1, high=MAX_PAGE)
-        offset = _query_int(params.get("offset"), "offset", default=0, low=0, high=10**9)
+        limit = query_int(params.get("limit"), "limit", default=100, low=1, high=MAX_PAGE)
+        offset = query_int(params.get("offset"), "offset", default=0, low=0, high=10**9)
         entries = await self.dlq.list_tasks(limit, offset, params.get("eval_id") or None)
         tasks = [public_entry(e) for e in entries]
         total = await self.dlq.get_queue_size()
@@ -327,8 +329,8 @@ class Api:
 
     async def list_evaluations(self, request: Request) -> JSONResponse:
         params = request.query_params
-        limit = _query_int(params.get("limit"), "limit", default=50, low=1, high=MAX_PAGE)
-        offset = _query_int(params.get("offset"), "offset", default=0, low=0, high=10**9)
+        limit = query_int(params.get("limit"), "limit", default=50, low=1, high=MAX_PAGE)
+        offset = query_int(params.get("offset"), "offset", default=0, low=0, high=10**9)
         status = params.get("status")
         if status is not None and status not in STATUSES:
             raise InvalidInput(f"unknown status {status!r}", field="status", known=list(STATUSES))
@@ -378,29 +380,6 @@ class Api:
         key = caller(request)
         events = [for_caller(event, key) for event in await self.store.events(eval_id)]
         return JSONResponse({"eval_id": eval_id, "events": events})
-
-
-def _query_bool(raw: str | None, name: str) -> bool:
-    """Absent: False. Present, it must say true or false (as the schema has it)."""
-    if raw is None:
-        return False
-    if raw in TRUE_WORDS:
-        return True
-    if raw in FALSE_WORDS:
-        return False
-    raise InvalidInput(f"query parameter '{name}' must be true or false", field=name)
-
-
-def _query_int(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:
-    """Absent: `default`. Present, plain decimal digits within [low, high] (no sign, no `_`)."""
-    if raw is None:
-        return default
-    if not raw.isascii() or not raw.isdigit():
-        raise InvalidInput(f"query parameter '{name}' must be a whole number", field=name)
-    value = int(raw)
-    if not low <= value <= high:
-        raise InvalidInput(f"query parameter '{name}' must be between {low} and {high}", field=name)
-    return value
 
 
 def create_dashboard_app() -> Starlette:

@@ -29,7 +29,7 @@ from app.blocking import blocking_services
 from app.services import Services
 from app.submission_input import offered_languages, parse_submission
 from evaluations.errors import CrucibleError
-from evaluations.queue import LEVEL_ALIASES, task_id_of
+from evaluations.queue import LEVEL_ALIASES, eval_id_of_task, task_id_of
 from evaluations.settings import get_settings
 from evaluations.status import celery_state
 
@@ -101,7 +101,7 @@ class EvaluationResult(_Handle):
 
     def __init__(self, task_id: str) -> None:
         self.id = self.task_id = task_id
-        self.eval_id = task_id.removeprefix("celery-")
+        self.eval_id = eval_id_of_task(task_id)
         self._services = blocking_services()
 
     def __repr__(self) -> str:

@@ -48,7 +48,7 @@ class EventStreams:
         recorded timeline is read again then, so a change published while the subscription was
         reconnecting is still seen.
         """
-        channel = f"{self.store.events_channel}:{eval_id}"
+        channel = self.store.keys.events_of(eval_id)
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         await self._join(channel, queue)
         try:
@@ -88,7 +88,7 @@ class EventStreams:
         answer itself, which would race the reader, unless the connection is subscribed."""
         async with self._starting:
             if self._reader is None or self._reader.done():
-                await self.pubsub.subscribe(**{f"{self.store.events_channel}:readers": self._deliver})
+                await self.pubsub.subscribe(**{self.store.keys.readers_channel: self._deliver})
                 self._reader = asyncio.create_task(self._read(), name="event-streams")
 
     async def _leave(self, channel: str, queue: asyncio.Queue[dict[str, Any]]) -> None:

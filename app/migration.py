@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from evaluations.redis_keys import RedisKeys
 from evaluations.settings import Settings
 from evaluations.status import TERMINAL
 from evaluations.store import EvaluationStore
@@ -55,7 +56,7 @@ class MigrationControl:
     def __init__(self, client: aioredis.Redis, settings: Settings, legacy_configured: bool) -> None:
         self.client = client
         self.settings = settings
-        self.key = f"{settings.namespace}:migration"
+        self.key = RedisKeys(settings.namespace).migration
         self.legacy_configured = legacy_configured
         self._cached: tuple[float, Knobs] | None = None
 
@@ -131,24 +132,16 @@ def percentile(ordered: list[int], q: float) -> int | None:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-def legacy_pending_key(namespace: str) -> str:
-    return f"{namespace}:legacy:pending"
-
-
-def shadow_pending_key(namespace: str) -> str:
-    return f"{namespace}:shadow:pending"
-
-
 async def migration_report(control: MigrationControl, store: EvaluationStore) -> dict[str, Any]:
     """Per system: submitted, final statuses, fallbacks and latency; the split; the shadow score."""
     client = store.client
     async with client.pipeline(transaction=False) as pipe:
-        pipe.hgetall(store.stats_key)
+        pipe.hgetall(store.keys.stats)
         for system in SYSTEMS:
-            pipe.lrange(f"{store.ns}:latency:{system}", 0, -1)
-        pipe.scard(legacy_pending_key(store.ns))
-        pipe.scard(shadow_pending_key(store.ns))
-        pipe.lrange(f"{store.ns}:shadow:mismatches", 0, 9)
+            pipe.lrange(store.keys.latency(system), 0, -1)
+        pipe.scard(store.keys.legacy_pending)
+        pipe.scard(store.keys.shadow_pending)
+        pipe.lrange(store.keys.shadow_mismatches, 0, 9)
         stats, *latencies, legacy_pending, shadows_pending, mismatches = await pipe.execute()
     systems: dict[str, Any] = {}
     for system, samples in zip(SYSTEMS, latencies, strict=True):

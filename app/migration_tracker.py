@@ -13,7 +13,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from app.legacy import LegacyCelery, LegacyState
-from app.migration import MISMATCHES_KEPT, legacy_pending_key, shadow_id, shadow_pending_key
+from app.migration import MISMATCHES_KEPT, shadow_id
 from app.submission import Submitter
 from evaluations.queue import task_id_of
 from evaluations.status import LEGACY_FINISH, START, TERMINAL, Status
@@ -34,8 +34,8 @@ class MigrationTracker:
         self.client = store.client
         self.legacy = legacy
         self.submitter = submitter
-        self.pending_key = legacy_pending_key(store.ns)
-        self.shadows_key = shadow_pending_key(store.ns)
+        self.pending_key = store.keys.legacy_pending
+        self.shadows_key = store.keys.shadow_pending
 
     async def run(self, interval: float = 0.5) -> None:
         """Track until cancelled; no error ends it (Redis may be away, a result may be odd)."""
@@ -96,8 +96,8 @@ class MigrationTracker:
             copy.get("output") or ""
         )
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hincrby(self.store.stats_key, "shadow:matched" if same else "shadow:mismatched", 1)
-            pipe.hset(self.store.key(primary["id"]), "shadow_match", "1" if same else "0")
+            pipe.hincrby(self.store.keys.stats, "shadow:matched" if same else "shadow:mismatched", 1)
+            pipe.hset(self.store.keys.record(primary["id"]), "shadow_match", "1" if same else "0")
             if not same:
                 mismatch = {
                     "eval_id": primary["id"],
@@ -105,7 +105,7 @@ class MigrationTracker:
                     "statuses": [primary["status"], copy["status"]],
                     "outputs": [(primary.get("output") or "")[:200], (copy.get("output") or "")[:200]],
                 }
-                key = f"{self.store.ns}:shadow:mismatches"
+                key = self.store.keys.shadow_mismatches
                 pipe.lpush(key, json.dumps(mismatch))
                 pipe.ltrim(key, 0, MISMATCHES_KEPT - 1)
             await pipe.execute()

@@ -22,10 +22,10 @@ from app.services import Services
 from app.status import SystemStatus
 from evaluations.errors import InvalidInput
 from evaluations.queue import LEVELS
-from evaluations.status import STATUSES, TERMINAL
+from evaluations.status import STATUSES, TERMINAL, Status
 from evaluations.store import HISTOGRAM_BOUNDS_MS
 from evaluations.validation import require_bool, require_number
-from evaluations.web import JSONResponse, read_json_object
+from evaluations.web import JSONResponse, query_int, read_json_object
 from middleware.retry_policy import RETRY_POLICIES
 
 log = structlog.get_logger(__name__)
@@ -121,14 +121,14 @@ class OpsApi:
     async def rates(self, request: Request) -> JSONResponse:
         """Per minute over the last `minutes` (≤ 120): submitted, finished by status, success and
         failure rates, latency percentiles (bucket upper bounds, ms); and the whole window."""
-        raw = request.query_params.get("minutes") or "60"
-        if not raw.isdigit() or not 1 <= int(raw) <= 120:
-            raise InvalidInput("query parameter 'minutes' must be between 1 and 120", field="minutes")
+        window = query_int(
+            request.query_params.get("minutes") or None, "minutes", default=60, low=1, high=120
+        )
         now_minute = int(time.time() // 60)
-        minutes = list(range(now_minute - int(raw) + 1, now_minute + 1))
+        minutes = list(range(now_minute - window + 1, now_minute + 1))
         async with self.client.pipeline(transaction=False) as pipe:
             for minute in minutes:
-                pipe.hgetall(f"{self.store.ns}:minute:{minute}")
+                pipe.hgetall(self.store.keys.minute(minute))
             counts: list[dict[str, str]] = await pipe.execute()
         total: Counter[str] = Counter()
         for c in counts:
@@ -144,11 +144,11 @@ class OpsApi:
         )
 
     async def queue_status(self, request: Request) -> JSONResponse:
-        ns = self.store.ns
+        keys = self.store.keys
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zcard(f"{ns}:evals:queued")
-            pipe.zcard(f"{ns}:evals:running")
-            pipe.zcard(f"{ns}:evals")
+            pipe.zcard(keys.by_status(Status.QUEUED))
+            pipe.zcard(keys.by_status(Status.RUNNING))
+            pipe.zcard(keys.evaluations)
             queued, running, total = await pipe.execute()
         sizes = await self.services.enqueuer.queue_sizes()
         return JSONResponse(
@@ -170,7 +170,7 @@ class OpsApi:
 
     async def _metric_families(self) -> list[Metric]:
         queues = await self.status.queues()
-        stats: dict[str, str] = await self.client.hgetall(self.store.stats_key)
+        stats: dict[str, str] = await self.client.hgetall(self.store.keys.stats)
         report = await migration_report(self.control, self.store)
         workers = [w for w in await self.status.workers() if w["online"]]
         executors = await self.status.executors()
@@ -254,7 +254,7 @@ class OpsApi:
 
     async def _histogram(self, name: str, documentation: str, key: str) -> HistogramMetricFamily:
         """A Prometheus histogram from the per-bucket counts status.lua keeps (in ms)."""
-        raw: dict[str, str] = await self.client.hgetall(f"{self.store.ns}:hist:{key}")
+        raw: dict[str, str] = await self.client.hgetall(self.store.keys.histogram(key))
         counts = accumulate(int(raw.get(f"in:{ms}", 0)) for ms in HISTOGRAM_BOUNDS_MS)
         buckets = [(str(ms / 1000), count) for ms, count in zip(HISTOGRAM_BOUNDS_MS, counts, strict=True)]
         family = HistogramMetricFamily(name, documentation)

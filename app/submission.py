@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.broker import AsyncEnqueuer
 from app.legacy import LegacyCelery, LegacyUnavailable
-from app.migration import MigrationControl, legacy_pending_key, other, shadow_id, shadow_pending_key
+from app.migration import MigrationControl, other, shadow_id
 from evaluations.api_keys import ApiKey
 from evaluations.errors import Conflict, CrucibleError
 from evaluations.queue import evaluation_message
@@ -150,7 +150,7 @@ class Submitter:
         A WATCH failure means the key changed or the connection dropped: look again (a
         dropped connection then raises on the next WATCH, which callers treat as Redis down).
         """
-        key = self.store.key(evaluation.eval_id)
+        key = self.store.keys.record(evaluation.eval_id)
         for _ in range(WATCH_ATTEMPTS):
             try:
                 async with self.client.pipeline(transaction=True) as pipe:
@@ -189,11 +189,11 @@ class Submitter:
         ahead of it."""
         if self.store.forwarder:
             # the storage service hears of it before any worker can report it running
-            if await self.client.exists(self.store.key(sub.eval_id)):
+            if await self.client.exists(self.store.keys.record(sub.eval_id)):
                 raise _duplicate()
             await self.store.announce(evaluation)
         claim = self._limiter.claim(quota, sub.eval_id) if quota else ""
-        record = self.store.key(sub.eval_id)
+        record = self.store.keys.record(sub.eval_id)
         creation = self.store.creation(evaluation)
         reply = await self.enqueuer.submit(record, creation, _message(sub), evaluation.level, claim)
         if reply == [-1]:
@@ -215,7 +215,7 @@ class Submitter:
             return await self._to_dramatiq(sub, evaluation)
 
         async def track(pipe: Pipeline) -> None:
-            pipe.sadd(legacy_pending_key(self.ns), sub.eval_id)
+            pipe.sadd(self.store.keys.legacy_pending, sub.eval_id)
 
         try:
             await self._record(evaluation, track, count=False)
@@ -233,7 +233,7 @@ class Submitter:
             position = await self._take_over_from_legacy(sub, evaluation)
             return Accepted(sub.eval_id, "dramatiq", position, fallback=True)
         if evaluation.shadow_of is None:
-            await self.client.hincrby(self.store.stats_key, "submitted:legacy", 1)
+            await self.client.hincrby(self.store.keys.stats, "submitted:legacy", 1)
         log.info("evaluation.sent_to_legacy", eval_id=sub.eval_id, level=evaluation.level)
         return Accepted(sub.eval_id, "legacy", None)
 
@@ -249,12 +249,13 @@ class Submitter:
         """Move a recorded legacy submission to Dramatiq in one transaction, and count it."""
         message = _message(sub)
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(self.store.key(sub.eval_id), mapping={"queue_system": "dramatiq", "fallback": "1"})
-            pipe.srem(legacy_pending_key(self.ns), sub.eval_id)
-            pipe.hincrby(self.store.stats_key, "submitted:dramatiq", 1)
-            pipe.hincrby(self.store.stats_key, "fallback_to:dramatiq", 1)
+            moved = {"queue_system": "dramatiq", "fallback": "1"}
+            pipe.hset(self.store.keys.record(sub.eval_id), mapping=moved)
+            pipe.srem(self.store.keys.legacy_pending, sub.eval_id)
+            pipe.hincrby(self.store.keys.stats, "submitted:dramatiq", 1)
+            pipe.hincrby(self.store.keys.stats, "fallback_to:dramatiq", 1)
             await self.enqueuer.enqueue_in(pipe, message, evaluation.level)
-            pipe.llen(f"{self.ns}:queue:{evaluation.level}")
+            pipe.llen(self.store.keys.queue(evaluation.level))
             *_, length = await pipe.execute()
         return max(int(length) - 1, 0)
 
@@ -272,11 +273,11 @@ class Submitter:
         for eval_id, (evaluation, fallback) in list(self.unrecorded.items()):
 
             async def track(pipe: Pipeline, fallback: bool = fallback, eval_id: str = eval_id) -> None:
-                pipe.sadd(legacy_pending_key(self.ns), eval_id)
-                pipe.hincrby(self.store.stats_key, "submitted:legacy", 1)
+                pipe.sadd(self.store.keys.legacy_pending, eval_id)
+                pipe.hincrby(self.store.keys.stats, "submitted:legacy", 1)
                 if fallback:
-                    pipe.hset(self.store.key(eval_id), "fallback", "1")
-                    pipe.hincrby(self.store.stats_key, "fallback_to:legacy", 1)
+                    pipe.hset(self.store.keys.record(eval_id), "fallback", "1")
+                    pipe.hincrby(self.store.keys.stats, "fallback_to:legacy", 1)
 
             try:
                 await self._record(evaluation, track, count=False, announce=False)
@@ -302,7 +303,7 @@ class Submitter:
                 await self._to_legacy(copy, evaluation, take_over=False)
             else:
                 await self._to_dramatiq(copy, evaluation)
-            await self.client.sadd(shadow_pending_key(self.ns), sub.eval_id)
+            await self.client.sadd(self.store.keys.shadow_pending, sub.eval_id)
         except LegacyUnavailable:
             await self._forget(copy.eval_id)
         except (CrucibleError, RedisError) as exc:
@@ -310,7 +311,7 @@ class Submitter:
 
     async def _forget(self, eval_id: str) -> None:
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.srem(legacy_pending_key(self.ns), eval_id)
+            pipe.srem(self.store.keys.legacy_pending, eval_id)
             await self.store.delete_in(pipe, eval_id)
             await pipe.execute()
 

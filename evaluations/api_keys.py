@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 
 import redis.asyncio as aioredis
 
+from evaluations.redis_keys import RedisKeys
+
 TIERS = ("standard", "premium", "admin")
 #: Tiers whose `priority: true` submissions go to the high queue.
 PRIORITY_TIERS = ("premium", "admin")
@@ -45,8 +47,8 @@ def digest(key: str) -> str:
 class KeyStore:
     def __init__(self, client: aioredis.Redis, namespace: str) -> None:
         self.client = client
-        self.records = f"{namespace}:keys"
-        self.hashes = f"{namespace}:keyhash"
+        self.records = RedisKeys(namespace).api_keys
+        self.hashes = RedisKeys(namespace).api_key_hashes
 
     async def create(self, name: str, tier: str) -> tuple[ApiKey, str]:
         """A new key and its secret form, which is not stored and cannot be shown again."""

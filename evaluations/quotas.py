@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from evaluations import json_codec
 from evaluations.api_keys import ApiKey
 from evaluations.errors import LimitExceeded, TooLarge
+from evaluations.redis_keys import RedisKeys
 
 log = structlog.get_logger(__name__)
 
@@ -53,14 +54,11 @@ class Allowance:
         }
 
 
-def active_key(namespace: str, key_id: str) -> str:
-    return f"{namespace}:active:{key_id}"
-
-
 class RateLimiter:
     def __init__(self, client: aioredis.Redis, namespace: str, limits: dict[str, dict[str, float]]) -> None:
         self.client = client
         self.ns = namespace
+        self.keys = RedisKeys(namespace)
         self.limits = limits
         self._admit = client.register_script(QUOTA_LUA)
 
@@ -77,7 +75,7 @@ class RateLimiter:
             raise TooLarge(f"at most {burst} evaluations at once for this key", field="evaluations")
         try:
             reply = await self._admit(
-                keys=[f"{self.ns}:bucket:{key.id}", active_key(self.ns, key.id)],
+                keys=[self.keys.bucket(key.id), self.keys.active(key.id)],
                 args=[limits["per_second"], burst, int(limits["max_active"]), *eval_ids],
             )
         except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -94,7 +92,7 @@ class RateLimiter:
         """`key`'s quota for one evaluation, as the broker's `submit` takes it with the record."""
         limits = self.limits[key.tier]
         return json_codec.dumps([
-            f"{self.ns}:bucket:{key.id}", active_key(self.ns, key.id),
+            self.keys.bucket(key.id), self.keys.active(key.id),
             limits["per_second"], int(limits["burst"]), int(limits["max_active"]), eval_id,
         ])  # fmt: skip
 
@@ -129,7 +127,7 @@ class RateLimiter:
     async def stream(self, key: ApiKey) -> AsyncIterator[None]:
         """Hold one of `key`'s event-stream places while a stream is open (each holds a
         connection to the API); 429 when all are taken."""
-        counter = f"{self.ns}:streams:{key.id}"
+        counter = self.keys.streams(key.id)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.incr(counter)
             pipe.expire(counter, STREAM_COUNTER_TTL_S)  # a process that died cannot hold places forever
@@ -149,4 +147,4 @@ class RateLimiter:
     async def release(self, key: ApiKey, eval_ids: list[str]) -> None:
         """Give back places taken for evaluations that were not submitted after all."""
         if eval_ids:
-            await self.client.srem(active_key(self.ns, key.id), *eval_ids)
+            await self.client.srem(self.keys.active(key.id), *eval_ids)

@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 
 from evaluations.queue import LEVEL_ALIASES, LEVELS
+from evaluations.validation import bool_word
 
 
 class ConfigError(ValueError):
@@ -50,14 +51,13 @@ def _share(name: str, default: float, alias: str | None = None) -> float:
 
 
 def _bool(name: str, default: bool) -> bool:
-    raw = (os.environ.get(name) or "").strip().lower()
-    if raw == "":
+    raw = os.environ.get(name) or ""
+    if raw.strip() == "":
         return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+    value = bool_word(raw)
+    if value is None:
+        raise ConfigError(f"{name} must be true or false, got {raw.strip().lower()!r}")
+    return value
 
 
 def _str(name: str, default: str) -> str:

@@ -21,7 +21,8 @@ import structlog
 
 from evaluations import json_codec
 from evaluations.queue import task_id_of
-from evaluations.status import STATUSES, TERMINAL, Transition
+from evaluations.redis_keys import RedisKeys
+from evaluations.status import STATUSES, TERMINAL, Status, Transition
 
 log = structlog.get_logger(__name__)
 
@@ -191,23 +192,12 @@ class EvaluationStore:
         self.ns = namespace
         self.retention_seconds = retention_seconds
         self.forwarder = forwarder
+        self.keys = RedisKeys(namespace)
         self._transition = client.register_script(TRANSITION_LUA)
 
     def key(self, eval_id: str) -> str:
-        return f"{self.ns}:eval:{eval_id}"
-
-    def owner_index(self, owner: str) -> str:
-        """zset eval id -> created (ms): one API key's evaluations."""
-        return f"{self.ns}:evals:owner:{owner}"
-
-    @property
-    def stats_key(self) -> str:
-        """Counters kept across processes: submissions and final statuses by system and language."""
-        return f"{self.ns}:stats"
-
-    @property
-    def events_channel(self) -> str:
-        return f"{self.ns}:events"
+        """The record's hash (the broker's submit takes it by name)."""
+        return self.keys.record(eval_id)
 
     def creation(self, evaluation: NewEvaluation, count: bool = True) -> list[list[str]]:
         """The commands that create the record: its hash, indexes, first event and counters.
@@ -222,24 +212,25 @@ class EvaluationStore:
             {"eval_id": evaluation.eval_id, "status": "queued", "previous_status": None, "at_ms": created_ms}
         )
         at = str(created_ms)
-        key = self.key(evaluation.eval_id)
+        keys = self.keys
+        key = keys.record(evaluation.eval_id)
         record = {**fields, "submitted_at_ms": at, "queued_at_ms": at}
         ops = [
             ["hset", key, *(part for item in record.items() for part in item)],
-            ["zadd", f"{self.ns}:evals", at, evaluation.eval_id],
-            ["zadd", f"{self.ns}:evals:queued", at, evaluation.eval_id],
+            ["zadd", keys.evaluations, at, evaluation.eval_id],
+            ["zadd", keys.by_status(Status.QUEUED), at, evaluation.eval_id],
         ]
         if evaluation.owner:
-            ops.append(["zadd", self.owner_index(evaluation.owner), at, evaluation.eval_id])
-            ops.append(["sadd", f"{self.ns}:active:{evaluation.owner}", evaluation.eval_id])
-        ops.append(["rpush", f"{key}:events", event])
+            ops.append(["zadd", keys.by_owner(evaluation.owner), at, evaluation.eval_id])
+            ops.append(["sadd", keys.active(evaluation.owner), evaluation.eval_id])
+        ops.append(["rpush", keys.timeline(evaluation.eval_id), event])
         if count and evaluation.shadow_of is None:
-            minute = f"{self.ns}:minute:{created_ms // 60000}"
-            ops.append(["hincrby", self.stats_key, f"submitted:{evaluation.queue_system}", "1"])
+            minute = keys.minute(created_ms // 60000)
+            ops.append(["hincrby", keys.stats, f"submitted:{evaluation.queue_system}", "1"])
             ops.append(["hincrby", minute, "submitted", "1"])
             ops.append(["expire", minute, "7200"])
-        ops.append(["publish", self.events_channel, event])
-        ops.append(["publish", f"{self.events_channel}:{evaluation.eval_id}", event])
+        ops.append(["publish", keys.events, event])
+        ops.append(["publish", keys.events_of(evaluation.eval_id), event])
         return ops
 
     def write_new(
@@ -251,14 +242,14 @@ class EvaluationStore:
 
     async def delete_in(self, pipe: aioredis.client.Pipeline, eval_id: str, owner: str | None = None) -> None:
         """Queue the removal of one evaluation, its timeline and its index entries on `pipe`."""
-        pipe.delete(self.key(eval_id), f"{self.key(eval_id)}:events")
-        for index in ("", *(f":{s}" for s in STATUSES)):
-            pipe.zrem(f"{self.ns}:evals{index}", eval_id)
+        pipe.delete(self.keys.record(eval_id), self.keys.timeline(eval_id))
+        for index in (self.keys.evaluations, *(self.keys.by_status(s) for s in STATUSES)):
+            pipe.zrem(index, eval_id)
         if owner:
-            pipe.zrem(self.owner_index(owner), eval_id)
+            pipe.zrem(self.keys.by_owner(owner), eval_id)
 
     async def get(self, eval_id: str) -> dict[str, Any] | None:
-        raw = await self.client.hgetall(self.key(eval_id))
+        raw = await self.client.hgetall(self.keys.record(eval_id))
         return _decode(raw) if raw else None
 
     async def transition_in(self, pipe: aioredis.client.Pipeline, change: StatusChange) -> None:
@@ -304,7 +295,7 @@ class EvaluationStore:
             await self.forwarder.send(eval_id, payload)
 
     async def events(self, eval_id: str) -> list[dict[str, Any]]:
-        return [json_codec.loads(e) for e in await self.client.lrange(f"{self.key(eval_id)}:events", 0, -1)]
+        return [json_codec.loads(e) for e in await self.client.lrange(self.keys.timeline(eval_id), 0, -1)]
 
     async def list(
         self,
@@ -322,9 +313,9 @@ class EvaluationStore:
         Status has its own index. Language, queue and id search filter the newest
         `LIST_SCAN` evaluations of that index (recent history, which is what they serve).
         """
-        index = f"{self.ns}:evals:{status}" if status else f"{self.ns}:evals"
+        index = self.keys.by_status(status) if status else self.keys.evaluations
         if owner:  # one key's own evaluations: its index, the status then filtered like the rest
-            index = self.owner_index(owner)
+            index = self.keys.by_owner(owner)
         elif not (language or queue or search):
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.zrevrange(index, offset, offset + limit - 1)
@@ -349,7 +340,7 @@ class EvaluationStore:
             return []
         async with self.client.pipeline(transaction=False) as pipe:
             for eval_id in ids:
-                pipe.hmget(self.key(eval_id), fields)
+                pipe.hmget(self.keys.record(eval_id), fields)
             rows = await pipe.execute()
         return [dict(zip(fields, r, strict=True)) for r in rows if r[0] is not None]
 
@@ -364,15 +355,15 @@ class EvaluationStore:
         cutoff_ms = int(((now or time.time()) - self.retention_seconds) * 1000)
         removed = 0
         for status in TERMINAL:
-            index = f"{self.ns}:evals:{status}"
+            index = self.keys.by_status(status)
             while old := await self.client.zrangebyscore(index, 0, cutoff_ms, start=0, num=500):
                 async with self.client.pipeline(transaction=False) as pipe:
                     for eval_id in old:
-                        pipe.hget(self.key(eval_id), "owner")
+                        pipe.hget(self.keys.record(eval_id), "owner")
                     owners = await pipe.execute()
                 async with self.client.pipeline(transaction=True) as pipe:
                     for eval_id, owner in zip(old, owners, strict=True):
-                        pipe.delete(self.key(eval_id))
+                        pipe.delete(self.keys.record(eval_id))
                         await self.delete_in(pipe, eval_id, owner)
                     results = await pipe.execute()
                 stride = len(results) // len(old)

@@ -13,6 +13,9 @@ _MISSING: Any = object()
 #: Command-line arguments a run may be given.
 MAX_ARGS = 64
 MAX_ARG_BYTES = 4096
+#: How a yes/no is written in settings and query parameters (case does not matter).
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
 #: The smallest memory limit a run may ask for (an interpreter needs some to start at all).
 MIN_MEMORY_MB = 16
 
@@ -84,3 +87,13 @@ def require_string_list(body: dict[str, Any], name: str, *, max_items: int, max_
     for item in value:
         require_string({name: item}, name, max_bytes=max_bytes)
     return value
+
+
+def bool_word(raw: str) -> bool | None:
+    """True or False for a yes/no word (`TRUE_WORDS`, `FALSE_WORDS`), None for anything else."""
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    return None

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from evaluations import errors, json_codec
+from evaluations.validation import bool_word
 
 log = structlog.get_logger(__name__)
 
@@ -174,3 +175,25 @@ class Handler(Generic[T]):
         endpoint.__name__ = method.__name__
         endpoint.__doc__ = method.__doc__
         return endpoint
+
+
+def query_bool(raw: str | None, name: str) -> bool:
+    """A query parameter that is a flag. Absent: False; present, it must say true or false."""
+    if raw is None:
+        return False
+    value = bool_word(raw)
+    if value is None:
+        raise errors.InvalidInput(f"query parameter '{name}' must be true or false", field=name)
+    return value
+
+
+def query_int(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:
+    """Absent: `default`. Present, plain decimal digits within [low, high] (no sign, no `_`)."""
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit():
+        raise errors.InvalidInput(f"query parameter '{name}' must be a whole number", field=name)
+    value = int(raw)
+    if not low <= value <= high:
+        raise errors.InvalidInput(f"query parameter '{name}' must be between {low} and {high}", field=name)
+    return value

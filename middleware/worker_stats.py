@@ -20,20 +20,13 @@ import structlog
 from dramatiq.middleware import Middleware
 from redis.exceptions import RedisError
 
-from middleware.state import SETTLE
+from evaluations.redis_keys import RedisKeys
+from middleware.state import SETTLE, worker_name
 
 log = structlog.get_logger(__name__)
 
 #: A published worker record outlives its last update by this much, then Redis drops it.
 RECORD_TTL_S = 3600
-
-
-def workers_key(namespace: str) -> str:
-    return f"{namespace}:workers"
-
-
-def worker_key(namespace: str, worker_id: str) -> str:
-    return f"{namespace}:worker:{worker_id}"
 
 
 class WorkerStats(Middleware):
@@ -61,7 +54,7 @@ class WorkerStats(Middleware):
         self._add(active=-1, processed=1, retried=int(retried))
         if retried and plan.get("policy"):
             try:
-                broker.client.hincrby(f"{broker.namespace}:stats", f"retry:{plan['policy']}", 1)
+                broker.client.hincrby(RedisKeys(broker.namespace).stats, f"retry:{plan['policy']}", 1)
             except RedisError as exc:
                 log.warning("stats.retry_count_lost", error=str(exc))
 
@@ -79,8 +72,8 @@ class WorkerStats(Middleware):
     def before_worker_shutdown(self, broker: Any, worker: Any) -> None:
         self.stopped.set()
         try:
-            broker.client.delete(worker_key(broker.namespace, broker.broker_id))
-            broker.client.zrem(workers_key(broker.namespace), broker.broker_id)
+            broker.client.delete(RedisKeys(broker.namespace).worker(broker.broker_id))
+            broker.client.zrem(RedisKeys(broker.namespace).workers, broker.broker_id)
         except RedisError:
             pass  # it will be shown as gone when its last-seen time ages
 
@@ -99,7 +92,7 @@ class WorkerStats(Middleware):
         now_ms = int(time.time() * 1000)
         record = {
             "id": broker.broker_id,
-            "name": f"{socket.gethostname()}:{os.getpid()}",
+            "name": worker_name(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "queues": ",".join(broker.levels),
@@ -110,10 +103,10 @@ class WorkerStats(Middleware):
             "load": round(os.getloadavg()[0], 2),
             **counts,
         }
-        key = worker_key(broker.namespace, broker.broker_id)
+        key = RedisKeys(broker.namespace).worker(broker.broker_id)
         with broker.client.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=record)
             pipe.expire(key, RECORD_TTL_S)
-            pipe.zadd(workers_key(broker.namespace), {broker.broker_id: now_ms})
-            pipe.zremrangebyscore(workers_key(broker.namespace), 0, now_ms - RECORD_TTL_S * 1000)
+            pipe.zadd(RedisKeys(broker.namespace).workers, {broker.broker_id: now_ms})
+            pipe.zremrangebyscore(RedisKeys(broker.namespace).workers, 0, now_ms - RECORD_TTL_S * 1000)
             pipe.execute()

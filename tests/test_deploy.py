@@ -14,7 +14,7 @@ import yaml
 from tests.stack import ROOT
 
 DEPLOY = ROOT / "deploy"
-CONFIG_SOURCE = (ROOT / "app" / "config.py").read_text()
+CONFIG_SOURCE = (ROOT / "evaluations" / "settings.py").read_text()
 ROLES = {"api", "worker", "scheduler", "executor", "dashboard"}
 
 
@@ -66,7 +66,8 @@ def test_the_image_copies_everything_the_project_installs() -> None:
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     copied = " ".join(line for line in dockerfile.splitlines() if line.startswith("COPY"))
-    for package in setuptools["packages"]:
+    for pattern in setuptools["packages"]["find"]["include"]:
+        package = pattern.rstrip("*")
         assert re.search(rf"\b{package}\b", copied), f"package {package} is not copied into the image"
     for module in setuptools["py-modules"]:
         assert f"{module}.py" in copied, f"module {module} is not copied into the image"

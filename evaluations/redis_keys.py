@@ -1,0 +1,213 @@
+"""Every Redis key and channel name Crucible uses, in one place (as arq keeps them in
+`constants.py`). All live under the deployment's namespace (`CRUCIBLE_NAMESPACE`), so several
+stacks can share one Redis.
+
+The Lua scripts build the same names from the namespace they are given; each script's header
+lists the keys it touches, and `tests/unit/test_redis_keys.py` holds those names to this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """The key names of one namespace."""
+
+    ns: str
+
+    # -- evaluation records (evaluations/store.py, lua/status.lua) ---------------------------
+    def record(self, eval_id: str) -> str:
+        """hash: one evaluation."""
+        return f"{self.ns}:eval:{eval_id}"
+
+    def timeline(self, eval_id: str) -> str:
+        """list of JSON status changes."""
+        return f"{self.ns}:eval:{eval_id}:events"
+
+    @property
+    def evaluations(self) -> str:
+        """zset eval id -> created (ms): every evaluation."""
+        return f"{self.ns}:evals"
+
+    def by_status(self, status: str) -> str:
+        """zset eval id -> created (ms): evaluations in one status."""
+        return f"{self.ns}:evals:{status}"
+
+    def by_owner(self, owner: str) -> str:
+        """zset eval id -> created (ms): one API key's evaluations."""
+        return f"{self.ns}:evals:owner:{owner}"
+
+    def active(self, owner: str) -> str:
+        """set: one API key's evaluations queued or running (its in-progress quota)."""
+        return f"{self.ns}:active:{owner}"
+
+    @property
+    def stats(self) -> str:
+        """hash of counters kept across processes (submitted, final statuses, retries)."""
+        return f"{self.ns}:stats"
+
+    def minute(self, minute: int) -> str:
+        """hash: one minute's final statuses and latency buckets (kept two hours)."""
+        return f"{self.ns}:minute:{minute}"
+
+    def latency(self, system: str) -> str:
+        """list: the latest submit-to-result latencies (ms) of one queue system."""
+        return f"{self.ns}:latency:{system}"
+
+    def histogram(self, name: str) -> str:
+        """hash: a histogram's buckets, sum and count (wait_ms, run_ms)."""
+        return f"{self.ns}:hist:{name}"
+
+    @property
+    def events(self) -> str:
+        """channel: every status change."""
+        return f"{self.ns}:events"
+
+    def events_of(self, eval_id: str) -> str:
+        """channel: one evaluation's status changes."""
+        return f"{self.ns}:events:{eval_id}"
+
+    @property
+    def readers_channel(self) -> str:
+        """channel the event streams' shared subscription keeps for itself."""
+        return f"{self.ns}:events:readers"
+
+    # -- the broker (actors/broker.py, actors/lua/dispatch.lua) ------------------------------
+    def queue(self, level: str) -> str:
+        """list of message ids ready to run, oldest first."""
+        return f"{self.ns}:queue:{level}"
+
+    def doorbell(self, level: str) -> str:
+        """list an enqueue rings so idle workers wake at once."""
+        return f"{self.ns}:doorbell:{level}"
+
+    @property
+    def delayed(self) -> str:
+        """zset message id -> eta (ms)."""
+        return f"{self.ns}:delayed"
+
+    @property
+    def messages(self) -> str:
+        """hash message id -> encoded message."""
+        return f"{self.ns}:msgs"
+
+    @property
+    def message_levels(self) -> str:
+        """hash message id -> level."""
+        return f"{self.ns}:level"
+
+    @property
+    def message_tasks(self) -> str:
+        """hash message id -> task id."""
+        return f"{self.ns}:task"
+
+    @property
+    def task_messages(self) -> str:
+        """hash task id -> message id: how a cancel finds a queued message."""
+        return f"{self.ns}:task_msg"
+
+    @property
+    def message_evaluations(self) -> str:
+        """hash message id -> the evaluation its fetch marks running."""
+        return f"{self.ns}:eval_of"
+
+    @property
+    def deliveries(self) -> str:
+        """hash message id -> how many times it was fetched (attempt tokens "<id>#<n>")."""
+        return f"{self.ns}:deliveries"
+
+    def once(self, key: str) -> str:
+        """marks an idempotency key (a scheduler tick) already enqueued; expires."""
+        return f"{self.ns}:once:{key}"
+
+    def acks(self, worker_id: str) -> str:
+        """set of message ids a worker fetched and has not acked."""
+        return f"{self.ns}:acks:{worker_id}"
+
+    @property
+    def heartbeats(self) -> str:
+        """zset worker id -> last heartbeat (ms, Redis's clock)."""
+        return f"{self.ns}:heartbeats"
+
+    @property
+    def everything(self) -> str:
+        """A SCAN pattern matching every key of the namespace."""
+        return f"{self.ns}:*"
+
+    # -- dead letters (actors/dlq.py, middleware/dead_letter.py) -----------------------------
+    @property
+    def dlq(self) -> str:
+        """zset task id -> last failure (ms)."""
+        return f"{self.ns}:dlq"
+
+    @property
+    def dlq_entries(self) -> str:
+        """hash task id -> JSON entry."""
+        return f"{self.ns}:dlq:entries"
+
+    # -- workers and schedulers --------------------------------------------------------------
+    @property
+    def workers(self) -> str:
+        """zset worker id -> last published (ms)."""
+        return f"{self.ns}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        """hash: one worker process's published stats."""
+        return f"{self.ns}:worker:{worker_id}"
+
+    @property
+    def schedulers(self) -> str:
+        """zset scheduler name -> last beat (ms)."""
+        return f"{self.ns}:schedulers"
+
+    @property
+    def scheduler_runs(self) -> str:
+        """list of JSON runs of the scheduled actors, newest first."""
+        return f"{self.ns}:scheduler:runs"
+
+    @property
+    def results(self) -> str:
+        """Prefix of Dramatiq's result backend (actors' return values, for the Celery shim)."""
+        return f"{self.ns}:results"
+
+    # -- API keys and quotas (evaluations/api_keys.py, evaluations/quotas.py) ----------------
+    @property
+    def api_keys(self) -> str:
+        """hash key id -> JSON record."""
+        return f"{self.ns}:keys"
+
+    @property
+    def api_key_hashes(self) -> str:
+        """hash SHA-256 of a key -> key id."""
+        return f"{self.ns}:keyhash"
+
+    def bucket(self, key_id: str) -> str:
+        """hash: one key's token bucket."""
+        return f"{self.ns}:bucket:{key_id}"
+
+    def streams(self, key_id: str) -> str:
+        """counter: one key's open event streams."""
+        return f"{self.ns}:streams:{key_id}"
+
+    # -- migration from the legacy Celery deployment (app/migration.py) ----------------------
+    @property
+    def migration(self) -> str:
+        """hash: the split's knobs as changed at run time."""
+        return f"{self.ns}:migration"
+
+    @property
+    def legacy_pending(self) -> str:
+        """set: evaluations sent to the legacy deployment, not yet finished."""
+        return f"{self.ns}:legacy:pending"
+
+    @property
+    def shadow_pending(self) -> str:
+        """set: evaluations whose shadow copy is not yet compared."""
+        return f"{self.ns}:shadow:pending"
+
+    @property
+    def shadow_mismatches(self) -> str:
+        """list of JSON mismatches between systems, newest first."""
+        return f"{self.ns}:shadow:mismatches"

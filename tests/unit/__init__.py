@@ -1,0 +1,1 @@
+"""Fast tests: no processes, no Redis, no sandbox; the whole folder runs in seconds."""

@@ -1,0 +1,28 @@
+"""Domain exceptions become HTTP answers in one place (evaluations/web.py)."""
+
+from __future__ import annotations
+
+from evaluations import errors
+from evaluations.web import HTTP_STATUS, error_body, status_of
+
+
+def test_every_kind_of_refusal_has_its_status_code() -> None:
+    kinds = {k for k in vars(errors).values() if isinstance(k, type) and issubclass(k, errors.CrucibleError)}
+    assert kinds - {errors.CrucibleError} == set(HTTP_STATUS)
+    assert status_of(errors.NotFound("no such evaluation")) == 404
+    assert status_of(errors.LimitExceeded("slow down", headers={"Retry-After": "1"})) == 429
+
+
+def test_a_subclass_answers_as_its_base() -> None:
+    class LegacyDown(errors.Unavailable):
+        pass
+
+    assert status_of(LegacyDown("the legacy broker failed")) == 503
+
+
+def test_the_body_names_the_problem_and_the_field() -> None:
+    refusal = errors.InvalidInput("field 'timeout' must be a number", field="timeout")
+    assert error_body(refusal) == {
+        "error": "field 'timeout' must be a number",
+        "details": {"field": "timeout"},
+    }
