@@ -29,13 +29,23 @@ from evaluations.settings import ConfigError, Settings, get_settings
 from evaluations.validation import (
     MAX_ARG_BYTES,
     MAX_ARGS,
+    MIN_MEMORY_MB,
     require_number,
     require_string,
     require_string_list,
 )
-from evaluations.web import Handler, error_response, install_error_handlers, read_json_object, requires
+from evaluations.web import (
+    Handler,
+    error_response,
+    install_error_handlers,
+    query_bool,
+    read_json_object,
+    requires,
+)
 from executor.cgroups import CgroupsV1, DiskLimits
-from executor.sandbox import Limits, Sandbox, SandboxBusy, SandboxError
+from executor.errors import SandboxBusy, SandboxError
+from executor.limits import Limits
+from executor.sandbox import Sandbox
 from executor.seccomp import build_filter
 from executor.warm import WarmSpec
 
@@ -80,7 +90,9 @@ def request_limits(s: Settings, body: dict[str, object]) -> Limits:
     """A request's limits: its own where it gives them, within the configured maxima (a value
     over one is a 422, never clamped), else the defaults."""
     timeout = require_number(body, "timeout", default=s.default_timeout, low=0.1, high=s.max_timeout)
-    memory = require_number(body, "memory_mb", default=s.memory_limit_mb, low=16, high=s.memory_limit_mb)
+    memory = require_number(
+        body, "memory_mb", default=s.memory_limit_mb, low=MIN_MEMORY_MB, high=s.memory_limit_mb
+    )
     output = require_number(
         body, "output_limit", default=s.output_limit_bytes, low=1, high=s.output_limit_bytes
     )
@@ -138,7 +150,7 @@ class Executor:
 
     async def kill(self, request: Request) -> JSONResponse:
         eval_id = request.path_params["eval_id"]
-        attempt_only = request.query_params.get("attempt_only", "").lower() in ("1", "true")
+        attempt_only = query_bool(request.query_params.get("attempt_only"), "attempt_only")
         if not self.sandbox.kill(eval_id, remember=not attempt_only):
             return error_response(
                 404,

@@ -15,12 +15,9 @@ arguments. Any other run starts cold, as before.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from evaluations.languages import Language
-
-if TYPE_CHECKING:
-    from executor.sandbox import Limits
+from executor.limits import Limits
 
 #: The sandbox's program until its code arrives: read the code from fd argv[1], then run it as
 #: the script /sandbox/main.py. It imports nothing the interpreter has not (linecache and

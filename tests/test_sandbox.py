@@ -14,8 +14,11 @@ import httpx
 from evaluations.languages import registry
 from evaluations.settings import Settings
 from executor.app import open_cgroups, stage_bwrap
-from executor.sandbox import Limits, RunResult, Sandbox, SandboxError
+from executor.errors import SandboxError
+from executor.limits import Limits
+from executor.sandbox import Sandbox
 from executor.seccomp import build_filter
+from executor.verdict import RunResult
 from tests.helpers import execute as run
 from tests.helpers import executor_client
 

@@ -16,9 +16,10 @@ import pytest
 
 from evaluations.languages import registry
 from evaluations.settings import Settings
-from executor import sandbox as sandbox_module
+from executor import warm_pool
 from executor.app import open_sandbox, request_limits
-from executor.sandbox import RunResult, Sandbox
+from executor.sandbox import Sandbox
+from executor.verdict import RunResult
 from executor.warm import LOADER
 
 PYTHON = "/usr/bin/python3"
@@ -126,13 +127,13 @@ async def test_shutdown_leaves_no_warm_sandbox_behind() -> None:
 @pytest.fixture
 def slow_handover(monkeypatch: pytest.MonkeyPatch) -> None:
     """Widen the moment a warm sandbox gets its code, so a kill or a cancel lands inside it."""
-    original = sandbox_module._write_and_close
+    original = warm_pool._write_and_close
 
     def slow(fd: int, data: bytes) -> None:
         time.sleep(0.5)
         original(fd, data)
 
-    monkeypatch.setattr(sandbox_module, "_write_and_close", slow)
+    monkeypatch.setattr(warm_pool, "_write_and_close", slow)
 
 
 @pytest.mark.usefixtures("slow_handover")

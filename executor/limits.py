@@ -1,0 +1,27 @@
+"""What a run may use: the limits a request sets (within the executor's maxima) and the fixed
+ones every run shares. Kept apart so every part of the sandbox can read them without importing
+the rest of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from evaluations.languages import COMPILE_TIMEOUT_SECONDS
+
+#: Output past this many times the kept size kills the run (`output_limit_exceeded`).
+OUTPUT_KILL_FACTOR = 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one run may use; the executor checks these against its maxima before a run."""
+
+    timeout: float
+    memory_mb: int
+    output_bytes: int
+    processes: int
+    open_files: int
+    file_size_mb: int
+    tmpfs_mb: int
+    compile_timeout: float = COMPILE_TIMEOUT_SECONDS
+    compile_memory_mb: int = 1024

@@ -1,0 +1,52 @@
+"""Runs in progress, and kills that arrived before their run did.
+
+A run is killed through its process group; a kill for a run not (yet) here is remembered for a
+while, so a cancel racing the run's start still wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+#: How long a kill for a run not (yet) here makes this executor refuse to start that run.
+KILL_MEMORY_SECONDS = 300.0
+
+
+@dataclass
+class Run:
+    """One run in progress: what `/running` lists and what a kill stops."""
+
+    eval_id: str
+    language: str
+    started_at: float = field(default_factory=time.time)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: bool = False
+    pid: int | None = None
+
+    def kill(self) -> None:
+        # bwrap's --die-with-parent takes the whole pid namespace down with it.
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+
+class KillMemory:
+    """Kills of runs that were not running, each kept for `KILL_MEMORY_SECONDS`."""
+
+    def __init__(self) -> None:
+        self._killed_early: dict[str, float] = {}
+
+    def remember(self, eval_id: str) -> None:
+        self._killed_early[eval_id] = time.monotonic()
+
+    def was_killed_early(self, eval_id: str) -> bool:
+        """Whether a kill for `eval_id` is remembered; it is forgotten once asked for."""
+        horizon = time.monotonic() - KILL_MEMORY_SECONDS
+        for stale in [k for k, at in self._killed_early.items() if at < horizon]:
+            del self._killed_early[stale]
+        return self._killed_early.pop(eval_id, None) is not None

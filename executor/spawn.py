@@ -1,0 +1,155 @@
+"""Starting one sandboxed process: fresh cgroups, inputs as memfds, the slot's uid, then bwrap.
+
+Source, stdin and compiled binaries go in through memfds (`--ro-bind-data`, stdin): the
+executor never creates, reads or deletes a file on the host on a run's behalf, so nothing a
+run plants (symlinks, hard links) can be followed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evaluations.languages import Language
+from executor.cgroups import CgroupsV1, RunGroup
+from executor.errors import SandboxError
+from executor.limits import Limits
+
+#: The whole environment the sandbox launcher (sh, bwrap) gets.
+LAUNCH_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+#: util-linux's setpriv: how the launcher drops from root to a slot's uid (and no groups)
+SETPRIV = Path("/usr/bin/setpriv")
+
+#: Builds the sandbox's argv from (argv, files as (fd, path, perms), status fd, address space
+#: in MB, limits, CPU seconds, seccomp fd): `Sandbox.command`.
+CommandBuilder = Callable[
+    [tuple[str, ...], list[tuple[int, str, str]], int, int, Limits, float, int | None], list[str]
+]
+
+
+@dataclass
+class Started:
+    """A spawned sandbox and what must be read and undone when it ends."""
+
+    process: subprocess.Popen[bytes]
+    group: RunGroup | None
+    status_read: int
+
+
+class Spawner:
+    """Starts sandboxed processes; one per executor, shared by cold runs and warm sandboxes."""
+
+    def __init__(
+        self,
+        command: CommandBuilder,
+        cgroups: CgroupsV1 | None,
+        seccomp: bytes | None,
+        as_root: bool,
+    ) -> None:
+        self._command = command
+        self._cgroups = cgroups
+        self._seccomp = seccomp
+        self._as_root = as_root
+
+    def start(
+        self,
+        uid: int,
+        argv: tuple[str, ...],
+        files: list[tuple[bytes, str, str]],
+        stdin: str | None,
+        limits: Limits,
+        memory_mb: int,
+        timeout: float,
+        language: Language | None,
+        keep_fds: tuple[int, ...] = (),
+    ) -> Started:
+        """Spawn one sandboxed process in fresh cgroups; `keep_fds` are handed to it too."""
+        # With cgroups the group holds memory; RLIMIT_AS then only stops absurd reservations
+        # (a refused one still reads as out of memory: see executor.verdict.OUT_OF_MEMORY_SIGNS).
+        lang_min = language.min_address_space_mb if language else 0
+        address_space = max(memory_mb * (4 if self._cgroups else 1), lang_min)
+        group = self._group(uid, memory_mb, limits)
+        status_read, status_write = os.pipe()
+        try:
+            process = self._spawn(
+                argv, files, stdin, status_write, group, uid, address_space, limits, timeout, keep_fds
+            )
+        except BaseException:
+            os.close(status_read)
+            if group:
+                group.remove()
+            raise
+        return Started(process, group, status_read)
+
+    def _spawn(
+        self,
+        argv: tuple[str, ...],
+        files: list[tuple[bytes, str, str]],
+        stdin: str | None,
+        status_fd: int,
+        group: RunGroup | None,
+        uid: int,
+        address_space_mb: int,
+        limits: Limits,
+        timeout: float,
+        keep_fds: tuple[int, ...] = (),
+    ) -> subprocess.Popen[bytes]:
+        """Start bwrap (joining the run's cgroups first); inputs go in as memfds."""
+        fds = [_memfd(data) for data, _, _ in files]
+        binds = [(fd, path, perms) for fd, (_, path, perms) in zip(fds, files, strict=True)]
+        # bwrap reads the filter to its end, so each run gets its own copy
+        seccomp_fd = _memfd(self._seccomp) if self._seccomp is not None else None
+        extra = [seccomp_fd] if seccomp_fd is not None else []
+        stdin_fd = _memfd((stdin or "").encode())
+        try:
+            command = self._command(argv, binds, status_fd, address_space_mb, limits, timeout, seccomp_fd)
+            if group:
+                join = 'for f; do [ "$f" = -- ] && break; echo $$ > "$f"; shift; done; shift; exec "$@"'
+                command = ["/bin/sh", "-c", join, "join", *group.procs_files, "--", *command]
+            drop: dict[str, Any] = {}
+            if self._as_root and SETPRIV.exists():
+                # setpriv drops to the slot's uid, not Popen(user=...): with that, Python must
+                # fork a copy of the whole executor; without it, it can vfork (measured: the
+                # spawn was a third of the executor's time per run)
+                command = [str(SETPRIV), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *command]
+            elif self._as_root:
+                drop = {"user": uid, "group": uid, "extra_groups": []}
+            return subprocess.Popen(
+                command,
+                stdin=stdin_fd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(*fds, *extra, status_fd, *keep_fds),
+                start_new_session=True,
+                # Not the executor's environment (secrets, Redis URL): bwrap also clears it
+                # inside, but the launcher and bwrap itself run outside the sandbox.
+                env=LAUNCH_ENV,
+                cwd="/",  # the launcher's PWD reaches bwrap's init, which a run can read
+                **drop,
+            )
+        finally:
+            for fd in (*fds, *extra, stdin_fd, status_fd):
+                os.close(fd)
+
+    def _group(self, uid: int, memory_mb: int, limits: Limits) -> RunGroup | None:
+        """Fresh cgroups for one phase (None: rlimits only)."""
+        if not self._cgroups:
+            return None
+        try:
+            return self._cgroups.create(
+                f"{uid}-{time.monotonic_ns()}", uid, memory_mb * 1024 * 1024, limits.processes
+            )
+        except OSError as exc:
+            raise SandboxError(f"could not set up the run's cgroups: {exc}") from exc
+
+
+def _memfd(data: bytes) -> int:
+    fd = os.memfd_create("sandbox-input")
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd

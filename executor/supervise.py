@@ -1,0 +1,147 @@
+"""Supervising a started sandbox to its end: its output read with caps, its wall time enforced,
+its killing when either runs out, then its reaping with the usage it and its cgroups report.
+
+stdout and stderr are read as they come: the first `output_bytes` are kept (the rest dropped
+and the result flagged truncated); past `OUTPUT_KILL_FACTOR` times that the run is killed
+with `output_limit_exceeded`, so a flood costs neither memory nor the whole time limit. A
+wall-clock time-out kills bwrap, and with it the whole pid namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import signal
+import subprocess
+import time
+
+from executor.errors import SandboxError
+from executor.limits import OUTPUT_KILL_FACTOR
+from executor.outcome import READ_CHUNK, Capture, Outcome
+from executor.runs import KillMemory, Run
+from executor.spawn import Started
+
+#: Exit statuses bwrap reports for a program killed by a signal (128 + signal number).
+SIGNAL_EXIT_BASE = 128
+#: A SIGXCPU exit is the CPU limit only if at least this share of it was used.
+CPU_LIMIT_SHARE = 0.9
+
+
+async def supervise(
+    run: Run, started: Started, timeout: float, caps: tuple[int, int], kills: KillMemory
+) -> Outcome:
+    """Supervise a started sandbox to its end; read its usage and undo its cgroups."""
+    group = started.group
+    try:
+        run.pid = started.process.pid
+        # a kill that came while the process was spawned, or while a warm one got its code
+        if run.cancelled or kills.was_killed_early(run.eval_id):
+            run.cancelled = True
+            run.kill()
+        outcome = await _watch(run, started.process, timeout, caps)
+    finally:
+        run.pid = None
+        status = _read_all(started.status_read)
+        stats = group.stats() if group else None
+        if group:
+            group.remove()
+    if stats:
+        outcome.peak_rss_kb = max(outcome.peak_rss_kb, stats.peak_memory_bytes // 1024)
+        outcome.oom_killed = stats.oom_killed
+        outcome.cpu_ms = max(outcome.cpu_ms, stats.cpu_ns // 1_000_000)
+    # bwrap writes "exit-code" only once its own set-up (mounts included, which come after
+    # the clone that writes "child-pid") ended in a successful exec; without it the program
+    # never ran, unless we ourselves killed bwrap first
+    we_stopped_it = run.cancelled or outcome.timed_out or outcome.flooded or outcome.oom_killed
+    if '"exit-code"' not in status and not we_stopped_it:
+        raise SandboxError(f"bwrap did not start the program: {outcome.stderr.text()[:500]}")
+    # bwrap reports a signal as 128 + N, which a program can also exit with: SIGXCPU only
+    # counts as the CPU limit when the CPU time was really spent
+    if outcome.signal == signal.SIGXCPU and outcome.cpu_ms >= CPU_LIMIT_SHARE * timeout * 1000:
+        outcome.timed_out = True
+    return outcome
+
+
+async def _watch(
+    run: Run, process: subprocess.Popen[bytes], timeout: float, caps: tuple[int, int]
+) -> Outcome:
+    """Read both streams (each up to its cap), enforce the wall time, reap with resource usage."""
+    loop = asyncio.get_running_loop()
+    flooded = False
+
+    def flood() -> None:
+        nonlocal flooded
+        flooded = True
+        run.kill()
+
+    out, err = (Capture(cap, flood, cap * OUTPUT_KILL_FACTOR) for cap in caps)
+    started = time.perf_counter()
+    readers = [await _reader(loop, pipe) for pipe in (process.stdout, process.stderr)]
+    io = asyncio.gather(out.drain(readers[0]), err.drain(readers[1]), _wait(loop, process))
+    timed_out = False
+    try:
+        await asyncio.wait_for(asyncio.shield(io), timeout=timeout)
+    except TimeoutError:
+        timed_out = True
+        run.kill()
+        await io
+    except BaseException:
+        run.kill()
+        await asyncio.gather(io, return_exceptions=True)
+        raise
+    wall_ms = int((time.perf_counter() - started) * 1000)
+    _, _, (status, usage) = io.result()
+    code = os.waitstatus_to_exitcode(status)
+    sig = -code if code < 0 else (code - SIGNAL_EXIT_BASE if code > SIGNAL_EXIT_BASE else None)
+    return Outcome(
+        exit_code=code if code >= 0 else None,
+        signal=sig,
+        stdout=out,
+        stderr=err,
+        wall_ms=wall_ms,
+        cpu_ms=int((usage.ru_utime + usage.ru_stime) * 1000),
+        peak_rss_kb=usage.ru_maxrss,
+        timed_out=timed_out,
+        flooded=flooded and not timed_out,
+    )
+
+
+async def _reader(loop: asyncio.AbstractEventLoop, pipe: object) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader(limit=READ_CHUNK * 4)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    return reader
+
+
+async def _wait(
+    loop: asyncio.AbstractEventLoop, process: subprocess.Popen[bytes]
+) -> tuple[int, resource.struct_rusage]:
+    """Reap `process` without blocking the loop (pidfd), keeping the resource usage of it and
+    every descendant it reaped, which asyncio's own subprocess support throws away."""
+    pidfd = os.pidfd_open(process.pid)
+    done: asyncio.Future[tuple[int, resource.struct_rusage]] = loop.create_future()
+
+    def ready() -> None:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid and not done.done():
+            process.returncode = os.waitstatus_to_exitcode(status)
+            done.set_result((status, usage))
+
+    loop.add_reader(pidfd, ready)
+    try:
+        return await done
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+
+def _read_all(fd: int) -> str:
+    """What bwrap wrote on its status pipe (it has ended: this does not block)."""
+    chunks = []
+    with contextlib.suppress(OSError):
+        os.set_blocking(fd, False)
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
