@@ -39,6 +39,7 @@ from evaluations.errors import (
     InvalidInput,
     MalformedInput,
     NotFound,
+    Refused,
     TooLarge,
     Unavailable,
 )
@@ -259,7 +260,7 @@ class Api:
         if outcome is None:
             raise NotFound("evaluation not found", eval_id=eval_id)
         if not outcome.cancelled:
-            raise MalformedInput(outcome.message, **outcome.to_dict())
+            raise Refused(outcome.message, **outcome.to_dict())
         return JSONResponse({"eval_id": eval_id, "status": "cancelled", **outcome.to_dict()})
 
     # -- dead-letter queue -------------------------------------------------------------------

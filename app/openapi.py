@@ -12,11 +12,9 @@ from typing import Any
 from evaluations.queue import LEVELS
 from evaluations.settings import Settings
 from evaluations.status import STATUSES
-from evaluations.validation import MIN_MEMORY_MB
+from evaluations.validation import FALSE_WORDS, MIN_MEMORY_MB, TRUE_WORDS
 
 #: How a boolean query parameter may be written.
-TRUE_WORDS = ("true", "1", "yes")
-FALSE_WORDS = ("false", "0", "no")
 
 ERROR = {
     "type": "object",
@@ -42,9 +40,31 @@ def _eval_id_param() -> dict[str, Any]:
 
 
 def openapi_schema(settings: Settings, languages: list[str]) -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Crucible", "version": "1", "description": "Run untrusted code; read results."},
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            }
+        },
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "paths": {
+            **_submission_paths(settings, languages),
+            "/api/languages": _languages_path(),
+            **_reading_paths(),
+            **_admin_paths(),
+            "/health": _health_path(),
+        },
+    }
+
+
+def _submission(settings: Settings, languages: list[str]) -> dict[str, Any]:
+    """POST /api/eval's body."""
     # Optional fields may be null, meaning absent. Limits are in bytes of UTF-8 (413 beyond):
     # a string within maxLength characters may still be refused if its UTF-8 form is longer.
-    submission = {
+    return {
         "type": "object",
         "required": ["code"],
         "properties": {
@@ -74,7 +94,11 @@ def openapi_schema(settings: Settings, languages: list[str]) -> dict[str, Any]:
             },
         },
     }
-    queued = {
+
+
+def _queued() -> dict[str, Any]:
+    """The answer to an accepted submission."""
+    return {
         "type": "object",
         "required": ["eval_id", "task_id", "status", "message"],
         "properties": {
@@ -87,7 +111,66 @@ def openapi_schema(settings: Settings, languages: list[str]) -> dict[str, Any]:
             "fallback": {"type": "boolean"},
         },
     }
-    evaluation = {
+
+
+def _submission_paths(settings: Settings, languages: list[str]) -> dict[str, Any]:
+    """Submitting one evaluation, or a batch of them."""
+    batch = {
+        "type": "object",
+        "required": ["evaluations"],
+        "properties": {
+            # Each item is checked alone and reported in the answer
+            # (queued, or failed with its error), so any object goes.
+            "evaluations": {
+                "type": "array",
+                "items": {"type": "object"},
+                "minItems": 1,
+                "maxItems": 100,
+                "description": "objects shaped like POST /api/eval's body",
+            }
+        },
+    }
+    batch_answer = {"type": "object", "required": ["evaluations", "total", "queued", "failed"]}
+    return {
+        "/api/eval": {
+            "post": {
+                "summary": "Submit code to evaluate",
+                "requestBody": {"required": True, "content": _json(_submission(settings, languages))},
+                "responses": _answers(_queued(), 400, 403, 409, 413, 415, 422),
+            }
+        },
+        "/api/eval-batch": {
+            "post": {
+                "summary": "Submit up to 100 evaluations (low queue)",
+                "requestBody": {"required": True, "content": _json(batch)},
+                "responses": _answers(batch_answer, 400, 413, 415, 422),
+            }
+        },
+    }
+
+
+def _languages_path() -> dict[str, Any]:
+    """GET /api/languages."""
+    language = {
+        "type": "object",
+        "required": ["name", "version", "compiled"],
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "compiled": {"type": "boolean"},
+        },
+    }
+    listing = {
+        "type": "object",
+        "required": ["languages"],
+        "properties": {"languages": {"type": "array", "items": language}},
+    }
+    return {"get": {"summary": "Languages the executors run, with versions", "responses": _answers(listing)}}
+
+
+def _evaluation() -> dict[str, Any]:
+    """One evaluation, as GET /api/eval/{eval_id} shows it."""
+    return {
         "type": "object",
         "required": ["eval_id", "status", "success", "created_at"],
         "properties": {
@@ -102,6 +185,56 @@ def openapi_schema(settings: Settings, languages: list[str]) -> dict[str, Any]:
             "queue": {"enum": [*LEVELS, None]},
         },
     }
+
+
+def _page() -> list[dict[str, Any]]:
+    """The `limit` and `offset` query parameters of a listing."""
+    return [
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+    ]
+
+
+def _reading_paths() -> dict[str, Any]:
+    """One evaluation (with its timeline, and cancelling it), and the listing of them."""
+    evaluation = _evaluation()
+    return {
+        "/api/eval/{eval_id}": {
+            "get": {"parameters": [_eval_id_param()], "responses": _answers(evaluation, 404)}
+        },
+        "/api/eval-status/{eval_id}": {
+            "get": {"parameters": [_eval_id_param()], "responses": _answers(evaluation, 404)}
+        },
+        "/api/eval/{eval_id}/timeline": {
+            "get": {
+                "parameters": [_eval_id_param()],
+                "responses": _answers({"type": "object", "required": ["eval_id", "events"]}, 404),
+            }
+        },
+        "/api/eval/{eval_id}/cancel": _cancel_path(),
+        "/api/evaluations": _listing_path(),
+    }
+
+
+def _cancel_path() -> dict[str, Any]:
+    """POST /api/eval/{eval_id}/cancel."""
+    cancelled = {
+        "type": "object",
+        "required": ["eval_id", "status", "cancelled", "message"],
+        "properties": {"status": {"const": "cancelled"}, "cancelled": {"const": True}},
+    }
+    terminate = {
+        "name": "terminate",
+        "in": "query",
+        "schema": {"type": "string", "enum": [*TRUE_WORDS, *FALSE_WORDS]},
+    }
+    return {
+        "post": {"parameters": [_eval_id_param(), terminate], "responses": _answers(cancelled, 400, 404, 422)}
+    }
+
+
+def _listing_path() -> dict[str, Any]:
+    """GET /api/evaluations: a page of evaluations, filtered."""
     listing = {
         "type": "object",
         "required": ["evaluations", "count", "total", "limit", "offset", "has_more"],
@@ -114,157 +247,38 @@ def openapi_schema(settings: Settings, languages: list[str]) -> dict[str, Any]:
             "has_more": {"type": "boolean"},
         },
     }
-    cancelled = {
-        "type": "object",
-        "required": ["eval_id", "status", "cancelled", "message"],
-        "properties": {"status": {"const": "cancelled"}, "cancelled": {"const": True}},
-    }
-    page = [
-        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+    filters = [
+        {"name": "status", "in": "query", "schema": {"enum": list(STATUSES)}},
+        {"name": "language", "in": "query", "schema": {"type": "string"}},
+        {"name": "queue", "in": "query", "schema": {"enum": list(LEVELS)}},
+        {"name": "q", "in": "query", "schema": {"type": "string"}},
     ]
+    return {"get": {"parameters": [*_page(), *filters], "responses": _answers(listing, 422)}}
+
+
+def _admin_paths() -> dict[str, Any]:
+    """The dead-letter queue, for admin keys only (403 for the others)."""
+    tasks = {"type": "object", "required": ["tasks", "count", "total"]}
+    statistics = {"type": "object", "required": ["queue_size", "exception_breakdown", "task_breakdown"]}
     return {
-        "openapi": "3.0.3",
-        "info": {"title": "Crucible", "version": "1", "description": "Run untrusted code; read results."},
-        "components": {
-            "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer"},
-                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        "/api/dlq/tasks": {
+            "get": {
+                "parameters": [*_page(), {"name": "eval_id", "in": "query", "schema": {"type": "string"}}],
+                "responses": _answers(tasks, 403, 422),
             }
         },
-        "security": [{"bearer": []}, {"apiKey": []}],
-        "paths": {
-            "/api/eval": {
-                "post": {
-                    "summary": "Submit code to evaluate",
-                    "requestBody": {"required": True, "content": _json(submission)},
-                    "responses": _answers(queued, 400, 403, 409, 413, 415, 422),
-                }
+        "/api/dlq/statistics": {"get": {"responses": _answers(statistics, 403)}},
+    }
+
+
+def _health_path() -> dict[str, Any]:
+    """GET /health: open to all (no key), 503 when Redis is down."""
+    return {
+        "get": {
+            "security": [],
+            "responses": {
+                "200": {"description": "up", "content": _json({"type": "object", "required": ["status"]})},
+                "503": {"description": "Redis is down", "content": _json({"type": "object"})},
             },
-            "/api/eval-batch": {
-                "post": {
-                    "summary": "Submit up to 100 evaluations (low queue)",
-                    "requestBody": {
-                        "required": True,
-                        "content": _json(
-                            {
-                                "type": "object",
-                                "required": ["evaluations"],
-                                "properties": {
-                                    # Each item is checked alone and reported in the answer
-                                    # (queued, or failed with its error), so any object goes.
-                                    "evaluations": {
-                                        "type": "array",
-                                        "items": {"type": "object"},
-                                        "minItems": 1,
-                                        "maxItems": 100,
-                                        "description": "objects shaped like POST /api/eval's body",
-                                    }
-                                },
-                            }
-                        ),
-                    },
-                    "responses": _answers(
-                        {"type": "object", "required": ["evaluations", "total", "queued", "failed"]},
-                        400,
-                        413,
-                        415,
-                        422,
-                    ),
-                }
-            },
-            "/api/languages": {
-                "get": {
-                    "summary": "Languages the executors run, with versions",
-                    "responses": _answers(
-                        {
-                            "type": "object",
-                            "required": ["languages"],
-                            "properties": {
-                                "languages": {
-                                    "type": "array",
-                                    "items": {
-                                        "type": "object",
-                                        "required": ["name", "version", "compiled"],
-                                        "properties": {
-                                            "name": {"type": "string"},
-                                            "version": {"type": "string"},
-                                            "compiled": {"type": "boolean"},
-                                        },
-                                    },
-                                }
-                            },
-                        }
-                    ),
-                }
-            },
-            "/api/eval/{eval_id}": {
-                "get": {"parameters": [_eval_id_param()], "responses": _answers(evaluation, 404)}
-            },
-            "/api/eval-status/{eval_id}": {
-                "get": {"parameters": [_eval_id_param()], "responses": _answers(evaluation, 404)}
-            },
-            "/api/eval/{eval_id}/timeline": {
-                "get": {
-                    "parameters": [_eval_id_param()],
-                    "responses": _answers({"type": "object", "required": ["eval_id", "events"]}, 404),
-                }
-            },
-            "/api/eval/{eval_id}/cancel": {
-                "post": {
-                    "parameters": [
-                        _eval_id_param(),
-                        {
-                            "name": "terminate",
-                            "in": "query",
-                            "schema": {"type": "string", "enum": [*TRUE_WORDS, *FALSE_WORDS]},
-                        },
-                    ],
-                    "responses": _answers(cancelled, 400, 404, 422),
-                }
-            },
-            "/api/evaluations": {
-                "get": {
-                    "parameters": [
-                        *page,
-                        {"name": "status", "in": "query", "schema": {"enum": list(STATUSES)}},
-                        {"name": "language", "in": "query", "schema": {"type": "string"}},
-                        {"name": "queue", "in": "query", "schema": {"enum": list(LEVELS)}},
-                        {"name": "q", "in": "query", "schema": {"type": "string"}},
-                    ],
-                    "responses": _answers(listing, 422),
-                }
-            },
-            "/api/dlq/tasks": {
-                "get": {
-                    "parameters": [*page, {"name": "eval_id", "in": "query", "schema": {"type": "string"}}],
-                    "responses": _answers(
-                        {"type": "object", "required": ["tasks", "count", "total"]}, 403, 422
-                    ),
-                }
-            },
-            "/api/dlq/statistics": {
-                "get": {
-                    "responses": _answers(
-                        {
-                            "type": "object",
-                            "required": ["queue_size", "exception_breakdown", "task_breakdown"],
-                        },
-                        403,
-                    )
-                }
-            },
-            "/health": {
-                "get": {
-                    "security": [],
-                    "responses": {
-                        "200": {
-                            "description": "up",
-                            "content": _json({"type": "object", "required": ["status"]}),
-                        },
-                        "503": {"description": "Redis is down", "content": _json({"type": "object"})},
-                    },
-                }
-            },
-        },
+        }
     }

@@ -12,7 +12,7 @@ class CrucibleError(Exception):
     """A refusal that names its problem: `message` for people, `details` for programs, and
     `headers` an HTTP answer should carry (a rate limit's `Retry-After`)."""
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None, **details: object) -> None:
+    def __init__(self, message: str, /, headers: dict[str, str] | None = None, **details: object) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
@@ -25,6 +25,11 @@ class MalformedInput(CrucibleError):
 
 class UnsupportedMediaType(CrucibleError):
     """The input declares a format the service does not read."""
+
+
+class Refused(CrucibleError):
+    """The request is well-formed, but the thing's state refuses it (a cancel of a finished
+    evaluation: the contract answers 400)."""
 
 
 class InvalidInput(CrucibleError):

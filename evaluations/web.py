@@ -27,6 +27,7 @@ T = TypeVar("T")
 #: The status code of each kind of refusal (a subclass answers as its nearest listed base).
 HTTP_STATUS: dict[type[errors.CrucibleError], int] = {
     errors.MalformedInput: 400,
+    errors.Refused: 400,
     errors.Unauthenticated: 401,
     errors.Forbidden: 403,
     errors.NotFound: 404,

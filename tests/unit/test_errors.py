@@ -26,3 +26,11 @@ def test_the_body_names_the_problem_and_the_field() -> None:
         "error": "field 'timeout' must be a number",
         "details": {"field": "timeout"},
     }
+
+
+def test_a_refusal_may_carry_any_detail_even_one_named_message() -> None:
+    """A refused cancel answers 400 with the contract's fields, `message` among them."""
+    said = "Task was already cancelled"
+    refusal = errors.Refused(said, message=said, cancelled=False)
+    assert status_of(refusal) == 400
+    assert error_body(refusal)["details"] == {"message": said, "cancelled": False}
