@@ -22,9 +22,9 @@ import redis
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script or `-m bench`: `bench.*` and `tests.*` import
+sys.path.insert(0, str(ROOT))  # run as a script or `-m bench`: `bench.*` imports
 
-from tests.stack import delete_namespace, free_port, process, redis_server, spawn, wait_http  # noqa: E402
+from bench.stack import delete_namespace, free_port, process, redis_server, spawn, wait_http  # noqa: E402
 
 HELLO = "print('hello world')"
 #: Quotas out of the way: a benchmark measures the path, and still pays for the quota check.

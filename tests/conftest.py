@@ -16,8 +16,8 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from bench.stack import delete_namespace, free_port, process, redis_server, wait_http
 from tests.helpers import EXECUTOR_SECRET, METRICS_TOKEN, TEST_ADMIN_KEY, api_client, executor_client
-from tests.stack import delete_namespace, free_port, process, redis_server, wait_http
 
 # Inherited by every process the tests start (API, workers, executors, `crucible up`).
 os.environ["EXECUTOR_SECRET"] = EXECUTOR_SECRET
@@ -49,7 +49,7 @@ class ExecutorService:
 def executor_service() -> Iterator[ExecutorService]:
     port = free_port()
     # The executor's secret doubles as one planted in its environment: no sandboxed program may
-    # ever see it (tests/test_attacks.py looks).
+    # ever see it (tests/e2e/test_attacks.py looks).
     env = {"EXECUTOR_PORT": str(port), "LOG_FORMAT": "json", "CRUCIBLE_TEST_SECRET": EXECUTOR_SECRET}
     with process("executor", "executor", env) as proc:
         url = f"http://127.0.0.1:{port}"

@@ -1,6 +1,6 @@
 """Test-only stand-in for the legacy Celery deployment's worker (real Celery, real executor).
 
-Started by tests/test_migration.py as `celery -A tests.legacy_worker worker -Q evaluation,high_priority`.
+Started by tests/e2e/test_migration.py as `celery -A tests.legacy_worker worker -Q evaluation,high_priority`.
 Its task is the legacy one: `tasks.evaluate_code(eval_id, code, language)`, run on the
 executor service, returning the result dict. Two markers let tests provoke what a real
 legacy deployment might do: `LEGACY_CRASH` raises inside the task (Celery FAILURE), and

@@ -1,4 +1,4 @@
-"""A Celery-era caller, run as its own process by tests/test_celery_shim.py.
+"""A Celery-era caller, run as its own process by tests/e2e/test_celery_shim.py.
 
 It uses only what the old worker's README shows (`from tasks import ...`), configured by the
 environment (REDIS_URL, CRUCIBLE_NAMESPACE), and prints what it observed as one JSON object.

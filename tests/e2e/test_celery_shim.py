@@ -17,7 +17,7 @@ import httpx
 import middleware.retry_policy as policy
 from tests.conftest import Stack, stack_env, start_stack
 
-CLIENT = Path(__file__).with_name("shim_client.py")
+CLIENT = Path(__file__).parent.parent / "shim_client.py"
 
 
 def run_client(stack: Stack, scenario: str, prefix: str) -> dict[str, Any]:

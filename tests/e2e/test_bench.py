@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.stack import ROOT, free_port
+from bench.stack import ROOT, free_port
 
 
 def bench(redis_url: str, tmp_path: Path, scenario: str, *options: str) -> tuple[str, dict[str, Any]]:

@@ -11,7 +11,7 @@ import tomllib
 
 import yaml
 
-from tests.stack import ROOT
+from bench.stack import ROOT
 
 DEPLOY = ROOT / "deploy"
 CONFIG_SOURCE = (ROOT / "evaluations" / "settings.py").read_text()

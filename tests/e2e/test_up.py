@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.stack import LOG_DIR, ROOT, free_port, stop, wait_http
+from bench.stack import LOG_DIR, ROOT, free_port, stop, wait_http
 
 
 def start_up(data_dir: Path, api_port: int, executor_port: int, **extra: str) -> subprocess.Popen[bytes]:

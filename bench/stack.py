@@ -1,4 +1,5 @@
-"""Starting real pieces of the stack as subprocesses, the way an operator runs them."""
+"""Starting real pieces of the stack as subprocesses, the way an operator runs them (for the
+benchmarks and the end-to-end tests)."""
 
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ async def test_a_cancel_before_the_run_arrives_wins_but_an_abandoned_attempt_doe
 async def test_a_full_executor_says_busy_at_once() -> None:
     import asyncio
 
-    from tests.stack import free_port, process, wait_http
+    from bench.stack import free_port, process, wait_http
 
     port = free_port()
     env = {"EXECUTOR_PORT": str(port), "EXECUTOR_CONCURRENCY": "1", "LOG_FORMAT": "json"}
@@ -161,7 +161,7 @@ async def test_a_full_executor_says_busy_at_once() -> None:
 
 
 async def test_a_sandbox_that_cannot_start_is_an_internal_error_not_the_submissions() -> None:
-    from tests.stack import free_port, process, wait_http
+    from bench.stack import free_port, process, wait_http
 
     port = free_port()
     env = {"EXECUTOR_PORT": str(port), "SANDBOX_TMPFS_MB": "-1"}  # bwrap refuses this size

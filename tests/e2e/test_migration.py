@@ -26,9 +26,9 @@ import pytest
 import redis
 from celery import Celery
 
+from bench.stack import LOG_DIR, free_port, spawn
 from tests.conftest import Stack, delete_namespace, stack_env, start_api, start_stack
 from tests.helpers import api_client, wait_final
-from tests.stack import LOG_DIR, free_port, spawn
 
 
 def legacy_env(redis_url: str, namespace: str, executor_url: str, **extra: str) -> dict[str, str]:

@@ -12,10 +12,10 @@ from contextlib import AsyncExitStack, ExitStack
 import httpx
 import redis.asyncio as aioredis
 
+from bench.stack import free_port, process, wait_http
 from evaluations.redis_client import POOL_SIZE
 from tests.conftest import Stack, stack_env, start_api
 from tests.helpers import api_client, submit, wait_final
-from tests.stack import free_port, process, wait_http
 
 
 async def test_hello_world_completes_with_its_output(api: httpx.AsyncClient) -> None:

@@ -22,12 +22,12 @@ from dramatiq.middleware import AsyncIO
 import actors.runtime
 from actors.executor_client import ExecutorConnectionLost, ExecutorPool, answer_timeout
 from actors.runtime import CloseRuntime, runtime
+from bench.stack import free_port
 from evaluations.languages import COMPILE_TIMEOUT_SECONDS
 from evaluations.settings import get_settings
 from middleware.retry_policy import policy_for
 from tests.conftest import stack_env, start_stack
 from tests.helpers import api_client, submit, wait_final
-from tests.stack import free_port
 
 
 class StorageService:
@@ -88,7 +88,7 @@ async def test_down_executor_is_skipped_and_status_changes_are_forwarded(
 
 
 async def test_runs_wait_for_a_free_executor_slot(redis_url: str, namespace: str) -> None:
-    from tests.stack import process, wait_http
+    from bench.stack import process, wait_http
 
     port = free_port()
     executor_url = f"http://127.0.0.1:{port}"

@@ -12,11 +12,11 @@ from contextlib import ExitStack, asynccontextmanager
 import httpx
 import redis.asyncio as aioredis
 
+from bench.stack import LOG_DIR, free_port, process, wait_http
 from evaluations.api_keys import KeyStore
 from evaluations.redis_client import POOL_SIZE, async_client
 from tests.conftest import Stack, stack_env, start_stack
 from tests.helpers import TERMINAL, api_client, executor_client, submit, wait_final
-from tests.stack import LOG_DIR, free_port, process, wait_http
 
 FAST_NETWORK_RETRIES = json.dumps({"network_error": {"base_delay": 0.5, "max_delay": 1, "max_retries": 2}})
 

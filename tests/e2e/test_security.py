@@ -13,10 +13,10 @@ from contextlib import ExitStack
 import httpx
 import redis.asyncio as aioredis
 
+from bench.stack import LOG_DIR, ROOT, free_port
 from evaluations.api_keys import KeyStore
 from tests.conftest import Stack, stack_env, start_api
 from tests.helpers import EXECUTOR_SECRET, METRICS_TOKEN, TEST_ADMIN_KEY, api_client
-from tests.stack import LOG_DIR, ROOT, free_port
 
 
 async def make_keys(aredis: aioredis.Redis, namespace: str, *tiers: str) -> list[str]:

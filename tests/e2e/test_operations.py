@@ -17,9 +17,9 @@ from typing import Any
 
 import httpx
 
+from bench.stack import ROOT, free_port, process, wait_http
 from tests.conftest import stack_env, start_api
 from tests.helpers import api_client, submit, wait_final
-from tests.stack import ROOT, free_port, process, wait_http
 
 
 async def poll(api: httpx.AsyncClient, path: str, ready: Any, seconds: float = 30) -> dict[str, Any]:

@@ -15,9 +15,9 @@ import httpx
 import pytest
 from playwright.async_api import Page, async_playwright, expect
 
+from bench.stack import ROOT, free_port, process, wait_http
 from tests.conftest import Stack, stack_env, start_stack
 from tests.helpers import TEST_ADMIN_KEY, api_client, submit, wait_final
-from tests.stack import ROOT, free_port, process, wait_http
 
 SHOTS = ROOT / "test-artifacts" / "screenshots"
 #: As the machine's notes advise for root in a closed network.
