@@ -14,8 +14,6 @@ from evaluations.settings import Settings
 from evaluations.status import STATUSES
 from evaluations.validation import FALSE_WORDS, MIN_MEMORY_MB, TRUE_WORDS
 
-#: How a boolean query parameter may be written.
-
 ERROR = {
     "type": "object",
     "required": ["error", "details"],
