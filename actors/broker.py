@@ -418,6 +418,10 @@ class AsyncEnqueuer:
         """Add a broker operation to `pipe`, so it commits with the caller's other writes."""
         await self._dispatch(keys=[self.namespace], args=[command, "api", 0, *args], client=pipe)
 
+    def queue_length_in(self, pipe: aioredis.client.Pipeline, level: str) -> None:
+        """Add reading how many messages wait on `level` to `pipe`."""
+        pipe.llen(RedisKeys(self.namespace).queue(level))
+
     async def enqueue_in(self, pipe: aioredis.client.Pipeline, message: Message, level: str) -> Message:
         """`message` is an evaluation's (a take-over, a DLQ retry): its fetch marks it running."""
         message, args = prepare(message, level, marks=eval_id_of(message))

@@ -119,7 +119,7 @@ class AsyncDeadLetterQueue:
             if eval_id:
                 await pipe.watch(self.store.keys.record(eval_id))
             record = await self.store.get(eval_id) if eval_id else None
-            if record is not None and record["status"] != "failed":
+            if record is not None and record["status"] != Status.FAILED:
                 raise NotRetryable(f"evaluation {eval_id} is {record['status']}, not failed")
             original = decode_message(entry["message"].encode())
             options = {k: v for k, v in original.options.items() if k not in FAILURE_OPTIONS}

@@ -37,7 +37,9 @@ from middleware.worker_stats import WorkerStats
 
 def result_backend(settings: Settings) -> RedisBackend:
     return RedisBackend(
-        client=sync_client(settings.redis_url_or_default), namespace=RedisKeys(settings.namespace).results
+        client=sync_client(settings.redis_url_or_default),
+        namespace=RedisKeys(settings.namespace).results,
+        encoder=ENCODER,
     )
 
 

@@ -30,15 +30,15 @@ from app.ops_api import OpsApi
 from app.services import Services
 from app.submission import Submission
 from app.submission_input import EVAL_ID_PATTERN, offered_languages, parse_submission
-from evaluations.api_keys import PRIORITY_TIERS, ApiKey
+from evaluations.api_keys import PRIORITY_TIERS, ApiKey, KeyStore
 from evaluations.credentials import auth_failed
 from evaluations.errors import (
     Conflict,
-    CrucibleError,
     Forbidden,
     InvalidInput,
     MalformedInput,
     NotFound,
+    Refusal,
     Refused,
     TooLarge,
     Unavailable,
@@ -187,19 +187,19 @@ class Api:
         if not_objects:
             raise InvalidInput("each evaluation must be a JSON object", field="evaluations", at=not_objects)
         key = self._submitter_key(request, wants_priority=False)  # batches go to the low queue
-        parsed: list[Submission | CrucibleError] = []
+        parsed: list[Submission | Refusal] = []
         for item in items:
             try:
                 self._submitter_key(request, wants_priority=False, chose_id="eval_id" in item)
                 parsed.append(parse_submission(item, self.settings, self.languages))
-            except CrucibleError as exc:
+            except Refusal as exc:
                 parsed.append(exc)
         valid = [p for p in parsed if isinstance(p, Submission)]
         allowance = await self.limiter.take(key, [s.eval_id for s in valid]) if valid else None
         results: list[dict[str, Any]] = []
         for index, outcome in enumerate(parsed):
             try:
-                if isinstance(outcome, CrucibleError):
+                if isinstance(outcome, Refusal):
                     raise outcome
                 accepted = await self.submitter.submit(
                     outcome, "low", "batch", owner=key.id, quota=key, counted=True
@@ -207,7 +207,7 @@ class Api:
                 results.append(
                     {"eval_id": outcome.eval_id, "status": "queued", "queue_system": accepted.queue_system}
                 )
-            except CrucibleError as exc:
+            except Refusal as exc:
                 results.append({"index": index, "status": "failed", "error": exc.message, **exc.details})
         queued = sum(r["status"] == "queued" for r in results)
         return JSONResponse(
@@ -317,7 +317,7 @@ class Api:
             try:
                 await self._retry_one(task_id)
                 succeeded.append(task_id)
-            except CrucibleError as exc:
+            except Refusal as exc:
                 failed.append({"task_id": task_id, "error": exc.message})
         return JSONResponse(
             {
@@ -395,7 +395,7 @@ def create_app(settings: Settings | None = None, extra_routes: Sequence[BaseRout
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         services = Services.build(settings)
-        app.state.keys = services.keys
+        keys.set(services.keys)
         api.set(Api(services))
         ops.set(OpsApi(services))
         tracker = (
@@ -416,6 +416,7 @@ def create_app(settings: Settings | None = None, extra_routes: Sequence[BaseRout
     # The endpoints' objects are built in the lifespan (they need the loop); each route names
     # the method it runs. Every route needs a live API key ("user") unless it says otherwise.
     api: Handler[Api] = Handler()
+    keys: Handler[KeyStore] = Handler()
     ops: Handler[OpsApi] = Handler()
     user, admin, metrics, anyone = requires("user"), requires("admin"), requires("metrics"), requires(None)
     app = Starlette(
@@ -457,7 +458,7 @@ def create_app(settings: Settings | None = None, extra_routes: Sequence[BaseRout
         ],
         lifespan=lifespan,
         middleware=[
-            Middleware(AuthenticationMiddleware, backend=ApiKeyBackend(settings), on_error=auth_failed)
+            Middleware(AuthenticationMiddleware, backend=ApiKeyBackend(settings, keys), on_error=auth_failed)
         ],
     )
     install_error_handlers(app)

@@ -16,6 +16,7 @@ from starlette.requests import HTTPConnection
 from evaluations.api_keys import ApiKey, KeyStore
 from evaluations.credentials import Caller, KeysUnavailable, presented_key, same
 from evaluations.settings import Settings
+from evaluations.web import Handler
 
 #: Paths that answer anyone: credentials sent there are not even looked at (a bad key gets no 401).
 PUBLIC_PATHS = frozenset({"/health"})
@@ -24,11 +25,12 @@ ENV_ADMIN = ApiKey("env-admin", "CRUCIBLE_ADMIN_KEY", "admin", 0)
 
 
 class ApiKeyBackend(AuthenticationBackend):
-    """Finds the key store on the app's state (it is built in the lifespan, on the loop)."""
+    """Looks keys up in the key store, which the app's lifespan builds (it needs the loop)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, keys: Handler[KeyStore]) -> None:
         self.admin_key = settings.admin_key
         self.metrics_token = settings.metrics_token
+        self.keys = keys
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
         if conn.scope["path"] in PUBLIC_PATHS:  # not conn.url: building a URL costs more than the rest
@@ -41,9 +43,8 @@ class ApiKeyBackend(AuthenticationBackend):
         if self.admin_key and same(secret, self.admin_key):
             key: ApiKey | None = ENV_ADMIN  # needs no Redis: works while Redis is down
         else:
-            keys: KeyStore = conn.app.state.keys
             try:
-                key = await keys.lookup(secret)
+                key = await self.keys.instance.lookup(secret)
             except RedisError as exc:
                 raise KeysUnavailable(
                     "cannot check the API key now (storage unavailable), try again"

@@ -28,8 +28,8 @@ from actors.worker import Worker, process_worker
 from app.blocking import blocking_services
 from app.services import Services
 from app.submission_input import offered_languages, parse_submission
-from evaluations.errors import CrucibleError
-from evaluations.queue import LEVEL_ALIASES, eval_id_of_task, task_id_of
+from evaluations.errors import Refusal
+from evaluations.queue import LEVEL_ALIASES, LEVEL_OPTION, eval_id_of_task, task_id_of
 from evaluations.settings import get_settings
 from evaluations.status import celery_state
 
@@ -203,12 +203,12 @@ class EvaluateTask:
             body["args"] = list(body["args"])
         try:
             sub = parse_submission({**body, "priority": level == "high"}, get_settings(), _languages())
-        except CrucibleError as exc:
+        except Refusal as exc:
             raise ValueError(exc.message) from None
         services = blocking_services()
         try:
             services.call(lambda s: s.submitter.submit(sub, level, "celery-shim", system="dramatiq"))
-        except CrucibleError as exc:  # a duplicate eval_id
+        except Refusal as exc:  # a duplicate eval_id
             raise ValueError(exc.message) from None
         return EvaluationResult(task_id_of(sub.eval_id))
 
@@ -297,7 +297,7 @@ class ActorTask:
         queue: str | None = None,
         **options: Any,
     ) -> ActorResult:
-        level = {} if queue is None and priority is None else {"queue_level": level_for(queue, priority)}
+        level = {} if queue is None and priority is None else {LEVEL_OPTION: level_for(queue, priority)}
         message = self.actor.send_with_options(args=tuple(args or ()), kwargs=dict(kwargs or {}), **level)
         return ActorResult(message)
 

@@ -26,7 +26,7 @@ from actors.broker import AsyncEnqueuer
 from app.legacy import LegacyCelery, LegacyUnavailable
 from app.migration import MigrationControl, other, shadow_id
 from evaluations.api_keys import ApiKey
-from evaluations.errors import Conflict, CrucibleError
+from evaluations.errors import Conflict, Refusal
 from evaluations.queue import evaluation_message
 from evaluations.quotas import Allowance, RateLimiter
 from evaluations.status import TERMINAL
@@ -255,7 +255,7 @@ class Submitter:
             pipe.hincrby(self.store.keys.stats, "submitted:dramatiq", 1)
             pipe.hincrby(self.store.keys.stats, "fallback_to:dramatiq", 1)
             await self.enqueuer.enqueue_in(pipe, message, evaluation.level)
-            pipe.llen(self.store.keys.queue(evaluation.level))
+            self.enqueuer.queue_length_in(pipe, evaluation.level)
             *_, length = await pipe.execute()
         return max(int(length) - 1, 0)
 
@@ -282,7 +282,7 @@ class Submitter:
             try:
                 await self._record(evaluation, track, count=False, announce=False)
                 recorded += 1
-            except CrucibleError:
+            except Refusal:
                 pass
             except RedisError:
                 return recorded
@@ -306,7 +306,7 @@ class Submitter:
             await self.client.sadd(self.store.keys.shadow_pending, sub.eval_id)
         except LegacyUnavailable:
             await self._forget(copy.eval_id)
-        except (CrucibleError, RedisError) as exc:
+        except (Refusal, RedisError) as exc:
             log.warning("migration.shadow_failed", eval_id=sub.eval_id, error=str(exc))
 
     async def _forget(self, eval_id: str) -> None:
@@ -322,5 +322,5 @@ def _message(sub: Submission) -> Message:
     )
 
 
-def _duplicate() -> CrucibleError:
+def _duplicate() -> Refusal:
     return Conflict("an evaluation with this eval_id exists", field="eval_id")

@@ -38,7 +38,7 @@ def offered_languages(settings: Settings) -> list[str]:
 
 
 def parse_submission(body: dict[str, Any], settings: Settings, languages: list[str]) -> Submission:
-    """The submission `body` asks for, or a CrucibleError naming the first field at fault."""
+    """The submission `body` asks for, or a Refusal naming the first field at fault."""
     s = settings
     code = require_string(body, "code", max_bytes=s.max_code_bytes)
     if not code.strip():

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script or `-m bench`: `bench.*` imports
 
 from bench.stack import delete_namespace, free_port, process, redis_server, spawn, wait_http  # noqa: E402
+from evaluations.redis_keys import RedisKeys  # noqa: E402
 
 HELLO = "print('hello world')"
 #: Quotas out of the way: a benchmark measures the path, and still pays for the quota check.
@@ -114,7 +115,7 @@ def wait_workers(url: str, namespace: str, processes: int, timeout: float = 60) 
     """Until `processes` worker processes have published themselves (they are consuming)."""
     client = redis.Redis.from_url(url)
     deadline = time.monotonic() + timeout
-    while client.zcard(f"{namespace}:workers") < processes:
+    while client.zcard(RedisKeys(namespace).workers) < processes:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{processes} worker processes did not start within {timeout}s")
         time.sleep(0.1)

@@ -17,6 +17,7 @@ import httpx
 import redis
 
 from app.cli.ports import free_port
+from evaluations.redis_keys import RedisKeys
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / "test-artifacts" / "logs"
@@ -42,7 +43,7 @@ def redis_server() -> Iterator[str]:
 def delete_namespace(url: str, namespace: str) -> None:
     """Remove every key of one namespace (a test's or a benchmark's), nothing else."""
     client = redis.Redis.from_url(url)
-    keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+    keys = list(client.scan_iter(match=RedisKeys(namespace).everything, count=1000))
     for start in range(0, len(keys), 500):
         client.delete(*keys[start : start + 500])
     client.close()

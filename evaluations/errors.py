@@ -19,46 +19,54 @@ class CrucibleError(Exception):
         self.details = details
 
 
-class MalformedInput(CrucibleError):
+class Refusal(CrucibleError):
+    """The caller's request is refused (a 4xx): the caller can change something and try again."""
+
+
+class MalformedInput(Refusal):
     """The input cannot be read at all (not JSON)."""
 
 
-class UnsupportedMediaType(CrucibleError):
+class UnsupportedMediaType(Refusal):
     """The input declares a format the service does not read."""
 
 
-class Refused(CrucibleError):
+class Refused(Refusal):
     """The request is well-formed, but the thing's state refuses it (a cancel of a finished
     evaluation: the contract answers 400)."""
 
 
-class InvalidInput(CrucibleError):
+class InvalidInput(Refusal):
     """A field is missing, of the wrong type or out of range."""
 
 
-class TooLarge(CrucibleError):
+class TooLarge(Refusal):
     """The input, or one field of it, is over its size limit."""
 
 
-class Unauthenticated(CrucibleError):
+class Unauthenticated(Refusal):
     """No valid credentials came with the call."""
 
 
-class Forbidden(CrucibleError):
+class Forbidden(Refusal):
     """The caller is known but may not do this."""
 
 
-class NotFound(CrucibleError):
+class NotFound(Refusal):
     """No such thing, or not the caller's to see (both answer alike)."""
 
 
-class Conflict(CrucibleError):
+class Conflict(Refusal):
     """The thing exists already, or is in a state that refuses this."""
 
 
-class LimitExceeded(CrucibleError):
+class LimitExceeded(Refusal):
     """A quota or rate limit refuses the call for now."""
 
 
 class Unavailable(CrucibleError):
-    """A service this one depends on cannot be reached now."""
+    """A service this one depends on cannot be reached now (ours, not the caller's: a 503)."""
+
+
+class Busy(CrucibleError):
+    """Every slot is taken: the caller should try another instance or later (a 503)."""

@@ -51,12 +51,12 @@ def _share(name: str, default: float, alias: str | None = None) -> float:
 
 
 def _bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name) or ""
-    if raw.strip() == "":
+    raw = (os.environ.get(name) or "").strip().lower()
+    if raw == "":
         return default
     value = bool_word(raw)
     if value is None:
-        raise ConfigError(f"{name} must be true or false, got {raw.strip().lower()!r}")
+        raise ConfigError(f"{name} must be true or false, got {raw!r}")
     return value
 
 

@@ -73,7 +73,7 @@ TRANSITIONS: dict[str, Transition] = _table(
     # a failed attempt waits for its retry (running, with next_retry_at set)
     Transition("wait_for_retry", (Status.RUNNING,), (Status.RUNNING, Status.QUEUED)),
     # retries exhausted, or a failure no policy retries: ours, never the program's
-    Transition("dead_letter", (Status.FAILED,), (Status.QUEUED, Status.RUNNING)),
+    Transition("give_up", (Status.FAILED,), (Status.QUEUED, Status.RUNNING)),
     # an operator retries a dead letter
     Transition("retry_dead_letter", (Status.QUEUED,), (Status.FAILED,)),
     # cancels, by the Celery state the caller saw
@@ -90,7 +90,7 @@ START = TRANSITIONS["start"]
 FINISH = TRANSITIONS["finish"]
 HAND_BACK = TRANSITIONS["hand_back"]
 WAIT_FOR_RETRY = TRANSITIONS["wait_for_retry"]
-DEAD_LETTER = TRANSITIONS["dead_letter"]
+GIVE_UP = TRANSITIONS["give_up"]
 RETRY_DEAD_LETTER = TRANSITIONS["retry_dead_letter"]
 LEGACY_FINISH = TRANSITIONS["legacy_finish"]
 CANCEL_LEGACY = TRANSITIONS["cancel_legacy"]

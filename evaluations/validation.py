@@ -13,7 +13,7 @@ _MISSING: Any = object()
 #: Command-line arguments a run may be given.
 MAX_ARGS = 64
 MAX_ARG_BYTES = 4096
-#: How a yes/no is written in settings and query parameters (case does not matter).
+#: How a yes/no is written in query parameters and (any case, spaces around) in settings.
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
 #: The smallest memory limit a run may ask for (an interpreter needs some to start at all).
@@ -90,10 +90,9 @@ def require_string_list(body: dict[str, Any], name: str, *, max_items: int, max_
 
 
 def bool_word(raw: str) -> bool | None:
-    """True or False for a yes/no word (`TRUE_WORDS`, `FALSE_WORDS`), None for anything else."""
-    word = raw.strip().lower()
-    if word in TRUE_WORDS:
+    """True or False for a yes/no word (`TRUE_WORDS`, `FALSE_WORDS`, exactly), None for anything else."""
+    if raw in TRUE_WORDS:
         return True
-    if word in FALSE_WORDS:
+    if raw in FALSE_WORDS:
         return False
     return None

@@ -37,6 +37,7 @@ HTTP_STATUS: dict[type[errors.CrucibleError], int] = {
     errors.InvalidInput: 422,
     errors.LimitExceeded: 429,
     errors.Unavailable: 503,
+    errors.Busy: 503,
 }
 
 #: Largest request body read at all; bigger bodies are refused before parsing.

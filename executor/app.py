@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from evaluations.credentials import SharedSecretBackend, auth_failed
-from evaluations.errors import InvalidInput, Unavailable
+from evaluations.errors import Busy, InvalidInput
 from evaluations.languages import Language, registry
 from evaluations.settings import ConfigError, Settings, get_settings
 from evaluations.validation import (
@@ -139,7 +139,7 @@ class Executor:
         try:
             result = await self.sandbox.run(eval_id, language, code, limits, stdin, tuple(args))
         except SandboxBusy:
-            raise Unavailable("executor busy", busy=True, capacity=self.sandbox.capacity) from None
+            raise Busy("executor busy", busy=True, capacity=self.sandbox.capacity) from None
         except SandboxError as exc:
             log.error("sandbox.failed", error=str(exc))
             return error_response(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -73,18 +74,10 @@ class Sandbox:
     def enforced_by(self) -> str:
         return "cgroup-v1" if self.cgroups else "rlimit"
 
-    def command(
-        self,
-        argv: tuple[str, ...],
-        files: list[tuple[int, str, str]],
-        status_fd: int,
-        memory_mb: int,
-        limits: Limits,
-        cpu: float,
-        seccomp_fd: int | None = None,
-    ) -> list[str]:
-        """The full argv for one sandboxed program (see `bwrap_command`)."""
-        return bwrap_command(self.bwrap, argv, files, status_fd, memory_mb, limits, cpu, seccomp_fd)
+    def command(self, argv: tuple[str, ...], *rest: Any, **options: Any) -> list[str]:
+        """The full argv for one sandboxed program: `bwrap_command` with this sandbox's bwrap
+        (a method, so a subclass can change the line every run gets)."""
+        return bwrap_command(self.bwrap, argv, *rest, **options)
 
     async def run(
         self,

@@ -17,8 +17,7 @@ from dramatiq.middleware import Middleware
 
 from evaluations import json_codec
 from evaluations.queue import LEVEL_OPTION, encode_message
-from evaluations.status import DEAD_LETTER as DEAD_LETTER_TRANSITION
-from evaluations.status import Status
+from evaluations.status import GIVE_UP, Status
 from evaluations.store import StatusChange, utc_now
 from middleware.state import (
     DEAD_LETTER,
@@ -81,7 +80,7 @@ class DeadLetters(Middleware):
             fields = {"completed_at": utc_now(), "error": describe(message), "next_retry_at": "",
                       "internal_error": True}  # fmt: skip
             change = StatusChange.by(
-                DEAD_LETTER_TRANSITION, entry["eval_id"], Status.FAILED, fields, delivery_expectation(message)
+                GIVE_UP, entry["eval_id"], Status.FAILED, fields, delivery_expectation(message)
             )
             message.options[STATUS_CHANGE] = asdict(change)
 

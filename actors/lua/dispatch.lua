@@ -303,10 +303,10 @@ elseif command == "sweep" then
     -- args: "eval_of" or "deliveries", an HSCAN cursor, a page size. Drops that hash's entries
     -- of messages that no longer exist: workers of a release before these hashes forgot
     -- messages without them. Returns {next cursor ("0": done), entries dropped}.
-    if ARGV[4] ~= "eval_of" and ARGV[4] ~= "deliveries" then
+    local hash = ({eval_of = eval_of, deliveries = deliveries})[ARGV[4]]
+    if not hash then
         return redis.error_reply("sweep: unknown hash " .. tostring(ARGV[4]))
     end
-    local hash = ns .. ":" .. ARGV[4]
     local page = redis.call("hscan", hash, ARGV[5], "COUNT", ARGV[6])
     local dropped = 0
     for i = 1, #page[2], 2 do

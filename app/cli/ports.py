@@ -1,6 +1,6 @@
 """A free local TCP port, for `crucible up`'s embedded Valkey and for the tests that start pieces.
 
-Kept on its own so the test helpers (`tests/stack.py`) share it without importing a command.
+Kept on its own so the test helpers (`bench/stack.py`) share it without importing a command.
 """
 
 from __future__ import annotations

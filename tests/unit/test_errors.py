@@ -8,7 +8,7 @@ from evaluations.web import HTTP_STATUS, error_body, status_of
 
 def test_every_kind_of_refusal_has_its_status_code() -> None:
     kinds = {k for k in vars(errors).values() if isinstance(k, type) and issubclass(k, errors.CrucibleError)}
-    assert kinds - {errors.CrucibleError} == set(HTTP_STATUS)
+    assert kinds - {errors.CrucibleError, errors.Refusal} == set(HTTP_STATUS)
     assert status_of(errors.NotFound("no such evaluation")) == 404
     assert status_of(errors.LimitExceeded("slow down", headers={"Retry-After": "1"})) == 429
 
@@ -34,3 +34,10 @@ def test_a_refusal_may_carry_any_detail_even_one_named_message() -> None:
     refusal = errors.Refused(said, message=said, cancelled=False)
     assert status_of(refusal) == 400
     assert error_body(refusal)["details"] == {"message": said, "cancelled": False}
+
+
+def test_an_outage_of_ours_is_no_refusal_of_the_callers() -> None:
+    """Code that turns refusals into per-item answers (a batch) or ValueErrors (the Celery shim)
+    catches `Refusal`; a 503 must still reach the caller as a 503."""
+    assert not issubclass(errors.Unavailable, errors.Refusal) and not issubclass(errors.Busy, errors.Refusal)
+    assert status_of(errors.Busy("executor busy", capacity=8)) == 503
