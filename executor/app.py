@@ -178,6 +178,9 @@ class Executor:
                 "disk_reads_capped": bool(self.sandbox.cgroups and self.sandbox.cgroups.disk_rules),
                 "capacity": self.sandbox.capacity,
                 "running": len(self.sandbox.running),
+                # slots whose last run's processes outlived its kill (stuck on the disk, say):
+                # out of use, with their uid and cgroup, until those processes end
+                "slots_held": len(self.sandbox.held),
                 "warm": self.sandbox.warm,
                 "languages": sorted(self.languages),
             }

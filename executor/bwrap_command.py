@@ -3,6 +3,7 @@ rlimits, then the program. Only builds the argv; starting it is `executor.spawn`
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 from executor.limits import Limits
@@ -10,6 +11,27 @@ from executor.limits import Limits
 #: Size of the run's /dev/shm (POSIX shared memory, semaphores); /tmp and this are the only
 #: writable places in the sandbox, both size-capped tmpfs.
 SHM_BYTES = 16 * 1024 * 1024
+#: Host-wide facts in /proc a run has no use for, hidden as container runtimes hide them: the
+#: host's boot arguments and kernel build, kernel symbol names, how busy the machine's AIO and
+#: pressure are (other tenants' activity), and pid 1's command line (bwrap's own, naming the
+#: executor's staging folder). Files get /dev/null bound over them, folders an empty tmpfs.
+MASKED_PROC_FILES = ("/proc/cmdline", "/proc/config.gz", "/proc/kallsyms", "/proc/sys/fs/aio-nr",
+                     "/proc/1/cmdline")  # fmt: skip
+MASKED_PROC_DIRS = ("/proc/pressure",)
+
+
+@cache
+def proc_masks() -> tuple[str, ...]:
+    """bwrap's arguments hiding what of `MASKED_PROC_*` this kernel has (binding over a path
+    the sandbox's /proc lacks would fail every run)."""
+    masks: list[str] = []
+    for path in MASKED_PROC_FILES:
+        if path == "/proc/1/cmdline" or Path(path).exists():
+            masks += ["--ro-bind", "/dev/null", path]
+    for path in MASKED_PROC_DIRS:
+        if Path(path).is_dir():
+            masks += ["--tmpfs", path, "--remount-ro", path]
+    return tuple(masks)
 
 
 def bwrap_command(
@@ -47,6 +69,7 @@ def bwrap_command(
         "--symlink", "usr/lib64", "/lib64",
         "--symlink", "usr/bin", "/bin",
         "--proc", "/proc",
+        *proc_masks(),
         "--dev", "/dev",
         "--ro-bind", "/dev/null", "/dev/pts/ptmx",  # no pseudo-terminals: a host-wide pool
         "--size", str(SHM_BYTES),

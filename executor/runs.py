@@ -27,6 +27,10 @@ class Run:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: bool = False
     pid: int | None = None
+    #: set when the run was answered while processes of it were still alive after their kill
+    #: (uninterruptible sleep holding its pipes): done once they have ended, and until then its
+    #: slot, uid and cgroup stay out of use
+    lingering: asyncio.Future[object] | None = None
 
     def kill(self) -> None:
         # bwrap's --die-with-parent takes the whole pid namespace down with it.

@@ -115,9 +115,24 @@ class Sandbox:
             if self.running.get(eval_id) is run:
                 del self.running[eval_id]
             run.finished.set()
-            self._slots.release(slot)
-            # once the answer is on its way: the slot's next warm sandbox
-            asyncio.get_running_loop().call_soon(self._warm.refill, slot)
+            if run.lingering is not None:
+                log.warning("sandbox.slot_held", eval_id=eval_id, slot=slot)
+                self._slots.hold(slot, eval_id)
+                run.lingering.add_done_callback(lambda _: self._free_slot(slot, eval_id))
+            else:
+                self._slots.release(slot)
+                # once the answer is on its way: the slot's next warm sandbox
+                asyncio.get_running_loop().call_soon(self._warm.refill, slot)
+
+    def _free_slot(self, slot: int, held_for: str) -> None:
+        log.info("sandbox.slot_freed", eval_id=held_for, slot=slot)
+        self._slots.release(slot)
+        self._warm.refill(slot)
+
+    @property
+    def held(self) -> dict[int, str]:
+        """Slots kept out of use until processes that outlived their run's kill end."""
+        return dict(self._slots.held)
 
     def warm_up(self, spec: WarmSpec) -> None:
         """Keep a pre-started sandbox for `spec` in every free slot from now on."""

@@ -2,14 +2,16 @@
 
 Namespaces already make most of these harmless (a run can only reach its own processes and
 mounts); the filter shrinks the kernel surface a run can reach at all (io_uring, keyrings,
-BPF, perf, module loading...), stops `ptrace` even of the run's own processes, and allows only
-the socket families a run can use inside its namespaces. Built once with libseccomp (through
-`pyseccomp`), handed to bwrap as BPF (`--seccomp FD`) per run.
+BPF, perf, module loading, Linux AIO...), refuses direct I/O, stops `ptrace` even of the
+run's own processes, and allows only the socket families a run can use inside its namespaces.
+Built once with libseccomp (through `pyseccomp`), handed to bwrap as BPF (`--seccomp FD`) per run.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
 import socket
 import tempfile
 
@@ -31,7 +33,19 @@ DENIED = (
     "iopl", "ioperm", "lookup_dcookie",
 )  # fmt: skip
 #: Refused with ENOSYS, so runtimes that try them first (libuv's io_uring) fall back quietly.
-UNSUPPORTED = ("io_uring_setup", "io_uring_enter", "io_uring_register")
+#: Linux AIO too: its contexts are a host-wide budget (`fs.aio-max-nr`) one run could exhaust.
+#: openat2 takes its flags in a struct the filter cannot read (O_DIRECT below): libcs fall back
+#: to openat.
+UNSUPPORTED = (
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "io_setup", "io_submit", "io_getevents", "io_pgetevents", "io_cancel", "io_destroy",
+    "openat2",
+)  # fmt: skip
+#: O_DIRECT is refused (EINVAL, as a filesystem without it answers): direct reads bypass the
+#: page cache, so each queues on the disk itself, and a run's reads could queue beyond its own
+#: time-out behind the per-run read cap, holding its slot in uninterruptible sleep.
+#: (system call, index of its flags argument)
+DIRECT_IO_FLAGS_ARG = (("open", 1), ("openat", 2))
 #: The only socket families a run may open: local sockets, IP (in its own empty network
 #: namespace) and netlink (glibc asks it about interfaces). Every other family is refused with
 #: EAFNOSUPPORT: AF_VSOCK, for one, is not confined by network namespaces and reaches the host
@@ -57,6 +71,15 @@ def build_filter() -> bytes | None:
                 rules.add_rule(seccomp.ERRNO(errno_value), name)
             except (ValueError, RuntimeError):
                 log.info("seccomp.unknown_syscall", syscall=name)  # not on this architecture
+    direct = seccomp.ERRNO(errno.EINVAL)
+    for name, index in DIRECT_IO_FLAGS_ARG:
+        rules.add_rule(direct, name, seccomp.Arg(index, seccomp.MASKED_EQ, os.O_DIRECT, os.O_DIRECT))
+    rules.add_rule(
+        direct,
+        "fcntl",
+        seccomp.Arg(1, seccomp.EQ, fcntl.F_SETFL),
+        seccomp.Arg(2, seccomp.MASKED_EQ, os.O_DIRECT, os.O_DIRECT),
+    )
     for name in ("socket", "socketpair"):
         for family in range(FAMILY_LIMIT):
             if family not in SOCKET_FAMILIES:

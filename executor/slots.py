@@ -23,6 +23,8 @@ class Slots:
         for slot in range(count):
             self._free.put_nowait(slot)
         self._busy: set[int] = set()
+        #: slots whose last run's processes outlived their kill, with the run they wait for
+        self.held: dict[int, str] = {}
 
     def take(self) -> int:
         """A free slot, now busy; `SandboxBusy` rather than queue work nobody may wait for."""
@@ -34,7 +36,12 @@ class Slots:
 
     def release(self, slot: int) -> None:
         self._busy.discard(slot)
+        self.held.pop(slot, None)
         self._free.put_nowait(slot)
+
+    def hold(self, slot: int, eval_id: str) -> None:
+        """Keep a busy slot out of use (its uid still has live processes) until `release`."""
+        self.held[slot] = eval_id
 
     def is_busy(self, slot: int) -> bool:
         return slot in self._busy

@@ -27,6 +27,10 @@ from executor.spawn import Started
 SIGNAL_EXIT_BASE = 128
 #: A SIGXCPU exit is the CPU limit only if at least this share of it was used.
 CPU_LIMIT_SHARE = 0.9
+#: How long a killed run's processes may take to end before the run is answered anyway. One
+#: stuck in uninterruptible sleep (waiting on the disk) holds its pipes and cannot be reaped:
+#: its verdict must not wait for it (its slot does, see `Run.lingering`).
+KILL_GRACE_S = 2.0
 
 
 async def supervise(
@@ -45,7 +49,9 @@ async def supervise(
         run.pid = None
         status = _read_all(started.status_read)
         stats = group.stats() if group else None
-        if group:
+        if group and run.lingering is not None:  # a cgroup with live processes cannot go yet
+            run.lingering.add_done_callback(lambda _: group.remove())
+        elif group:
             group.remove()
     if stats:
         outcome.peak_rss_kb = max(outcome.peak_rss_kb, stats.peak_memory_bytes // 1024)
@@ -86,7 +92,12 @@ async def _watch(
     except TimeoutError:
         timed_out = True
         run.kill()
-        await io
+        if not await _ends_within(io, KILL_GRACE_S):
+            run.lingering = io
+            io.add_done_callback(_retrieve)
+            return Outcome(exit_code=None, signal=signal.SIGKILL, stdout=out, stderr=err,
+                           wall_ms=int((time.perf_counter() - started) * 1000), cpu_ms=0,
+                           peak_rss_kb=0, timed_out=True, flooded=False)  # fmt: skip
     except BaseException:
         run.kill()
         await asyncio.gather(io, return_exceptions=True)
@@ -106,6 +117,17 @@ async def _watch(
         timed_out=timed_out,
         flooded=flooded and not timed_out,
     )
+
+
+async def _ends_within(future: asyncio.Future[object], seconds: float) -> bool:
+    done, _ = await asyncio.wait({future}, timeout=seconds)
+    return bool(done)
+
+
+def _retrieve(future: asyncio.Future[object]) -> None:
+    """Consume a lingering run's end, so a failure of it is not reported as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _reader(loop: asyncio.AbstractEventLoop, pipe: object) -> asyncio.StreamReader:

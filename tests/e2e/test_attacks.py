@@ -4,6 +4,7 @@ executor's memory steady)."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import subprocess
 import uuid
@@ -289,18 +290,61 @@ print({
     await assert_host_unharmed(executor)
 
 
+async def test_direct_io_and_linux_aio_are_refused(executor: httpx.AsyncClient) -> None:
+    """O_DIRECT reads queue on the disk itself: eight threads of them held a slot 24 s past a
+    2 s time-out in uninterruptible sleep. Linux AIO contexts are a host-wide budget
+    (fs.aio-max-nr): one run took all 65536 and the host's own io_setup failed."""
+    code = """
+import ctypes, fcntl, os
+libc = ctypes.CDLL(None, use_errno=True)
+def errno_of(call):
+    try:
+        call()
+        return "allowed"
+    except OSError as exc:
+        return exc.errno
+def syscall(number, *args):
+    if libc.syscall(number, *args) < 0:
+        raise OSError(ctypes.get_errno(), "refused")
+fd = os.open("/usr/bin/python3", os.O_RDONLY)
+context, usr_bin = ctypes.c_ulong(0), os.open("/usr/bin", os.O_RDONLY)
+print({
+    "open O_DIRECT": errno_of(lambda: syscall(2, b"/usr/bin/python3", os.O_RDONLY | os.O_DIRECT)),
+    "openat O_DIRECT": errno_of(lambda: os.open("python3", os.O_RDONLY | os.O_DIRECT, dir_fd=usr_bin)),
+    "fcntl O_DIRECT": errno_of(lambda: fcntl.fcntl(fd, fcntl.F_SETFL, os.O_DIRECT)),
+    "openat2": errno_of(lambda: syscall(437, -100, b"/usr/bin/python3", ctypes.create_string_buffer(24), 24)),
+    "io_setup": errno_of(lambda: syscall(206, 64, ctypes.byref(context))),
+    "io_submit": errno_of(lambda: syscall(209, 0, 0, None)),
+    "plain open": errno_of(lambda: os.close(os.open("/usr/bin/python3", os.O_RDONLY))),
+    "fcntl O_NONBLOCK": errno_of(lambda: fcntl.fcntl(fd, fcntl.F_SETFL, os.O_NONBLOCK)),
+})
+"""
+    result = await run(executor, code)
+    assert result["status"] == "completed", result
+    einval, enosys = 22, 38
+    assert result["output"] == str({
+        "open O_DIRECT": einval, "openat O_DIRECT": einval, "fcntl O_DIRECT": einval,
+        "openat2": enosys, "io_setup": enosys, "io_submit": enosys,
+        "plain open": "allowed", "fcntl O_NONBLOCK": "allowed",
+    }) + "\n"  # fmt: skip
+    await assert_host_unharmed(executor)
+
+
 async def test_disk_reads_are_capped_per_run(executor: httpx.AsyncClient) -> None:
-    """Reading the host's disk past its cache (O_DIRECT) for 2 s: uncapped, one run read
-    ~860 MB/s here and the host's own reads became ~60 times slower."""
+    """Reading the host's disk past its cache for 2 s (each MiB dropped from the page cache
+    before it is read): uncapped, one run read ~860 MB/s here with O_DIRECT and the host's own
+    reads became ~60 times slower."""
     assert (await executor.get("/health")).json()["disk_reads_capped"]
     code = """
 import mmap, os, time
 files = [e for d in ("/usr/lib/x86_64-linux-gnu", "/usr/bin") for e in os.scandir(d) if e.is_file()]
 biggest = max(files, key=lambda e: e.stat().st_size).path
-fd = os.open(biggest, os.O_RDONLY | os.O_DIRECT)
+fd = os.open(biggest, os.O_RDONLY)
 buffer, size, total, started = mmap.mmap(-1, 1 << 20), os.fstat(fd).st_size, 0, time.monotonic()
 while time.monotonic() - started < 2:
-    total += os.preadv(fd, [buffer], total % (size - (1 << 20)) // 4096 * 4096)
+    offset = total % (size - (1 << 20)) // 4096 * 4096
+    os.posix_fadvise(fd, offset, 1 << 20, os.POSIX_FADV_DONTNEED)
+    total += os.preadv(fd, [buffer], offset)
 print(round(total / (time.monotonic() - started) / 2**20))
 """
     result = await run(executor, code, timeout=10)
@@ -388,4 +432,31 @@ time.sleep(3)
         peak = max(peak, tcp_memory_pages())
         await asyncio.sleep(0.1)
     assert (peak - before) * 4096 < 96 * 1024 * 1024, (before, peak)
+    await assert_host_unharmed(executor)
+
+
+async def test_host_wide_facts_in_proc_are_hidden(executor: httpx.AsyncClient) -> None:
+    """The host's boot arguments, kernel build and symbols, other tenants' AIO and pressure,
+    and pid 1's command line (naming the executor's staging folder) read as nothing."""
+    code = """
+import os
+def shown(path):
+    try:
+        if os.path.isdir(path):
+            return sorted(os.listdir(path))
+        with open(path, "rb") as f:
+            return len(f.read(4096))
+    except OSError:
+        return 0
+paths = ["/proc/cmdline", "/proc/config.gz", "/proc/kallsyms", "/proc/sys/fs/aio-nr",
+         "/proc/1/cmdline", "/proc/pressure"]
+print({p: shown(p) for p in paths if os.path.exists(p)})
+print(len(open("/proc/self/status").read()) > 0)
+"""
+    result = await run(executor, code)
+    assert result["status"] == "completed", result
+    shown, own_status = result["output"].splitlines()
+    assert all(v in (0, []) for v in ast.literal_eval(shown).values()), shown
+    assert "/proc/cmdline" in shown and "/proc/1/cmdline" in shown
+    assert own_status == "True"  # a run's own /proc entries still work
     await assert_host_unharmed(executor)
