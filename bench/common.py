@@ -88,8 +88,8 @@ def stack(
         urls = []
         for n in range(executors):
             port = free_port()
-            # each executor on one host needs its own sandbox uids (README: SANDBOX_UID_BASE)
-            env_n = {**base, "EXECUTOR_PORT": str(port), "SANDBOX_UID_BASE": str(60000 + 100 * n)}
+            # each executor gets sandbox uids no other on this host holds (bench/stack.py)
+            env_n = {**base, "EXECUTOR_PORT": str(port)}
             running.enter_context(process(f"bench-executor-{n}", "executor", env_n))
             urls.append(f"http://127.0.0.1:{port}")
         for executor in urls:

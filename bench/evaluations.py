@@ -50,6 +50,7 @@ from bench.common import (
     wait_workers,
     write_json,
 )
+from bench.stack import free_uid_base
 
 
 async def raw_sandbox(runs: int, parallel: int, warm: bool, rate_runs: int) -> dict[str, float]:
@@ -61,7 +62,7 @@ async def raw_sandbox(runs: int, parallel: int, warm: bool, rate_runs: int) -> d
     from executor.app import Executor, open_sandbox
 
     configure_logging("WARNING", "json")  # the executor's per-run lines would drown the table
-    settings = dataclasses.replace(get_settings(), sandbox_warm_pool=warm)
+    settings = dataclasses.replace(get_settings(), sandbox_warm_pool=warm, sandbox_uid_base=free_uid_base())
     async with open_sandbox(settings) as sandbox:
         executor = Executor(settings, sandbox)
         limits, python = executor.limits({}), executor.languages["python"]

@@ -4,6 +4,7 @@ benchmarks and the end-to-end tests)."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import redis
 
 from app.cli.ports import free_port
 from evaluations.redis_keys import RedisKeys
+from executor import uid_range
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / "test-artifacts" / "logs"
@@ -64,9 +66,31 @@ def wait_http(url: str, seconds: float = 30, healthy: bool = True) -> None:
 
 @contextmanager
 def process(name: str, command: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `crucible <command>`; its output goes to test-artifacts/logs/<name>.log."""
+    """Run `crucible <command>`; its output goes to test-artifacts/logs/<name>.log. An executor
+    (or a whole stack) gets sandbox uids no other executor on this host holds, unless `env`
+    names some."""
+    if command in ("executor", "up") and "SANDBOX_UID_BASE" not in env:
+        env = {**env, "SANDBOX_UID_BASE": str(free_uid_base())}
     with spawn(name, [sys.executable, "-m", "app.cli", command], env) as proc:
         yield proc
+
+
+#: Where `free_uid_base` looks: blocks of this many uids, above the default range (60000).
+UID_BLOCK = 100
+UID_BLOCKS = range(61000, 65000, UID_BLOCK)
+#: blocks this process has handed out already (their executor may not have taken them yet)
+_given: set[int] = set()
+
+
+def free_uid_base() -> int:
+    """The first uid of a block no executor on this host holds and this process has not handed
+    out (chosen at random, so two stacks starting at once rarely pick the same; the executor's
+    own lock settles it)."""
+    for base in random.sample(UID_BLOCKS, len(UID_BLOCKS)):
+        if base not in _given and uid_range.is_free(range(base, base + UID_BLOCK)):
+            _given.add(base)
+            return base
+    raise RuntimeError("every sandbox uid block from 61000 to 64999 is held by an executor")
 
 
 @contextmanager

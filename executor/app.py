@@ -7,6 +7,7 @@ those runs (the worker retries them).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -42,6 +43,7 @@ from evaluations.web import (
     read_json_object,
     requires,
 )
+from executor import uid_range
 from executor.cgroups import CgroupsV1, DiskLimits
 from executor.errors import SandboxBusy, SandboxError
 from executor.limits import Limits
@@ -198,6 +200,10 @@ class Executor:
 async def open_sandbox(settings: Settings) -> AsyncIterator[Sandbox]:
     """The executor's sandbox: bwrap staged, cgroups opened, seccomp filter built; all undone
     on exit. The service and the raw-rate benchmark run exactly this one."""
+    uids = sandbox_uids(settings)
+    uid_range.claim(uids)
+    if swept := uid_range.sweep(uids):
+        log.warning("executor.swept_leftover_sandboxes", processes=swept, uids=f"{uids[0]}-{uids[-1]}")
     with tempfile.TemporaryDirectory(prefix="crucible-executor-") as runtime:
         cgroups = open_cgroups(settings)
         sandbox = Sandbox(
@@ -216,6 +222,15 @@ async def open_sandbox(settings: Settings) -> AsyncIterator[Sandbox]:
             await sandbox.shutdown()
             if cgroups:
                 cgroups.close()
+            uid_range.release(uids)
+
+
+def sandbox_uids(settings: Settings) -> range:
+    """The uids this executor's slots run as; none to hold when it is not root (its runs then
+    keep its own uid)."""
+    if os.geteuid() != 0:
+        return range(0)
+    return range(settings.sandbox_uid_base, settings.sandbox_uid_base + settings.executor_concurrency)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

@@ -130,6 +130,11 @@ class Sandbox:
         self._warm.refill(slot)
 
     @property
+    def uids(self) -> list[int]:
+        """The uid each slot's sandboxes run as."""
+        return list(self._slots.uids)
+
+    @property
     def held(self) -> dict[int, str]:
         """Slots kept out of use until processes that outlived their run's kill end."""
         return dict(self._slots.held)

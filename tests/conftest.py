@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from bench.stack import delete_namespace, free_port, process, redis_server, wait_http
+from bench.stack import delete_namespace, free_port, free_uid_base, process, redis_server, wait_http
 from tests.helpers import EXECUTOR_SECRET, METRICS_TOKEN, TEST_ADMIN_KEY, api_client, executor_client
 
 # Inherited by every process the tests start (API, workers, executors, `crucible up`).
@@ -43,6 +43,8 @@ def namespace(redis_url: str) -> Iterator[str]:
 class ExecutorService:
     url: str
     pid: int
+    #: the sandbox uids its slots run as (held by it alone on this host)
+    uids: range
 
 
 @pytest.fixture(scope="session")
@@ -50,11 +52,14 @@ def executor_service() -> Iterator[ExecutorService]:
     port = free_port()
     # The executor's secret doubles as one planted in its environment: no sandboxed program may
     # ever see it (tests/e2e/test_attacks.py looks).
-    env = {"EXECUTOR_PORT": str(port), "LOG_FORMAT": "json", "CRUCIBLE_TEST_SECRET": EXECUTOR_SECRET}
+    base = free_uid_base()
+    env = {"EXECUTOR_PORT": str(port), "LOG_FORMAT": "json", "CRUCIBLE_TEST_SECRET": EXECUTOR_SECRET,
+           "SANDBOX_UID_BASE": str(base)}  # fmt: skip
     with process("executor", "executor", env) as proc:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health")
-        yield ExecutorService(url, proc.pid)
+        capacity = httpx.get(f"{url}/health").json()["capacity"]
+        yield ExecutorService(url, proc.pid, range(base, base + capacity))
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,11 @@ def run_dashboard(args: argparse.Namespace) -> int:
 
 
 def run_executor(args: argparse.Namespace) -> int:
+    from executor import uid_range
+    from executor.app import sandbox_uids
+
     s = get_settings()
+    uid_range.claim(sandbox_uids(s))  # another executor on this range: one line, exit 2
     # asyncio's own loop: uvloop's subprocesses cannot switch to the sandbox's uid.
     return serve("executor.app:create_app", s.executor_host, s.executor_port, loop="asyncio")
 

@@ -21,13 +21,24 @@ from tests.helpers import execute as run
 LOADER_MARK = " ".join(LOADER.split()[:8])
 
 
+#: The sandbox uids of the executor under test (its own on this host: see executor/uid_range.py).
+SANDBOX_UIDS: range = range(0)
+
+
+@pytest.fixture(autouse=True)
+def _sandbox_uids(executor_service: ExecutorService) -> None:
+    global SANDBOX_UIDS
+    SANDBOX_UIDS = executor_service.uids
+
+
 def sandbox_processes() -> str:
-    """Processes on the host owned by the sandbox uids (60000-60999), except the executor's
-    idle warm sandboxes: each exactly bwrap, its init and a loader blocked reading its pipe."""
+    """Processes on the host owned by the executor's sandbox uids, except its idle warm
+    sandboxes: each exactly bwrap, its init and a loader blocked reading its pipe."""
+    assert SANDBOX_UIDS, "the executor under test runs its slots as no uid of their own"
     ps = subprocess.run(
         ["ps", "-ww", "-eo", "uid=,pid=,ppid=,wchan:32=,args="], capture_output=True, text=True
     )
-    rows = [line.split(None, 4) for line in ps.stdout.splitlines() if line.split()[0].startswith("60")]
+    rows = [line.split(None, 4) for line in ps.stdout.splitlines() if int(line.split()[0]) in SANDBOX_UIDS]
     parent = {row[1]: row[2] for row in rows}
     trees: dict[str, list[list[str]]] = {}
     for row in rows:

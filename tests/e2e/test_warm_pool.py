@@ -9,11 +9,12 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import pytest
 
+from bench.stack import free_uid_base
 from evaluations.languages import registry
 from evaluations.settings import Settings
 from executor import warm_pool
@@ -36,15 +37,19 @@ PROGRAMS = {
 }
 
 
-def uids_in_use(base: int, count: int) -> list[str]:
+def uids_in_use(uids: Sequence[int]) -> list[str]:
+    """Processes on the host running as one of `uids` (a sandbox's own: see executor/uid_range.py)."""
     ps = subprocess.run(["ps", "-ww", "-eo", "uid=,pid=,args="], capture_output=True, text=True).stdout
-    return [line for line in ps.splitlines() if base <= int(line.split()[0]) < base + count]
+    return [line for line in ps.splitlines() if int(line.split()[0]) in uids]
 
 
 @asynccontextmanager
-async def sandbox(warm: bool, slots: int = 2, uid_base: int = 61000) -> AsyncIterator[Sandbox]:
+async def sandbox(warm: bool, slots: int = 2) -> AsyncIterator[Sandbox]:
     settings = dataclasses.replace(
-        Settings.from_env(), sandbox_warm_pool=warm, executor_concurrency=slots, sandbox_uid_base=uid_base
+        Settings.from_env(),
+        sandbox_warm_pool=warm,
+        executor_concurrency=slots,
+        sandbox_uid_base=free_uid_base(),
     )
     async with open_sandbox(settings) as box:
         box.limits = request_limits(settings, {})  # type: ignore[attr-defined]
@@ -64,7 +69,7 @@ def answer(result: RunResult) -> tuple[object, ...]:
 
 
 async def test_a_warm_run_answers_as_a_cold_one() -> None:
-    async with sandbox(warm=True, uid_base=61000) as warm, sandbox(warm=False, uid_base=61010) as cold:
+    async with sandbox(warm=True) as warm, sandbox(warm=False) as cold:
         assert warm.warm == 2 and cold.warm == 0
         for name, code in PROGRAMS.items():
             assert answer(await run(warm, "w", code)) == answer(await run(cold, "c", code)), name
@@ -80,11 +85,11 @@ async def test_each_warm_sandbox_serves_exactly_one_run() -> None:
 
 
 async def test_a_dead_warm_sandbox_means_a_cold_start_not_a_failure() -> None:
-    async with sandbox(warm=True, slots=1, uid_base=61020) as box:
-        loader = next(line for line in uids_in_use(61020, 1) if " ".join(LOADER.split()[:8]) in line)
+    async with sandbox(warm=True, slots=1) as box:
+        loader = next(line for line in uids_in_use(box.uids) if " ".join(LOADER.split()[:8]) in line)
         os.kill(int(loader.split()[1]), signal.SIGKILL)
         for _ in range(100):  # its bwrap follows it out
-            if not uids_in_use(61020, 1):
+            if not uids_in_use(box.uids):
                 break
             await asyncio.sleep(0.02)
         result = await run(box, "after-kill", "print('ran anyway')")
@@ -104,24 +109,24 @@ async def test_a_dead_warm_sandbox_means_a_cold_start_not_a_failure() -> None:
 async def test_runs_a_warm_sandbox_cannot_stand_for_get_their_own_limits(
     code: str, options: dict[str, object], expected: tuple[str, str]
 ) -> None:
-    async with sandbox(warm=True, slots=1, uid_base=61030) as box:
+    async with sandbox(warm=True, slots=1) as box:
         result = await run(box, "own", code, **options)
         assert (result.status, result.output) == expected
         assert box.warm == 1
 
 
 async def test_shutdown_leaves_no_warm_sandbox_behind() -> None:
-    async with sandbox(warm=True, slots=3, uid_base=61040) as box:
+    async with sandbox(warm=True, slots=3) as box:
         for _ in range(100):  # bwrap, its init, the loader, for each
-            if len(uids_in_use(61040, 3)) == 9:
+            if len(uids_in_use(box.uids)) == 9:
                 break
             await asyncio.sleep(0.02)
-        assert box.warm == 3 and len(uids_in_use(61040, 3)) == 9
+        assert box.warm == 3 and len(uids_in_use(box.uids)) == 9
     for _ in range(100):  # the sandboxes' inits are reaped by the host's init a moment later
-        if not uids_in_use(61040, 3):
+        if not uids_in_use(box.uids):
             break
         await asyncio.sleep(0.02)
-    assert uids_in_use(61040, 3) == []
+    assert uids_in_use(box.uids) == []
 
 
 @pytest.fixture
@@ -138,7 +143,7 @@ def slow_handover(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("slow_handover")
 async def test_a_kill_during_the_handover_stops_the_run() -> None:
-    async with sandbox(warm=True, slots=1, uid_base=61050) as box:
+    async with sandbox(warm=True, slots=1) as box:
         python = registry("/usr/bin/python3")["python"]
         code = "import time; time.sleep(3); print('ran to the end')"
         pending = asyncio.create_task(box.run("handover-kill", python, code, box.limits))  # type: ignore[attr-defined]
@@ -151,7 +156,7 @@ async def test_a_kill_during_the_handover_stops_the_run() -> None:
 
 @pytest.mark.usefixtures("slow_handover")
 async def test_a_run_cancelled_during_the_handover_leaves_no_sandbox_behind() -> None:
-    async with sandbox(warm=True, slots=1, uid_base=61060) as box:
+    async with sandbox(warm=True, slots=1) as box:
         python = registry("/usr/bin/python3")["python"]
         code = "import time; time.sleep(30)"
         pending = asyncio.create_task(box.run("handover-cancel", python, code, box.limits))  # type: ignore[attr-defined]
@@ -160,10 +165,10 @@ async def test_a_run_cancelled_during_the_handover_leaves_no_sandbox_behind() ->
         with pytest.raises(asyncio.CancelledError):
             await pending
         await asyncio.sleep(1)  # the writing thread finishes; the slot's next warm sandbox starts
-        interpreters = [line for line in uids_in_use(61060, 1) if line.split(None, 2)[2].startswith(PYTHON)]
+        interpreters = [line for line in uids_in_use(box.uids) if line.split(None, 2)[2].startswith(PYTHON)]
         assert len(interpreters) == 1  # the slot's new warm sandbox; the cancelled run's is gone
     for _ in range(100):
-        if not uids_in_use(61060, 1):
+        if not uids_in_use(box.uids):
             break
         await asyncio.sleep(0.02)
-    assert uids_in_use(61060, 1) == []
+    assert uids_in_use(box.uids) == []
