@@ -220,11 +220,14 @@ class Api:
     async def visible(self, request: Request) -> dict[str, Any]:
         """The path's evaluation if the caller may see it: its own, or any for admin keys.
 
-        Someone else's is "not found", exactly like one that does not exist.
+        Someone else's is "not found", exactly like one that does not exist. Each look costs
+        the caller one read (its read rate limit).
         """
         eval_id = request.path_params["eval_id"]
-        record = await self.store.get(eval_id) if EVAL_ID_PATTERN.match(eval_id) else None
         key = caller(request)
+        if key is not None:
+            await self.limiter.take_reads(key)
+        record = await self.store.get(eval_id) if EVAL_ID_PATTERN.match(eval_id) else None
         if record is None or key is None or not (key.is_admin or record.get("owner") == key.id):
             raise NotFound("evaluation not found", eval_id=eval_id)
         return record
@@ -337,6 +340,7 @@ class Api:
             raise InvalidInput(f"unknown status {status!r}", field="status", known=list(STATUSES))
         key = caller(request)
         assert key is not None
+        await self.limiter.take_reads(key, rows=limit)
         queue = params.get("queue")
         if queue is not None and queue not in LEVELS:
             raise InvalidInput(f"unknown queue {queue!r}", field="queue", known=list(LEVELS))
@@ -357,7 +361,7 @@ class Api:
                 "language": r["language"],
                 "queue": r["queue"],
                 "queue_system": r["queue_system"] or "dramatiq",
-                "code_preview": (r["code"] or "")[:100],
+                "code_preview": r["code_preview"] or "",
                 "success": r["status"] == "completed",
             }
             for r in records

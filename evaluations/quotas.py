@@ -38,6 +38,9 @@ STREAM_COUNTER_TTL_S = 3600
 #: `admit()`, for scripts that count a quota (prepended to them).
 QUOTA_FUNCTION_LUA = (Path(__file__).parent / "lua" / "quota.lua").read_text()
 QUOTA_LUA = QUOTA_FUNCTION_LUA + (Path(__file__).parent / "lua" / "quota_check.lua").read_text()
+READS_LUA = QUOTA_FUNCTION_LUA + (Path(__file__).parent / "lua" / "read_check.lua").read_text()
+#: Rows of a list page one read token pays for.
+ROWS_PER_READ = 50
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,28 @@ class RateLimiter:
         self.keys = RedisKeys(namespace)
         self.limits = limits
         self._admit = client.register_script(QUOTA_LUA)
+        self._read = client.register_script(READS_LUA)
+
+    async def take_reads(self, key: ApiKey, rows: int = 1) -> None:
+        """Count one read by `key` (a list page: one per `ROWS_PER_READ` rows), or raise 429.
+        Unmetered while Redis does not answer, as submissions are."""
+        limits = self.limits[key.tier]
+        rate, burst = limits["reads_per_second"], int(limits["read_burst"])
+        cost = min(burst, max(1, math.ceil(rows / ROWS_PER_READ)))
+        try:
+            admitted, _, wait_ms = await self._read(
+                keys=[self.keys.read_bucket(key.id)], args=[rate, burst, cost]
+            )
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("ratelimit.unavailable", key_id=key.id, error=str(exc))
+            return
+        if not admitted:
+            retry_after = max(1, math.ceil(int(wait_ms) / 1000))
+            raise LimitExceeded(
+                "read rate limit exceeded for this key",
+                headers={"Retry-After": str(retry_after)},
+                retry_after=retry_after,
+            )
 
     async def take(self, key: ApiKey, eval_ids: list[str]) -> Allowance:
         """Admit these new evaluations for `key` (counted in progress at once), or raise 429.

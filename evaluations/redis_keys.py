@@ -184,8 +184,12 @@ class RedisKeys:
         return f"{self.ns}:keyhash"
 
     def bucket(self, key_id: str) -> str:
-        """hash: one key's token bucket."""
+        """hash: one key's token bucket for submissions."""
         return f"{self.ns}:bucket:{key_id}"
+
+    def read_bucket(self, key_id: str) -> str:
+        """hash: one key's token bucket for reads."""
+        return f"{self.ns}:reads:{key_id}"
 
     def streams(self, key_id: str) -> str:
         """counter: one key's open event streams."""

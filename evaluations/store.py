@@ -30,7 +30,10 @@ log = structlog.get_logger(__name__)
 HISTOGRAM_BOUNDS_MS = (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 
 #: What a list row holds, and how many recent evaluations the list's filters look through.
-LIST_FIELDS = ("id", "status", "created_at", "code", "language", "queue", "queue_system")
+LIST_FIELDS = ("id", "status", "created_at", "code_preview", "language", "queue", "queue_system")
+#: How much of the code a list row shows. Stored apart from the code at submission, so a
+#: listing never reads whole programs (up to 64 KiB each) to show this much of them.
+PREVIEW_CHARS = 100
 FILTER_FIELDS = ("id", "language", "queue", "status")
 LIST_SCAN = 5000
 
@@ -146,6 +149,7 @@ class NewEvaluation:
                 "id": self.eval_id,
                 "task_id": task_id_of(self.eval_id),
                 "code": self.code,
+                "code_preview": self.code[:PREVIEW_CHARS],
                 "code_bytes": _encode(len(self.code.encode())),
                 "language": self.language,
                 "status": "queued",
@@ -341,8 +345,22 @@ class EvaluationStore:
         async with self.client.pipeline(transaction=False) as pipe:
             for eval_id in ids:
                 pipe.hmget(self.keys.record(eval_id), fields)
-            rows = await pipe.execute()
-        return [dict(zip(fields, r, strict=True)) for r in rows if r[0] is not None]
+            rows = [dict(zip(fields, r, strict=True)) for r in await pipe.execute() if r[0] is not None]
+        if "code_preview" in fields:
+            await self._preview_older(rows)
+        return rows
+
+    async def _preview_older(self, rows: list[dict[str, Any]]) -> None:
+        """Records written before previews were stored apart (gone within the retention)
+        get theirs from the code, read only for them."""
+        older = [row for row in rows if row["code_preview"] is None]
+        if older:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for row in older:
+                    pipe.hget(self.keys.record(row["id"]), "code")
+                codes = await pipe.execute()
+            for row, code in zip(older, codes, strict=True):
+                row["code_preview"] = (code or "")[:PREVIEW_CHARS]
 
     async def cleanup(self, now: float | None = None) -> int:
         """Delete finished evaluations created before the retention window, with their timelines

@@ -9,12 +9,9 @@
 -- finished).
 -- Returns {1, tokens left, ms until full} when admitted (ids added to active),
 --         {0, "active", how many are in progress} or {0, "rate", ms until enough tokens}.
-local function admit(bucket, active, rate, burst, max_active, eval_ids, now)
-    local cost = #eval_ids
-    local in_progress = redis.call("scard", active)
-    if in_progress + cost > max_active then
-        return {0, "active", in_progress}
-    end
+-- take(bucket, rate_per_s, burst, cost, now_ms): a token bucket, refilled at rate_per_s up to
+-- burst. Returns {1, tokens left, ms until full} or {0, "rate", ms until enough tokens}.
+local function take(bucket, rate, burst, cost, now)
     local stored = redis.call("hmget", bucket, "tokens", "at_ms")
     local tokens = tonumber(stored[1]) or burst
     local at = tonumber(stored[2]) or now
@@ -26,6 +23,18 @@ local function admit(bucket, active, rate, burst, max_active, eval_ids, now)
     tokens = tokens - cost
     redis.call("hset", bucket, "tokens", tostring(tokens), "at_ms", now)
     redis.call("pexpire", bucket, math.ceil(burst * 1000 / rate) + 1000)
-    redis.call("sadd", active, unpack(eval_ids))
     return {1, math.floor(tokens), math.ceil((burst - tokens) * 1000 / rate)}
+end
+
+local function admit(bucket, active, rate, burst, max_active, eval_ids, now)
+    local cost = #eval_ids
+    local in_progress = redis.call("scard", active)
+    if in_progress + cost > max_active then
+        return {0, "active", in_progress}
+    end
+    local taken = take(bucket, rate, burst, cost, now)
+    if taken[1] == 1 then
+        redis.call("sadd", active, unpack(eval_ids))
+    end
+    return taken
 end
