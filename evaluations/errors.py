@@ -31,6 +31,10 @@ class UnsupportedMediaType(Refusal):
     """The input declares a format the service does not read."""
 
 
+class TimedOut(Refusal):
+    """The caller did not send what it started to within the time allowed (a request body)."""
+
+
 class Refused(Refusal):
     """The request is well-formed, but the thing's state refuses it (a cancel of a finished
     evaluation: the contract answers 400)."""

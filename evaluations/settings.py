@@ -119,6 +119,9 @@ class Settings:
     api_host: str
     api_port: int
     api_processes: int
+    api_max_connections: int
+    header_timeout_s: float
+    body_timeout_s: float
     dashboard_host: str
     dashboard_port: int
     executor_host: str
@@ -177,6 +180,9 @@ class Settings:
             api_host=_str("CRUCIBLE_API_HOST", "127.0.0.1"),
             api_port=_int("CRUCIBLE_API_PORT", 8080),
             api_processes=_at_least_one("CRUCIBLE_API_PROCESSES", 1),
+            api_max_connections=_at_least_one("CRUCIBLE_API_MAX_CONNECTIONS", 2000),
+            header_timeout_s=float(_at_least_one("CRUCIBLE_HEADER_TIMEOUT_S", 10)),
+            body_timeout_s=float(_at_least_one("CRUCIBLE_BODY_TIMEOUT_S", 30)),
             dashboard_host=_str("DASHBOARD_HOST", "127.0.0.1"),
             dashboard_port=_int("DASHBOARD_PORT", 5555),
             executor_host=_str("EXECUTOR_HOST", "127.0.0.1"),

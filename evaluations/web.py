@@ -4,6 +4,7 @@ limits, and the scope an endpoint needs declared where its route is."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
@@ -18,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from evaluations import errors, json_codec
+from evaluations.settings import get_settings
 from evaluations.validation import bool_word
 
 log = structlog.get_logger(__name__)
@@ -28,6 +30,7 @@ T = TypeVar("T")
 HTTP_STATUS: dict[type[errors.CrucibleError], int] = {
     errors.MalformedInput: 400,
     errors.Refused: 400,
+    errors.TimedOut: 408,
     errors.Unauthenticated: 401,
     errors.Forbidden: 403,
     errors.NotFound: 404,
@@ -136,10 +139,15 @@ async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise errors.TooLarge(f"request body over {max_bytes} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise errors.TooLarge(f"request body over {max_bytes} bytes")
+    seconds = get_settings().body_timeout_s
+    try:
+        async with asyncio.timeout(seconds):  # a client sending its body slowly holds a connection
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise errors.TooLarge(f"request body over {max_bytes} bytes")
+    except TimeoutError:
+        raise errors.TimedOut(f"request body not received within {seconds:g} s") from None
     try:
         return json_codec.loads(body)
     except json_codec.JSONDecodeError as exc:  # also deep nesting, invalid UTF-8, lone surrogates

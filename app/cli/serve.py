@@ -33,12 +33,15 @@ def stop_on_signals() -> threading.Event:
 
 
 def serve(factory: str, host: str, port: int, **options: Any) -> int:
-    """Run an app factory under uvicorn, logging through our structlog set-up."""
+    """Run an app factory under uvicorn, logging through our structlog set-up; a request's
+    headers must arrive within CRUCIBLE_HEADER_TIMEOUT_S (evaluations/slow_clients.py)."""
     import uvicorn
+
+    from evaluations.slow_clients import PROTOCOL
 
     s = get_settings()
     configure_logging(s.log_level, s.log_format)
-    uvicorn.run(factory, factory=True, host=host, port=port, log_config=None, **options)
+    uvicorn.run(factory, factory=True, host=host, port=port, log_config=None, http=PROTOCOL, **options)
     return 0
 
 
@@ -47,7 +50,7 @@ def run_api(args: argparse.Namespace) -> int:
     # several processes share one listening socket; each has its own Redis pool (app/services.py)
     return serve(
         "app.api:create_app", s.api_host, s.api_port, workers=s.api_processes,
-        timeout_graceful_shutdown=API_STOP_GRACE_S,
+        timeout_graceful_shutdown=API_STOP_GRACE_S, limit_concurrency=s.api_max_connections,
     )  # fmt: skip
 
 
@@ -56,7 +59,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
     s = get_settings()
     return serve(
         "app.api:create_dashboard_app", s.dashboard_host, s.dashboard_port,
-        timeout_graceful_shutdown=API_STOP_GRACE_S,
+        timeout_graceful_shutdown=API_STOP_GRACE_S, limit_concurrency=s.api_max_connections,
     )  # fmt: skip
 
 

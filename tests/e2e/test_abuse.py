@@ -4,13 +4,14 @@ test checks what another key experiences."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import ExitStack
 
 import redis.asyncio as aioredis
 
 from evaluations.redis_keys import RedisKeys
-from tests.conftest import Stack
+from tests.conftest import Stack, stack_env, start_api
 from tests.e2e.test_security import make_keys
-from tests.helpers import api_client, submit
+from tests.helpers import TEST_ADMIN_KEY, api_client, submit
 
 
 async def test_listing_is_rate_limited_per_key_and_never_reads_whole_programs(
@@ -49,3 +50,34 @@ async def test_a_record_written_before_previews_still_lists_its_preview(
         await aredis.hdel(keys.record(eval_id), "code_preview")
         rows = (await client.get("/api/evaluations")).json()["evaluations"]
         assert rows[0]["code_preview"] == "print('written by an earlier release')"
+
+
+async def test_slow_clients_cannot_hold_connections(
+    redis_url: str, namespace: str, executor_url: str
+) -> None:
+    """A review held 350 connections open past 30 s with requests never finished."""
+    env = stack_env(
+        redis_url, namespace, executor_url, CRUCIBLE_HEADER_TIMEOUT_S="2", CRUCIBLE_BODY_TIMEOUT_S="2"
+    )
+    with ExitStack() as stack:
+        api = start_api(stack, "slow-clients-api", env)
+        host, port = api.api_url.removeprefix("http://").split(":")
+        slow_headers = []
+        for _ in range(50):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /api/eval HTTP/1.1\r\nHost: x\r\nX-Api-Key: ")  # and never more
+            slow_headers.append((reader, writer))
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST /api/eval HTTP/1.1\r\nHost: x\r\nX-API-Key: {TEST_ADMIN_KEY}\r\n"
+            'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"code":'.encode()
+        )  # a tenth of the body it announced
+        async with api_client(api.api_url) as client:
+            assert (await client.get("/api/health")).status_code == 200  # others are served meanwhile
+        answer = await asyncio.wait_for(reader.read(), 10)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"request body not received within 2 s" in answer
+        closed = await asyncio.wait_for(asyncio.gather(*(r.read() for r, _ in slow_headers)), 10)
+        assert closed == [b""] * 50  # each closed by the server, without an answer
+        for _, w in [*slow_headers, (reader, writer)]:
+            w.close()
