@@ -22,6 +22,7 @@ from app.services import Services
 from app.status import SystemStatus
 from evaluations.errors import InvalidInput
 from evaluations.queue import LEVELS
+from evaluations.redis_memory import memory_use
 from evaluations.status import STATUSES, TERMINAL, Status
 from evaluations.store import HISTOGRAM_BOUNDS_MS
 from evaluations.validation import require_bool, require_number
@@ -77,6 +78,7 @@ class OpsApi:
             async with asyncio.timeout(HEALTH_TIMEOUT_S):
                 await self.client.ping()
                 sizes = await self.services.enqueuer.queue_sizes()
+                memory = await memory_use(self.client)
         except (TimeoutError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
             # public: no addresses or error texts, those are in the logs and admin endpoints
             log.warning("health.redis_unavailable", error=str(exc) or type(exc).__name__)
@@ -89,12 +91,16 @@ class OpsApi:
             "executors": sum(e["online"] for e in executors),
             "schedulers": len(schedulers),
         }
+        # new submissions are refused at the full share: say so a little before
+        filling = memory.share is not None and memory.share >= self.settings.redis_full_share - 0.1
         return JSONResponse(
             {
-                "status": "healthy" if all(checks.values()) else "degraded",
+                "status": "healthy" if all(checks.values()) and not filling else "degraded",
                 "redis": "ok",
                 **{f"{name}_online": count for name, count in checks.items()},
                 "queues": sizes,
+                "redis_memory": memory.as_dict(),
+                "storage": "nearly_full" if filling else "ok",
             }
         )
 
@@ -245,12 +251,18 @@ class OpsApi:
         retries = CounterMetricFamily("crucible_retries", "Retries scheduled, by policy", labels=["policy"])
         for policy in RETRY_POLICIES:
             retries.add_metric([policy], int(stats.get(f"retry:{policy}", 0)))
+        memory = await memory_use(self.client)
+        redis_memory = GaugeMetricFamily(
+            "crucible_redis_memory_bytes", "Redis's used memory and its maxmemory (0: none)", labels=["kind"]
+        )
+        redis_memory.add_metric(["used"], memory.used_bytes)
+        redis_memory.add_metric(["max"], memory.max_bytes)
         histograms = [
             await self._histogram("crucible_queue_wait_seconds", "Queued to started", "wait_ms"),
             await self._histogram("crucible_run_duration_seconds", "Run time in the sandbox", "run_ms"),
         ]
         return [queue, oldest, submitted, finished, by_language, fallbacks, latency, shadow, share, online,
-                in_flight, retries, *histograms]  # fmt: skip
+                in_flight, retries, redis_memory, *histograms]  # fmt: skip
 
     async def _histogram(self, name: str, documentation: str, key: str) -> HistogramMetricFamily:
         """A Prometheus histogram from the per-bucket counts status.lua keeps (in ms)."""

@@ -18,6 +18,7 @@ from app.submission import Submitter
 from evaluations.api_keys import KeyStore
 from evaluations.quotas import RateLimiter
 from evaluations.redis_client import async_client
+from evaluations.redis_memory import MemoryGuard
 from evaluations.settings import Settings
 from evaluations.store import EvaluationStore, StatusForwarder
 
@@ -64,7 +65,14 @@ class Services:
             store=store,
             streams=EventStreams(client, store),
             enqueuer=enqueuer,
-            submitter=Submitter(client, store, legacy=legacy, control=control, limiter=limiter),
+            submitter=Submitter(
+                client,
+                store,
+                legacy=legacy,
+                control=control,
+                limiter=limiter,
+                memory=MemoryGuard(client, settings.redis_full_share),
+            ),
             canceller=Canceller(client, store, enqueuer, executors, legacy=legacy),
             dlq=AsyncDeadLetterQueue(client, settings.namespace, store),
             control=control,

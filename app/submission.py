@@ -29,6 +29,7 @@ from evaluations.api_keys import ApiKey
 from evaluations.errors import Conflict, Refusal
 from evaluations.queue import evaluation_message
 from evaluations.quotas import Allowance, RateLimiter
+from evaluations.redis_memory import MemoryGuard
 from evaluations.status import TERMINAL
 from evaluations.store import EvaluationStore, NewEvaluation
 
@@ -77,8 +78,10 @@ class Submitter:
         legacy: LegacyCelery | None = None,
         control: MigrationControl | None = None,
         limiter: RateLimiter | None = None,
+        memory: MemoryGuard | None = None,
     ) -> None:
         self.client = client
+        self.memory = memory
         self.limiter = limiter
         self.store = store
         self.ns = store.ns
@@ -104,6 +107,8 @@ class Submitter:
         the split chooses. With `quota`, that key's quota counts it (429 when refused): on
         Dramatiq in the same Lua call as the record; else first, given back if sending fails.
         `counted`: the caller took its place already (a batch takes all at once)."""
+        if self.memory:
+            await self.memory.check()
         system = system or (await self.control.choose() if self.control else "dramatiq")
         evaluation = NewEvaluation(
             sub.eval_id, sub.code, sub.language, sub.timeout, level, sub.priority, {"source": source}, system,

@@ -120,6 +120,8 @@ class Settings:
     api_port: int
     api_processes: int
     api_max_connections: int
+    redis_maxmemory_mb: int
+    redis_full_share: float
     header_timeout_s: float
     body_timeout_s: float
     dashboard_host: str
@@ -181,6 +183,8 @@ class Settings:
             api_port=_int("CRUCIBLE_API_PORT", 8080),
             api_processes=_at_least_one("CRUCIBLE_API_PROCESSES", 1),
             api_max_connections=_at_least_one("CRUCIBLE_API_MAX_CONNECTIONS", 2000),
+            redis_maxmemory_mb=_int("CRUCIBLE_REDIS_MAXMEMORY_MB", 4096),
+            redis_full_share=_share("CRUCIBLE_REDIS_FULL_SHARE", 0.9),
             header_timeout_s=float(_at_least_one("CRUCIBLE_HEADER_TIMEOUT_S", 10)),
             body_timeout_s=float(_at_least_one("CRUCIBLE_BODY_TIMEOUT_S", 30)),
             dashboard_host=_str("DASHBOARD_HOST", "127.0.0.1"),

@@ -111,7 +111,14 @@ def run_embedded_redis(args: argparse.Namespace) -> int:
         port=args.port,
         data_dir=data_dir,
         persist=True,
-        config={"appendonly": "yes", "appendfsync": "everysec"},
+        # a full Valkey refuses writes rather than evict queues or results silently; the API
+        # refuses new submissions before that (evaluations/redis_memory.py)
+        config={
+            "appendonly": "yes",
+            "appendfsync": "everysec",
+            "maxmemory": f"{s.redis_maxmemory_mb}mb",
+            "maxmemory-policy": "noeviction",
+        },
     )
     stop = stop_on_signals()
     server.start()

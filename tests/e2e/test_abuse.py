@@ -8,6 +8,7 @@ from contextlib import ExitStack
 
 import redis.asyncio as aioredis
 
+from bench.stack import redis_server
 from evaluations.redis_keys import RedisKeys
 from tests.conftest import Stack, stack_env, start_api
 from tests.e2e.test_security import make_keys
@@ -81,3 +82,26 @@ async def test_slow_clients_cannot_hold_connections(
         assert closed == [b""] * 50  # each closed by the server, without an answer
         for _, w in [*slow_headers, (reader, writer)]:
             w.close()
+
+
+async def test_new_submissions_are_refused_before_redis_is_full(executor_url: str) -> None:
+    """At the standard tier's 2/s of maximum programs Redis grew ~1.6 GiB an hour, with no
+    maxmemory: it would refuse writes mid-way through whatever was writing (a result, a retry)."""
+    with redis_server() as url, ExitStack() as stack:
+        client = aioredis.Redis.from_url(url)
+        api = start_api(stack, "full-redis-api", stack_env(url, "full", executor_url))
+        async with api_client(api.api_url) as admin:
+            used = (await client.info("memory"))["used_memory"]
+            await client.config_set("maxmemory", int(used / 0.95))  # 95 % full
+            await asyncio.sleep(1.1)  # each API process reads INFO at most once a second
+            refused = await admin.post("/api/eval", json={"code": "print(1)"})
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "60"
+            assert "storage nearly full" in refused.json()["error"]
+            health = (await admin.get("/health")).json()
+            assert health["storage"] == "nearly_full"
+            assert health["redis_memory"]["used_share"] >= 0.9
+            await client.config_set("maxmemory", used * 20)  # room again
+            await asyncio.sleep(1.1)
+            assert (await admin.post("/api/eval", json={"code": "print(1)"})).status_code == 200
+            assert (await admin.get("/health")).json()["storage"] == "ok"
+        await client.aclose()
