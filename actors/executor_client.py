@@ -17,7 +17,7 @@ import structlog
 
 from evaluations import json_codec
 from evaluations.credentials import executor_headers
-from evaluations.languages import COMPILE_TIMEOUT_SECONDS
+from evaluations.languages import COMPILE_TIMEOUT_SECONDS, wall_limit
 
 log = structlog.get_logger(__name__)
 
@@ -168,7 +168,7 @@ def answer_timeout(run_timeout: float) -> aiohttp.ClientTimeout:
     """How long to wait for a run's answer. Every language gets the compile budget: a worker
     cannot tell which ones an executor compiles, and giving up on a slow compile would only
     run it again."""
-    total = run_timeout + COMPILE_TIMEOUT_SECONDS + ANSWER_MARGIN_SECONDS
+    total = wall_limit(run_timeout) + COMPILE_TIMEOUT_SECONDS + ANSWER_MARGIN_SECONDS
     return aiohttp.ClientTimeout(total=total, connect=2.0)
 
 

@@ -22,7 +22,7 @@ from actors import evaluate, maintenance
 from actors.broker import PriorityBroker
 from actors.runtime import CloseRuntime, forward_now, forward_soon
 from evaluations.logs import configure_logging
-from evaluations.queue import ENCODER, EVALUATE_ACTOR, HEALTH_CHECK_ACTOR, QUEUE_NAME, TIME_LIMIT_MARGIN_MS
+from evaluations.queue import ENCODER, EVALUATE_ACTOR, HEALTH_CHECK_ACTOR, QUEUE_NAME, actor_time_limit_ms
 from evaluations.redis_client import sync_client
 from evaluations.redis_keys import RedisKeys
 from evaluations.settings import Settings, get_settings
@@ -95,7 +95,7 @@ class Worker:
 
 def declare_actors(broker: PriorityBroker, settings: Settings) -> Worker:
     """Declare every actor on `broker`, each with its level, time limit or schedule."""
-    time_limit = int(settings.max_timeout * 1000) + TIME_LIMIT_MARGIN_MS
+    time_limit = actor_time_limit_ms(settings.max_timeout)
     return Worker(
         broker=broker,
         evaluate_code=dramatiq.actor(

@@ -18,6 +18,17 @@ BINARY = "/tmp/main"
 RUN_BINARY = "/sandbox/main"
 #: Wall-time limit of a compile step, on top of the run's own (workers wait for both).
 COMPILE_TIMEOUT_SECONDS = 30.0
+#: A run's `timeout` limits its CPU time; its wall-clock time is limited to this many times
+#: that. A run's CPU time does not grow when the machine is busy, its wall time does: with
+#: more runs than cores an honest run took 3.6-5x longer beside busy loops, and a wall-clock
+#: verdict would have called that a time-out. (Sleeping or waiting for input counts only
+#: against the wall limit.)
+WALL_TIME_FACTOR = 3.0
+
+
+def wall_limit(timeout: float) -> float:
+    """The wall-clock limit of a run whose CPU-time limit is `timeout`."""
+    return timeout * WALL_TIME_FACTOR
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dramatiq.errors import DecodeError
 from dramatiq.message import Message
 
 from evaluations.json_codec import MessageEncoder
+from evaluations.languages import wall_limit
 
 #: The one Dramatiq queue name every actor uses; levels are a message option.
 QUEUE_NAME = "crucible"
@@ -50,6 +51,12 @@ TASK_ID_PREFIX = "celery-"
 
 #: How every message is written and read (compact JSON through orjson).
 ENCODER = MessageEncoder()
+
+
+def actor_time_limit_ms(timeout: float) -> int:
+    """When Dramatiq interrupts the actor running an evaluation with this `timeout`: after the
+    run's wall-clock limit and the margin."""
+    return int(wall_limit(timeout) * 1000) + TIME_LIMIT_MARGIN_MS
 
 
 def task_id_of(eval_id: str) -> str:
@@ -93,6 +100,6 @@ def evaluation_message(
         actor_name=EVALUATE_ACTOR,
         args=(),
         kwargs=kwargs,
-        options={"time_limit": int(timeout * 1000) + TIME_LIMIT_MARGIN_MS},
+        options={"time_limit": actor_time_limit_ms(timeout)},
         message_id=task_id_of(eval_id),
     )

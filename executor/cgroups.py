@@ -55,6 +55,10 @@ class RunGroup:
     def procs_files(self) -> list[str]:
         return [str(path / "cgroup.procs") for path in self.paths.values()]
 
+    def cpu_ns(self) -> int:
+        """CPU time used by every process of the run so far."""
+        return int((self.paths["cpuacct"] / "cpuacct.usage").read_text())
+
     def stats(self) -> RunStats:
         memory, pids = self.paths["memory"], self.paths["pids"]
         return RunStats(

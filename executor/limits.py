@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from evaluations.languages import COMPILE_TIMEOUT_SECONDS
+from evaluations.languages import COMPILE_TIMEOUT_SECONDS, wall_limit
 
 #: Output past this many times the kept size kills the run (`output_limit_exceeded`).
 OUTPUT_KILL_FACTOR = 16
@@ -25,3 +25,8 @@ class Limits:
     tmpfs_mb: int
     compile_timeout: float = COMPILE_TIMEOUT_SECONDS
     compile_memory_mb: int = 1024
+
+    @property
+    def wall_timeout(self) -> float:
+        """`timeout` limits CPU time; wall-clock time gets a multiple of it."""
+        return wall_limit(self.timeout)

@@ -53,3 +53,5 @@ class Outcome:
     timed_out: bool
     flooded: bool
     oom_killed: bool = False
+    #: the time-out was the CPU-time limit's (else, with `timed_out`, the wall-clock limit's)
+    cpu_limited: bool = False

@@ -35,7 +35,7 @@ from executor.outcome import Outcome
 from executor.runs import KillMemory, Run
 from executor.slots import Slots
 from executor.spawn import Spawner
-from executor.supervise import supervise
+from executor.supervise import Deadlines, supervise
 from executor.verdict import RunResult, verdict
 from executor.warm import WarmSpec
 from executor.warm_pool import Warm, WarmPool, hand_over
@@ -148,8 +148,9 @@ class Sandbox:
         if not await hand_over(warm, code, run.eval_id):
             return None
         return await supervise(
-            run, warm.started, limits.timeout, (limits.output_bytes, limits.output_bytes), self._kills
-        )
+            run, warm.started, Deadlines(limits.wall_timeout, limits.timeout),
+            (limits.output_bytes, limits.output_bytes), self._kills,
+        )  # fmt: skip
 
     async def _compile_and_run(
         self,
@@ -189,11 +190,13 @@ class Sandbox:
             # the compiler writes the binary to /tmp; a shell inside the sandbox then streams it
             # to stdout, which is where the run's sandbox gets it from
             argv = ("/bin/sh", "-c", '"$@" >&2 && cat ' + BINARY, "compile", *argv)
-            timeout, memory_mb, out_cap = limits.compile_timeout, limits.compile_memory_mb, MAX_BINARY_BYTES
+            deadlines = Deadlines(limits.compile_timeout, limits.compile_timeout)
+            memory_mb, out_cap = limits.compile_memory_mb, MAX_BINARY_BYTES
         else:
-            timeout, memory_mb, out_cap = limits.timeout, limits.memory_mb, limits.output_bytes
-        started = self._spawner.start(uid, argv, files, stdin, limits, memory_mb, timeout, language)
-        return await supervise(run, started, timeout, (out_cap, limits.output_bytes), self._kills)
+            deadlines = Deadlines(limits.wall_timeout, limits.timeout)
+            memory_mb, out_cap = limits.memory_mb, limits.output_bytes
+        started = self._spawner.start(uid, argv, files, stdin, limits, memory_mb, deadlines.cpu_s, language)
+        return await supervise(run, started, deadlines, (out_cap, limits.output_bytes), self._kills)
 
     def kill(self, eval_id: str, remember: bool = True) -> bool:
         """Stop a run now; its result comes back as `cancelled`.

@@ -16,7 +16,9 @@ import resource
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 
+from executor.cgroups import RunGroup
 from executor.errors import SandboxError
 from executor.limits import OUTPUT_KILL_FACTOR
 from executor.outcome import READ_CHUNK, Capture, Outcome
@@ -25,8 +27,22 @@ from executor.spawn import Started
 
 #: Exit statuses bwrap reports for a program killed by a signal (128 + signal number).
 SIGNAL_EXIT_BASE = 128
-#: A SIGXCPU exit is the CPU limit only if at least this share of it was used.
+#: A SIGXCPU exit (or a wall-clock time-out) is the CPU limit's if at least this share of it
+#: was used.
 CPU_LIMIT_SHARE = 0.9
+#: How often a run's CPU time is read from its cgroup: RLIMIT_CPU counts each process apart,
+#: and a warm sandbox was started with the default limit, so the run's total is watched here.
+CPU_POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """A run's wall-clock limit and its CPU-time limit (seconds)."""
+
+    wall_s: float
+    cpu_s: float
+
+
 #: How long a killed run's processes may take to end before the run is answered anyway. One
 #: stuck in uninterruptible sleep (waiting on the disk) holds its pipes and cannot be reaped:
 #: its verdict must not wait for it (its slot does, see `Run.lingering`).
@@ -34,18 +50,25 @@ KILL_GRACE_S = 2.0
 
 
 async def supervise(
-    run: Run, started: Started, timeout: float, caps: tuple[int, int], kills: KillMemory
+    run: Run, started: Started, deadlines: Deadlines, caps: tuple[int, int], kills: KillMemory
 ) -> Outcome:
     """Supervise a started sandbox to its end; read its usage and undo its cgroups."""
     group = started.group
+    watchdog: asyncio.Task[bool] | None = None
     try:
         run.pid = started.process.pid
         # a kill that came while the process was spawned, or while a warm one got its code
         if run.cancelled or kills.was_killed_early(run.eval_id):
             run.cancelled = True
             run.kill()
-        outcome = await _watch(run, started.process, timeout, caps)
+        if group:
+            watchdog = asyncio.create_task(_watch_cpu(run, group, deadlines.cpu_s))
+        outcome = await _watch(run, started.process, deadlines.wall_s, caps)
+        if watchdog and await _stop(watchdog):
+            outcome.timed_out = outcome.cpu_limited = True
     finally:
+        if watchdog:
+            await _stop(watchdog)
         run.pid = None
         status = _read_all(started.status_read)
         stats = group.stats() if group else None
@@ -65,9 +88,33 @@ async def supervise(
         raise SandboxError(f"bwrap did not start the program: {outcome.stderr.text()[:500]}")
     # bwrap reports a signal as 128 + N, which a program can also exit with: SIGXCPU only
     # counts as the CPU limit when the CPU time was really spent
-    if outcome.signal == signal.SIGXCPU and outcome.cpu_ms >= CPU_LIMIT_SHARE * timeout * 1000:
-        outcome.timed_out = True
+    spent_cpu_limit = outcome.cpu_ms >= CPU_LIMIT_SHARE * deadlines.cpu_s * 1000
+    if spent_cpu_limit and (outcome.signal == signal.SIGXCPU or outcome.timed_out):
+        outcome.timed_out = outcome.cpu_limited = True
     return outcome
+
+
+async def _watch_cpu(run: Run, group: RunGroup, cpu_s: float) -> bool:
+    """Kill the run once all its processes together used `cpu_s` of CPU; True if it did."""
+    limit_ns = cpu_s * 1e9
+    while True:
+        await asyncio.sleep(CPU_POLL_S)
+        try:
+            used = group.cpu_ns()
+        except OSError:
+            return False
+        if used >= limit_ns:
+            run.kill()
+            return True
+
+
+async def _stop(task: asyncio.Task[bool]) -> bool:
+    """Whether the watchdog fired; it is stopped if it still runs."""
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        return await task
+    return False
 
 
 async def _watch(

@@ -55,22 +55,25 @@ def verdict(run: Run, o: Outcome, limits: Limits, enforced_by: str, compile_step
     out_of_memory = o.oom_killed or (
         o.exit_code not in (0, None) and any(sign in error for sign in OUT_OF_MEMORY_SIGNS)
     )
+    said = ""
     if run.cancelled:
         status = "cancelled"
     elif o.timed_out:
         status = "timeout"
-        error += f"\nTime limit of {limits.compile_timeout if compile_step else limits.timeout:g}s exceeded"
+        said = _time_limit(o, limits, compile_step)
     elif o.flooded:
         status = "output_limit_exceeded"
-        error += f"\nOutput limit exceeded: more than {OUTPUT_KILL_FACTOR} x {limits.output_bytes} bytes"
+        said = f"Output limit exceeded: more than {OUTPUT_KILL_FACTOR} x {limits.output_bytes} bytes"
     elif out_of_memory:
         status = "memory_limit_exceeded"
         memory_mb = limits.compile_memory_mb if compile_step else limits.memory_mb
-        error += f"\nMemory limit of {memory_mb} MB exceeded"
+        said = f"Memory limit of {memory_mb} MB exceeded"
     elif o.exit_code == 0:
         status = "completed"
     else:
         status = "compile_error" if compile_step else "failed"
+    if said:  # after what the program wrote, on a line of its own
+        error = error.rstrip("\n") + "\n" + said if error else said
     output = "" if compile_step else o.stdout.text()
     return RunResult(
         eval_id=run.eval_id,
@@ -86,4 +89,16 @@ def verdict(run: Run, o: Outcome, limits: Limits, enforced_by: str, compile_step
         peak_memory_kb=o.peak_rss_kb,
         timed_out=o.timed_out,
         limits_enforced_by=enforced_by,
+    )
+
+
+def _time_limit(o: Outcome, limits: Limits, compile_step: bool) -> str:
+    """Which time limit ended the run: its CPU time, or its wall-clock time (waiting)."""
+    if compile_step:
+        return f"Time limit of {limits.compile_timeout:g}s exceeded (compiling)"
+    if o.cpu_limited:
+        return f"CPU time limit of {limits.timeout:g}s exceeded"
+    return (
+        f"Wall-clock time limit of {limits.wall_timeout:g}s exceeded "
+        f"(CPU time used: {o.cpu_ms / 1000:.1f} of {limits.timeout:g}s; the rest was waiting)"
     )

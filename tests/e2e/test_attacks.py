@@ -471,3 +471,27 @@ print(len(open("/proc/self/status").read()) > 0)
     assert "/proc/cmdline" in shown and "/proc/1/cmdline" in shown
     assert own_status == "True"  # a run's own /proc entries still work
     await assert_host_unharmed(executor)
+
+
+async def test_time_outs_are_judged_on_cpu_time_and_wall_time_is_a_multiple_of_it(
+    executor: httpx.AsyncClient,
+) -> None:
+    """With more runs than cores a busy machine stretches an honest run's wall time (3.6-5x
+    beside seven busy loops) but not its CPU time: `timeout` limits CPU time, the wall clock
+    gets WALL_TIME_FACTOR times it, and the verdict says which limit ended the run."""
+    spins = await run(executor, "while True: pass", timeout=1)
+    assert spins["status"] == "timeout", spins
+    assert spins["error"] == "CPU time limit of 1s exceeded"  # no stray newline before it
+    assert 900 <= spins["cpu_ms"] < 2000
+    forks = "import os\nfor _ in range(3):\n    if os.fork() == 0:\n        break\nwhile True: pass"
+    together = await run(executor, forks, timeout=1)  # each process's rlimit alone would allow 4 s
+    assert together["status"] == "timeout" and together["error"] == "CPU time limit of 1s exceeded", together
+    assert together["cpu_ms"] < 2000
+    waits = await run(executor, "import time\ntime.sleep(1.5)\nprint('woke')", timeout=1)
+    assert (waits["status"], waits["output"]) == ("completed", "woke\n"), waits
+    sleeps = await run(executor, "import time\ntime.sleep(60)", timeout=1)
+    assert sleeps["status"] == "timeout" and sleeps["error"].startswith(
+        "Wall-clock time limit of 3s exceeded"
+    )
+    assert sleeps["runtime_ms"] < 3000 + 1500
+    await assert_host_unharmed(executor)

@@ -26,7 +26,7 @@ from executor.limits import Limits
 from executor.runs import KillMemory, Run
 from executor.sandbox import Sandbox
 from executor.spawn import Started
-from executor.supervise import KILL_GRACE_S, supervise
+from executor.supervise import KILL_GRACE_S, Deadlines, supervise
 
 OUTLIVES_S = 4
 
@@ -42,7 +42,9 @@ async def test_a_run_whose_processes_outlive_the_kill_is_answered_within_the_gra
     os.close(status_write)
     run = Run("lingering", "python")
     began = time.monotonic()
-    outcome = await supervise(run, Started(process, None, status_read), 1.0, (1024, 1024), KillMemory())
+    outcome = await supervise(
+        run, Started(process, None, status_read), Deadlines(1.0, 1.0), (1024, 1024), KillMemory()
+    )
     answered = time.monotonic() - began
     assert outcome.timed_out and answered < 1.0 + KILL_GRACE_S + 1.0
     assert run.lingering is not None and not run.lingering.done()  # the slot waits for this
@@ -60,7 +62,9 @@ async def test_a_run_that_ends_at_its_kill_holds_nothing() -> None:
     status_read, status_write = os.pipe()
     os.close(status_write)
     run = Run("ends", "python")
-    outcome = await supervise(run, Started(process, None, status_read), 0.5, (1024, 1024), KillMemory())
+    outcome = await supervise(
+        run, Started(process, None, status_read), Deadlines(0.5, 0.5), (1024, 1024), KillMemory()
+    )
     assert outcome.timed_out and run.lingering is None and process.returncode is not None
 
 
@@ -76,7 +80,7 @@ class _Outliving(Sandbox):
 async def test_the_slot_of_such_a_run_stays_out_of_use_until_its_processes_end(tmp_path: Path) -> None:
     settings = Settings.from_env()
     python = registry(settings.python_path)["python"]
-    limits = Limits(timeout=1, memory_mb=256, output_bytes=65536, processes=64, open_files=64,
+    limits = Limits(timeout=1 / 3, memory_mb=256, output_bytes=65536, processes=64, open_files=64,
                     file_size_mb=16, tmpfs_mb=100)  # fmt: skip
     sandbox = _Outliving(stage_bwrap(tmp_path), uid_base=settings.sandbox_uid_base, slots=1,
                          cgroups=None, seccomp=None)  # fmt: skip
