@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,11 @@ class Allowance:
             "RateLimit-Remaining": str(self.remaining),
             "RateLimit-Reset": str(self.reset_s),
         }
+
+
+def stored_limit(limits: dict[str, float]) -> int:
+    """Bytes a key's finished evaluations may store in an hour (0: no limit)."""
+    return int(limits["stored_mb_per_hour"] * 2**20)
 
 
 class RateLimiter:
@@ -100,8 +106,14 @@ class RateLimiter:
             raise TooLarge(f"at most {burst} evaluations at once for this key", field="evaluations")
         try:
             reply = await self._admit(
-                keys=[self.keys.bucket(key.id), self.keys.active(key.id)],
-                args=[limits["per_second"], burst, int(limits["max_active"]), *eval_ids],
+                keys=[self.keys.bucket(key.id), self.keys.active(key.id), self.keys.stored_bytes(key.id)],
+                args=[
+                    limits["per_second"],
+                    burst,
+                    int(limits["max_active"]),
+                    stored_limit(limits),
+                    *eval_ids,
+                ],
             )
         except (RedisConnectionError, RedisTimeoutError) as exc:
             log.warning("ratelimit.unavailable", key_id=key.id, error=str(exc))
@@ -119,6 +131,7 @@ class RateLimiter:
         return json_codec.dumps([
             self.keys.bucket(key.id), self.keys.active(key.id),
             limits["per_second"], int(limits["burst"]), int(limits["max_active"]), eval_id,
+            self.keys.stored_bytes(key.id), stored_limit(limits),
         ])  # fmt: skip
 
     def settle(self, key: ApiKey, reply: Sequence[Any]) -> Allowance:
@@ -129,6 +142,14 @@ class RateLimiter:
         if admitted:
             return Allowance(burst, int(second), math.ceil(int(third) / 1000))
         reason = second.decode() if isinstance(second, bytes) else second
+        if reason == "stored":
+            retry_after = 3600 - int(time.time()) % 3600  # the next hour's counter starts at 0
+            raise LimitExceeded(
+                f"stored-bytes quota exceeded for this key: {int(third) / 2**20:.1f} MB stored by "
+                f"evaluations finished this hour, at most {limits['stored_mb_per_hour']:g} MB",
+                headers={"Retry-After": str(retry_after)},
+                retry_after=retry_after,
+            )
         if reason == "active":
             raise LimitExceeded(
                 f"too many evaluations in progress for this key ({third} queued or running, "

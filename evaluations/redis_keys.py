@@ -187,6 +187,10 @@ class RedisKeys:
         """hash: one key's token bucket for submissions."""
         return f"{self.ns}:bucket:{key_id}"
 
+    def stored_bytes(self, key_id: str) -> str:
+        """prefix of counters (":<hour>" follows): bytes one key's finished evaluations stored."""
+        return f"{self.ns}:stored:{key_id}"
+
     def read_bucket(self, key_id: str) -> str:
         """hash: one key's token bucket for reads."""
         return f"{self.ns}:reads:{key_id}"

@@ -159,7 +159,8 @@ if command == "enqueue" then
 elseif command == "submit" then
     -- args: the key of a record that must not exist yet, the JSON list of commands that write
     -- it (the store makes them), the submitting key's quota as JSON ([bucket, active key,
-    -- rate_per_s, burst, max_active, eval_id], or "" for none), a message as for enqueue, then the levels
+    -- rate_per_s, burst, max_active, eval_id, stored-bytes prefix, stored_limit], or "" for
+    -- none), a message as for enqueue, then the levels
     -- whose ready messages count as ahead of it. One call: the quota, the record and its message
     -- change together or not at all. Returns {-1} when the record exists already and admit()'s
     -- refusal (quota.lua) when the quota refuses, both having changed nothing; else
@@ -181,7 +182,7 @@ elseif command == "submit" then
     local admitted = {1, -1, -1}
     if ARGV[6] ~= "" then
         local q = cjson.decode(ARGV[6])
-        admitted = admit(q[1], q[2], q[3], q[4], q[5], {q[6]}, now)
+        admitted = admit(q[1], q[2], q[3], q[4], q[5], {q[6]}, now, q[7], q[8])
         if admitted[1] == 0 then return admitted end
     end
     for _, op in ipairs(cjson.decode(ARGV[5])) do

@@ -3,12 +3,15 @@
 -- broker's `submit` (actors/lua/dispatch.lua) admits and enqueues in one call; quota_check.lua
 -- calls it alone (batches).
 --
--- admit(bucket, active, rate_per_s, burst, max_active, eval_ids, now_ms)
+-- admit(bucket, active, rate_per_s, burst, max_active, eval_ids, now_ms, stored, stored_limit)
 -- bucket: hash (tokens, at_ms), refilled at rate_per_s up to burst; each eval_id costs one.
 -- active: set of the key's evaluations queued or running (status.lua's transition() removes the
 -- finished).
+-- stored: prefix of the key's stored-bytes counters (status.lua counts finished evaluations'
+-- bytes per hour); stored_limit: bytes it may store in an hour (0: no limit).
 -- Returns {1, tokens left, ms until full} when admitted (ids added to active),
---         {0, "active", how many are in progress} or {0, "rate", ms until enough tokens}.
+--         {0, "active", how many are in progress}, {0, "stored", bytes stored this hour}
+--         or {0, "rate", ms until enough tokens}.
 -- take(bucket, rate_per_s, burst, cost, now_ms): a token bucket, refilled at rate_per_s up to
 -- burst. Returns {1, tokens left, ms until full} or {0, "rate", ms until enough tokens}.
 local function take(bucket, rate, burst, cost, now)
@@ -26,11 +29,17 @@ local function take(bucket, rate, burst, cost, now)
     return {1, math.floor(tokens), math.ceil((burst - tokens) * 1000 / rate)}
 end
 
-local function admit(bucket, active, rate, burst, max_active, eval_ids, now)
+local function admit(bucket, active, rate, burst, max_active, eval_ids, now, stored, stored_limit)
     local cost = #eval_ids
     local in_progress = redis.call("scard", active)
     if in_progress + cost > max_active then
         return {0, "active", in_progress}
+    end
+    if stored and tonumber(stored_limit) and tonumber(stored_limit) > 0 then
+        local used = tonumber(redis.call("get", stored .. ":" .. math.floor(now / 3600000))) or 0
+        if used >= tonumber(stored_limit) then
+            return {0, "stored", used}
+        end
     end
     local taken = take(bucket, rate, burst, cost, now)
     if taken[1] == 1 then

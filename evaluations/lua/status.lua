@@ -97,6 +97,13 @@ local function transition(ns, eval_id, new_status, now, allowed_csv, fields, exp
     local owner = redis.call("hget", record, "owner")
     if owner and final == "1" then
         redis.call("srem", ns .. ":active:" .. owner, eval_id)
+        -- $ns:stored:$owner:$hour: bytes the key's finished evaluations stored this hour (its
+        -- code, output and error), which its stored-bytes quota (quota.lua) is held to
+        local stored = ns .. ":stored:" .. owner .. ":" .. math.floor(tonumber(now) / 3600000)
+        local bytes = (tonumber(redis.call("hget", record, "code_bytes")) or 0)
+            + string.len(tostring(fields["output"] or "")) + string.len(tostring(fields["error"] or ""))
+        redis.call("incrby", stored, bytes)
+        redis.call("expire", stored, 7200)
     elseif owner and new_status == "queued" then
         redis.call("sadd", ns .. ":active:" .. owner, eval_id)
     end

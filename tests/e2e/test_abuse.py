@@ -9,10 +9,11 @@ from contextlib import ExitStack
 import redis.asyncio as aioredis
 
 from bench.stack import redis_server
+from evaluations.api_keys import KeyStore
 from evaluations.redis_keys import RedisKeys
 from tests.conftest import Stack, stack_env, start_api
 from tests.e2e.test_security import make_keys
-from tests.helpers import TEST_ADMIN_KEY, api_client, submit
+from tests.helpers import TEST_ADMIN_KEY, api_client, submit, wait_final
 
 
 async def test_listing_is_rate_limited_per_key_and_never_reads_whole_programs(
@@ -105,3 +106,29 @@ async def test_new_submissions_are_refused_before_redis_is_full(executor_url: st
             assert (await admin.post("/api/eval", json={"code": "print(1)"})).status_code == 200
             assert (await admin.get("/health")).json()["storage"] == "ok"
         await client.aclose()
+
+
+async def test_a_key_storing_too_much_in_an_hour_is_refused_until_the_next(
+    shared_stack: Stack, aredis: aioredis.Redis
+) -> None:
+    """Twenty evaluations with maximum code, stdout and stderr added 231 KiB each: at the
+    standard tier's 2/s that was ~1.6 GiB an hour. Each key's finished evaluations may store
+    `stored_mb_per_hour` (standard 200 MB)."""
+    heavy, other = await make_keys(aredis, shared_stack.namespace, "standard", "standard")
+    keys = RedisKeys(shared_stack.namespace)
+    async with (
+        api_client(shared_stack.api_url, key=heavy) as h,
+        api_client(shared_stack.api_url, key=other) as o,
+    ):
+        code = "import sys\nprint('o' * 5000)\nprint('e' * 3000, file=sys.stderr)"
+        final = await wait_final(h, await submit(h, code))
+        heavy_id = (await KeyStore(aredis, shared_stack.namespace).lookup(heavy)).id
+        counters = [k async for k in aredis.scan_iter(match=f"{keys.stored_bytes(heavy_id)}:*")]
+        assert len(counters) == 1
+        assert int(await aredis.get(counters[0])) >= len(code) + 5001 + 3001
+        assert final["status"] == "completed"
+        await aredis.set(counters[0], 200 * 2**20)  # the hour's 200 MB used
+        refused = await h.post("/api/eval", json={"code": "print(1)"})
+        assert refused.status_code == 429 and "stored-bytes quota" in refused.json()["error"]
+        assert 0 < int(refused.headers["Retry-After"]) <= 3600
+        assert (await o.post("/api/eval", json={"code": "print(1)"})).status_code == 200
