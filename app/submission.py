@@ -112,7 +112,7 @@ class Submitter:
         system = system or (await self.control.choose() if self.control else "dramatiq")
         evaluation = NewEvaluation(
             sub.eval_id, sub.code, sub.language, sub.timeout, level, sub.priority, {"source": source}, system,
-            owner=owner,
+            owner=owner, max_running=self._max_running(quota),
         )  # fmt: skip
         apart = quota if quota and (counted or system == "legacy" or self.store.forwarder) else None
         allowance = await self._limiter.take(apart, [sub.eval_id]) if apart and not counted else None
@@ -263,6 +263,12 @@ class Submitter:
             self.enqueuer.queue_length_in(pipe, evaluation.level)
             *_, length = await pipe.execute()
         return max(int(length) - 1, 0)
+
+    def _max_running(self, key: ApiKey | None) -> int:
+        """How many of `key`'s evaluations may run at once (0: no cap)."""
+        if key is None or self._limiter is None:
+            return 0
+        return int(self._limiter.limits[key.tier]["max_running"])
 
     def _keep_unrecorded(self, evaluation: NewEvaluation, fallback: bool) -> None:
         log.error("migration.legacy_unrecorded", eval_id=evaluation.eval_id, fallback=fallback)

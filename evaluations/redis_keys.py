@@ -43,6 +43,11 @@ class RedisKeys:
         """set: one API key's evaluations queued or running (its in-progress quota)."""
         return f"{self.ns}:active:{owner}"
 
+    def running(self, owner: str) -> str:
+        """set: one API key's evaluations running now (not waiting for a retry): its
+        `max_running`, held by the broker's fetch."""
+        return f"{self.ns}:running:{owner}"
+
     @property
     def stats(self) -> str:
         """hash of counters kept across processes (submitted, final statuses, retries)."""

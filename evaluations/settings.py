@@ -84,14 +84,18 @@ def _levels(raw: str) -> tuple[str, ...]:
 #: Per tier: submissions per second (refill), burst (bucket size), evaluations queued or running,
 #: event streams (`/api/eval/{id}/events`) open at once, and reads (a record, a timeline, a
 #: stream opened: one each; a list page: one per 50 rows) per second and their burst, and the
-#: megabytes a key's finished evaluations may store (code, output, error) per clock hour (0: any).
+#: megabytes a key's finished evaluations may store (code, output, error) per clock hour, and
+#: how many of its evaluations may run at once (0: no limit for either).
 DEFAULT_RATE_LIMITS: dict[str, dict[str, float]] = {
     "standard": {"per_second": 2, "burst": 20, "max_active": 20, "max_streams": 10,
-                 "reads_per_second": 20, "read_burst": 100, "stored_mb_per_hour": 200},
+                 "reads_per_second": 20, "read_burst": 100, "stored_mb_per_hour": 200,
+                 "max_running": 2},
     "premium": {"per_second": 10, "burst": 100, "max_active": 200, "max_streams": 50,
-                "reads_per_second": 100, "read_burst": 500, "stored_mb_per_hour": 2000},
+                "reads_per_second": 100, "read_burst": 500, "stored_mb_per_hour": 2000,
+                "max_running": 8},
     "admin": {"per_second": 100, "burst": 1000, "max_active": 10000, "max_streams": 500,
-              "reads_per_second": 1000, "read_burst": 5000, "stored_mb_per_hour": 0},
+              "reads_per_second": 1000, "read_burst": 5000, "stored_mb_per_hour": 0,
+              "max_running": 0},
 }  # fmt: skip
 
 

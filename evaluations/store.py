@@ -50,6 +50,7 @@ _INT_FIELDS = {
     "cpu_ms",
     "peak_memory_kb",
     "signal",
+    "max_running",
 }
 _BOOL_FIELDS = {"output_truncated", "error_truncated", "priority", "internal_error"}
 
@@ -141,6 +142,8 @@ class NewEvaluation:
     shadow_of: str | None = None
     #: the API key that submitted it (None: the Celery shim or a direct message)
     owner: str | None = None
+    #: how many of the owner's evaluations may run at once (its tier's `max_running`; 0: any)
+    max_running: int = 0
     created_at: str = field(default_factory=utc_now)
 
     def fields(self) -> dict[str, str]:
@@ -163,6 +166,7 @@ class NewEvaluation:
             }
             | ({"shadow_of": self.shadow_of} if self.shadow_of else {})
             | ({"owner": self.owner} if self.owner else {})
+            | ({"max_running": str(self.max_running)} if self.owner and self.max_running else {})
         )
 
 

@@ -130,6 +130,16 @@ local function maintain()
     end
 end
 
+-- Whether a message's evaluation belongs to a key already running as many as it may.
+local function at_its_keys_limit(message_id)
+    local eval_id = redis.call("hget", eval_of, message_id)
+    if not eval_id then return false end
+    local found = redis.call("hmget", ns .. ":eval:" .. eval_id, "owner", "max_running")
+    local owner, cap = found[1], tonumber(found[2])
+    if not owner or not cap or cap <= 0 then return false end
+    return redis.call("scard", ns .. ":running:" .. owner) >= cap
+end
+
 -- args from `first`: message_id, level, task_id, delay_ms (0 = now), encoded message, and the
 -- evaluation whose status its fetch sets running ("" for none).
 -- A message id already known is not enqueued again (a re-sent command).
@@ -239,12 +249,26 @@ elseif command == "fetch" then
     local bounds = {}
     for bound in string.gmatch(ARGV[7], "[^,]+") do bounds[#bounds + 1] = tonumber(bound) end
     local taken = {}
+    -- A message whose key runs as many evaluations as it may (the record's max_running) waits
+    -- at the tail of its level, behind other keys' messages, and is looked at again by a later
+    -- fetch; each fetch passes over at most this many.
+    local passed_over, may_pass = 0, wanted * 4 + 8
     for i = 8, #ARGV do
         local queue = queue_key(ARGV[i])
+        local deferred = {}
         while #taken < wanted * 2 do
             local message_id = redis.call("lpop", queue)
             if not message_id then break end
             local data = redis.call("hget", msgs, message_id)
+            if data and at_its_keys_limit(message_id) then
+                if passed_over >= may_pass then
+                    redis.call("lpush", queue, message_id)  -- back where it was: enough looking
+                    break
+                end
+                deferred[#deferred + 1] = message_id
+                passed_over = passed_over + 1
+                data = nil
+            end
             if data then
                 redis.call("sadd", acks_key(worker_id), message_id)
                 local mark = "-"
@@ -259,6 +283,9 @@ elseif command == "fetch" then
                 taken[#taken + 1] = data
                 taken[#taken + 1] = mark
             end
+        end
+        for _, message_id in ipairs(deferred) do
+            redis.call("rpush", queue, message_id)
         end
     end
     return taken

@@ -95,6 +95,16 @@ local function transition(ns, eval_id, new_status, now, allowed_csv, fields, exp
     end
     -- $ns:active:$owner: the submitting key's evaluations that are queued or running (its quota)
     local owner = redis.call("hget", record, "owner")
+    -- $ns:running:$owner: those of them running now, not waiting for a retry: the broker's
+    -- fetch holds a key to its `max_running`
+    if owner then
+        local waiting = redis.call("hget", record, "next_retry_at")
+        if new_status == "running" and (not waiting or waiting == "") then
+            redis.call("sadd", ns .. ":running:" .. owner, eval_id)
+        else
+            redis.call("srem", ns .. ":running:" .. owner, eval_id)
+        end
+    end
     if owner and final == "1" then
         redis.call("srem", ns .. ":active:" .. owner, eval_id)
         -- $ns:stored:$owner:$hour: bytes the key's finished evaluations stored this hour (its

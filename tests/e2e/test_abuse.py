@@ -132,3 +132,30 @@ async def test_a_key_storing_too_much_in_an_hour_is_refused_until_the_next(
         assert refused.status_code == 429 and "stored-bytes quota" in refused.json()["error"]
         assert 0 < int(refused.headers["Retry-After"]) <= 3600
         assert (await o.post("/api/eval", json={"code": "print(1)"})).status_code == 200
+
+
+async def test_one_key_runs_at_most_its_max_running_at_once_and_others_get_slots(
+    shared_stack: Stack, aredis: aioredis.Redis
+) -> None:
+    """Eight submissions of one standard key took every slot (8 per executor) and another
+    key's hello world waited behind them. A standard key runs at most `max_running` (2) at
+    once; its other evaluations wait, behind other keys' work."""
+    hog, other = await make_keys(aredis, shared_stack.namespace, "standard", "standard")
+    keys = RedisKeys(shared_stack.namespace)
+    async with (
+        api_client(shared_stack.api_url, key=hog) as h,
+        api_client(shared_stack.api_url, key=other) as o,
+    ):
+        hog_ids = [await submit(h, "import time\ntime.sleep(4)", timeout=4) for _ in range(6)]
+        hog_key = (await KeyStore(aredis, shared_stack.namespace).lookup(hog)).id
+        most = 0
+        for _ in range(20):  # 2 s: each hog run takes 4
+            statuses = [(await h.get(f"/api/eval/{i}")).json()["status"] for i in hog_ids]
+            most = max(most, statuses.count("running"), await aredis.scard(keys.running(hog_key)))
+            await asyncio.sleep(0.1)
+        assert 1 <= most <= 2, most
+        started = asyncio.get_running_loop().time()
+        mine = await wait_final(o, await submit(o, "print('not behind them')"), seconds=30)
+        assert mine["status"] == "completed" and asyncio.get_running_loop().time() - started < 3.5
+        for eval_id in hog_ids:
+            await h.post(f"/api/eval/{eval_id}/cancel", params={"terminate": "true"})
