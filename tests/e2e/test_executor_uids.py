@@ -4,9 +4,12 @@ kills what an executor of its range that died left running under them."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
+
+import httpx
 
 from bench.stack import ROOT, free_port, free_uid_base, process, wait_http
 from tests.conftest import ExecutorService
@@ -46,3 +49,29 @@ def test_an_executor_kills_what_a_dead_one_of_its_range_left_running() -> None:
     finally:
         leftover.kill()
         leftover.wait()
+
+
+def test_a_killed_executor_leaves_no_sandbox_behind() -> None:
+    """A review found a warm sandbox of an executor killed with SIGKILL still alive minutes
+    later. bwrap's --die-with-parent takes each sandbox down with its executor."""
+    base, port = free_uid_base(), free_port()
+    env = {"SANDBOX_UID_BASE": str(base), "EXECUTOR_PORT": str(port), "LOG_FORMAT": "json"}
+    with process("executor-killed", "executor", env) as executor:
+        wait_http(f"http://127.0.0.1:{port}/health")
+        for _ in range(100):  # every slot's warm sandbox started
+            if httpx.get(f"http://127.0.0.1:{port}/health").json()["warm"] == 8:
+                break
+            time.sleep(0.1)
+        assert running_as(range(base, base + 8))
+        os.killpg(executor.pid, signal.SIGKILL)
+        executor.wait()
+    for _ in range(50):
+        if not running_as(range(base, base + 8)):
+            break
+        time.sleep(0.1)
+    assert running_as(range(base, base + 8)) == []
+
+
+def running_as(uids: range) -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "uid=,pid=,stat=,args="], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if int(line.split()[0]) in uids and "Z" not in line.split()[2]]
