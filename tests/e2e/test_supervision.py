@@ -23,6 +23,7 @@ from evaluations.settings import Settings
 from executor.app import stage_bwrap
 from executor.errors import SandboxBusy
 from executor.limits import Limits
+from executor.outcome import Outcome
 from executor.runs import KillMemory, Run
 from executor.sandbox import Sandbox
 from executor.spawn import Started
@@ -31,20 +32,24 @@ from executor.supervise import KILL_GRACE_S, Deadlines, supervise
 OUTLIVES_S = 4
 
 
-async def test_a_run_whose_processes_outlive_the_kill_is_answered_within_the_grace() -> None:
+async def supervised(
+    script: str, eval_id: str, wall_s: float
+) -> tuple[Run, Outcome, subprocess.Popen[bytes]]:
+    """`script` run as a process group of its own (as a sandbox is), supervised to its end."""
     process = subprocess.Popen(
-        ["/bin/sh", "-c", f"setsid sleep {OUTLIVES_S} & exec sleep 60"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
+        ["/bin/sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
     status_read, status_write = os.pipe()
     os.close(status_write)
-    run = Run("lingering", "python")
+    run = Run(eval_id, "python")
+    deadlines = Deadlines(wall_s, wall_s)
+    outcome = await supervise(run, Started(process, None, status_read), deadlines, (1024, 1024), KillMemory())
+    return run, outcome, process
+
+
+async def test_a_run_whose_processes_outlive_the_kill_is_answered_within_the_grace() -> None:
     began = time.monotonic()
-    outcome = await supervise(
-        run, Started(process, None, status_read), Deadlines(1.0, 1.0), (1024, 1024), KillMemory()
-    )
+    run, outcome, process = await supervised(f"setsid sleep {OUTLIVES_S} & exec sleep 60", "lingering", 1.0)
     answered = time.monotonic() - began
     assert outcome.timed_out and answered < 1.0 + KILL_GRACE_S + 1.0
     assert run.lingering is not None and not run.lingering.done()  # the slot waits for this
@@ -53,18 +58,7 @@ async def test_a_run_whose_processes_outlive_the_kill_is_answered_within_the_gra
 
 
 async def test_a_run_that_ends_at_its_kill_holds_nothing() -> None:
-    process = subprocess.Popen(
-        ["/bin/sh", "-c", "exec sleep 60"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    status_read, status_write = os.pipe()
-    os.close(status_write)
-    run = Run("ends", "python")
-    outcome = await supervise(
-        run, Started(process, None, status_read), Deadlines(0.5, 0.5), (1024, 1024), KillMemory()
-    )
+    run, outcome, process = await supervised("exec sleep 60", "ends", 0.5)
     assert outcome.timed_out and run.lingering is None and process.returncode is not None
 
 
