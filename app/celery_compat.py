@@ -171,14 +171,26 @@ def _outcome(record: dict[str, Any]) -> Any:
     return {"eval_id": record["id"], **{k: record.get(k) for k in RESULT_FIELDS[1:]}}
 
 
-class EvaluateTask:
+class _CeleryTask:
+    """Celery's calling surface over a subclass's `apply_async`."""
+
+    def apply_async(self, args: Iterable[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
+                    **options: Any) -> Any:  # fmt: skip
+        raise NotImplementedError
+
+    def delay(self, *args: Any, **kwargs: Any) -> Any:
+        return self.apply_async(args, kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery runs a task called directly in-process; here it is submitted and awaited."""
+        return self.delay(*args, **kwargs).get()
+
+
+class EvaluateTask(_CeleryTask):
     """`tasks.evaluate_code`: `.delay()` / `.apply_async()` submit through the same path as the API."""
 
     name = "tasks.evaluate_code"
     _signature = inspect.signature(_actors.evaluate_code)
-
-    def delay(self, *args: Any, **kwargs: Any) -> EvaluationResult:
-        return self.apply_async(args, kwargs)
 
     def apply_async(
         self,
@@ -211,10 +223,6 @@ class EvaluateTask:
         except Refusal as exc:  # a duplicate eval_id
             raise ValueError(exc.message) from None
         return EvaluationResult(task_id_of(sub.eval_id))
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Celery runs a task called directly in-process; here it is submitted and awaited."""
-        return self.delay(*args, **kwargs).get()
 
 
 # -- other actors --------------------------------------------------------------------------
@@ -273,7 +281,7 @@ class ActorResult(_Handle):
         blocking_services().call(lambda s: s.enqueuer.cancel(self.id))
 
 
-class ActorTask:
+class ActorTask(_CeleryTask):
     """A plain actor with Celery's `.delay()` / `.apply_async()`."""
 
     def __init__(self, name: str, actor: Callable[[Worker], dramatiq.Actor[Any, Any]]) -> None:
@@ -284,9 +292,6 @@ class ActorTask:
     def actor(self) -> dramatiq.Actor[Any, Any]:
         """The actor, declared on this process's broker when first sent (not at import)."""
         return self._actor(process_worker())
-
-    def delay(self, *args: Any, **kwargs: Any) -> ActorResult:
-        return self.apply_async(args, kwargs)
 
     def apply_async(
         self,
@@ -300,9 +305,6 @@ class ActorTask:
         level = {} if queue is None and priority is None else {LEVEL_OPTION: level_for(queue, priority)}
         message = self.actor.send_with_options(args=tuple(args or ()), kwargs=dict(kwargs or {}), **level)
         return ActorResult(message)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.delay(*args, **kwargs).get()
 
 
 # -- the module-level helpers of the Celery service ------------------------------------------

@@ -67,8 +67,8 @@ async def supervise(
         if watchdog and await _stop(watchdog):
             outcome.timed_out = outcome.cpu_limited = True
     finally:
-        if watchdog:
-            await _stop(watchdog)
+        if watchdog and not watchdog.done():  # `_watch` raised: the watchdog is stopped here
+            watchdog.cancel()
         run.pid = None
         status = _read_all(started.status_read)
         stats = group.stats() if group else None

@@ -8,7 +8,9 @@ import uuid
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 
+from evaluations.api_keys import KeyStore
 from evaluations.status import TERMINAL as STORE_TERMINAL
 
 TERMINAL = set(STORE_TERMINAL)
@@ -58,3 +60,9 @@ async def execute(executor: httpx.AsyncClient, code: str, **fields: Any) -> dict
     response = await executor.post("/execute", json={**body, **fields})
     assert response.status_code == 200, response.text
     return response.json()
+
+
+async def make_keys(client: aioredis.Redis, namespace: str, *tiers: str) -> list[str]:
+    """New API keys of these tiers in `namespace`; their secrets, in order."""
+    store = KeyStore(client, namespace)
+    return [(await store.create(f"{tier}-{n}", tier))[1] for n, tier in enumerate(tiers)]

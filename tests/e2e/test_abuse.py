@@ -12,8 +12,7 @@ from bench.stack import redis_server
 from evaluations.api_keys import KeyStore
 from evaluations.redis_keys import RedisKeys
 from tests.conftest import Stack, stack_env, start_api
-from tests.e2e.test_security import make_keys
-from tests.helpers import TEST_ADMIN_KEY, api_client, submit, wait_final
+from tests.helpers import TEST_ADMIN_KEY, api_client, make_keys, submit, wait_final
 
 
 async def test_listing_is_rate_limited_per_key_and_never_reads_whole_programs(

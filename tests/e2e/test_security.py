@@ -16,12 +16,7 @@ import redis.asyncio as aioredis
 from bench.stack import LOG_DIR, ROOT, free_port
 from evaluations.api_keys import KeyStore
 from tests.conftest import Stack, stack_env, start_api
-from tests.helpers import EXECUTOR_SECRET, METRICS_TOKEN, TEST_ADMIN_KEY, api_client
-
-
-async def make_keys(aredis: aioredis.Redis, namespace: str, *tiers: str) -> list[str]:
-    store = KeyStore(aredis, namespace)
-    return [(await store.create(f"{tier}-{n}", tier))[1] for n, tier in enumerate(tiers)]
+from tests.helpers import EXECUTOR_SECRET, METRICS_TOKEN, TEST_ADMIN_KEY, api_client, make_keys
 
 
 async def test_keys_tiers_and_ownership(shared_stack: Stack, aredis: aioredis.Redis) -> None:
