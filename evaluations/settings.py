@@ -156,7 +156,8 @@ class Settings:
     sandbox_read_ops_per_s: int
     python_path: str
     sandbox_cgroups: str
-    sandbox_warm_pool: bool
+    sandbox_fork_server: bool
+    sandbox_fork_server_runs: int
     max_stdin_bytes: int
     retry_overrides: str | None
     admin_key: str | None
@@ -218,7 +219,8 @@ class Settings:
             sandbox_read_mb_per_s=_int("SANDBOX_READ_MB_PER_S", 32),
             sandbox_read_ops_per_s=_int("SANDBOX_READ_OPS_PER_S", 1000),
             python_path=_str("SANDBOX_PYTHON", "/usr/bin/python3"),
-            sandbox_warm_pool=_bool("SANDBOX_WARM_POOL", True),
+            sandbox_fork_server=_bool("SANDBOX_FORK_SERVER", True),
+            sandbox_fork_server_runs=_at_least_one("SANDBOX_FORK_SERVER_RUNS", 500),
             sandbox_cgroups=_choice("SANDBOX_CGROUPS", "auto", ("auto", "off", "required")),
             max_stdin_bytes=_int("CRUCIBLE_MAX_STDIN_BYTES", 1024 * 1024),
             retry_overrides=os.environ.get("CRUCIBLE_RETRY_POLICIES") or None,

@@ -49,7 +49,6 @@ from executor.errors import SandboxBusy, SandboxError
 from executor.limits import Limits
 from executor.sandbox import Sandbox
 from executor.seccomp import build_filter
-from executor.warm import WarmSpec
 
 log = structlog.get_logger(__name__)
 
@@ -183,7 +182,7 @@ class Executor:
                 # slots whose last run's processes outlived its kill (stuck on the disk, say):
                 # out of use, with their uid and cgroup, until those processes end
                 "slots_held": len(self.sandbox.held),
-                "warm": self.sandbox.warm,
+                "fork_servers": self.sandbox.fork_servers,
                 "languages": sorted(self.languages),
             }
         )
@@ -214,8 +213,8 @@ async def open_sandbox(settings: Settings) -> AsyncIterator[Sandbox]:
             seccomp=build_filter(),
         )
         python = registry(settings.python_path).get("python")
-        if settings.sandbox_warm_pool and python:
-            sandbox.warm_up(WarmSpec(python, request_limits(settings, {})))
+        if settings.sandbox_fork_server and python:
+            sandbox.start_fork_servers(python, settings.sandbox_fork_server_runs)
         try:
             yield sandbox
         finally:

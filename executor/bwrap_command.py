@@ -8,6 +8,9 @@ from pathlib import Path
 
 from executor.limits import Limits
 
+#: What bwrap remounts read-only in every /proc it mounts (`--proc`), as a fork server's run
+#: does in its own.
+READ_ONLY_PROC = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus")
 #: Size of the run's /dev/shm (POSIX shared memory, semaphores); /tmp and this are the only
 #: writable places in the sandbox, both size-capped tmpfs.
 SHM_BYTES = 16 * 1024 * 1024
@@ -18,6 +21,12 @@ SHM_BYTES = 16 * 1024 * 1024
 MASKED_PROC_FILES = ("/proc/cmdline", "/proc/config.gz", "/proc/kallsyms", "/proc/sys/fs/aio-nr",
                      "/proc/1/cmdline")  # fmt: skip
 MASKED_PROC_DIRS = ("/proc/pressure",)
+MB = 1024 * 1024
+#: The fork server's own /tmp: it writes nothing there (each run mounts its own).
+FORK_SERVER_TMPFS_MB = 1
+#: prlimit's option for each rlimit.
+PRLIMIT_NAMES = {"RLIMIT_CPU": "cpu", "RLIMIT_AS": "as", "RLIMIT_NPROC": "nproc",
+                 "RLIMIT_FSIZE": "fsize", "RLIMIT_NOFILE": "nofile", "RLIMIT_CORE": "core"}  # fmt: skip
 
 
 @cache
@@ -50,16 +59,61 @@ def bwrap_command(
     on `status_fd` how the program ended only if it started, which tells its failures from
     the program's.
     """
+    return [
+        *isolation(bwrap, files, limits.tmpfs_mb),
+        "--cap-drop", "ALL",
+        "--json-status-fd", str(status_fd),
+        *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
+        "/usr/bin/prlimit",
+        *prlimit_options(rlimits(limits, memory_mb, cpu)),
+        "--",
+        *argv,
+    ]  # fmt: skip
+
+
+def fork_server_command(bwrap: Path, argv: tuple[str, ...], files: list[tuple[int, str, str]]) -> list[str]:
+    """A slot's fork server (`executor.fork_server`): a cold run's isolation, but with its
+    capabilities inside its own user namespace, which it needs to give each run namespaces
+    of its own, and no seccomp filter or rlimits (each run applies its own).
+
+    Its /proc has no masks and its user namespace is bwrap's first (no `--disable-userns`,
+    which would nest one more): a run mounts a /proc of its own, which the kernel allows only
+    where the existing one has nothing mounted over it by a more privileged namespace. The
+    server forbids new user namespaces itself (see the program), and each run masks its
+    own /proc.
+    """
+    return [*isolation(bwrap, files, FORK_SERVER_TMPFS_MB, for_runs=False), "--cap-add", "ALL", *argv]
+
+
+def rlimits(limits: Limits, memory_mb: int, cpu: float) -> dict[str, tuple[int, int]]:
+    """A run's rlimits, (soft, hard) by name: CPU seconds, address space, processes, file size,
+    open files, no core dumps."""
+    seconds = max(1, int(cpu + 0.999))
+    return {
+        "RLIMIT_CPU": (seconds, seconds + 1),
+        "RLIMIT_AS": (memory_mb * MB,) * 2,
+        "RLIMIT_NPROC": (limits.processes,) * 2,
+        "RLIMIT_FSIZE": (limits.file_size_mb * MB,) * 2,
+        "RLIMIT_NOFILE": (limits.open_files,) * 2,
+        "RLIMIT_CORE": (0, 0),
+    }
+
+
+def prlimit_options(limits: dict[str, tuple[int, int]]) -> list[str]:
+    return [f"--{PRLIMIT_NAMES[name]}={soft}:{hard}" for name, (soft, hard) in limits.items()]
+
+
+def isolation(bwrap: Path, files: list[tuple[int, str, str]], tmpfs_mb: int, for_runs: bool = True) -> list[str]:
+    """bwrap's namespaces, root, environment and inputs: what every sandbox shares (`for_runs`:
+    with no new user namespaces and /proc masked, which a fork server does for each run)."""
     binds: list[str] = []
     for fd, path, perms in files:
         binds += ["--perms", perms, "--ro-bind-data", str(fd), path]
-    seconds = max(1, int(cpu + 0.999))
     return [
         str(bwrap),
         "--unshare-all",
         "--unshare-user",
-        "--disable-userns",
-        "--cap-drop", "ALL",
+        *(["--disable-userns"] if for_runs else []),
         "--die-with-parent",
         "--new-session",
         "--hostname", "sandbox",
@@ -69,12 +123,12 @@ def bwrap_command(
         "--symlink", "usr/lib64", "/lib64",
         "--symlink", "usr/bin", "/bin",
         "--proc", "/proc",
-        *proc_masks(),
+        *(proc_masks() if for_runs else ()),
         "--dev", "/dev",
         "--ro-bind", "/dev/null", "/dev/pts/ptmx",  # no pseudo-terminals: a host-wide pool
         "--size", str(SHM_BYTES),
         "--tmpfs", "/dev/shm",
-        "--size", str(limits.tmpfs_mb * 1024 * 1024),
+        "--size", str(tmpfs_mb * MB),
         "--tmpfs", "/tmp",
         "--dir", "/sandbox",
         *binds,
@@ -87,15 +141,4 @@ def bwrap_command(
         "--setenv", "HOME", "/tmp",
         "--setenv", "TMPDIR", "/tmp",
         "--setenv", "LANG", "C.UTF-8",
-        "--json-status-fd", str(status_fd),
-        *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
-        "/usr/bin/prlimit",
-        f"--cpu={seconds}:{seconds + 1}",
-        f"--as={memory_mb * 1024 * 1024}",
-        f"--nproc={limits.processes}",
-        f"--fsize={limits.file_size_mb * 1024 * 1024}",
-        f"--nofile={limits.open_files}",
-        "--core=0",
-        "--",
-        *argv,
     ]  # fmt: skip

@@ -7,11 +7,10 @@ while, so a cancel racing the run's start still wins.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
 import time
 from dataclasses import dataclass, field
+
+from executor.program import Program
 
 #: How long a kill for a run not (yet) here makes this executor refuse to start that run.
 KILL_MEMORY_SECONDS = 300.0
@@ -26,17 +25,20 @@ class Run:
     started_at: float = field(default_factory=time.time)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: bool = False
-    pid: int | None = None
+    #: the started sandbox while it runs (what a kill stops)
+    program: Program | None = None
     #: set when the run was answered while processes of it were still alive after their kill
     #: (uninterruptible sleep holding its pipes): done once they have ended, and until then its
     #: slot, uid and cgroup stay out of use
     lingering: asyncio.Future[object] | None = None
 
+    @property
+    def pid(self) -> int | None:
+        return self.program.pid if self.program else None
+
     def kill(self) -> None:
-        # bwrap's --die-with-parent takes the whole pid namespace down with it.
-        if self.pid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
+        if self.program is not None:
+            self.program.kill()
 
 
 class KillMemory:

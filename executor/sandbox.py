@@ -13,8 +13,12 @@ Isolation, outermost first:
 - output is kept up to a cap, and a flood kills the run (`executor.supervise`).
 Inputs go in through memfds, never files on the host (`executor.spawn`).
 
-`Sandbox` only composes the parts: run slots (`executor.slots`), the warm pool
-(`executor.warm_pool`), the command line (`executor.bwrap_command`), spawning
+Python runs are forked from their slot's fork server (`executor.fork_server`) where it has
+one ready, with the same isolation built per run; other runs, and any a server cannot take,
+start cold.
+
+`Sandbox` only composes the parts: run slots (`executor.slots`), the fork servers
+(`executor.fork_server`), the command line (`executor.bwrap_command`), spawning
 (`executor.spawn`), supervision (`executor.supervise`) and the verdict (`executor.verdict`).
 """
 
@@ -28,8 +32,10 @@ from typing import Any
 import structlog
 
 from evaluations.languages import BINARY, RUN_BINARY, Language
-from executor.bwrap_command import bwrap_command
+from executor.bwrap_command import bwrap_command, fork_server_command
 from executor.cgroups import CgroupsV1
+from executor.errors import SandboxError
+from executor.fork_server import ForkServers
 from executor.limits import Limits
 from executor.outcome import Outcome
 from executor.runs import KillMemory, Run
@@ -37,8 +43,6 @@ from executor.slots import Slots
 from executor.spawn import Spawner
 from executor.supervise import Deadlines, supervise
 from executor.verdict import RunResult, verdict
-from executor.warm import WarmSpec
-from executor.warm_pool import Warm, WarmPool, hand_over
 
 log = structlog.get_logger(__name__)
 
@@ -68,7 +72,7 @@ class Sandbox:
         self._kills = KillMemory()
         # `self.command`, not the function: a subclass may change the line every run gets
         self._spawner = Spawner(self.command, cgroups, seccomp, as_root)
-        self._warm = WarmPool(self._spawner, self._slots)
+        self._forks: ForkServers | None = None
 
     @property
     def enforced_by(self) -> str:
@@ -104,10 +108,8 @@ class Sandbox:
         uid = self._slots.uids[slot]
         run = self.running[eval_id] = Run(eval_id, language.name)
         try:
-            warm = self._warm.take(slot, language, limits, stdin, args)
-            if warm:
-                outcome = await self._run_warm(run, warm, code, limits)
-                log.info("sandbox.warm_start", taken=outcome is not None)
+            if self._forks and self._forks.serves(language):
+                outcome = await self._run_forked(run, slot, code, limits, stdin, args)
                 if outcome is not None:
                     return verdict(run, outcome, limits, self.enforced_by)
             return await self._compile_and_run(run, uid, language, code, limits, stdin, args)
@@ -121,13 +123,14 @@ class Sandbox:
                 run.lingering.add_done_callback(lambda _: self._free_slot(slot, eval_id))
             else:
                 self._slots.release(slot)
-                # once the answer is on its way: the slot's next warm sandbox
-                asyncio.get_running_loop().call_soon(self._warm.refill, slot)
+                if self._forks:  # once the answer is on its way: a retired server's successor
+                    asyncio.get_running_loop().call_soon(self._forks.after_run, slot)
 
     def _free_slot(self, slot: int, held_for: str) -> None:
         log.info("sandbox.slot_freed", eval_id=held_for, slot=slot)
         self._slots.release(slot)
-        self._warm.refill(slot)
+        if self._forks:
+            self._forks.after_run(slot)
 
     @property
     def uids(self) -> list[int]:
@@ -139,18 +142,34 @@ class Sandbox:
         """Slots kept out of use until processes that outlived their run's kill end."""
         return dict(self._slots.held)
 
-    def warm_up(self, spec: WarmSpec) -> None:
-        """Keep a pre-started sandbox for `spec` in every free slot from now on."""
-        self._warm.fill(spec)
+    def start_fork_servers(self, language: Language, runs_per_server: int) -> None:
+        """Run `language` (Python) forked from a server per slot from now on (see
+        `executor.fork_server`); each server is replaced after `runs_per_server` runs."""
 
-    async def _run_warm(self, run: Run, warm: Warm, code: str, limits: Limits) -> Outcome | None:
-        """The run in a warm sandbox; None if it could not take the code (the run starts cold)."""
-        if not await hand_over(warm, code, run.eval_id):
+        def launch(argv: tuple[str, ...], files: list[tuple[int, str, str]]) -> list[str]:
+            return fork_server_command(self.bwrap, argv, files)
+
+        self._forks = ForkServers(self._spawner, self._slots, launch, self.seccomp, language, runs_per_server)
+        self._forks.fill()
+
+    async def _run_forked(
+        self, run: Run, slot: int, code: str, limits: Limits, stdin: str | None, args: tuple[str, ...]
+    ) -> Outcome | None:
+        """The run forked from the slot's server; None if it has none ready, or if the server
+        failed before the program ran (it is replaced, and the run starts cold)."""
+        assert self._forks is not None
+        try:
+            forked = await self._forks.start(slot, code, stdin, args, limits)
+            if forked is None:
+                return None
+            return await supervise(
+                run, forked, Deadlines(limits.wall_timeout, limits.timeout),
+                (limits.output_bytes, limits.output_bytes), self._kills,
+            )  # fmt: skip
+        except SandboxError as exc:
+            log.warning("sandbox.fork_failed", eval_id=run.eval_id, slot=slot, error=str(exc))
+            self._forks.retire(slot)
             return None
-        return await supervise(
-            run, warm.started, Deadlines(limits.wall_timeout, limits.timeout),
-            (limits.output_bytes, limits.output_bytes), self._kills,
-        )  # fmt: skip
 
     async def _compile_and_run(
         self,
@@ -215,12 +234,13 @@ class Sandbox:
         return True
 
     async def shutdown(self) -> None:
-        """Kill every run and every warm sandbox, so none outlives the executor."""
+        """Kill every run and every fork server, so none outlives the executor."""
         for run in list(self.running.values()):
             run.kill()
-        self._warm.close()
+        if self._forks:
+            self._forks.close()
 
     @property
-    def warm(self) -> int:
-        """Pre-started sandboxes waiting for code."""
-        return len(self._warm)
+    def fork_servers(self) -> int:
+        """Fork servers ready for a run."""
+        return len(self._forks) if self._forks else 0

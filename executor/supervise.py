@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import resource
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 
@@ -22,8 +20,8 @@ from executor.cgroups import RunGroup
 from executor.errors import SandboxError
 from executor.limits import OUTPUT_KILL_FACTOR
 from executor.outcome import READ_CHUNK, Capture, Outcome
+from executor.program import Program
 from executor.runs import KillMemory, Run
-from executor.spawn import Started
 
 #: Exit statuses bwrap reports for a program killed by a signal (128 + signal number).
 SIGNAL_EXIT_BASE = 128
@@ -31,7 +29,7 @@ SIGNAL_EXIT_BASE = 128
 #: was used.
 CPU_LIMIT_SHARE = 0.9
 #: How often a run's CPU time is read from its cgroup: RLIMIT_CPU counts each process apart,
-#: and a warm sandbox was started with the default limit, so the run's total is watched here.
+#: and a run's processes together are limited, so the run's total is watched here.
 CPU_POLL_S = 0.1
 
 
@@ -50,27 +48,27 @@ KILL_GRACE_S = 2.0
 
 
 async def supervise(
-    run: Run, started: Started, deadlines: Deadlines, caps: tuple[int, int], kills: KillMemory
+    run: Run, started: Program, deadlines: Deadlines, caps: tuple[int, int], kills: KillMemory
 ) -> Outcome:
     """Supervise a started sandbox to its end; read its usage and undo its cgroups."""
     group = started.group
     watchdog: asyncio.Task[bool] | None = None
     try:
-        run.pid = started.process.pid
-        # a kill that came while the process was spawned, or while a warm one got its code
+        run.program = started
+        # a kill that came while the process was spawned (or forked)
         if run.cancelled or kills.was_killed_early(run.eval_id):
             run.cancelled = True
             run.kill()
         if group:
             watchdog = asyncio.create_task(_watch_cpu(run, group, deadlines.cpu_s))
-        outcome = await _watch(run, started.process, deadlines.wall_s, caps)
+        outcome = await _watch(run, started, deadlines.wall_s, caps)
         if watchdog and await _stop(watchdog):
             outcome.timed_out = outcome.cpu_limited = True
     finally:
         if watchdog and not watchdog.done():  # `_watch` raised: the watchdog is stopped here
             watchdog.cancel()
-        run.pid = None
-        status = _read_all(started.status_read)
+        run.program = None
+        ran = started.finish()
         stats = group.stats() if group else None
         if group and run.lingering is not None:  # a cgroup with live processes cannot go yet
             run.lingering.add_done_callback(lambda _: group.remove())
@@ -80,12 +78,10 @@ async def supervise(
         outcome.peak_rss_kb = max(outcome.peak_rss_kb, stats.peak_memory_bytes // 1024)
         outcome.oom_killed = stats.oom_killed
         outcome.cpu_ms = max(outcome.cpu_ms, stats.cpu_ns // 1_000_000)
-    # bwrap writes "exit-code" only once its own set-up (mounts included, which come after
-    # the clone that writes "child-pid") ended in a successful exec; without it the program
-    # never ran, unless we ourselves killed bwrap first
+    # the program never ran unless the sandbox says so, or we ourselves killed it first
     we_stopped_it = run.cancelled or outcome.timed_out or outcome.flooded or outcome.oom_killed
-    if '"exit-code"' not in status and not we_stopped_it:
-        raise SandboxError(f"bwrap did not start the program: {outcome.stderr.text()[:500]}")
+    if not ran and not we_stopped_it:
+        raise SandboxError(f"the sandbox did not start the program: {outcome.stderr.text()[:500]}")
     # bwrap reports a signal as 128 + N, which a program can also exit with: SIGXCPU only
     # counts as the CPU limit when the CPU time was really spent
     spent_cpu_limit = outcome.cpu_ms >= CPU_LIMIT_SHARE * deadlines.cpu_s * 1000
@@ -117,9 +113,7 @@ async def _stop(task: asyncio.Task[bool]) -> bool:
     return False
 
 
-async def _watch(
-    run: Run, process: subprocess.Popen[bytes], timeout: float, caps: tuple[int, int]
-) -> Outcome:
+async def _watch(run: Run, program: Program, timeout: float, caps: tuple[int, int]) -> Outcome:
     """Read both streams (each up to its cap), enforce the wall time, reap with resource usage."""
     loop = asyncio.get_running_loop()
     flooded = False
@@ -131,8 +125,8 @@ async def _watch(
 
     out, err = (Capture(cap, flood, cap * OUTPUT_KILL_FACTOR) for cap in caps)
     started = time.perf_counter()
-    readers = [await _reader(loop, pipe) for pipe in (process.stdout, process.stderr)]
-    io = asyncio.gather(out.drain(readers[0]), err.drain(readers[1]), _wait(loop, process))
+    readers = [await _reader(loop, pipe) for pipe in (program.stdout, program.stderr)]
+    io = asyncio.gather(out.drain(readers[0]), err.drain(readers[1]), program.wait())
     timed_out = False
     try:
         await asyncio.wait_for(asyncio.shield(io), timeout=timeout)
@@ -181,36 +175,3 @@ async def _reader(loop: asyncio.AbstractEventLoop, pipe: object) -> asyncio.Stre
     reader = asyncio.StreamReader(limit=READ_CHUNK * 4)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
     return reader
-
-
-async def _wait(
-    loop: asyncio.AbstractEventLoop, process: subprocess.Popen[bytes]
-) -> tuple[int, resource.struct_rusage]:
-    """Reap `process` without blocking the loop (pidfd), keeping the resource usage of it and
-    every descendant it reaped, which asyncio's own subprocess support throws away."""
-    pidfd = os.pidfd_open(process.pid)
-    done: asyncio.Future[tuple[int, resource.struct_rusage]] = loop.create_future()
-
-    def ready() -> None:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid and not done.done():
-            process.returncode = os.waitstatus_to_exitcode(status)
-            done.set_result((status, usage))
-
-    loop.add_reader(pidfd, ready)
-    try:
-        return await done
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-
-
-def _read_all(fd: int) -> str:
-    """What bwrap wrote on its status pipe (it has ended: this does not block)."""
-    chunks = []
-    with contextlib.suppress(OSError):
-        os.set_blocking(fd, False)
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks).decode(errors="replace")

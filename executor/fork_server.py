@@ -1,0 +1,317 @@
+"""Fork servers: a Python interpreter started once per run slot, forked once per run.
+
+A cold Python run pays for bwrap, two launchers and an interpreter's start-up (plus whatever
+it imports) in CPU on every run. A slot's fork server (`executor/fork_server_program.py`, run
+as the slot's uid in a sandbox of its own) has done that once, with the modules submissions
+commonly use already imported; each run is a fork of it that enters namespaces, a cgroup,
+rlimits, a capability-less state and the seccomp filter of its own before running the code
+(the program's docstring has the steps). Sandbox2's fork server, Android's zygote and go-judge's
+pre-forked environments work the same way.
+
+The executor keeps one socket per server (SOCK_SEQPACKET: one message per read). Per run it
+sends a JSON header with the run's inputs and output pipes as file descriptors; the server
+answers "started" with a pidfd of the run's pid 1 (its kill), then how the run ended. Anything
+else (no answer in time, a closed socket, a run cut short mid-protocol, the program not
+started) retires the server at once, and a new one starts; so does every `runs_per_server`
+runs. A run whose slot has no ready server starts cold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+from evaluations.languages import Language
+from executor.bwrap_command import MASKED_PROC_DIRS, MASKED_PROC_FILES, READ_ONLY_PROC, SHM_BYTES, rlimits
+from executor.cgroups import RunGroup
+from executor.errors import SandboxError
+from executor.limits import Limits
+from executor.slots import Slots
+from executor.spawn import Spawner, memfd
+
+log = structlog.get_logger(__name__)
+
+PROGRAM = Path(__file__).with_name("fork_server_program.py")
+#: Modules the server imports before its first fork, so no run pays for them: what
+#: "function + unit tests" programs commonly import, and traceback (a failing run's printer).
+PRELOAD = (
+    "traceback", "linecache", "tokenize", "unittest", "collections", "itertools", "functools",
+    "re", "math", "typing", "dataclasses", "json", "random", "string", "heapq", "bisect", "copy",
+    "enum", "datetime", "decimal", "fractions", "statistics", "operator", "textwrap", "io",
+)  # fmt: skip
+#: How long a server may take to start (with its preloads) and to start a run.
+READY_TIMEOUT_S = 15.0
+START_TIMEOUT_S = 5.0
+#: Processes of the slot's uid that a forked run has beside its program and a cold run has
+#: not (the server and the run's two set-up processes, less a cold run's bwrap init): the
+#: process rlimit counts every process of the uid, so it is raised by as many.
+EXTRA_PROCESSES = 3
+
+
+class ForkServerGone(SandboxError):
+    """The server did not answer as it should: it is retired and the run starts cold."""
+
+
+@dataclass
+class Usage:
+    ru_utime: float
+    ru_stime: float
+    ru_maxrss: int
+
+
+class ForkServer:
+    """One slot's server: its sandbox's process and the executor's end of its socket."""
+
+    def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.process = process
+        self.sock = sock
+        self.runs = 0
+        self.retired = False
+
+    async def receive(self, timeout: float | None = None) -> tuple[dict[str, Any], list[int]]:
+        """The server's next message; `ForkServerGone` if it closed or said nothing in time."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(self.sock, 65536, 4)
+            except BlockingIOError:
+                await _readable(loop, self.sock, timeout)
+                continue
+            except OSError as exc:
+                raise ForkServerGone(f"the fork server's socket failed: {exc}") from exc
+            if not message:
+                raise ForkServerGone("the fork server has gone")
+            return json.loads(message), fds
+
+    def retire(self) -> None:
+        """Kill the server (its sandbox, and with it any run it still has) and forget it."""
+        if self.retired:
+            return
+        self.retired = True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.sock.close()
+        with contextlib.suppress(RuntimeError):  # no loop: reaped at once instead
+            asyncio.get_running_loop().run_in_executor(None, self.process.wait)
+            return
+        self.process.wait()
+
+
+@dataclass
+class Forked:
+    """A run forked by a server (a `executor.program.Program`)."""
+
+    server: ForkServer
+    group: RunGroup | None
+    stdout: IO[bytes]
+    stderr: IO[bytes]
+    pidfd: int
+    ran: bool = False
+    ended: bool = field(default=False)
+
+    @property
+    def pid(self) -> int | None:
+        """The run's pid 1 as the host sees it."""
+        with contextlib.suppress(OSError), open(f"/proc/self/fdinfo/{self.pidfd}") as info:
+            for line in info:
+                if line.startswith("Pid:"):
+                    return int(line.split()[1])
+        return None
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):  # its pid 1: the whole pid namespace goes with it
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    async def wait(self) -> tuple[int, Usage]:
+        try:
+            report, _ = await self.server.receive()
+        except BaseException:
+            self.server.retire()  # gone, or cut short: its next message would be this run's
+            raise
+        self.ended = True
+        log.info("fork_server.report", report=report)
+        if "status" not in report:
+            self.server.retire()
+            raise ForkServerGone(f"the fork server failed: {report.get('error')}")
+        self.ran = bool(report["ran"])
+        if report.get("error"):
+            log.warning("fork_server.set_up_failed", error=report.get("error"))
+        return int(report["status"]), Usage(report["utime"], report["stime"], report["maxrss"])
+
+    def finish(self) -> bool:
+        os.close(self.pidfd)
+        self.stdout.close()
+        self.stderr.close()
+        if not self.ended:
+            self.server.retire()
+        return self.ran
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float | None) -> None:
+    ready = loop.create_future()
+    loop.add_reader(sock, lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, timeout)
+    except TimeoutError:
+        raise ForkServerGone("the fork server did not answer in time") from None
+    finally:
+        loop.remove_reader(sock)
+
+
+class ForkServers:
+    """One fork server per slot for one language (Python), each started as the slot's uid."""
+
+    def __init__(
+        self,
+        spawner: Spawner,
+        slots: Slots,
+        launch: Callable[[tuple[str, ...], list[tuple[int, str, str]]], list[str]],
+        seccomp: bytes | None,
+        language: Language,
+        runs_per_server: int,
+    ) -> None:
+        self._spawner = spawner
+        self._slots = slots
+        self._launch = launch
+        self._seccomp = seccomp
+        self.language = language
+        self._runs_per_server = runs_per_server
+        self._servers: dict[int, ForkServer] = {}
+        self._starting: dict[int, asyncio.Task[None]] = {}
+        self._closed = False
+
+    def __len__(self) -> int:
+        """Servers ready for a run."""
+        return len(self._servers)
+
+    def fill(self) -> None:
+        for slot in range(self._slots.capacity):
+            self.refill(slot)
+
+    def refill(self, slot: int) -> None:
+        """Start the slot's server if it has none (it answers runs once it is ready)."""
+        if self._closed or slot in self._servers or slot in self._starting:
+            return
+        task = asyncio.get_running_loop().create_task(self._start(slot))
+        self._starting[slot] = task
+        task.add_done_callback(lambda _: self._starting.pop(slot, None))
+
+    async def _start(self, slot: int) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        config = {
+            "preload": PRELOAD,
+            "shm_bytes": SHM_BYTES,
+            "masked_files": MASKED_PROC_FILES,
+            "masked_dirs": MASKED_PROC_DIRS,
+            "read_only_proc": READ_ONLY_PROC,
+        }
+        files = [(PROGRAM.read_bytes(), "/sandbox/main.py", "0444"),
+                 (json.dumps(config).encode(), "/sandbox/config.json", "0444")]  # fmt: skip
+        if self._seccomp is not None:
+            files.append((self._seccomp, "/sandbox/seccomp.bpf", "0444"))
+        try:
+            with theirs:
+                process = self._spawner.launch(
+                    self._slots.uids[slot], self.language.run, files, self._launch, theirs.fileno()
+                )
+        except (OSError, SandboxError) as exc:
+            ours.close()
+            log.warning("fork_server.start_failed", slot=slot, error=str(exc))
+            return
+        server = ForkServer(process, ours)
+        try:
+            hello, _ = await server.receive(READY_TIMEOUT_S)
+            if not hello.get("ready"):
+                raise ForkServerGone(f"the fork server failed to start: {hello.get('error')}")
+        except (ForkServerGone, asyncio.CancelledError) as exc:
+            server.retire()
+            log.warning("fork_server.start_failed", slot=slot, error=str(exc))
+            return
+        if self._closed:
+            server.retire()
+            return
+        self._servers[slot] = server
+
+    def serves(self, language: Language) -> bool:
+        return language == self.language
+
+    async def start(
+        self,
+        slot: int,
+        code: str,
+        stdin: str | None,
+        args: tuple[str, ...],
+        limits: Limits,
+    ) -> Forked | None:
+        """Fork the slot's server for one run, in fresh cgroups; None if it has no ready server
+        (the run then starts cold). Raises `ForkServerGone` if the server failed before the
+        run started (it is retired; the run may start cold)."""
+        server = self._servers.get(slot)
+        if server is None:
+            return None
+        if server.runs >= self._runs_per_server:
+            self.retire(slot)
+            return None
+        server.runs += 1
+        uid = self._slots.uids[slot]
+        group = self._spawner.group(uid, limits.memory_mb, limits)
+        address_space = self._spawner.address_space_mb(limits.memory_mb, self.language)
+        limit_by_name = rlimits(limits, address_space, limits.timeout)
+        nproc = limits.processes + EXTRA_PROCESSES
+        limit_by_name["RLIMIT_NPROC"] = (nproc, nproc)
+        header = {"tmpfs_bytes": limits.tmpfs_mb * 1024 * 1024, "rlimits": limit_by_name, "args": args}
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        theirs = [memfd(code.encode()), memfd((stdin or "").encode()), out_write, err_write]
+        if group:
+            theirs += [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in group.procs_files]
+        stdout, stderr = os.fdopen(out_read, "rb", 0), os.fdopen(err_read, "rb", 0)
+        try:
+            socket.send_fds(server.sock, [json.dumps(header).encode()], theirs)
+            started, pidfds = await server.receive(START_TIMEOUT_S)
+            if not started.get("started") or len(pidfds) != 1:
+                raise ForkServerGone(f"the fork server could not start a run: {started.get('error')}")
+        except BaseException:
+            self.retire(slot)
+            stdout.close()
+            stderr.close()
+            if group:
+                group.remove()
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        return Forked(server, group, stdout, stderr, pidfds[0])
+
+    def after_run(self, slot: int) -> None:
+        """A run of the slot ended: a server retired meanwhile is replaced."""
+        server = self._servers.get(slot)
+        if server is not None and server.retired:
+            del self._servers[slot]
+        self.refill(slot)
+
+    def retire(self, slot: int) -> None:
+        server = self._servers.pop(slot, None)
+        if server is not None:
+            log.info("fork_server.retired", slot=slot, runs=server.runs)
+            server.retire()
+
+    def close(self) -> None:
+        """Kill every server and start no more, so none outlives the executor."""
+        self._closed = True
+        for task in self._starting.values():
+            task.cancel()
+        for slot in list(self._servers):
+            self.retire(slot)

@@ -1,0 +1,330 @@
+"""The fork server: one pre-started Python interpreter per run slot that forks one child per run.
+
+This file is not imported by the executor: it is the program a slot's server sandbox runs, as
+`/sandbox/main.py` under the sandbox's own Python (standard library only), started by
+`executor.fork_server`. Its sandbox is a cold run's (the slot's uid, user, pid, net, ipc, uts
+and cgroup namespaces, the same read-only root, no new user namespaces, no new privileges), but
+it keeps its capabilities inside its own user namespace and has no seccomp filter: it needs
+them to give each run namespaces of its own. It never runs submitted code.
+
+Per run (one at a time), on a request from the executor (a JSON header and file descriptors):
+- C (a fork of the server) joins the run's cgroups, unshares mount, net, ipc, uts, cgroup and
+  pid namespaces, mounts the run's own /tmp, /dev/shm and /sandbox (holding main.py), brings
+  its loopback up, and forks I;
+- I is pid 1 of the run's pid namespace (as bwrap's init): it mounts the namespace's /proc,
+  masks what a cold run's /proc masks, forks P and reaps until P ends, exiting as P did
+  (128 + N for a signal, as bwrap reports it);
+- P, the run, takes the run's stdin, stdout and stderr, closes every other descriptor, sets
+  the rlimits, drops every capability, applies the seccomp filter, and only then runs the
+  code as `python -u /sandbox/main.py` would. Once P is ready it says so on a pipe, which is
+  how the executor tells our failures from the program's.
+C reports I's pidfd (the executor kills the run through it: the namespace dies with its pid
+1), then how I ended with its resource usage, and exits. Each run is a fresh fork of the
+untouched server, so nothing a run does reaches the next.
+"""
+
+import ctypes
+import fcntl
+import gc
+import importlib
+import json
+import os
+import resource
+import signal
+import socket
+import stat
+import struct
+import sys
+
+CONFIG_PATH = "/sandbox/config.json"
+SECCOMP_PATH = "/sandbox/seccomp.bpf"
+MAIN_PATH = "/sandbox/main.py"
+MAX_REQUEST = 1 << 16
+MAX_FDS = 16
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_CAP_AMBIENT = 1, 22, 24, 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+SECCOMP_MODE_FILTER = 2
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+#: P's exit status when its own set-up failed (it then says nothing on the ready pipe)
+SETUP_FAILED = 125
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p)
+libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def check(result, what):
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def mount(source, target, fstype, flags, data=None):
+    check(
+        libc.mount(
+            source and source.encode(),
+            target.encode(),
+            fstype and fstype.encode(),
+            flags,
+            data and ctypes.c_char_p(data.encode()),
+        ),
+        f"mount {target}",
+    )
+
+
+def prctl(option, arg2=0, arg3=0):
+    check(libc.prctl(option, arg2, arg3, 0, 0), f"prctl {option}")
+
+
+class Server:
+    """What every run's set-up needs, read once at start."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        with open(CONFIG_PATH) as f:
+            self.config = json.load(f)
+        self.filter = None
+        if os.path.exists(SECCOMP_PATH):
+            with open(SECCOMP_PATH, "rb") as f:
+                self.filter = ctypes.create_string_buffer(f.read())
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            self.last_cap = int(f.read())
+        # No user namespace may be made in this one from now on, by a run or by this server
+        # (bwrap's --disable-userns, which this sandbox cannot use: see
+        # executor.bwrap_command.fork_server_command); only a capability here could undo it,
+        # and a run has none.
+        with open("/proc/sys/user/max_user_namespaces", "w") as f:
+            f.write("0")
+        for name in self.config["preload"]:
+            importlib.import_module(name)
+        # objects made so far are never collected: a run's collections then do not write to
+        # (and so copy) the server's pages
+        gc.collect()
+        gc.freeze()
+
+    def serve(self):
+        """Fork one child per request; only returns in a run's own process, ready to run it."""
+        self.sock.send(b'{"ready": true}')
+        while True:
+            message, fds, _, _ = socket.recv_fds(self.sock, MAX_REQUEST, MAX_FDS)
+            if not message:
+                os._exit(0)  # the executor closed its end
+            pid = os.fork()
+            if pid == 0:
+                return self.child(json.loads(message), fds)
+            for fd in fds:
+                os.close(fd)
+            os.waitpid(pid, 0)
+
+    def child(self, request, fds):
+        """C: the run's namespaces, then I (and in it P); reports to the executor."""
+        try:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            code_fd, stdin_fd, stdout_fd, stderr_fd, *cgroup_fds = fds
+            for fd in cgroup_fds:
+                os.write(fd, b"0")
+                os.close(fd)
+            check(
+                libc.unshare(
+                    CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP | CLONE_NEWPID
+                ),
+                "unshare",
+            )
+            self.mount_run(request, code_fd)
+            os.close(code_fd)
+            loopback_up()
+            ready_read, ready_write = os.pipe()
+            init = os.fork()
+        except BaseException as exc:
+            self.report({"error": repr(exc)})
+            os._exit(1)
+        if init == 0:
+            os.close(ready_read)
+            return self.init(request, (stdin_fd, stdout_fd, stderr_fd), ready_write)
+        try:
+            for fd in (stdin_fd, stdout_fd, stderr_fd, ready_write):
+                os.close(fd)
+            pidfd = os.pidfd_open(init)
+            socket.send_fds(self.sock, [b'{"started": true}'], [pidfd])
+            os.close(pidfd)
+            said = os.read(ready_read, 4096)
+            _, status, usage = os.wait4(init, 0)
+            self.report(
+                {
+                    "status": status,
+                    "ran": said == b"1",
+                    "error": said[1:].decode(errors="replace"),
+                    "utime": usage.ru_utime,
+                    "stime": usage.ru_stime,
+                    "maxrss": usage.ru_maxrss,
+                }
+            )
+        finally:
+            os._exit(0)
+
+    def mount_run(self, request, code_fd):
+        """The run's own writable places, and /sandbox holding only its code."""
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        config = self.config
+        flags = MS_NOSUID | MS_NODEV
+        mount("tmpfs", "/tmp", "tmpfs", flags, f"size={request['tmpfs_bytes']},mode=1777")
+        mount("tmpfs", "/dev/shm", "tmpfs", flags, f"size={config['shm_bytes']},mode=1777")
+        code = b""
+        while chunk := os.read(code_fd, 1 << 20):
+            code += chunk
+        mount("tmpfs", "/sandbox", "tmpfs", flags, f"size={len(code) + 65536},mode=755")
+        fd = os.open(MAIN_PATH, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        view = memoryview(code)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.close(fd)
+        mount(None, "/sandbox", None, MS_REMOUNT | MS_RDONLY | flags)
+
+    def init(self, request, stdio, ready_write):
+        """I: pid 1 of the run; returns in P."""
+        try:
+            self.sock.detach()  # (the descriptor is closed below: see `run_process`)
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            for path in self.config["read_only_proc"]:  # as bwrap's --proc
+                if os.path.exists(path):
+                    mount(path, path, None, MS_BIND | MS_REC)
+                    mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+            for path in self.config["masked_files"]:
+                if os.path.exists(path):
+                    mount("/dev/null", path, None, MS_BIND)
+            for path in self.config["masked_dirs"]:
+                if os.path.isdir(path):
+                    mount("tmpfs", path, "tmpfs", MS_RDONLY)
+            program = os.fork()
+        except BaseException as exc:
+            failed(ready_write, exc)
+        if program == 0:
+            return self.run_process(request, stdio, ready_write)
+        for fd in (*stdio, ready_write):
+            os.close(fd)
+        os.closerange(3, 1 << 16)
+        while True:  # reap orphans too; end as the program did (bwrap's init does the same)
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                os._exit(SETUP_FAILED)
+            if pid == program:
+                code = os.waitstatus_to_exitcode(status)
+                os._exit(code if code >= 0 else 128 - code)
+
+    def run_process(self, request, stdio, ready_write):
+        """P: the run's limits and privileges; returns the code to run."""
+        try:
+            os.setsid()
+            for target, fd in enumerate(stdio):
+                os.dup2(fd, target)
+            os.closerange(3, ready_write)
+            os.closerange(ready_write + 1, 1 << 16)
+            os.chdir("/tmp")
+            for name, value in request["rlimits"].items():
+                limit = getattr(resource, name)
+                resource.setrlimit(limit, (value[0], value[1]))
+            drop_capabilities(self.last_cap)
+            if self.filter is not None:
+                program = SockFprog(len(self.filter.raw) // 8, ctypes.addressof(self.filter))
+                prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(program))
+            os.write(ready_write, b"1")
+            os.close(ready_write)
+        except BaseException as exc:
+            failed(ready_write, exc)
+        sys.argv[1:] = request["args"]
+        return run_submission
+
+    def report(self, message):
+        self.sock.send(json.dumps(message).encode())
+
+
+def failed(ready_write, exc):
+    """A set-up step of I or P failed: say which (C reports it), and end without running."""
+    try:
+        os.write(ready_write, b"0" + repr(exc).encode()[:4000])
+    finally:
+        os._exit(SETUP_FAILED)
+
+
+def loopback_up():
+    """The run's own loopback, up (as bwrap brings it up)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def drop_capabilities(last_cap):
+    """No capability left, now or after an exec (bounding and ambient sets emptied too)."""
+    for cap in range(last_cap + 1):
+        prctl(PR_CAPBSET_DROP, cap)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    header = struct.pack("Ii", LINUX_CAPABILITY_VERSION_3, 0)
+    data = bytes(24)  # two all-zero (effective, permitted, inheritable) sets
+    check(libc.capset(header, data), "capset")
+
+
+def run_submission():
+    """The submission, run as the script /sandbox/main.py in a fresh `__main__`."""
+    import importlib.machinery
+    import types
+
+    main = types.ModuleType("__main__")
+    main.__file__ = MAIN_PATH
+    main.__builtins__ = __builtins__
+    main.__loader__ = importlib.machinery.SourceFileLoader("__main__", MAIN_PATH)
+    main.__cached__ = None
+    sys.modules["__main__"] = main
+    try:
+        with open(MAIN_PATH, "rb") as f:
+            source = f.read()
+        code = compile(source, MAIN_PATH, "exec")
+    except SyntaxError as exc:
+        report(exc.with_traceback(None))
+    try:
+        exec(code, main.__dict__)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        report(exc.with_traceback(exc.__traceback__.tb_next))
+
+
+def report(exc):
+    """Print an uncaught exception as the interpreter would, then exit 1."""
+    sys.excepthook(type(exc), exc, exc.__traceback__)
+    sys.exit(1)
+
+
+def server_socket():
+    """The one socket the executor handed over (its number is the only inherited one)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if fd > 2 and stat.S_ISSOCK(os.fstat(fd).st_mode):
+                return socket.socket(fileno=fd)
+        except OSError:
+            continue
+    raise SystemExit("fork server: no socket to the executor")
+
+
+if __name__ == "__main__":
+    server = Server(server_socket())
+    run = server.serve()
+    del server
+    run()
