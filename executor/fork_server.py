@@ -140,7 +140,6 @@ class Forked:
             self.server.retire()  # gone, or cut short: its next message would be this run's
             raise
         self.ended = True
-        log.info("fork_server.report", report=report)
         if "status" not in report:
             self.server.retire()
             raise ForkServerGone(f"the fork server failed: {report.get('error')}")
@@ -261,9 +260,6 @@ class ForkServers:
         server = self._servers.get(slot)
         if server is None:
             return None
-        if server.runs >= self._runs_per_server:
-            self.retire(slot)
-            return None
         server.runs += 1
         uid = self._slots.uids[slot]
         group = self._spawner.group(uid, limits.memory_mb, limits)
@@ -296,10 +292,13 @@ class ForkServers:
         return Forked(server, group, stdout, stderr, pidfds[0])
 
     def after_run(self, slot: int) -> None:
-        """A run of the slot ended: a server retired meanwhile is replaced."""
+        """A run of the slot ended: a server retired meanwhile, or done with its runs, is
+        replaced now, before the slot's next run."""
         server = self._servers.get(slot)
         if server is not None and server.retired:
             del self._servers[slot]
+        elif server is not None and server.runs >= self._runs_per_server:
+            self.retire(slot)
         self.refill(slot)
 
     def retire(self, slot: int) -> None:

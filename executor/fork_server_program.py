@@ -50,7 +50,7 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_CAP_AMBIENT = 1, 22, 24, 47
+PR_SET_DUMPABLE, PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_CAP_AMBIENT = 4, 1, 22, 24, 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 SECCOMP_MODE_FILTER = 2
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -204,16 +204,19 @@ class Server:
                 if os.path.exists(path):
                     mount(path, path, None, MS_BIND | MS_REC)
                     mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-            for path in self.config["masked_files"]:
+            for path in self.config["masked_files"]:  # as bwrap's --ro-bind /dev/null: unopenable
                 if os.path.exists(path):
                     mount("/dev/null", path, None, MS_BIND)
+                    mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
             for path in self.config["masked_dirs"]:
                 if os.path.isdir(path):
                     mount("tmpfs", path, "tmpfs", MS_RDONLY)
+            prctl(PR_SET_DUMPABLE, 0)  # as bwrap's init: the run cannot open its /proc files
             program = os.fork()
         except BaseException as exc:
             failed(ready_write, exc)
         if program == 0:
+            prctl(PR_SET_DUMPABLE, 1)  # as a cold run's program (an exec would reset it)
             return self.run_process(request, stdio, ready_write)
         for fd in (*stdio, ready_write):
             os.close(fd)
@@ -281,7 +284,8 @@ def drop_capabilities(last_cap):
 
 
 def run_submission():
-    """The submission, run as the script /sandbox/main.py in a fresh `__main__`."""
+    """The submission, run as the script /sandbox/main.py in a fresh `__main__`; ends the
+    process with the status a cold interpreter would."""
     import importlib.machinery
     import types
 
@@ -291,24 +295,70 @@ def run_submission():
     main.__loader__ = importlib.machinery.SourceFileLoader("__main__", MAIN_PATH)
     main.__cached__ = None
     sys.modules["__main__"] = main
+    with open(MAIN_PATH, "rb") as f:
+        source = f.read()
     try:
-        with open(MAIN_PATH, "rb") as f:
-            source = f.read()
         code = compile(source, MAIN_PATH, "exec")
     except SyntaxError as exc:
-        report(exc.with_traceback(None))
+        finish(main, uncaught(exc.with_traceback(None)))
     try:
         exec(code, main.__dict__)
-    except SystemExit:
-        raise
-    except BaseException as exc:
-        report(exc.with_traceback(exc.__traceback__.tb_next))
+    except SystemExit as exc:
+        finish(main, exit_status(exc))
+    except BaseException as exc:  # without this frame, as the interpreter prints it
+        finish(main, uncaught(exc.with_traceback(exc.__traceback__.tb_next)))
+    finish(main, 0)
 
 
-def report(exc):
-    """Print an uncaught exception as the interpreter would, then exit 1."""
-    sys.excepthook(type(exc), exc, exc.__traceback__)
-    sys.exit(1)
+def uncaught(exc):
+    """Print an uncaught exception as the interpreter would; the exit status it then has."""
+    try:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+    except SystemExit as hook_exit:
+        return exit_status(hook_exit)
+    except BaseException:
+        sys.__excepthook__(type(exc), exc, exc.__traceback__)
+    return -signal.SIGINT if isinstance(exc, KeyboardInterrupt) else 1
+
+
+def exit_status(exc):
+    """`sys.exit(code)`'s status, as the interpreter turns it into one."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    try:
+        sys.stderr.write(f"{exc.code}\n")
+    except Exception:
+        pass
+    return 1
+
+
+def finish(main, status):
+    """End as the interpreter's own exit does (threads joined, atexit handlers, __del__ of the
+    program's objects, streams flushed), but without tearing down every module: that writes
+    to, and so copies, every page inherited from the server (measured: 7 ms of a 12 ms run)."""
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        try:
+            threading._shutdown()
+        except BaseException:
+            pass
+    import atexit
+
+    atexit._run_exitfuncs()
+    main.__dict__.clear()
+    gc.collect()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            if stream is sys.stdout and status == 0:
+                status = 120  # the interpreter's status when its output could not be written
+    if status < 0:  # died of a signal, as the interpreter does after a KeyboardInterrupt
+        signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+    os._exit(status)
 
 
 def server_socket():

@@ -108,7 +108,7 @@ class Sandbox:
         uid = self._slots.uids[slot]
         run = self.running[eval_id] = Run(eval_id, language.name)
         try:
-            if self._forks and self._forks.serves(language):
+            if self._forks is not None and self._forks.serves(language):
                 outcome = await self._run_forked(run, slot, code, limits, stdin, args)
                 if outcome is not None:
                     return verdict(run, outcome, limits, self.enforced_by)
@@ -123,13 +123,13 @@ class Sandbox:
                 run.lingering.add_done_callback(lambda _: self._free_slot(slot, eval_id))
             else:
                 self._slots.release(slot)
-                if self._forks:  # once the answer is on its way: a retired server's successor
+                if self._forks is not None:  # once the answer is on its way: a retired server's successor
                     asyncio.get_running_loop().call_soon(self._forks.after_run, slot)
 
     def _free_slot(self, slot: int, held_for: str) -> None:
         log.info("sandbox.slot_freed", eval_id=held_for, slot=slot)
         self._slots.release(slot)
-        if self._forks:
+        if self._forks is not None:
             self._forks.after_run(slot)
 
     @property
@@ -237,7 +237,7 @@ class Sandbox:
         """Kill every run and every fork server, so none outlives the executor."""
         for run in list(self.running.values()):
             run.kill()
-        if self._forks:
+        if self._forks is not None:
             self._forks.close()
 
     @property

@@ -13,12 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from executor.warm import LOADER
 from tests.conftest import EXECUTOR_SECRET, ExecutorService
 from tests.helpers import execute as run
 
-#: How a warm sandbox's loader shows in `ps` (its program text, newlines as spaces).
-LOADER_MARK = " ".join(LOADER.split()[:8])
+#: How a fork server's sandbox shows in `ps` (a cold run's has `--cap-drop ALL`), and where an
+#: idle server waits: for the executor's next request, on its socket.
+FORK_SERVER_MARK = "--cap-add ALL"
+IDLE_SERVER_WAIT = "skb_wait_for_more_packets"
 
 
 #: The sandbox uids of the executor under test (its own on this host: see executor/uid_range.py).
@@ -32,8 +33,8 @@ def _sandbox_uids(executor_service: ExecutorService) -> None:
 
 
 def sandbox_processes() -> str:
-    """Processes on the host owned by the executor's sandbox uids, except its idle warm
-    sandboxes: each exactly bwrap, its init and a loader blocked reading its pipe."""
+    """Processes on the host owned by the executor's sandbox uids, except its idle fork
+    servers: each exactly bwrap, its init and the server waiting for a request."""
     assert SANDBOX_UIDS, "the executor under test runs its slots as no uid of their own"
     ps = subprocess.run(
         ["ps", "-ww", "-eo", "uid=,pid=,ppid=,wchan:32=,args="], capture_output=True, text=True
@@ -48,8 +49,9 @@ def sandbox_processes() -> str:
         trees.setdefault(top, []).append(row)
     active = []
     for tree in trees.values():
-        waiting = [r for r in tree if "pipe_read" in r[3] and LOADER_MARK in r[4]]
-        if not (len(tree) == 3 and len(waiting) == 1):
+        server = [r for r in tree if FORK_SERVER_MARK in r[4]]
+        waiting = [r for r in tree if r[3] == IDLE_SERVER_WAIT]
+        if not (len(tree) == 3 and server and len(waiting) == 1):
             active += [" ".join(r) for r in tree]
     return "\n".join(active)
 

@@ -52,14 +52,14 @@ def test_an_executor_kills_what_a_dead_one_of_its_range_left_running() -> None:
 
 
 def test_a_killed_executor_leaves_no_sandbox_behind() -> None:
-    """A review found a warm sandbox of an executor killed with SIGKILL still alive minutes
+    """A review found a pre-started sandbox of an executor killed with SIGKILL still alive minutes
     later. bwrap's --die-with-parent takes each sandbox down with its executor."""
     base, port = free_uid_base(), free_port()
     env = {"SANDBOX_UID_BASE": str(base), "EXECUTOR_PORT": str(port), "LOG_FORMAT": "json"}
     with process("executor-killed", "executor", env) as executor:
         wait_http(f"http://127.0.0.1:{port}/health")
-        for _ in range(100):  # every slot's warm sandbox started
-            if httpx.get(f"http://127.0.0.1:{port}/health").json()["warm"] == 8:
+        for _ in range(100):  # every slot's fork server started
+            if httpx.get(f"http://127.0.0.1:{port}/health").json()["fork_servers"] == 8:
                 break
             time.sleep(0.1)
         assert running_as(range(base, base + 8))

@@ -127,7 +127,7 @@ async def test_health_names_the_sandbox_and_what_enforces_limits(executor: httpx
     assert body["limits_enforced_by"] in ("cgroup-v1", "rlimit")
     assert body["seccomp"] is True
     assert "python" in body["languages"]
-    assert 0 < body["warm"] <= body["capacity"]  # pre-started Python sandboxes (SANDBOX_WARM_POOL)
+    assert 0 < body["fork_servers"] <= body["capacity"]  # Python fork servers (SANDBOX_FORK_SERVER)
 
 
 async def test_a_cancel_before_the_run_arrives_wins_but_an_abandoned_attempt_does_not(

@@ -1,0 +1,252 @@
+"""Fork servers (executor/fork_server.py): a forked Python run answers as a cold one does, with
+the same isolation, and nothing of one run reaches the next; a server that misbehaves or is gone
+means a cold start, never a failure of the submission."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import pytest
+
+from bench.stack import free_uid_base
+from evaluations.languages import registry
+from evaluations.settings import Settings
+from executor.app import open_sandbox, request_limits
+from executor.fork_server import EXTRA_PROCESSES
+from executor.sandbox import Sandbox
+from executor.verdict import RunResult
+
+PYTHON = registry("/usr/bin/python3")["python"]
+#: What a cold run and a forked one must answer alike (status, exit code, signal, output, error).
+PROGRAMS = {
+    "hello": "print('hello world')",
+    "exit code": "import sys; sys.exit(3)",
+    "exit message": "import sys; sys.exit('bye')",
+    "exception": "def f():\n    raise ValueError('boom')\nf()",
+    "one-liner error": "1/0",
+    "syntax error": "x = (",
+    "keyboard interrupt": "raise KeyboardInterrupt",
+    "as a script": "import sys; print(__name__, __file__, sys.argv, sys.path[0], __spec__)",
+    "its own file": "print(open(__file__).read())",
+    "stderr and unicode": "import sys; print('héllo ✓'); print('warn', file=sys.stderr)",
+    "inspect": "import inspect\ndef f():\n    return 1\nprint(inspect.getsource(f))",
+    "custom excepthook": "import sys\nsys.excepthook = lambda *a: print('hooked', a[0])\nraise KeyError(1)",
+    "threads and atexit": (
+        "import atexit, threading, time\natexit.register(print, 'atexit')\n"
+        "threading.Thread(target=lambda: (time.sleep(0.1), print('thread'))).start()"
+    ),
+    "__del__ at exit": "class A:\n    def __del__(self):\n        print('deleted')\na = A()",
+    "pickle of a __main__ class": (
+        "import pickle\nclass P:\n    pass\nprint(type(pickle.loads(pickle.dumps(P()))).__name__)"
+    ),
+    "identity": (
+        "import os, socket\nprint(os.getuid() == os.geteuid() == os.getgid(), os.getgroups(), os.getpid(), os.getppid(), os.getcwd(),"
+        " socket.gethostname(), sorted(os.environ.items()))"
+    ),
+    "privileges": (
+        "print([l for l in open('/proc/self/status') if l.startswith(('Cap', 'NoNewPrivs', 'Seccomp:'))])"
+    ),
+    "what it sees": (
+        "import os\nprint(sorted(os.listdir('/')), os.listdir('/sandbox'), os.listdir('/tmp'),"
+        " sorted(p for p in os.listdir('/proc') if p.isdigit()), open('/proc/self/cmdline').read(),"
+        " os.listdir('/proc/pressure'), open('/proc/cmdline').read())"
+    ),
+    "namespaces are its own": (
+        "import socket\ns = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "c = socket.create_connection(s.getsockname()); print(len(open('/proc/net/dev').readlines()))"
+    ),
+    "rlimits": (
+        "import resource as r\nprint([r.getrlimit(getattr(r, n)) for n in "
+        "('RLIMIT_CPU', 'RLIMIT_AS', 'RLIMIT_FSIZE', 'RLIMIT_NOFILE', 'RLIMIT_CORE')])"
+    ),
+    "descriptors": "import os; print(sorted(os.listdir('/proc/self/fd')))",
+    "stdin": "import sys; print(sys.stdin.read(), sys.stdin.seekable())",
+}
+
+
+def uids_in_use(uids: Sequence[int]) -> list[str]:
+    """Processes on the host running as one of `uids` (a sandbox's own: see executor/uid_range.py)."""
+    ps = subprocess.run(["ps", "-ww", "-eo", "uid=,pid=,args="], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if int(line.split()[0]) in uids]
+
+
+def server_pids(box: Sandbox) -> list[int]:
+    """The fork servers' interpreters (a cold run's has `--cap-drop ALL` on its bwrap)."""
+    rows = uids_in_use(box.uids)
+    bwraps = {row.split()[1] for row in rows if "--cap-add ALL" in row}
+    ps = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    parents = {line.split()[0]: line.split()[1] for line in ps.splitlines()}
+    return sorted(
+        int(row.split()[1])
+        for row in rows
+        if row.split(None, 2)[2].startswith(PYTHON.interpreter) and parents.get(parents.get(row.split()[1], ""), "") in bwraps
+    )
+
+
+@asynccontextmanager
+async def sandbox(forks: bool, slots: int = 1, runs_per_server: int = 500) -> AsyncIterator[Sandbox]:
+    settings = dataclasses.replace(
+        Settings.from_env(),
+        sandbox_fork_server=forks,
+        sandbox_fork_server_runs=runs_per_server,
+        executor_concurrency=slots,
+        sandbox_uid_base=free_uid_base(),
+    )
+    async with open_sandbox(settings) as box:
+        box.limits = request_limits(settings, {})  # type: ignore[attr-defined]
+        if forks:
+            await servers_ready(box, slots)
+        yield box
+
+
+async def servers_ready(box: Sandbox, count: int) -> None:
+    for _ in range(200):
+        if box.fork_servers == count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{box.fork_servers} of {count} fork servers ready")
+
+
+async def run(box: Sandbox, code: str, **options: object) -> RunResult:
+    limits = dataclasses.replace(box.limits, **options.pop("limits", {}))  # type: ignore[attr-defined,arg-type]
+    result = await box.run("run", PYTHON, code, limits, **options)  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)  # a retired server's successor starts after the answer
+    return result
+
+
+def answer(result: RunResult) -> tuple[object, ...]:
+    return result.status, result.exit_code, result.signal, result.output, result.error
+
+
+async def test_a_forked_run_answers_as_a_cold_one() -> None:
+    async with sandbox(forks=True) as forked, sandbox(forks=False) as cold:
+        assert forked.fork_servers == 1 and cold.fork_servers == 0
+        for name, code in PROGRAMS.items():
+            options = {"stdin": "from stdin", "args": ("a", "b")} if name in ("stdin", "as a script") else {}
+            ours, theirs = await run(forked, code, **options), await run(cold, code, **options)
+            assert answer(ours) == answer(theirs), name
+        assert forked.fork_servers == 1
+        assert (await run(forked, "import os; print(os.getuid())")).output == f"{forked.uids[0]}\n"
+
+
+async def test_the_process_limit_leaves_a_run_as_many_processes_as_a_cold_one() -> None:
+    code = (
+        "import os, resource\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n"
+        "            import time; time.sleep(5); os._exit(0)\n        n += 1\nexcept OSError:\n    print(n)"
+    )
+    async with sandbox(forks=True) as forked, sandbox(forks=False) as cold:
+        limits = {"processes": 12}
+        ours, theirs = await run(forked, code, limits=limits), await run(cold, code, limits=limits)
+        assert ours.output == theirs.output and int(ours.output) > 0, (ours, theirs)
+    assert EXTRA_PROCESSES > 0
+
+
+async def test_nothing_a_run_does_reaches_the_next_run_of_its_slot() -> None:
+    poison = (
+        "import builtins, json, os, signal, sys, threading, time\n"
+        "open('/tmp/mark', 'w').write('x'); open('/dev/shm/mark', 'w').write('x')\n"
+        "os.environ['POISON'] = '1'; os.putenv('POISON_C', '1')\n"
+        "builtins.print = lambda *a, **k: sys.stdout.write('poisoned\\n')\n"
+        "json.dumps = None; sys.modules['poison'] = object(); sys.path.append('/tmp')\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "os.fork() or time.sleep(60)\n"
+        "fd = os.open('/tmp/mark', os.O_RDONLY); os.set_inheritable(fd, True)\n"
+    )
+    check = (
+        "import json, os, signal, sys, threading\n"
+        "print(os.listdir('/tmp'), os.listdir('/dev/shm'), 'POISON' in os.environ,"
+        " 'poison' in sys.modules, '/tmp' in sys.path, json.dumps([1]),"
+        " signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, threading.active_count(),"
+        " sorted(os.listdir('/proc/self/fd')), sorted(p for p in os.listdir('/proc') if p.isdigit()))"
+    )
+    async with sandbox(forks=True) as box:
+        before = server_pids(box)
+        await run(box, poison, limits={"timeout": 0.5})
+        after = await run(box, check)
+        assert after.output == "[] [] False False False [1] True 1 ['0', '1', '2', '3'] ['1', '2']\n", after
+        assert server_pids(box) == before  # the same server forked both
+
+
+async def test_a_killed_run_leaves_its_server_serving() -> None:
+    async with sandbox(forks=True) as box:
+        before = server_pids(box)
+        pending = asyncio.create_task(box.run("killed", PYTHON, "import time; time.sleep(30)", box.limits))  # type: ignore[attr-defined]
+        await asyncio.sleep(0.5)
+        assert box.kill("killed")
+        result = await pending
+        assert (result.status, result.output) == ("cancelled", "") and result.runtime_ms < 2000
+        assert (await run(box, "print('next')")).output == "next\n"
+        assert server_pids(box) == before
+
+
+async def test_a_dead_server_means_a_cold_start_not_a_failure() -> None:
+    async with sandbox(forks=True) as box:
+        (server,) = server_pids(box)
+        os.kill(server, signal.SIGKILL)
+        result = await run(box, "print('ran anyway')")
+        assert (result.status, result.output) == ("completed", "ran anyway\n")
+        await servers_ready(box, 1)  # and the slot has a new one
+        assert server_pids(box) not in ([], [server])
+
+
+async def test_a_server_is_replaced_after_its_runs() -> None:
+    async with sandbox(forks=True, runs_per_server=2) as box:
+        first = server_pids(box)
+        for _ in range(2):
+            assert (await run(box, "print(1)")).status == "completed"
+        await servers_ready(box, 1)
+        assert server_pids(box) not in ([], first)
+
+
+async def test_a_run_cancelled_mid_run_is_killed_and_leaves_nothing_behind() -> None:
+    """A worker gone mid-run: the run is killed, its end still read, so its server serves on."""
+    async with sandbox(forks=True) as box:
+        first = server_pids(box)
+        pending = asyncio.create_task(box.run("cancelled", PYTHON, "import time; time.sleep(30)", box.limits))  # type: ignore[attr-defined]
+        await asyncio.sleep(0.5)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        await asyncio.sleep(0.2)
+        assert server_pids(box) == first
+        assert len(uids_in_use(box.uids)) == 3  # the server's bwrap, its init, itself
+        assert (await run(box, "print('next')")).output == "next\n"
+    for _ in range(100):
+        if not uids_in_use(box.uids):
+            break
+        await asyncio.sleep(0.02)
+    assert uids_in_use(box.uids) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "options", "expected"),
+    [
+        ("x = bytearray(150 * 2**20)", {"limits": {"memory_mb": 64}}, ("memory_limit_exceeded", "")),
+        ("print('a' * 100)", {"limits": {"output_bytes": 10}}, ("completed", "a" * 10)),
+        ("while True: pass", {"limits": {"timeout": 1.0}}, ("timeout", "")),
+        ("open('/tmp/f', 'w').write('x' * 5 * 2**20)", {"limits": {"tmpfs_mb": 2}}, ("failed", "")),
+    ],
+)
+async def test_a_forked_run_gets_its_own_limits(code: str, options: dict[str, object], expected: tuple[str, str]) -> None:
+    async with sandbox(forks=True) as box:
+        before = server_pids(box)
+        result = await run(box, code, **options)
+        assert (result.status, result.output) == expected
+        assert server_pids(box) == before  # forked, not started cold
+
+
+async def test_shutdown_leaves_no_server_behind() -> None:
+    async with sandbox(forks=True, slots=3) as box:
+        assert len(uids_in_use(box.uids)) == 9  # bwrap, its init and the server, for each
+    for _ in range(100):  # the sandboxes' inits are reaped by the host's init a moment later
+        if not uids_in_use(box.uids):
+            break
+        await asyncio.sleep(0.02)
+    assert uids_in_use(box.uids) == []
