@@ -45,6 +45,8 @@ class Stack:
     secret: str
     executors: list[str] = field(default_factory=list)
     worker_env: dict[str, str] = field(default_factory=dict)
+    #: top process of each role (api, workers, executor: the first one), for `bench.cpu`
+    pids: dict[str, int] = field(default_factory=dict)
 
     def workers(self, processes: int, threads: int) -> AbstractContextManager[object]:
         """Start a `crucible worker` now (for a backlog queued before any worker consumes)."""
@@ -85,30 +87,42 @@ def stack(
         **(env or {}),
     }
     with ExitStack() as running:
-        urls = []
+        urls: list[str] = []
+        pids: dict[str, int] = {}
         for n in range(executors):
             port = free_port()
             # each executor gets sandbox uids no other on this host holds (bench/stack.py)
             env_n = {**base, "EXECUTOR_PORT": str(port)}
-            running.enter_context(process(f"bench-executor-{n}", "executor", env_n))
+            pids.setdefault("executor", running.enter_context(process(f"bench-executor-{n}", "executor", env_n)).pid)
             urls.append(f"http://127.0.0.1:{port}")
         for executor in urls:
             wait_http(f"{executor}/health")
         worker_env = {**base, "EXECUTOR_SERVICE_URL": ",".join(urls), "CELERY_CONCURRENCY": str(workers),
                       "CRUCIBLE_WORKER_THREADS": str(threads)}  # fmt: skip
         if workers:
-            running.enter_context(process("bench-worker", "worker", worker_env))
+            pids["workers"] = running.enter_context(process("bench-worker", "worker", worker_env)).pid
         api_url = ""
         if api:
             port = free_port()
-            running.enter_context(process("bench-api", "api", {**worker_env, "CRUCIBLE_API_PORT": str(port)}))
+            api_env = {**worker_env, "CRUCIBLE_API_PORT": str(port)}
+            pids["api"] = running.enter_context(process("bench-api", "api", api_env)).pid
             api_url = f"http://127.0.0.1:{port}"
             wait_http(f"{api_url}/health")
         try:
-            yield Stack(url, namespace, api_url, admin_key, secret, urls, worker_env)
+            pids["valkey"] = redis_pid(url)
+            yield Stack(url, namespace, api_url, admin_key, secret, urls, worker_env, pids)
         finally:
             running.close()
             delete_namespace(url, namespace)
+
+
+def redis_pid(url: str) -> int:
+    """The Redis (Valkey) server's pid, as it reports it (this host's, for a local one)."""
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("server")["process_id"])
+    finally:
+        client.close()
 
 
 def wait_workers(url: str, namespace: str, processes: int, timeout: float = 60) -> None:

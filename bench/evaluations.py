@@ -1,18 +1,25 @@
-"""Evaluations: hello-world Python submissions through the HTTP API to stored results, beside
-the raw rate of the same sandboxed command run in a loop, and Celery calling the same command.
+"""Evaluations: what a run costs through the whole stack, against two anchors and a harness.
 
-    .venv/bin/python -m bench evaluations --burst 300 --runs 100 [--json out.json]
+    .venv/bin/python -m bench evaluations [--burst 300] [--runs 100] [--programs 120] [--json out.json]
 
-- raw: the executor's own `Sandbox` (same bwrap command, limits, cgroups) called in a loop in
-  this process, no HTTP, queue or Redis: one run at a time for the single-run time, then
-  `--burst` runs in as many loops at once as the stack has worker slots for the rate. This is
-  the physical limit: measured with a cold start per run, and with warm (pre-started) sandboxes.
-- ours, one at a time: POST /api/eval, then follow /api/eval/{id}/events until `completed`.
-- ours, burst: `--burst` submissions sent at once (64 in flight, through aiohttp: the lightest
-  client at hand, as it shares the machine); evaluations/s from the first POST to the last
-  completion; latency of each from its POST to its stored `completed_at`.
+Anchors (no HTTP, queue or Redis):
+- floor: the simplest isolating sandbox, `bwrap --ro-bind /usr /usr ... --unshare-all
+  --die-with-parent --new-session python3 -c "print('Hello')"`, in a loop (one at a time for
+  the single-run time, then on 2 threads, one per core, for the rate);
+- raw: the executor's own `Sandbox` (same command, limits, cgroups, seccomp) in this process,
+  every run cold, and forked from fork servers (`executor/fork_server.py`), in as many loops
+  as the stack has worker slots.
+Through the stack (fork servers as `--forks` says):
+- ours, one at a time: POST /api/eval, then follow /api/eval/{id}/events until `completed`;
+- ours, burst: `--burst` submissions at once (64 in flight, through aiohttp: the lightest client
+  at hand, as it shares the machine); evaluations/s from the first POST to the last completion;
+  latency of each from its POST to its stored `completed_at`;
+- workload: `--programs` "function + unit tests" programs (bench/workload.py; some passing,
+  some failing, some slow), all at once, against a local unsandboxed harness that forks one
+  `python3 program.py` per program on 4 threads, as benchmark harnesses do;
 - celery: the same burst through a Celery worker (prefork, as many children as our worker
   slots) whose task calls the same executor service and stores the result in Redis.
+CPU per evaluation by process (bench/cpu.py) is read for the burst and the workload.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import aiohttp
 import httpx
 import redis
 
+from bench import cpu
 from bench.common import (
     HELLO,
     ROOT,
@@ -51,19 +59,91 @@ from bench.common import (
     write_json,
 )
 from bench.stack import free_uid_base
+from bench.workload import Program, programs
+
+#: The floor's sandbox: the simplest isolating bwrap command line (issue 19's).
+FLOOR_ARGS = ("--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+              "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+              "--unshare-all", "--die-with-parent", "--new-session")  # fmt: skip
+FLOOR_PROGRAM = ("/usr/bin/python3", "-c", "print('Hello')")
+#: One-line runs, passing and failing, whose mean cost the raw figures give.
+ONE_LINERS = 30
+#: Terminal statuses the workload's programs end in.
+JUDGED = ("completed", "failed")
 
 
-async def raw_sandbox(runs: int, parallel: int, warm: bool, rate_runs: int) -> dict[str, float]:
+def floor(runs: int, rate_runs: int, threads: int = 2) -> dict[str, float]:
+    """The bare-bwrap floor: `runs` single runs, then `rate_runs` on `threads` threads."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from executor.app import stage_bwrap
+
+    with tempfile.TemporaryDirectory(prefix="bench-bwrap-") as staged:
+        argv = [str(stage_bwrap(Path(staged))), *FLOOR_ARGS, *FLOOR_PROGRAM]
+
+        def once(_: object = None) -> float:
+            started = time.perf_counter()
+            done = subprocess.run(argv, capture_output=True, check=True)
+            assert done.stdout == b"Hello\n", done
+            return (time.perf_counter() - started) * 1000
+
+        single = [once() for _ in steps(runs, "floor, one at a time")]
+        bar = progress(rate_runs, f"floor, {threads} threads", "run")
+        started = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(once, range(rate_runs)):
+                bar.update()
+        elapsed = time.perf_counter() - started
+        bar.close()
+    return {"per_s": rate_runs / elapsed, **percentiles(single)}
+
+
+def local_harness(workload: list[Program], threads: int = 4) -> dict[str, float]:
+    """The workload as benchmark harnesses run it: one unsandboxed `python3 program.py` forked per
+    program, `threads` at a time; wall time for all, and how many passed."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    with tempfile.TemporaryDirectory(prefix="bench-harness-") as folder:
+        paths = []
+        for n, program in enumerate(workload):
+            path = Path(folder) / f"p{n}" / "main.py"
+            path.parent.mkdir()
+            path.write_text(program.code)
+            paths.append(path)
+
+        def judge(path: Path) -> bool:
+            done = subprocess.run(["/usr/bin/python3", str(path)], capture_output=True, timeout=60, cwd=path.parent)
+            return done.returncode == 0
+
+        bar = progress(len(paths), f"local harness, {threads} threads", "program")
+        started = time.perf_counter()
+        passed = 0
+        with ThreadPoolExecutor(threads) as pool:
+            for ok in pool.map(judge, paths):
+                passed += ok
+                bar.update()
+        elapsed = time.perf_counter() - started
+        bar.close()
+    return {"wall_s": elapsed, "passed": passed}
+
+
+async def raw_sandbox(runs: int, parallel: int, forks: bool, rate_runs: int) -> dict[str, float]:
     """The sandboxed command alone: `runs` single-run times, then the rate of `rate_runs` runs
-    in `parallel` loops (as many as the burst it is compared with); `warm`: with pre-started
-    Python sandboxes (executor/warm.py), else every run cold."""
+    in `parallel` loops (as many as the burst it is compared with); `forks`: forked from fork
+    servers (executor/fork_server.py), else every run cold."""
     from evaluations.logs import configure_logging
     from evaluations.settings import get_settings
     from executor.app import Executor, open_sandbox
 
     configure_logging("WARNING", "json")  # the executor's per-run lines would drown the table
-    settings = dataclasses.replace(get_settings(), sandbox_warm_pool=warm, sandbox_uid_base=free_uid_base())
+    settings = dataclasses.replace(get_settings(), sandbox_fork_server=forks, sandbox_uid_base=free_uid_base())
     async with open_sandbox(settings) as sandbox:
+        for _ in range(200):  # the servers start in the background
+            if not forks or sandbox.fork_servers == sandbox.capacity:
+                break
+            await asyncio.sleep(0.05)
         executor = Executor(settings, sandbox)
         limits, python = executor.limits({}), executor.languages["python"]
 
@@ -73,9 +153,10 @@ async def raw_sandbox(runs: int, parallel: int, warm: bool, rate_runs: int) -> d
             assert result.status == "completed", result
             return (time.perf_counter() - started) * 1000
 
-        single = [await run(f"raw-{n}") for n in steps(runs, "raw, one at a time")]
+        mode = "forked" if forks else "cold"
+        single = [await run(f"raw-{n}") for n in steps(runs, f"raw {mode}, one at a time")]
         per_loop = max(1, rate_runs // parallel)
-        bar = progress(per_loop * parallel, f"raw, {parallel} loops", "run")
+        bar = progress(per_loop * parallel, f"raw {mode}, {parallel} loops", "run")
 
         async def loop(k: int) -> None:
             for n in range(per_loop):
@@ -86,7 +167,12 @@ async def raw_sandbox(runs: int, parallel: int, warm: bool, rate_runs: int) -> d
         await asyncio.gather(*(loop(k) for k in range(parallel)))
         elapsed = time.perf_counter() - started
         bar.close()
-    return {"per_s": per_loop * parallel / elapsed, **percentiles(single)}
+        costs = {}
+        for kind, code in (("pass", "print(1)"), ("fail", "1/0")):  # a failure costs no more
+            results = [await sandbox.run(f"{kind}-{n}", python, code, limits) for n in range(ONE_LINERS)]
+            costs[f"{kind}_cpu_ms"] = sum(r.cpu_ms for r in results) / ONE_LINERS
+            costs[f"{kind}_runtime_ms"] = sum(r.runtime_ms for r in results) / ONE_LINERS
+    return {"per_s": per_loop * parallel / elapsed, **percentiles(single), **costs}
 
 
 async def follow(client: httpx.AsyncClient) -> float:
@@ -107,9 +193,11 @@ async def one_at_a_time(running: Stack, runs: int) -> dict[str, float]:
     return percentiles(latencies)
 
 
-async def burst(running: Stack, count: int, in_flight: int = 64) -> dict[str, float]:
-    """`count` submissions at once; rate from the first POST to the last completion."""
+async def burst(running: Stack, codes: list[str], label: str, in_flight: int = 64) -> dict[str, object]:
+    """Every code at once; rate from the first POST to the last judged result, latency of each
+    from its POST to its stored `completed_at`, CPU per evaluation by process, and the records."""
     limits = httpx.Limits(max_connections=in_flight)
+    count = len(codes)
     async with running.client(limits=limits) as client:
         await follow(client)
         gate = asyncio.Semaphore(in_flight)
@@ -121,41 +209,68 @@ async def burst(running: Stack, count: int, in_flight: int = 64) -> dict[str, fl
             connector=aiohttp.TCPConnector(limit=in_flight), headers=dict(client.headers)
         )
 
-        async def post() -> None:
+        async def post(code: str) -> None:
             async with gate:
                 at = time.time()
-                async with session.post(f"{running.api}/api/eval", json={"code": HELLO}) as response:
+                async with session.post(f"{running.api}/api/eval", json={"code": code}) as response:
                     response.raise_for_status()
                     sent[(await response.json())["eval_id"]] = at
 
-        async def completed_total() -> int:
-            response = await client.get("/api/evaluations", params={"status": "completed", "limit": 1})
-            return int(response.json()["total"])
+        async def judged_total() -> int:
+            totals = 0
+            for status in JUDGED:
+                response = await client.get("/api/evaluations", params={"status": status, "limit": 1})
+                totals += int(response.json()["total"])
+            return totals
 
-        before = await completed_total()  # the warm-up, and whatever ran before in this stack
-
-        async def completed() -> int:
-            return await completed_total() - before
-
+        before = await judged_total()  # the warm-up, and whatever ran before in this stack
+        cpu_before = cpu.snapshot(running.pids)
         first = time.time()
-        with progress(count, f"ours, burst of {count}", "eval") as bar:
-            sending = asyncio.gather(*(post() for _ in range(count)))
-            while (done := await completed()) < count:
+        with progress(count, label, "eval") as bar:
+            sending = asyncio.gather(*(post(code) for code in codes))
+            while (done := await judged_total() - before) < count:
                 bar.update(done - bar.n)
                 await asyncio.sleep(0.05)
             await sending
         elapsed = time.time() - first
+        cpu_after = cpu.snapshot(running.pids)
         await session.close()
 
-        async def latency(eval_id: str) -> float:
+        async def record(eval_id: str) -> dict[str, object]:
             async with gate:
-                record = (await client.get(f"/api/eval/{eval_id}")).json()
-            if not record.get("completed_at"):
-                raise RuntimeError(f"{eval_id} has no result: {record}")
-            return (datetime.fromisoformat(record["completed_at"]).timestamp() - sent[eval_id]) * 1000
+                found = (await client.get(f"/api/eval/{eval_id}")).json()
+            if not found.get("completed_at"):
+                raise RuntimeError(f"{eval_id} has no result: {found}")
+            found["latency_ms"] = (datetime.fromisoformat(found["completed_at"]).timestamp() - sent[eval_id]) * 1000
+            return dict(found)
 
-        latencies = await asyncio.gather(*(latency(e) for e in sent))
-    return {"per_s": count / elapsed, **percentiles(latencies)}
+        records = await asyncio.gather(*(record(e) for e in sent))
+    latencies = [float(r["latency_ms"]) for r in records]  # type: ignore[arg-type]
+    return {"per_s": count / elapsed, "wall_s": elapsed, **percentiles(latencies),
+            "cpu_ms_per_eval": cpu.per_run_ms(cpu_before, cpu_after, count), "records": records}  # fmt: skip
+
+
+def workload_figures(result: dict[str, object], workload: list[Program]) -> dict[str, float]:
+    """The stack's workload run summed up: wall time, passes, and the mean CPU and wall time
+    the sandbox reported for passing and for failing programs."""
+    records = result["records"]
+    assert isinstance(records, list)
+    passes = {p.code: p.passes for p in workload}
+    passing = [r for r in records if passes[r["code"]]]
+    failing = [r for r in records if not passes[r["code"]]]
+
+    def mean(rows: list[dict[str, object]], field: str) -> float:
+        values = [float(r.get(field) or 0) for r in rows]  # type: ignore[arg-type]
+        return sum(values) / len(values) if values else float("nan")
+
+    return {
+        "wall_s": float(result["wall_s"]),  # type: ignore[arg-type]
+        "passed": sum(r["status"] == "completed" for r in records),
+        "passing_cpu_ms": mean(passing, "cpu_ms"),
+        "failing_cpu_ms": mean(failing, "cpu_ms"),
+        "passing_runtime_ms": mean(passing, "runtime_ms"),
+        "failing_runtime_ms": mean(failing, "runtime_ms"),
+    }
 
 
 def celery_burst(running: Stack, count: int, slots: int) -> dict[str, float]:
@@ -190,60 +305,90 @@ def celery_burst(running: Stack, count: int, slots: int) -> dict[str, float]:
     return {"per_s": count / elapsed, **percentiles(latencies)}
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     parser = argparse.ArgumentParser(
         prog="bench evaluations", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=100, help="one-at-a-time runs (latency)")
-    parser.add_argument("--burst", type=int, default=300, help="submissions sent at once")
+    parser.add_argument("--burst", type=int, default=300, help="hello-world submissions sent at once")
+    parser.add_argument("--programs", type=int, default=120, help="programs in the workload")
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
     parser.add_argument("--threads", type=int, default=4, help="threads per worker process")
     parser.add_argument("--no-celery", action="store_true", help="skip the Celery comparison")
-    warm_help = "the stack's executor with pre-started Python sandboxes (SANDBOX_WARM_POOL)"
-    parser.add_argument("--warm", choices=("on", "off"), default="on", help=warm_help)
+    forks_help = "the stack's executor with Python fork servers (SANDBOX_FORK_SERVER)"
+    parser.add_argument("--forks", choices=("on", "off"), default="on", help=forks_help)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     slots = args.workers * args.threads
-    figures: dict[str, dict[str, float]] = {}
-    figures["raw_cold"] = asyncio.run(raw_sandbox(args.runs, slots, warm=False, rate_runs=args.burst))
-    figures["raw_warm"] = asyncio.run(raw_sandbox(args.runs, slots, warm=True, rate_runs=args.burst))
-    env = {"SANDBOX_WARM_POOL": args.warm}
+    workload = programs(args.programs)
+    figures: dict[str, dict[str, object]] = {}
+    figures["floor"] = floor(args.runs, args.burst)
+    figures["raw_cold"] = asyncio.run(raw_sandbox(args.runs, slots, forks=False, rate_runs=args.burst))
+    figures["raw_forked"] = asyncio.run(raw_sandbox(args.runs, slots, forks=True, rate_runs=args.burst))
+    figures["local_harness"] = local_harness(workload)
+    env = {"SANDBOX_FORK_SERVER": args.forks}
     with redis_server() as url, stack(url, workers=args.workers, threads=args.threads, env=env) as running:
         wait_workers(url, running.namespace, args.workers)
         figures["ours_one_at_a_time"] = asyncio.run(one_at_a_time(running, args.runs))
-        figures["ours_burst"] = asyncio.run(burst(running, args.burst))
+        hello = asyncio.run(burst(running, [HELLO] * args.burst, f"ours, burst of {args.burst}"))
+        work = asyncio.run(burst(running, [p.code for p in workload], f"ours, {args.programs} programs"))
         if not args.no_celery:
             figures["celery_burst"] = celery_burst(running, args.burst, slots)
-    cold, warm = figures["raw_cold"], figures["raw_warm"]
+    figures["ours_burst"] = {k: v for k, v in hello.items() if k != "records"}
+    figures["ours_workload"] = {**workload_figures(work, workload), "cpu_ms_per_eval": work["cpu_ms_per_eval"]}
+    report(args, figures, slots)
+    write_json(args.json, "evaluations", {"workers": args.workers, "threads": args.threads, "forks": args.forks,
+                                          **figures})  # fmt: skip
+    return figures
+
+
+def report(args: argparse.Namespace, figures: dict[str, dict[str, object]], slots: int) -> None:
+    """The tables, and the ratios issue 19 sets targets for."""
+    f = {name: {k: v for k, v in values.items() if isinstance(v, float | int)} for name, values in figures.items()}
+    floor_, cold, forked, one, hello = (f[k] for k in ("floor", "raw_cold", "raw_forked", "ours_one_at_a_time",
+                                                        "ours_burst"))  # fmt: skip
     rows = [
-        [f"raw sandboxed run, cold start, {args.runs} one at a time", "-", *_ms(cold)],
-        [f"raw sandboxed runs, cold start, {args.burst} in {slots} loops", cold["per_s"], "-", "-", "-"],
-        [f"raw sandboxed run, warm sandbox, {args.runs} one at a time", "-", *_ms(warm)],
-        [f"raw sandboxed runs, warm sandboxes, {args.burst} in {slots} loops", warm["per_s"], "-", "-", "-"],
-        [f"ours, {args.runs} one at a time (HTTP, queue, sandbox)", "-", *_ms(figures["ours_one_at_a_time"])],
-        [f"ours, burst of {args.burst}", figures["ours_burst"]["per_s"], *_ms(figures["ours_burst"])],
+        [f"floor: bare bwrap, {args.runs} one at a time", "-", *_ms(floor_)],
+        [f"floor: bare bwrap, {args.burst} on 2 threads", floor_["per_s"], "-", "-", "-"],
+        [f"raw sandbox, cold, {args.runs} one at a time", "-", *_ms(cold)],
+        [f"raw sandbox, cold, {args.burst} in {slots} loops", cold["per_s"], "-", "-", "-"],
+        [f"raw sandbox, forked, {args.runs} one at a time", "-", *_ms(forked)],
+        [f"raw sandbox, forked, {args.burst} in {slots} loops", forked["per_s"], "-", "-", "-"],
+        [f"ours, {args.runs} one at a time (HTTP, queue, sandbox)", "-", *_ms(one)],
+        [f"ours, burst of {args.burst}", hello["per_s"], *_ms(hello)],
     ]
-    if "celery_burst" in figures:
-        c = figures["celery_burst"]
+    if "celery_burst" in f:
+        c = f["celery_burst"]
         rows.append([f"celery calling the same executor, burst of {args.burst}", c["per_s"], *_ms(c)])
     print_table(
         f"evaluations: hello-world Python, {args.workers} worker processes x {args.threads} threads,"
-        f" 1 executor, warm sandboxes {args.warm}",
+        f" 1 executor, fork servers {args.forks}",
         ["path", "evals/s", "p50 ms", "p95 ms", "p99 ms"],
         rows,
     )
-    ours, one = figures["ours_burst"], figures["ours_one_at_a_time"]
-    mode, same = ("warm", warm) if args.warm == "on" else ("cold", cold)
-    print(f"ours burst / raw rate ({mode}): {ratio(ours['per_s'], same['per_s'])}, "
-          f"/ raw cold rate: {ratio(ours['per_s'], cold['per_s'])} (target >= 0.80x)")  # fmt: skip
-    print(
-        f"ours p50 one at a time / raw cold single run p50: {ratio(one['p50'], cold['p50'])} (target <= 2x)"
+    local, work = f["local_harness"], f["ours_workload"]
+    print_table(
+        f"workload: {args.programs} function + unit tests programs",
+        ["path", "wall s", "passed", "pass cpu ms", "fail cpu ms"],
+        [
+            ["local harness, unsandboxed, 4 threads", local["wall_s"], local["passed"], "-", "-"],
+            ["ours, whole stack", work["wall_s"], work["passed"], work["passing_cpu_ms"], work["failing_cpu_ms"]],
+            ["raw sandbox, cold: print(1) / 1/0", "-", "-", cold["pass_cpu_ms"], cold["fail_cpu_ms"]],
+            ["raw sandbox, forked: print(1) / 1/0", "-", "-", forked["pass_cpu_ms"], forked["fail_cpu_ms"]],
+        ],
     )
-    if "celery_burst" in figures:
-        print(f"ours burst / celery burst: {ratio(ours['per_s'], figures['celery_burst']['per_s'])}")
-    write_json(args.json, "evaluations", {"workers": args.workers, "threads": args.threads, "warm": args.warm,
-                                          **figures})  # fmt: skip
-    return figures
+    per_eval = {name: figures[name]["cpu_ms_per_eval"] for name in ("ours_burst", "ours_workload")}
+    roles = [*cpu.ROLES, "other", "total"]
+    print_table(
+        "CPU ms per evaluation, by process",
+        ["scenario", *roles],
+        [[name, *(float(per_eval[name][r]) for r in roles)] for name in per_eval],  # type: ignore[index]
+    )
+    print(f"ours burst / floor rate: {ratio(hello['per_s'], floor_['per_s'])} (target >= 1.0x)")
+    print(f"ours p50 one at a time / floor single run p50: {ratio(one['p50'], floor_['p50'])} (target <= 1.0x)")
+    print(f"ours workload wall / local harness wall: {ratio(work['wall_s'], local['wall_s'])} (target <= 1.0x)")
+    if "celery_burst" in f:
+        print(f"ours burst / celery burst: {ratio(hello['per_s'], f['celery_burst']['per_s'])}")
 
 
 def _ms(f: dict[str, float]) -> list[float]:

@@ -211,13 +211,18 @@ class Server:
             for path in self.config["masked_dirs"]:
                 if os.path.isdir(path):
                     mount("tmpfs", path, "tmpfs", MS_RDONLY)
-            prctl(PR_SET_DUMPABLE, 0)  # as bwrap's init: the run cannot open its /proc files
+            # the run cannot open its init's /proc files (memory, environment)
+            prctl(PR_SET_DUMPABLE, 0)
             program = os.fork()
         except BaseException as exc:
             failed(ready_write, exc)
         if program == 0:
             prctl(PR_SET_DUMPABLE, 1)  # as a cold run's program (an exec would reset it)
             return self.run_process(request, stdio, ready_write)
+        try:
+            drop_capabilities(self.last_cap)  # it only reaps from now on
+        except OSError:
+            os._exit(SETUP_FAILED)
         for fd in (*stdio, ready_write):
             os.close(fd)
         os.closerange(3, 1 << 16)
