@@ -262,7 +262,9 @@ class ForkServers:
             return None
         server.runs += 1
         uid = self._slots.uids[slot]
-        group = self._spawner.group(uid, limits.memory_mb, limits)
+        # a cold run's cgroups hold bwrap and its init beside the program, a forked run's
+        # only its init: one process fewer, so that the program may start as many as cold
+        group = self._spawner.group(uid, limits.memory_mb, limits, processes=limits.processes - 1)
         address_space = self._spawner.address_space_mb(limits.memory_mb, self.language)
         limit_by_name = rlimits(limits, address_space, limits.timeout)
         nproc = limits.processes + EXTRA_PROCESSES

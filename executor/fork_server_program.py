@@ -8,12 +8,12 @@ it keeps its capabilities inside its own user namespace and has no seccomp filte
 them to give each run namespaces of its own. It never runs submitted code.
 
 Per run (one at a time), on a request from the executor (a JSON header and file descriptors):
-- C (a fork of the server) joins the run's cgroups, unshares mount, net, ipc, uts, cgroup and
-  pid namespaces, mounts the run's own /tmp, /dev/shm and /sandbox (holding main.py), brings
-  its loopback up, and forks I;
-- I is pid 1 of the run's pid namespace (as bwrap's init): it mounts the namespace's /proc,
-  masks what a cold run's /proc masks, forks P and reaps until P ends, exiting as P did
-  (128 + N for a signal, as bwrap reports it);
+- C (a fork of the server) unshares mount, net, ipc, uts and pid namespaces, mounts the run's
+  own /tmp, /dev/shm and /sandbox (holding main.py), brings its loopback up, and forks I;
+- I is pid 1 of the run's pid namespace (as bwrap's init): it joins the run's cgroups and a
+  cgroup namespace of its own, mounts the namespace's /proc, masks what a cold run's /proc
+  masks, forks P, drops its capabilities and reaps until P ends, exiting as P did (128 + N
+  for a signal, as bwrap reports it);
 - P, the run, takes the run's stdin, stdout and stderr, closes every other descriptor, sets
   the rlimits, drops every capability, applies the seccomp filter, and only then runs the
   code as `python -u /sandbox/main.py` would. Once P is ready it says so on a pipe, which is
@@ -135,15 +135,7 @@ class Server:
         try:
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             code_fd, stdin_fd, stdout_fd, stderr_fd, *cgroup_fds = fds
-            for fd in cgroup_fds:
-                os.write(fd, b"0")
-                os.close(fd)
-            check(
-                libc.unshare(
-                    CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP | CLONE_NEWPID
-                ),
-                "unshare",
-            )
+            check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID), "unshare")
             self.mount_run(request, code_fd)
             os.close(code_fd)
             loopback_up()
@@ -154,9 +146,9 @@ class Server:
             os._exit(1)
         if init == 0:
             os.close(ready_read)
-            return self.init(request, (stdin_fd, stdout_fd, stderr_fd), ready_write)
+            return self.init(request, (stdin_fd, stdout_fd, stderr_fd), ready_write, cgroup_fds)
         try:
-            for fd in (stdin_fd, stdout_fd, stderr_fd, ready_write):
+            for fd in (stdin_fd, stdout_fd, stderr_fd, ready_write, *cgroup_fds):
                 os.close(fd)
             pidfd = os.pidfd_open(init)
             socket.send_fds(self.sock, [b'{"started": true}'], [pidfd])
@@ -194,11 +186,16 @@ class Server:
         os.close(fd)
         mount(None, "/sandbox", None, MS_REMOUNT | MS_RDONLY | flags)
 
-    def init(self, request, stdio, ready_write):
-        """I: pid 1 of the run; returns in P."""
+    def init(self, request, stdio, ready_write, cgroup_fds):
+        """I: pid 1 of the run, and its first process in the run's cgroups (C is in none of
+        them: once I has ended, the groups are empty); returns in P."""
         try:
             self.sock.detach()  # (the descriptor is closed below: see `run_process`)
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            for fd in cgroup_fds:
+                os.write(fd, b"0")
+                os.close(fd)
+            check(libc.unshare(CLONE_NEWCGROUP), "unshare cgroup")
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
             for path in self.config["read_only_proc"]:  # as bwrap's --proc
                 if os.path.exists(path):

@@ -220,13 +220,14 @@ class Spawner:
             for fd in (*fds, *extra, stdin_fd, status_fd):
                 os.close(fd)
 
-    def group(self, uid: int, memory_mb: int, limits: Limits) -> RunGroup | None:
-        """Fresh cgroups for one phase (None: rlimits only)."""
+    def group(self, uid: int, memory_mb: int, limits: Limits, processes: int | None = None) -> RunGroup | None:
+        """Fresh cgroups for one phase (None: rlimits only); `processes` caps the group's
+        processes (the run's limit by default)."""
         if not self._cgroups:
             return None
         try:
             return self._cgroups.create(
-                f"{uid}-{time.monotonic_ns()}", uid, memory_mb * 1024 * 1024, limits.processes
+                f"{uid}-{time.monotonic_ns()}", uid, memory_mb * 1024 * 1024, processes or limits.processes
             )
         except OSError as exc:
             raise SandboxError(f"could not set up the run's cgroups: {exc}") from exc
