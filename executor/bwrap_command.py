@@ -8,9 +8,6 @@ from pathlib import Path
 
 from executor.limits import Limits
 
-#: What bwrap remounts read-only in every /proc it mounts (`--proc`), as a fork server's run
-#: does in its own.
-READ_ONLY_PROC = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus")
 #: Size of the run's /dev/shm (POSIX shared memory, semaphores); /tmp and this are the only
 #: writable places in the sandbox, both size-capped tmpfs.
 SHM_BYTES = 16 * 1024 * 1024
@@ -80,9 +77,10 @@ def fork_server_command(bwrap: Path, argv: tuple[str, ...], files: list[tuple[in
     which would nest one more): a run mounts a /proc of its own, which the kernel allows only
     where the existing one has nothing mounted over it by a more privileged namespace. The
     server forbids new user namespaces itself (see the program), and each run masks its
-    own /proc.
+    own /proc. No init of bwrap's: the server makes a pid namespace of its own (see the
+    program), and the process it leaves behind is the first one's init.
     """
-    return [*isolation(bwrap, files, FORK_SERVER_TMPFS_MB, for_runs=False), "--cap-add", "ALL", *argv]
+    return [*isolation(bwrap, files, FORK_SERVER_TMPFS_MB, for_runs=False), "--cap-add", "ALL", "--as-pid-1", *argv]
 
 
 def rlimits(limits: Limits, memory_mb: int, cpu: float) -> dict[str, tuple[int, int]]:

@@ -33,7 +33,7 @@ from typing import IO, Any
 import structlog
 
 from evaluations.languages import Language
-from executor.bwrap_command import MASKED_PROC_DIRS, MASKED_PROC_FILES, READ_ONLY_PROC, SHM_BYTES, rlimits
+from executor.bwrap_command import MASKED_PROC_DIRS, MASKED_PROC_FILES, SHM_BYTES, rlimits
 from executor.cgroups import RunGroup
 from executor.errors import SandboxError
 from executor.limits import Limits
@@ -54,9 +54,9 @@ PRELOAD = (
 READY_TIMEOUT_S = 15.0
 START_TIMEOUT_S = 5.0
 #: Processes of the slot's uid that a forked run has beside its program and a cold run has
-#: not (the server and the run's two set-up processes, less a cold run's bwrap init): the
-#: process rlimit counts every process of the uid, so it is raised by as many.
-EXTRA_PROCESSES = 3
+#: not (the server, its bwrap and bwrap's init, and the run's init, less a cold run's bwrap
+#: and its init): the process rlimit counts every process of the uid, so it is raised by as many.
+EXTRA_PROCESSES = 2
 
 
 class ForkServerGone(SandboxError):
@@ -214,7 +214,6 @@ class ForkServers:
             "shm_bytes": SHM_BYTES,
             "masked_files": MASKED_PROC_FILES,
             "masked_dirs": MASKED_PROC_DIRS,
-            "read_only_proc": READ_ONLY_PROC,
         }
         files = [(PROGRAM.read_bytes(), "/sandbox/main.py", "0444"),
                  (json.dumps(config).encode(), "/sandbox/config.json", "0444")]  # fmt: skip

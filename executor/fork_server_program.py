@@ -7,20 +7,20 @@ and cgroup namespaces, the same read-only root, no new user namespaces, no new p
 it keeps its capabilities inside its own user namespace and has no seccomp filter: it needs
 them to give each run namespaces of its own. It never runs submitted code.
 
-Per run (one at a time), on a request from the executor (a JSON header and file descriptors):
-- C (a fork of the server) unshares mount, net, ipc, uts and pid namespaces, mounts the run's
-  own /tmp, /dev/shm and /sandbox (holding main.py), brings its loopback up, and forks I;
-- I is pid 1 of the run's pid namespace (as bwrap's init): it joins the run's cgroups and a
-  cgroup namespace of its own, mounts the namespace's /proc, masks what a cold run's /proc
-  masks, forks P, drops its capabilities and reaps until P ends, exiting as P did (128 + N
-  for a signal, as bwrap reports it);
+Per run (one at a time), on a request from the executor (a JSON header and file descriptors),
+the server forks I into a new pid namespace (and returns to its own for the next one):
+- I is pid 1 of the run's pid namespace (as bwrap's init) and its first process in the run's
+  cgroups: it unshares mount, net, ipc, uts and cgroup namespaces, mounts the run's own /tmp,
+  /dev/shm and /sandbox (holding main.py) and its /proc (masked as a cold run's), brings its
+  loopback up, forks P, drops its capabilities and reaps until P ends, exiting as P did
+  (128 + N for a signal, as bwrap reports it);
 - P, the run, takes the run's stdin, stdout and stderr, closes every other descriptor, sets
   the rlimits, drops every capability, applies the seccomp filter, and only then runs the
   code as `python -u /sandbox/main.py` would. Once P is ready it says so on a pipe, which is
   how the executor tells our failures from the program's.
-C reports I's pidfd (the executor kills the run through it: the namespace dies with its pid
-1), then how I ended with its resource usage, and exits. Each run is a fresh fork of the
-untouched server, so nothing a run does reaches the next.
+The server hands the executor a pidfd of I (the run's kill: the namespace dies with its pid
+1), then says how I ended with its resource usage. Each run is a fresh fork of the untouched
+server, so nothing a run does reaches the next.
 """
 
 import ctypes
@@ -103,6 +103,7 @@ class Server:
                 self.filter = ctypes.create_string_buffer(f.read())
         with open("/proc/sys/kernel/cap_last_cap") as f:
             self.last_cap = int(f.read())
+        self.pid_namespace = own_pid_namespace()
         # No user namespace may be made in this one from now on, by a run or by this server
         # (bwrap's --disable-userns, which this sandbox cannot use: see
         # executor.bwrap_command.fork_server_command); only a capability here could undo it,
@@ -117,59 +118,91 @@ class Server:
         gc.freeze()
 
     def serve(self):
-        """Fork one child per request; only returns in a run's own process, ready to run it."""
+        """Fork one run per request; only returns in a run's own process, ready to run it."""
         self.sock.send(b'{"ready": true}')
         while True:
             message, fds, _, _ = socket.recv_fds(self.sock, MAX_REQUEST, MAX_FDS)
             if not message:
                 os._exit(0)  # the executor closed its end
-            pid = os.fork()
-            if pid == 0:
-                return self.child(json.loads(message), fds)
-            for fd in fds:
-                os.close(fd)
-            os.waitpid(pid, 0)
+            try:
+                ready_read, ready_write = os.pipe()
+                check(libc.unshare(CLONE_NEWPID), "unshare pid")  # for the next child only
+                init = os.fork()
+            except BaseException as exc:
+                self.report({"error": repr(exc)})
+                os._exit(1)
+            if init == 0:
+                os.close(ready_read)
+                return self.init(json.loads(message), fds, ready_write)
+            try:
+                check(libc.setns(self.pid_namespace, CLONE_NEWPID), "setns pid")
+                for fd in (*fds, ready_write):
+                    os.close(fd)
+                self.supervise(init, ready_read)
+            except BaseException as exc:
+                self.report({"error": repr(exc)})
+                os._exit(1)
 
-    def child(self, request, fds):
-        """C: the run's namespaces, then I (and in it P); reports to the executor."""
+    def supervise(self, init, ready_read):
+        """Hand the executor I's pidfd (its kill), then say how I ended and what it used."""
+        pidfd = os.pidfd_open(init)
+        socket.send_fds(self.sock, [b'{"started": true}'], [pidfd])
+        os.close(pidfd)
+        said = os.read(ready_read, 4096)
+        os.close(ready_read)
+        _, status, usage = os.wait4(init, 0)
+        self.report(
+            {
+                "status": status,
+                "ran": said == b"1",
+                "error": said[1:].decode(errors="replace"),
+                "utime": usage.ru_utime,
+                "stime": usage.ru_stime,
+                "maxrss": usage.ru_maxrss,
+            }
+        )
+
+    def init(self, request, fds, ready_write):
+        """I: pid 1 of the run's pid namespace, its first process in its cgroups, and the
+        maker of its other namespaces and mounts; returns in P."""
         try:
+            self.sock.detach()  # (the descriptor is closed below: see `run_process`)
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             code_fd, stdin_fd, stdout_fd, stderr_fd, *cgroup_fds = fds
-            check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID), "unshare")
+            for fd in cgroup_fds:
+                os.write(fd, b"0")
+                os.close(fd)
+            namespaces = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
+            check(libc.unshare(namespaces), "unshare")
             self.mount_run(request, code_fd)
             os.close(code_fd)
             loopback_up()
-            ready_read, ready_write = os.pipe()
-            init = os.fork()
+            # the run cannot open its init's /proc files (memory, environment)
+            prctl(PR_SET_DUMPABLE, 0)
+            program = os.fork()
         except BaseException as exc:
-            self.report({"error": repr(exc)})
-            os._exit(1)
-        if init == 0:
-            os.close(ready_read)
-            return self.init(request, (stdin_fd, stdout_fd, stderr_fd), ready_write, cgroup_fds)
+            failed(ready_write, exc)
+        stdio = (stdin_fd, stdout_fd, stderr_fd)
+        if program == 0:
+            prctl(PR_SET_DUMPABLE, 1)  # as a cold run's program (an exec would reset it)
+            return self.run_process(request, stdio, ready_write)
         try:
-            for fd in (stdin_fd, stdout_fd, stderr_fd, ready_write, *cgroup_fds):
-                os.close(fd)
-            pidfd = os.pidfd_open(init)
-            socket.send_fds(self.sock, [b'{"started": true}'], [pidfd])
-            os.close(pidfd)
-            said = os.read(ready_read, 4096)
-            _, status, usage = os.wait4(init, 0)
-            self.report(
-                {
-                    "status": status,
-                    "ran": said == b"1",
-                    "error": said[1:].decode(errors="replace"),
-                    "utime": usage.ru_utime,
-                    "stime": usage.ru_stime,
-                    "maxrss": usage.ru_maxrss,
-                }
-            )
-        finally:
-            os._exit(0)
+            drop_capabilities(self.last_cap)  # it only reaps from now on
+        except OSError:
+            os._exit(SETUP_FAILED)
+        os.closerange(3, 1 << 16)
+        while True:  # reap orphans too; end as the program did (bwrap's init does the same)
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                os._exit(SETUP_FAILED)
+            if pid == program:
+                code = os.waitstatus_to_exitcode(status)
+                os._exit(code if code >= 0 else 128 - code)
 
     def mount_run(self, request, code_fd):
-        """The run's own writable places, and /sandbox holding only its code."""
+        """The run's own writable places, /sandbox holding only its code, and a /proc of its
+        pid namespace masked as a cold run's."""
         mount(None, "/", None, MS_REC | MS_PRIVATE)
         config = self.config
         flags = MS_NOSUID | MS_NODEV
@@ -185,52 +218,14 @@ class Server:
             view = view[os.write(fd, view) :]
         os.close(fd)
         mount(None, "/sandbox", None, MS_REMOUNT | MS_RDONLY | flags)
-
-    def init(self, request, stdio, ready_write, cgroup_fds):
-        """I: pid 1 of the run, and its first process in the run's cgroups (C is in none of
-        them: once I has ended, the groups are empty); returns in P."""
-        try:
-            self.sock.detach()  # (the descriptor is closed below: see `run_process`)
-            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            for fd in cgroup_fds:
-                os.write(fd, b"0")
-                os.close(fd)
-            check(libc.unshare(CLONE_NEWCGROUP), "unshare cgroup")
-            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-            for path in self.config["read_only_proc"]:  # as bwrap's --proc
-                if os.path.exists(path):
-                    mount(path, path, None, MS_BIND | MS_REC)
-                    mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-            for path in self.config["masked_files"]:  # as bwrap's --ro-bind /dev/null: unopenable
-                if os.path.exists(path):
-                    mount("/dev/null", path, None, MS_BIND)
-                    mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-            for path in self.config["masked_dirs"]:
-                if os.path.isdir(path):
-                    mount("tmpfs", path, "tmpfs", MS_RDONLY)
-            # the run cannot open its init's /proc files (memory, environment)
-            prctl(PR_SET_DUMPABLE, 0)
-            program = os.fork()
-        except BaseException as exc:
-            failed(ready_write, exc)
-        if program == 0:
-            prctl(PR_SET_DUMPABLE, 1)  # as a cold run's program (an exec would reset it)
-            return self.run_process(request, stdio, ready_write)
-        try:
-            drop_capabilities(self.last_cap)  # it only reaps from now on
-        except OSError:
-            os._exit(SETUP_FAILED)
-        for fd in (*stdio, ready_write):
-            os.close(fd)
-        os.closerange(3, 1 << 16)
-        while True:  # reap orphans too; end as the program did (bwrap's init does the same)
-            try:
-                pid, status = os.wait()
-            except ChildProcessError:
-                os._exit(SETUP_FAILED)
-            if pid == program:
-                code = os.waitstatus_to_exitcode(status)
-                os._exit(code if code >= 0 else 128 - code)
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        for path in config["masked_files"]:  # as bwrap's --ro-bind /dev/null: unopenable
+            if os.path.exists(path):
+                mount("/dev/null", path, None, MS_BIND)
+                mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        for path in config["masked_dirs"]:
+            if os.path.isdir(path):
+                mount("tmpfs", path, "tmpfs", MS_RDONLY)
 
     def run_process(self, request, stdio, ready_write):
         """P: the run's limits and privileges; returns the code to run."""
@@ -257,6 +252,24 @@ class Server:
 
     def report(self, message):
         self.sock.send(json.dumps(message).encode())
+
+
+def own_pid_namespace():
+    """Move the server into a pid namespace of its own user namespace, and return it.
+
+    Each run's pid namespace is made by unsharing one for the next child, after which the
+    server must set its own back; the kernel allows that only in a pid namespace owned by a
+    user namespace the server has capabilities in, which bwrap's is not. The process that
+    started stays behind as the namespace's parent, ending as the server does.
+    """
+    check(libc.unshare(CLONE_NEWPID), "unshare pid")
+    server = os.fork()
+    if server:
+        os.closerange(3, 1 << 16)  # the socket stays with the server alone
+        _, status = os.waitpid(server, 0)
+        os._exit(max(0, os.waitstatus_to_exitcode(status)))
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    return os.open("/proc/self/ns/pid", os.O_RDONLY)
 
 
 def failed(ready_write, exc):
