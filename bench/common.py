@@ -93,7 +93,9 @@ def stack(
             port = free_port()
             # each executor gets sandbox uids no other on this host holds (bench/stack.py)
             env_n = {**base, "EXECUTOR_PORT": str(port)}
-            pids.setdefault("executor", running.enter_context(process(f"bench-executor-{n}", "executor", env_n)).pid)
+            pids.setdefault(
+                "executor", running.enter_context(process(f"bench-executor-{n}", "executor", env_n)).pid
+            )
             urls.append(f"http://127.0.0.1:{port}")
         for executor in urls:
             wait_http(f"{executor}/health")

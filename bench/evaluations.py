@@ -114,7 +114,9 @@ def local_harness(workload: list[Program], threads: int = 4) -> dict[str, float]
             paths.append(path)
 
         def judge(path: Path) -> bool:
-            done = subprocess.run(["/usr/bin/python3", str(path)], capture_output=True, timeout=60, cwd=path.parent)
+            done = subprocess.run(
+                ["/usr/bin/python3", str(path)], capture_output=True, timeout=60, cwd=path.parent
+            )
             return done.returncode == 0
 
         bar = progress(len(paths), f"local harness, {threads} threads", "program")
@@ -138,7 +140,9 @@ async def raw_sandbox(runs: int, parallel: int, forks: bool, rate_runs: int) -> 
     from executor.app import Executor, open_sandbox
 
     configure_logging("WARNING", "json")  # the executor's per-run lines would drown the table
-    settings = dataclasses.replace(get_settings(), sandbox_fork_server=forks, sandbox_uid_base=free_uid_base())
+    settings = dataclasses.replace(
+        get_settings(), sandbox_fork_server=forks, sandbox_uid_base=free_uid_base()
+    )
     async with open_sandbox(settings) as sandbox:
         for _ in range(200):  # the servers start in the background
             if not forks or sandbox.fork_servers == sandbox.capacity:
@@ -241,7 +245,9 @@ async def burst(running: Stack, codes: list[str], label: str, in_flight: int = 6
                 found = (await client.get(f"/api/eval/{eval_id}")).json()
             if not found.get("completed_at"):
                 raise RuntimeError(f"{eval_id} has no result: {found}")
-            found["latency_ms"] = (datetime.fromisoformat(found["completed_at"]).timestamp() - sent[eval_id]) * 1000
+            found["latency_ms"] = (
+                datetime.fromisoformat(found["completed_at"]).timestamp() - sent[eval_id]
+            ) * 1000
             return dict(found)
 
         records = await asyncio.gather(*(record(e) for e in sent))
@@ -335,18 +341,24 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
         if not args.no_celery:
             figures["celery_burst"] = celery_burst(running, args.burst, slots)
     figures["ours_burst"] = {k: v for k, v in hello.items() if k != "records"}
-    figures["ours_workload"] = {**workload_figures(work, workload), "cpu_ms_per_eval": work["cpu_ms_per_eval"]}
+    figures["ours_workload"] = {
+        **workload_figures(work, workload),
+        "cpu_ms_per_eval": work["cpu_ms_per_eval"],
+    }
     report(args, figures, slots)
-    write_json(args.json, "evaluations", {"workers": args.workers, "threads": args.threads, "forks": args.forks,
-                                          **figures})  # fmt: skip
+    shape = {"workers": args.workers, "threads": args.threads, "forks": args.forks}
+    write_json(args.json, "evaluations", {**shape, **figures})
     return figures
 
 
 def report(args: argparse.Namespace, figures: dict[str, dict[str, object]], slots: int) -> None:
     """The tables, and the ratios issue 19 sets targets for."""
-    f = {name: {k: v for k, v in values.items() if isinstance(v, float | int)} for name, values in figures.items()}
-    floor_, cold, forked, one, hello = (f[k] for k in ("floor", "raw_cold", "raw_forked", "ours_one_at_a_time",
-                                                        "ours_burst"))  # fmt: skip
+    f = {
+        name: {k: v for k, v in values.items() if isinstance(v, float | int)}
+        for name, values in figures.items()
+    }
+    names = ("floor", "raw_cold", "raw_forked", "ours_one_at_a_time", "ours_burst")
+    floor_, cold, forked, one, hello = (f[k] for k in names)
     rows = [
         [f"floor: bare bwrap, {args.runs} one at a time", "-", *_ms(floor_)],
         [f"floor: bare bwrap, {args.burst} on 2 threads", floor_["per_s"], "-", "-", "-"],
@@ -372,7 +384,13 @@ def report(args: argparse.Namespace, figures: dict[str, dict[str, object]], slot
         ["path", "wall s", "passed", "pass cpu ms", "fail cpu ms"],
         [
             ["local harness, unsandboxed, 4 threads", local["wall_s"], local["passed"], "-", "-"],
-            ["ours, whole stack", work["wall_s"], work["passed"], work["passing_cpu_ms"], work["failing_cpu_ms"]],
+            [
+                "ours, whole stack",
+                work["wall_s"],
+                work["passed"],
+                work["passing_cpu_ms"],
+                work["failing_cpu_ms"],
+            ],
             ["raw sandbox, cold: print(1) / 1/0", "-", "-", cold["pass_cpu_ms"], cold["fail_cpu_ms"]],
             ["raw sandbox, forked: print(1) / 1/0", "-", "-", forked["pass_cpu_ms"], forked["fail_cpu_ms"]],
         ],
@@ -385,8 +403,12 @@ def report(args: argparse.Namespace, figures: dict[str, dict[str, object]], slot
         [[name, *(float(per_eval[name][r]) for r in roles)] for name in per_eval],  # type: ignore[index]
     )
     print(f"ours burst / floor rate: {ratio(hello['per_s'], floor_['per_s'])} (target >= 1.0x)")
-    print(f"ours p50 one at a time / floor single run p50: {ratio(one['p50'], floor_['p50'])} (target <= 1.0x)")
-    print(f"ours workload wall / local harness wall: {ratio(work['wall_s'], local['wall_s'])} (target <= 1.0x)")
+    print(
+        f"ours p50 one at a time / floor single run p50: {ratio(one['p50'], floor_['p50'])} (target <= 1.0x)"
+    )
+    print(
+        f"ours workload wall / local harness wall: {ratio(work['wall_s'], local['wall_s'])} (target <= 1.0x)"
+    )
     if "celery_burst" in f:
         print(f"ours burst / celery burst: {ratio(hello['per_s'], f['celery_burst']['per_s'])}")
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 #: The function under test, by kind: (source, a call, its right answer). `{n}` is the work size.
 FUNCTIONS = {
     "sum_of_squares": (
-        "def solve(n):\n    total = 0\n    for i in range(n):\n        total += i * i % 7\n    return total\n",
+        "def solve(n):\n    total = 0\n    for i in range(n):\n        total += i * i % 7\n"
+        "    return total\n",
         lambda n: sum(i * i % 7 for i in range(n)),
     ),
     "count_primes": (

@@ -80,7 +80,13 @@ def fork_server_command(bwrap: Path, argv: tuple[str, ...], files: list[tuple[in
     own /proc. No init of bwrap's: the server makes a pid namespace of its own (see the
     program), and the process it leaves behind is the first one's init.
     """
-    return [*isolation(bwrap, files, FORK_SERVER_TMPFS_MB, for_runs=False), "--cap-add", "ALL", "--as-pid-1", *argv]
+    return [
+        *isolation(bwrap, files, FORK_SERVER_TMPFS_MB, for_runs=False),
+        "--cap-add",
+        "ALL",
+        "--as-pid-1",
+        *argv,
+    ]
 
 
 def rlimits(limits: Limits, memory_mb: int, cpu: float) -> dict[str, tuple[int, int]]:
@@ -101,7 +107,9 @@ def prlimit_options(limits: dict[str, tuple[int, int]]) -> list[str]:
     return [f"--{PRLIMIT_NAMES[name]}={soft}:{hard}" for name, (soft, hard) in limits.items()]
 
 
-def isolation(bwrap: Path, files: list[tuple[int, str, str]], tmpfs_mb: int, for_runs: bool = True) -> list[str]:
+def isolation(
+    bwrap: Path, files: list[tuple[int, str, str]], tmpfs_mb: int, for_runs: bool = True
+) -> list[str]:
     """bwrap's namespaces, root, environment and inputs: what every sandbox shares (`for_runs`:
     with no new user namespaces and /proc masked, which a fork server does for each run)."""
     binds: list[str] = []

@@ -220,7 +220,9 @@ class Spawner:
             for fd in (*fds, *extra, stdin_fd, status_fd):
                 os.close(fd)
 
-    def group(self, uid: int, memory_mb: int, limits: Limits, processes: int | None = None) -> RunGroup | None:
+    def group(
+        self, uid: int, memory_mb: int, limits: Limits, processes: int | None = None
+    ) -> RunGroup | None:
         """Fresh cgroups for one phase (None: rlimits only); `processes` caps the group's
         processes (the run's limit by default)."""
         if not self._cgroups:

@@ -497,3 +497,130 @@ async def test_time_outs_are_judged_on_cpu_time_and_wall_time_is_a_multiple_of_i
     )
     assert sleeps["runtime_ms"] < 3000 + 1500
     await assert_host_unharmed(executor)
+
+
+# Attacks on the fork servers (executor/fork_server.py): each Python run is a fork of its slot's
+# server, so a run's memory starts as a copy of the server's, and the next run of its slot is
+# forked from the same server.
+
+
+def idle_fork_servers() -> list[str]:
+    """The executor's fork servers waiting for a request (their interpreters' pids)."""
+    ps = subprocess.run(["ps", "-ww", "-eo", "uid=,pid=,wchan:32=,args="], capture_output=True, text=True)
+    rows = [line.split(None, 3) for line in ps.stdout.splitlines() if int(line.split()[0]) in SANDBOX_UIDS]
+    return sorted(row[1] for row in rows if row[2] == IDLE_SERVER_WAIT)
+
+
+async def servers_settled(count: int | None = None) -> list[str]:
+    for _ in range(100):
+        found = idle_fork_servers()
+        if found and (count is None or len(found) == count):
+            return found
+        await asyncio.sleep(0.05)
+    return idle_fork_servers()
+
+
+async def test_a_run_cannot_find_signal_or_read_its_fork_server(executor: httpx.AsyncClient) -> None:
+    before = await servers_settled()
+    assert before, "the executor under test has no fork server"
+    code = """
+import os, signal
+pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())
+print(pids[:2], os.getpid())
+readable = []
+for name in ('mem', 'environ', 'maps', 'cmdline', 'fd'):
+    try:
+        path = f'/proc/1/{name}'
+        os.listdir(path) if name == 'fd' else open(path, 'rb').read(1)
+        readable.append(name)
+    except OSError:
+        pass
+print(readable)
+print([l.split()[1] for l in open('/proc/1/status') if l.startswith('CapEff')])
+for target in (1, -1):
+    try:
+        os.kill(target, signal.SIGKILL)
+    except OSError as exc:
+        print(target, type(exc).__name__)
+print('still here')
+"""
+    result = await run(executor, code)
+    lines = result["output"].splitlines()
+    assert lines[0] == "[1, 2] 2", result  # its own pid namespace: its init and itself
+    assert lines[1] == "[]" and lines[2] == "['0000000000000000']"  # an init it cannot open, with nothing
+    # kill(1) is ignored (its init, from inside); -1 finds nothing else it may signal
+    assert lines[3:] == ["-1 ProcessLookupError", "still here"] and result["status"] == "completed"
+    await assert_host_unharmed(executor)
+    assert await servers_settled(len(before)) == before  # the same servers, serving
+
+
+def memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether `needle` is anywhere in the readable memory of process `pid` (read as root)."""
+    found = False
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb") as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if perms.startswith("r"):
+                start, end = (int(x, 16) for x in span.split("-"))
+                try:
+                    mem.seek(start)
+                    found = found or needle in mem.read(end - start)
+                except (OSError, OverflowError, ValueError):
+                    pass
+    return found
+
+
+async def test_a_run_holds_nothing_of_its_server(
+    executor: httpx.AsyncClient, executor_service: ExecutorService
+) -> None:
+    """A run's memory starts as its server's, so the server must hold no secret; and no
+    descriptor of the server's (its socket to the executor) may be left open in a run."""
+    assert memory_holds(executor_service.pid, EXECUTOR_SECRET.encode())  # the search finds it where it is
+    servers = await servers_settled()
+    assert servers and not any(memory_holds(int(pid), EXECUTOR_SECRET.encode()) for pid in servers)
+    result = await run(executor, "import os; print(sorted(os.listdir('/proc/self/fd')))")
+    assert result["output"] == "['0', '1', '2', '3']\n", result  # 3: the listing's own
+    await assert_host_unharmed(executor)
+
+
+async def test_a_run_cannot_exhaust_or_poison_its_server(executor: httpx.AsyncClient) -> None:
+    before = await servers_settled()
+    poison = """
+import builtins, os, sys, json, signal
+open('/tmp/left', 'w').write('x'); open('/dev/shm/left', 'w').write('x')
+os.environ['LEFT'] = '1'; json.dumps = None; builtins.open = None
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        import time; time.sleep(60)
+    os._exit(0)
+blobs = [bytearray(10**7) for _ in range(20)]
+"""
+    for _ in range(3):  # every slot's server, likely
+        await asyncio.gather(*(run(executor, poison, memory_mb=256) for _ in range(4)))
+    check = (
+        "import os, json, sys\n"
+        "print(os.listdir('/tmp'), os.listdir('/dev/shm'), 'LEFT' in os.environ, json.dumps(1), open is not None)"
+    )
+    results = await asyncio.gather(*(run(executor, check) for _ in range(8)))
+    assert {r["output"] for r in results} == {"[] [] False 1 True\n"}, results
+    await assert_host_unharmed(executor)
+    assert await servers_settled(len(before)) == before
+
+
+async def test_a_new_user_namespace_is_refused_even_through_clone(executor: httpx.AsyncClient) -> None:
+    """The seccomp filter refuses unshare; clone with CLONE_NEWUSER meets the namespace limit
+    the fork server sets (bwrap's --disable-userns does the same for a cold run)."""
+    code = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+pid = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)   # clone(CLONE_NEWUSER | SIGCHLD)
+if pid == 0:
+    os._exit(0)
+print(pid, ctypes.get_errno() != 0)
+print(open('/proc/sys/user/max_user_namespaces').read().strip())
+"""
+    result = await run(executor, code)
+    assert result["output"].splitlines() == ["-1 True", "0"], result
+    await assert_host_unharmed(executor)

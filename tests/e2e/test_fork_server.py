@@ -46,7 +46,8 @@ PROGRAMS = {
         "import pickle\nclass P:\n    pass\nprint(type(pickle.loads(pickle.dumps(P()))).__name__)"
     ),
     "identity": (
-        "import os, socket\nprint(os.getuid() == os.geteuid() == os.getgid(), os.getgroups(), os.getpid(), os.getppid(), os.getcwd(),"
+        "import os, socket\nprint(os.getuid() == os.geteuid() == os.getgid(), os.getgroups(), os.getpid(),"
+        " os.getppid(), os.getcwd(),"
         " socket.gethostname(), sorted(os.environ.items()))"
     ),
     "privileges": (
@@ -85,7 +86,8 @@ def server_pids(box: Sandbox) -> list[int]:
     return sorted(
         int(row.split()[1])
         for row in rows
-        if row.split(None, 2)[2].startswith(PYTHON.interpreter) and parents.get(parents.get(row.split()[1], ""), "") in bwraps
+        if row.split(None, 2)[2].startswith(PYTHON.interpreter)
+        and parents.get(parents.get(row.split()[1], ""), "") in bwraps
     )
 
 
@@ -234,7 +236,9 @@ async def test_a_run_cancelled_mid_run_is_killed_and_leaves_nothing_behind() -> 
         ("open('/tmp/f', 'w').write('x' * 5 * 2**20)", {"limits": {"tmpfs_mb": 2}}, ("failed", "")),
     ],
 )
-async def test_a_forked_run_gets_its_own_limits(code: str, options: dict[str, object], expected: tuple[str, str]) -> None:
+async def test_a_forked_run_gets_its_own_limits(
+    code: str, options: dict[str, object], expected: tuple[str, str]
+) -> None:
     async with sandbox(forks=True) as box:
         before = server_pids(box)
         result = await run(box, code, **options)

@@ -95,7 +95,8 @@ print(os.getuid() != 0)
 async def test_the_sandbox_init_carries_nothing_of_the_host_environment(executor: httpx.AsyncClient) -> None:
     # a forked run's init (executor/fork_server_program.py) is not dumpable: nothing to read
     code = (
-        "import os\nfor pid in ('1', '2'):\n    try:\n        print(open(f'/proc/{pid}/environ').read().split('\\0'))\n"
+        "import os\nfor pid in ('1', '2'):\n    try:\n"
+        "        print(open(f'/proc/{pid}/environ').read().split('\\0'))\n"
         "    except PermissionError:\n        print([] if pid == '1' else 'unreadable')"
     )
     result = await run(executor, code)
