@@ -601,7 +601,8 @@ blobs = [bytearray(10**7) for _ in range(20)]
         await asyncio.gather(*(run(executor, poison, memory_mb=256) for _ in range(4)))
     check = (
         "import os, json, sys\n"
-        "print(os.listdir('/tmp'), os.listdir('/dev/shm'), 'LEFT' in os.environ, json.dumps(1), open is not None)"
+        "print(os.listdir('/tmp'), os.listdir('/dev/shm'), 'LEFT' in os.environ, json.dumps(1),"
+        " open is not None)"
     )
     results = await asyncio.gather(*(run(executor, check) for _ in range(8)))
     assert {r["output"] for r in results} == {"[] [] False 1 True\n"}, results
