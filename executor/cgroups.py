@@ -77,14 +77,28 @@ class RunGroup:
                         os.kill(int(pid), 9)
 
     def remove(self) -> None:
+        """Remove the groups; what is still in them is killed first (a group with a process
+        in it cannot go). An ended run's groups are empty: they go at the first try."""
+        left = self._rmdir()
         for _ in range(50):  # killed processes leave the group a moment later
+            if not left:
+                return
             self.sweep()
-            if not any(_procs(path) for path in self.paths.values()):
-                break
             time.sleep(0.01)
-        for path in self.paths.values():
-            with contextlib.suppress(OSError):
+            left = self._rmdir()
+
+    def _rmdir(self) -> bool:
+        """Remove what groups can go; whether any is left."""
+        left = {}
+        for controller, path in self.paths.items():
+            try:
                 path.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                left[controller] = path
+        self.paths = left
+        return bool(left)
 
 
 class CgroupsV1:
@@ -178,13 +192,6 @@ def _accepted(base: Path, rules: list[tuple[str, str]]) -> list[tuple[str, str]]
         return accepted
     finally:
         probe.rmdir()
-
-
-def _procs(path: Path) -> str:
-    try:
-        return (path / "cgroup.procs").read_text().strip()
-    except OSError:
-        return ""
 
 
 def _remove_stale_siblings(base: Path, only_dead: bool = True) -> None:
