@@ -90,13 +90,15 @@ def floor(runs: int, rate_runs: int, threads: int = 2) -> dict[str, float]:
 
         single = [once() for _ in steps(runs, "floor, one at a time")]
         bar = progress(rate_runs, f"floor, {threads} threads", "run")
+        busy = cpu.machine_cpu_s()
         started = time.perf_counter()
         with ThreadPoolExecutor(threads) as pool:
             for _ in pool.map(once, range(rate_runs)):
                 bar.update()
         elapsed = time.perf_counter() - started
+        busy = cpu.machine_cpu_s() - busy
         bar.close()
-    return {"per_s": rate_runs / elapsed, **percentiles(single)}
+    return {"per_s": rate_runs / elapsed, **percentiles(single), "machine_cpu_ms": busy * 1000 / rate_runs}
 
 
 def local_harness(workload: list[Program], threads: int = 4) -> dict[str, float]:
@@ -402,6 +404,9 @@ def report(args: argparse.Namespace, figures: dict[str, dict[str, object]], slot
         ["scenario", *roles],
         [[name, *(float(per_eval[name][r]) for r in roles)] for name in per_eval],  # type: ignore[index]
     )
+    burst_cpu = figures["ours_burst"]["cpu_ms_per_eval"]
+    assert isinstance(burst_cpu, dict)
+    print(f"machine CPU ms a run: floor {floor_['machine_cpu_ms']:.1f}, ours (burst) {burst_cpu['total']:.1f}")
     print(f"ours burst / floor rate: {ratio(hello['per_s'], floor_['per_s'])} (target >= 1.0x)")
     print(
         f"ours p50 one at a time / floor single run p50: {ratio(one['p50'], floor_['p50'])} (target <= 1.0x)"
