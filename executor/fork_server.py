@@ -63,6 +63,22 @@ class ForkServerGone(SandboxError):
     """The server did not answer as it should: it is retired and the run starts cold."""
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One sandboxed process a fork server starts: its files in /sandbox (content, path,
+    permissions), stdin, memory limit (MB) and CPU seconds, and either a command to exec
+    (`exec_argv`) or, with None, the Python code in /sandbox/main.py run in the interpreter
+    itself with `args`."""
+
+    files: list[tuple[bytes, str, str]]
+    stdin: str | None
+    memory_mb: int
+    cpu_s: float
+    language: Language | None
+    exec_argv: tuple[str, ...] | None
+    args: tuple[str, ...] = ()
+
+
 @dataclass
 class Usage:
     ru_utime: float
@@ -243,19 +259,14 @@ class ForkServers:
         self._servers[slot] = server
 
     def serves(self, language: Language) -> bool:
+        """Whether runs of `language` run in this interpreter (others exec their command)."""
         return language == self.language
 
-    async def start(
-        self,
-        slot: int,
-        code: str,
-        stdin: str | None,
-        args: tuple[str, ...],
-        limits: Limits,
-    ) -> Forked | None:
-        """Fork the slot's server for one run, in fresh cgroups; None if it has no ready server
-        (the run then starts cold). Raises `ForkServerGone` if the server failed before the
-        run started (it is retired; the run may start cold)."""
+    async def start(self, slot: int, phase: Phase, limits: Limits) -> Forked | None:
+        """Fork the slot's server for one phase of a run (a compile step, or the run), in
+        fresh cgroups; None if it has no ready server (the phase then starts cold). Raises
+        `ForkServerGone` if the server failed before the phase started (it is retired; the
+        phase may start cold)."""
         server = self._servers.get(slot)
         if server is None:
             return None
@@ -263,20 +274,30 @@ class ForkServers:
         uid = self._slots.uids[slot]
         # a cold run's cgroups hold bwrap and its init beside the program, a forked run's
         # only its init: one process fewer, so that the program may start as many as cold
-        group = self._spawner.group(uid, limits.memory_mb, limits, processes=limits.processes - 1)
-        address_space = self._spawner.address_space_mb(limits.memory_mb, self.language)
-        limit_by_name = rlimits(limits, address_space, limits.timeout)
+        group = self._spawner.group(uid, phase.memory_mb, limits, processes=limits.processes - 1)
+        address_space = self._spawner.address_space_mb(phase.memory_mb, phase.language)
+        limit_by_name = rlimits(limits, address_space, phase.cpu_s)
         nproc = limits.processes + EXTRA_PROCESSES
         limit_by_name["RLIMIT_NPROC"] = (nproc, nproc)
-        header = {"tmpfs_bytes": limits.tmpfs_mb * 1024 * 1024, "rlimits": limit_by_name, "args": args}
+        header = {
+            "tmpfs_bytes": limits.tmpfs_mb * 1024 * 1024,
+            "rlimits": limit_by_name,
+            "files": [(path, int(perms, 8)) for _, path, perms in phase.files],
+            "exec": phase.exec_argv,
+            "args": phase.args,
+        }
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
-        theirs = [memfd(code.encode()), memfd((stdin or "").encode()), out_write, err_write]
+        theirs = [memfd((phase.stdin or "").encode()), out_write, err_write]
+        theirs += [memfd(data) for data, _, _ in phase.files]
         if group:
             theirs += [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in group.procs_files]
         stdout, stderr = os.fdopen(out_read, "rb", 0), os.fdopen(err_read, "rb", 0)
         try:
-            socket.send_fds(server.sock, [json.dumps(header).encode()], theirs)
+            try:
+                socket.send_fds(server.sock, [json.dumps(header).encode()], theirs)
+            except OSError as exc:
+                raise ForkServerGone(f"the fork server has gone: {exc}") from exc
             started, pidfds = await server.receive(START_TIMEOUT_S)
             if not started.get("started") or len(pidfds) != 1:
                 raise ForkServerGone(f"the fork server could not start a run: {started.get('error')}")

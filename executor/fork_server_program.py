@@ -16,7 +16,8 @@ the server forks I into a new pid namespace (and returns to its own for the next
   (128 + N for a signal, as bwrap reports it);
 - P, the run, takes the run's stdin, stdout and stderr, closes every other descriptor, sets
   the rlimits, drops every capability, applies the seccomp filter, and only then runs the
-  code as `python -u /sandbox/main.py` would. Once P is ready it says so on a pipe, which is
+  code as `python -u /sandbox/main.py` would, or, for any other language (and a compile
+  step), execs its command. Once P is ready it says so on a pipe, which is
   how the executor tells our failures from the program's.
 The server hands the executor a pidfd of I (the run's kill: the namespace dies with its pid
 1), then says how I ended with its resource usage. Each run is a fresh fork of the untouched
@@ -168,14 +169,14 @@ class Server:
         try:
             self.sock.detach()  # (the descriptor is closed below: see `run_process`)
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            code_fd, stdin_fd, stdout_fd, stderr_fd, *cgroup_fds = fds
+            stdin_fd, stdout_fd, stderr_fd, *rest = fds
+            files, cgroup_fds = rest[: len(request["files"])], rest[len(request["files"]) :]
             for fd in cgroup_fds:
                 os.write(fd, b"0")
                 os.close(fd)
             namespaces = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
             check(libc.unshare(namespaces), "unshare")
-            self.mount_run(request, code_fd)
-            os.close(code_fd)
+            self.mount_run(request, files)
             loopback_up()
             # the run cannot open its init's /proc files (memory, environment)
             prctl(PR_SET_DUMPABLE, 0)
@@ -200,7 +201,7 @@ class Server:
                 code = os.waitstatus_to_exitcode(status)
                 os._exit(code if code >= 0 else 128 - code)
 
-    def mount_run(self, request, code_fd):
+    def mount_run(self, request, files):
         """The run's own writable places, /sandbox holding only its code, and a /proc of its
         pid namespace masked as a cold run's."""
         mount(None, "/", None, MS_REC | MS_PRIVATE)
@@ -208,15 +209,22 @@ class Server:
         flags = MS_NOSUID | MS_NODEV
         mount("tmpfs", "/tmp", "tmpfs", flags, f"size={request['tmpfs_bytes']},mode=1777")
         mount("tmpfs", "/dev/shm", "tmpfs", flags, f"size={config['shm_bytes']},mode=1777")
-        code = b""
-        while chunk := os.read(code_fd, 1 << 20):
-            code += chunk
-        mount("tmpfs", "/sandbox", "tmpfs", flags, f"size={len(code) + 65536},mode=755")
-        fd = os.open(MAIN_PATH, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-        view = memoryview(code)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.close(fd)
+        contents = []
+        for fd in files:
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            os.close(fd)
+            contents.append(b"".join(chunks))
+        size = sum(len(data) for data in contents) + 65536
+        mount("tmpfs", "/sandbox", "tmpfs", flags, f"size={size},mode=755")
+        for (path, mode), data in zip(request["files"], contents, strict=True):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchmod(fd, mode)
+            os.close(fd)
         mount(None, "/sandbox", None, MS_REMOUNT | MS_RDONLY | flags)
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         for path in config["masked_files"]:  # as bwrap's --ro-bind /dev/null: unopenable
@@ -247,6 +255,8 @@ class Server:
             os.close(ready_write)
         except BaseException as exc:
             failed(ready_write, exc)
+        if request["exec"]:
+            run_program(request["exec"])
         sys.argv[1:] = request["args"]
         return run_submission
 
@@ -296,6 +306,16 @@ def drop_capabilities(last_cap):
     header = struct.pack("Ii", LINUX_CAPABILITY_VERSION_3, 0)
     data = bytes(24)  # two all-zero (effective, permitted, inheritable) sets
     check(libc.capset(header, data), "capset")
+
+
+def run_program(argv):
+    """Any other language: its command replaces this process (an exec resets what the
+    interpreter was; the rlimits, no capabilities and the seccomp filter stay)."""
+    try:
+        os.execv(argv[0], argv)
+    except OSError as exc:
+        os.write(2, f"failed to execute {argv[0]}: {exc.strerror}\n".encode())
+        os._exit(127)
 
 
 def run_submission():

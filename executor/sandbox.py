@@ -35,7 +35,7 @@ from evaluations.languages import BINARY, RUN_BINARY, Language
 from executor.bwrap_command import bwrap_command, fork_server_command
 from executor.cgroups import CgroupsV1
 from executor.errors import SandboxError
-from executor.fork_server import ForkServers
+from executor.fork_server import ForkServers, Phase
 from executor.limits import Limits
 from executor.outcome import Outcome
 from executor.runs import KillMemory, Run
@@ -105,14 +105,9 @@ class Sandbox:
             self.kill(eval_id, remember=False)
             await earlier.finished.wait()
         slot = self._slots.take()
-        uid = self._slots.uids[slot]
         run = self.running[eval_id] = Run(eval_id, language.name)
         try:
-            if self._forks is not None and self._forks.serves(language):
-                outcome = await self._run_forked(run, slot, code, limits, stdin, args)
-                if outcome is not None:
-                    return verdict(run, outcome, limits, self.enforced_by)
-            return await self._compile_and_run(run, uid, language, code, limits, stdin, args)
+            return await self._compile_and_run(run, slot, language, code, limits, stdin, args)
         finally:
             if self.running.get(eval_id) is run:
                 del self.running[eval_id]
@@ -143,7 +138,8 @@ class Sandbox:
         return dict(self._slots.held)
 
     def start_fork_servers(self, language: Language, runs_per_server: int) -> None:
-        """Run `language` (Python) forked from a server per slot from now on (see
+        """Fork every run from a server per slot from now on, running `language` (Python) in
+        the server's interpreter and any other language's command by exec (see
         `executor.fork_server`); each server is replaced after `runs_per_server` runs."""
 
         def launch(argv: tuple[str, ...], files: list[tuple[int, str, str]]) -> list[str]:
@@ -152,29 +148,10 @@ class Sandbox:
         self._forks = ForkServers(self._spawner, self._slots, launch, self.seccomp, language, runs_per_server)
         self._forks.fill()
 
-    async def _run_forked(
-        self, run: Run, slot: int, code: str, limits: Limits, stdin: str | None, args: tuple[str, ...]
-    ) -> Outcome | None:
-        """The run forked from the slot's server; None if it has none ready, or if the server
-        failed before the program ran (it is replaced, and the run starts cold)."""
-        assert self._forks is not None
-        try:
-            forked = await self._forks.start(slot, code, stdin, args, limits)
-            if forked is None:
-                return None
-            return await supervise(
-                run, forked, Deadlines(limits.wall_timeout, limits.timeout),
-                (limits.output_bytes, limits.output_bytes), self._kills,
-            )  # fmt: skip
-        except SandboxError as exc:
-            log.warning("sandbox.fork_failed", eval_id=run.eval_id, slot=slot, error=str(exc))
-            self._forks.retire(slot)
-            return None
-
     async def _compile_and_run(
         self,
         run: Run,
-        uid: int,
+        slot: int,
         language: Language,
         code: str,
         limits: Limits,
@@ -183,39 +160,45 @@ class Sandbox:
     ) -> RunResult:
         source = [(code.encode(), f"/sandbox/{language.file_name}", "0444")]
         if language.compile:
-            built = await self._phase(run, uid, language.compile, source, None, limits, compile_step=True)
+            # the compiler writes the binary to /tmp; a shell inside the sandbox then streams it
+            # to stdout, which is where the run's sandbox gets it from
+            argv = ("/bin/sh", "-c", '"$@" >&2 && cat ' + BINARY, "compile", *language.compile)
+            step = Phase(source, None, limits.compile_memory_mb, limits.compile_timeout, None, argv)
+            built = await self._phase(run, slot, step, limits, compile_step=True)
             if run.cancelled or built.exit_code != 0 or built.timed_out or built.flooded:
                 return verdict(run, built, limits, self.enforced_by, compile_step=True)
             source = [(bytes(built.stdout.data), RUN_BINARY, "0555")]
-        outcome = await self._phase(
-            run, uid, (*language.run, *args), source, stdin, limits, language=language
-        )
+        in_process = self._forks is not None and self._forks.serves(language)
+        argv = None if in_process else (*language.run, *args)
+        phase = Phase(source, stdin, limits.memory_mb, limits.timeout, language, argv, args)
+        outcome = await self._phase(run, slot, phase, limits)
         return verdict(run, outcome, limits, self.enforced_by)
 
     async def _phase(
-        self,
-        run: Run,
-        uid: int,
-        argv: tuple[str, ...],
-        files: list[tuple[bytes, str, str]],
-        stdin: str | None,
-        limits: Limits,
-        *,
-        compile_step: bool = False,
-        language: Language | None = None,
+        self, run: Run, slot: int, phase: Phase, limits: Limits, compile_step: bool = False
     ) -> Outcome:
-        """One sandboxed process, from spawn to reaped, with its usage."""
+        """One sandboxed process, from its start to reaped, with its usage: forked from the
+        slot's fork server where it has one ready, else started cold."""
         if compile_step:
-            # the compiler writes the binary to /tmp; a shell inside the sandbox then streams it
-            # to stdout, which is where the run's sandbox gets it from
-            argv = ("/bin/sh", "-c", '"$@" >&2 && cat ' + BINARY, "compile", *argv)
             deadlines = Deadlines(limits.compile_timeout, limits.compile_timeout)
-            memory_mb, out_cap = limits.compile_memory_mb, MAX_BINARY_BYTES
+            caps = (MAX_BINARY_BYTES, limits.output_bytes)
         else:
             deadlines = Deadlines(limits.wall_timeout, limits.timeout)
-            memory_mb, out_cap = limits.memory_mb, limits.output_bytes
-        started = self._spawner.start(uid, argv, files, stdin, limits, memory_mb, deadlines.cpu_s, language)
-        return await supervise(run, started, deadlines, (out_cap, limits.output_bytes), self._kills)
+            caps = (limits.output_bytes, limits.output_bytes)
+        if self._forks is not None:
+            try:
+                forked = await self._forks.start(slot, phase, limits)
+                if forked is not None:
+                    return await supervise(run, forked, deadlines, caps, self._kills)
+            except SandboxError as exc:  # the server failed before the program ran
+                log.warning("sandbox.fork_failed", eval_id=run.eval_id, slot=slot, error=str(exc))
+                self._forks.retire(slot)
+        argv = phase.exec_argv or (*phase.language.run, *phase.args)  # type: ignore[union-attr]
+        uid = self._slots.uids[slot]
+        started = self._spawner.start(
+            uid, argv, phase.files, phase.stdin, limits, phase.memory_mb, phase.cpu_s, phase.language
+        )
+        return await supervise(run, started, deadlines, caps, self._kills)
 
     def kill(self, eval_id: str, remember: bool = True) -> bool:
         """Stop a run now; its result comes back as `cancelled`.

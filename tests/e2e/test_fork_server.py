@@ -254,3 +254,38 @@ async def test_shutdown_leaves_no_server_behind() -> None:
             break
         await asyncio.sleep(0.02)
     assert uids_in_use(box.uids) == []
+
+
+#: Programs in the other languages: each is forked too, and execs its command (or its compiled
+#: binary) where a cold run's bwrap would.
+OTHER_LANGUAGES = {
+    "bash": 'echo "$0 $(pwd) $(ls /sandbox)"; read line; echo "got $line"; exit 3',
+    "c": '#include <stdio.h>\nint main(){char s[32]; scanf("%31s", s); printf("c %s\\n", s); return 4;}',
+    "cpp": (
+        '#include <iostream>\nint main(){std::string s; std::cin >> s; std::cout << "cpp " << s << "\\n";}'
+    ),
+    "javascript": "process.stdin.on('data', d => console.log('js ' + String(d).trim()))",
+    "c compile error": "int main( {",
+}
+#: A run forked from a fork server sees the server's own files under its /sandbox in its mounts.
+FORKED_MARK = "grep -c config.json /proc/self/mounts"
+
+
+async def test_other_languages_are_forked_and_answer_as_cold_ones() -> None:
+    available = registry("/usr/bin/python3")
+    async with sandbox(forks=True) as forked, sandbox(forks=False) as cold:
+        before = server_pids(forked)
+        for name, code in OTHER_LANGUAGES.items():
+            language = available.get(name.split()[0])
+            if language is None:
+                continue  # not installed here: not offered by the executor either
+            answers = []
+            for box in (forked, cold):
+                result = await box.run(name, language, code, box.limits, stdin="word\n")  # type: ignore[attr-defined]
+                answers.append(answer(result))
+            assert answers[0] == answers[1], name
+        bash = available["bash"]
+        limits = forked.limits  # type: ignore[attr-defined]
+        marks = [(await box.run("m", bash, FORKED_MARK, limits)).output for box in (forked, cold)]
+        assert marks == ["1\n", "0\n"]
+        assert server_pids(forked) == before
