@@ -158,6 +158,7 @@ class Settings:
     sandbox_cgroups: str
     sandbox_fork_server: bool
     sandbox_fork_server_runs: int
+    sandbox_compile_cache_mb: int
     max_stdin_bytes: int
     retry_overrides: str | None
     admin_key: str | None
@@ -221,6 +222,7 @@ class Settings:
             python_path=_str("SANDBOX_PYTHON", "/usr/bin/python3"),
             sandbox_fork_server=_bool("SANDBOX_FORK_SERVER", True),
             sandbox_fork_server_runs=_at_least_one("SANDBOX_FORK_SERVER_RUNS", 500),
+            sandbox_compile_cache_mb=_int("SANDBOX_COMPILE_CACHE_MB", 64),
             sandbox_cgroups=_choice("SANDBOX_CGROUPS", "auto", ("auto", "off", "required")),
             max_stdin_bytes=_int("CRUCIBLE_MAX_STDIN_BYTES", 1024 * 1024),
             retry_overrides=os.environ.get("CRUCIBLE_RETRY_POLICIES") or None,

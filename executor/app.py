@@ -183,6 +183,7 @@ class Executor:
                 # out of use, with their uid and cgroup, until those processes end
                 "slots_held": len(self.sandbox.held),
                 "fork_servers": self.sandbox.fork_servers,
+                "compile_cache": {"binaries": len(self.sandbox.compiled), "hits": self.sandbox.compiled.hits},
                 "languages": sorted(self.languages),
             }
         )
@@ -211,6 +212,7 @@ async def open_sandbox(settings: Settings) -> AsyncIterator[Sandbox]:
             slots=settings.executor_concurrency,
             cgroups=cgroups,
             seccomp=build_filter(),
+            compile_cache_bytes=settings.sandbox_compile_cache_mb * 1024 * 1024,
         )
         python = registry(settings.python_path).get("python")
         if settings.sandbox_fork_server and python:

@@ -34,6 +34,7 @@ import structlog
 from evaluations.languages import BINARY, RUN_BINARY, Language
 from executor.bwrap_command import bwrap_command, fork_server_command
 from executor.cgroups import CgroupsV1
+from executor.compile_cache import CompileCache
 from executor.errors import SandboxError
 from executor.fork_server import ForkServers, Phase
 from executor.limits import Limits
@@ -61,6 +62,7 @@ class Sandbox:
         slots: int,
         cgroups: CgroupsV1 | None,
         seccomp: bytes | None = None,
+        compile_cache_bytes: int = 0,
     ) -> None:
         self.bwrap = bwrap
         self.cgroups = cgroups
@@ -73,6 +75,8 @@ class Sandbox:
         # `self.command`, not the function: a subclass may change the line every run gets
         self._spawner = Spawner(self.command, cgroups, seccomp, as_root)
         self._forks: ForkServers | None = None
+        #: binaries of successful compile steps (`executor.compile_cache`)
+        self.compiled = CompileCache(compile_cache_bytes)
 
     @property
     def enforced_by(self) -> str:
@@ -160,14 +164,19 @@ class Sandbox:
     ) -> RunResult:
         source = [(code.encode(), f"/sandbox/{language.file_name}", "0444")]
         if language.compile:
-            # the compiler writes the binary to /tmp; a shell inside the sandbox then streams it
-            # to stdout, which is where the run's sandbox gets it from
-            argv = ("/bin/sh", "-c", '"$@" >&2 && cat ' + BINARY, "compile", *language.compile)
-            step = Phase(source, None, limits.compile_memory_mb, limits.compile_timeout, None, argv)
-            built = await self._phase(run, slot, step, limits, compile_step=True)
-            if run.cancelled or built.exit_code != 0 or built.timed_out or built.flooded:
-                return verdict(run, built, limits, self.enforced_by, compile_step=True)
-            source = [(bytes(built.stdout.data), RUN_BINARY, "0555")]
+            key = self.compiled.key(language, code.encode())
+            binary = self.compiled.get(key)
+            if binary is None:
+                # the compiler writes the binary to /tmp; a shell inside the sandbox then streams
+                # it to stdout, which is where the run's sandbox gets it from
+                argv = ("/bin/sh", "-c", '"$@" >&2 && cat ' + BINARY, "compile", *language.compile)
+                step = Phase(source, None, limits.compile_memory_mb, limits.compile_timeout, None, argv)
+                built = await self._phase(run, slot, step, limits, compile_step=True)
+                if run.cancelled or built.exit_code != 0 or built.timed_out or built.flooded:
+                    return verdict(run, built, limits, self.enforced_by, compile_step=True)
+                binary = bytes(built.stdout.data)
+                self.compiled.put(key, binary)
+            source = [(binary, RUN_BINARY, "0555")]
         in_process = self._forks is not None and self._forks.serves(language)
         argv = None if in_process else (*language.run, *args)
         phase = Phase(source, stdin, limits.memory_mb, limits.timeout, language, argv, args)
