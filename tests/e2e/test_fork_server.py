@@ -289,3 +289,26 @@ async def test_other_languages_are_forked_and_answer_as_cold_ones() -> None:
         marks = [(await box.run("m", bash, FORKED_MARK, limits)).output for box in (forked, cold)]
         assert marks == ["1\n", "0\n"]
         assert server_pids(forked) == before
+
+
+async def test_two_runs_of_one_slot_cannot_race() -> None:
+    """A run leaves a detached process that kills whatever it can, and the next run of its
+    slot (same uid, same server) starts at once: the first run's processes died with it."""
+    hostile = (
+        "import os, signal, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "    while True:\n"
+        "        try:\n            os.kill(-1, signal.SIGKILL)\n        except OSError:\n            pass\n"
+        "print('left it behind')"
+    )
+    async with sandbox(forks=True) as box:
+        first = await run(box, hostile)
+        second = await run(box, "import time; time.sleep(0.5); print('undisturbed')")
+        assert (first.output, second.status, second.output) == (
+            "left it behind\n",
+            "completed",
+            "undisturbed\n",
+        )
+        assert len(uids_in_use(box.uids)) == 3  # the server's bwrap, its namespace's init, itself
