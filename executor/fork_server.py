@@ -26,7 +26,7 @@ import signal
 import socket
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -94,21 +94,38 @@ class ForkServer:
         self.sock = sock
         self.runs = 0
         self.retired = False
+        #: set while a message is awaited: `retire` ends the wait
+        self._waiting: asyncio.Future[None] | None = None
 
     async def receive(self, timeout: float | None = None) -> tuple[dict[str, Any], list[int]]:
-        """The server's next message; `ForkServerGone` if it closed or said nothing in time."""
+        """The server's next message; `ForkServerGone` if it closed, said nothing in time or
+        was retired meanwhile."""
         loop = asyncio.get_running_loop()
         while True:
+            if self.retired:
+                raise ForkServerGone("the fork server was retired")
             try:
                 message, fds, _, _ = socket.recv_fds(self.sock, 65536, 4)
             except BlockingIOError:
-                await _readable(loop, self.sock, timeout)
+                await self._readable(loop, timeout)
                 continue
             except OSError as exc:
                 raise ForkServerGone(f"the fork server's socket failed: {exc}") from exc
             if not message:
                 raise ForkServerGone("the fork server has gone")
             return json.loads(message), fds
+
+    async def _readable(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> None:
+        ready = self._waiting = loop.create_future()
+        loop.add_reader(self.sock, lambda: ready.done() or ready.set_result(None))
+        try:
+            await asyncio.wait_for(ready, timeout)
+        except TimeoutError:
+            raise ForkServerGone("the fork server did not answer in time") from None
+        finally:
+            self._waiting = None
+            if not self.retired:
+                loop.remove_reader(self.sock)
 
     def retire(self) -> None:
         """Kill the server (its sandbox, and with it any run it still has) and forget it."""
@@ -117,6 +134,10 @@ class ForkServer:
         self.retired = True
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        if self._waiting is not None:
+            asyncio.get_running_loop().remove_reader(self.sock)
+            if not self._waiting.done():
+                self._waiting.set_exception(ForkServerGone("the fork server was retired"))
         self.sock.close()
         with contextlib.suppress(RuntimeError):  # no loop: reaped at once instead
             asyncio.get_running_loop().run_in_executor(None, self.process.wait)
@@ -134,7 +155,9 @@ class Forked:
     stderr: IO[bytes]
     pidfd: int
     ran: bool = False
-    ended: bool = field(default=False)
+    #: whether `wait` has ended, and whether `finish` was called
+    ended: bool = False
+    finished: bool = False
 
     @property
     def pid(self) -> int | None:
@@ -152,10 +175,18 @@ class Forked:
     async def wait(self) -> tuple[int, Usage]:
         try:
             report, _ = await self.server.receive()
-        except BaseException:
-            self.server.retire()  # gone, or cut short: its next message would be this run's
+        except ForkServerGone:
+            # retired with the run still going (stuck, killed): its end is its init's end,
+            # which waits for every process of its pid namespace
+            await _exited(self.pidfd)
             raise
-        self.ended = True
+        except BaseException:
+            self.server.retire()  # cut short: the server's next message would be this run's
+            raise
+        finally:
+            self.ended = True
+            if self.finished:
+                os.close(self.pidfd)
         if "status" not in report:
             self.server.retire()
             raise ForkServerGone(f"the fork server failed: {report.get('error')}")
@@ -165,23 +196,25 @@ class Forked:
         return int(report["status"]), Usage(report["utime"], report["stime"], report["maxrss"])
 
     def finish(self) -> bool:
-        os.close(self.pidfd)
-        self.stdout.close()
-        self.stderr.close()
-        if not self.ended:
+        """Its pidfd is closed once both this and `wait` have ended (a run still lingering
+        is waited for through it); its output pipes are their readers' to close."""
+        self.finished = True
+        if self.ended:
+            os.close(self.pidfd)
+        else:
             self.server.retire()
         return self.ran
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float | None) -> None:
-    ready = loop.create_future()
-    loop.add_reader(sock, lambda: ready.done() or ready.set_result(None))
+async def _exited(pidfd: int) -> None:
+    """Until the process of `pidfd` has ended (a pidfd reads as ready then)."""
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+    loop.add_reader(pidfd, lambda: ended.done() or ended.set_result(None))
     try:
-        await asyncio.wait_for(ready, timeout)
-    except TimeoutError:
-        raise ForkServerGone("the fork server did not answer in time") from None
+        await ended
     finally:
-        loop.remove_reader(sock)
+        loop.remove_reader(pidfd)
 
 
 class ForkServers:

@@ -35,13 +35,22 @@ def test_queue_overhead_compares_ours_bare_dramatiq_and_celery(redis_url: str, t
     assert "vs bare dramatiq" in stdout and "ours / celery" in stdout
 
 
-def test_evaluations_beside_the_raw_sandbox_and_celery(redis_url: str, tmp_path: Path) -> None:
-    stdout, figures = bench(redis_url, tmp_path, "evaluations", "--runs", "3", "--burst", "10")
-    for path in ("raw_cold", "raw_warm", "ours_one_at_a_time", "ours_burst", "celery_burst"):
+def test_evaluations_beside_the_floor_the_raw_sandbox_a_harness_and_celery(
+    redis_url: str, tmp_path: Path
+) -> None:
+    options = ("--runs", "3", "--burst", "10", "--programs", "6")
+    stdout, figures = bench(redis_url, tmp_path, "evaluations", *options)
+    for path in ("floor", "raw_cold", "raw_forked", "ours_one_at_a_time", "ours_burst", "celery_burst"):
         assert figures[path]["p50"] > 0, path
-    for path in ("raw_cold", "raw_warm", "ours_burst", "celery_burst"):
+    for path in ("floor", "raw_cold", "raw_forked", "ours_burst", "celery_burst"):
         assert figures[path]["per_s"] > 0, path
-    assert "ours burst / raw rate" in stdout
+    # the workload: the same programs pass through the stack as in the local harness
+    assert figures["ours_workload"]["passed"] == figures["local_harness"]["passed"] > 0
+    assert figures["raw_forked"]["fail_cpu_ms"] > 0 and figures["raw_cold"]["pass_cpu_ms"] > 0
+    per_eval = figures["ours_burst"]["cpu_ms_per_eval"]
+    assert {"api", "workers", "executor", "sandbox", "valkey", "other"} <= set(per_eval)
+    assert per_eval["sandbox"] > 0 and per_eval["api"] > 0
+    assert "ours burst / floor rate" in stdout and "local harness" in stdout
 
 
 def test_api_against_a_bare_endpoint(redis_url: str, tmp_path: Path) -> None:

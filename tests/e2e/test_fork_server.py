@@ -312,3 +312,28 @@ async def test_two_runs_of_one_slot_cannot_race() -> None:
             "undisturbed\n",
         )
         assert len(uids_in_use(box.uids)) == 3  # the server's bwrap, its namespace's init, itself
+
+
+async def test_a_run_cut_off_from_its_retired_server_is_awaited_through_its_init() -> None:
+    """A run answered while its processes outlive their kill (stuck on the disk) retires its
+    server; its end is then its init's, read through the pidfd, so its slot stays held until
+    the run's processes are really gone. Real processes stand in for the server and the init."""
+    import socket
+    import time
+
+    from executor.fork_server import Forked, ForkServer, ForkServerGone
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    server = ForkServer(subprocess.Popen(["sleep", "60"], start_new_session=True), ours)
+    init = subprocess.Popen(["sleep", "1"])
+    with open(os.devnull, "rb") as out, open(os.devnull, "rb") as err:
+        forked = Forked(server, None, out, err, os.pidfd_open(init.pid))
+        waiting = asyncio.create_task(forked.wait())
+        await asyncio.sleep(0.1)
+        began = time.monotonic()
+        assert forked.finish() is False and server.retired  # the program's end was never reported
+        with pytest.raises(ForkServerGone):
+            await waiting
+        assert time.monotonic() - began > 0.5 and init.poll() is not None
+    theirs.close()
