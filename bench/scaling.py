@@ -14,7 +14,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from bench.common import print_table, redis_server, stack, wait_workers, write_json
+from bench.common import HELLO, print_table, redis_server, stack, wait_workers, write_json
 from bench.evaluations import burst
 
 
@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     url, workers=workers, threads=args.threads, executors=executors, env=env
                 ) as running:
                     wait_workers(url, running.namespace, workers)
-                    figures = asyncio.run(burst(running, args.burst))
+                    label = f"{workers} workers, {executors} executors"
+                    hello = asyncio.run(burst(running, [HELLO] * args.burst, label))
+                    figures = {k: v for k, v in hello.items() if k in ("per_s", "p50", "p95", "p99", "mean")}
                 results.append({"workers": workers, "executors": executors, **figures})
     print_table(
         f"scaling: burst of {args.burst} hello-world evaluations, {args.threads} threads per worker process,"
