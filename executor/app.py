@@ -216,7 +216,9 @@ async def open_sandbox(settings: Settings) -> AsyncIterator[Sandbox]:
         )
         python = registry(settings.python_path).get("python")
         if settings.sandbox_fork_server and python:
-            sandbox.start_fork_servers(python, settings.sandbox_fork_server_runs)
+            sandbox.start_fork_servers(
+                python, settings.sandbox_fork_server_runs, request_limits(settings, {})
+            )
         try:
             yield sandbox
         finally:

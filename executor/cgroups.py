@@ -55,6 +55,21 @@ class RunGroup:
     def procs_files(self) -> list[str]:
         return [str(path / "cgroup.procs") for path in self.paths.values()]
 
+    def limit(self, memory_bytes: int, max_pids: int) -> None:
+        """Cap the memory of all the run's processes together (socket buffers included) and
+        their number. Raises OSError if the kernel refuses (below what is in use, say)."""
+        memory = self.paths["memory"]
+        # memory+swap may never be below memory alone: raised first when raising, after when
+        # lowering (either write fails harmlessly where the kernel does not account swap)
+        with contextlib.suppress(OSError):
+            (memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
+        (memory / "memory.limit_in_bytes").write_text(str(memory_bytes))
+        with contextlib.suppress(OSError):
+            (memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
+        # TCP buffers on the run's own loopback come from a host-wide pool: charge them too
+        (memory / "memory.kmem.tcp.limit_in_bytes").write_text(str(min(memory_bytes, TCP_BUFFER_BYTES)))
+        (self.paths["pids"] / "pids.max").write_text(str(max_pids))
+
     def cpu_ns(self) -> int:
         """CPU time used by every process of the run so far."""
         return int((self.paths["cpuacct"] / "cpuacct.usage").read_text())
@@ -139,13 +154,7 @@ class CgroupsV1:
         try:
             for path in paths.values():
                 path.mkdir()
-            memory = paths["memory"]
-            (memory / "memory.limit_in_bytes").write_text(str(memory_bytes))
-            with contextlib.suppress(OSError):  # absent when the kernel does not account swap
-                (memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
-            # TCP buffers on the run's own loopback come from a host-wide pool: charge them too
-            (memory / "memory.kmem.tcp.limit_in_bytes").write_text(str(min(memory_bytes, TCP_BUFFER_BYTES)))
-            (paths["pids"] / "pids.max").write_text(str(max_pids))
+            group.limit(memory_bytes, max_pids)
             # at most one core each, however many sessions or processes the run makes
             (paths["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
             (paths["cpu"] / "cpu.cfs_quota_us").write_text(str(CPU_PERIOD_US))

@@ -94,6 +94,8 @@ class ForkServer:
         self.sock = sock
         self.runs = 0
         self.retired = False
+        #: the cgroups of the run's init the server has prepared (made ahead: see `prepare`)
+        self.prepared: RunGroup | None = None
         #: set while a message is awaited: `retire` ends the wait
         self._waiting: asyncio.Future[None] | None = None
 
@@ -139,6 +141,9 @@ class ForkServer:
             if not self._waiting.done():
                 self._waiting.set_exception(ForkServerGone("the fork server was retired"))
         self.sock.close()
+        if self.prepared is not None:  # its init died with the server
+            self.prepared.remove()
+            self.prepared = None
         with contextlib.suppress(RuntimeError):  # no loop: reaped at once instead
             asyncio.get_running_loop().run_in_executor(None, self.process.wait)
             return
@@ -228,6 +233,7 @@ class ForkServers:
         seccomp: bytes | None,
         language: Language,
         runs_per_server: int,
+        default_limits: Limits,
     ) -> None:
         self._spawner = spawner
         self._slots = slots
@@ -235,6 +241,7 @@ class ForkServers:
         self._seccomp = seccomp
         self.language = language
         self._runs_per_server = runs_per_server
+        self._default_limits = default_limits
         self._servers: dict[int, ForkServer] = {}
         self._starting: dict[int, asyncio.Task[None]] = {}
         self._closed = False
@@ -290,6 +297,28 @@ class ForkServers:
             server.retire()
             return
         self._servers[slot] = server
+        self._prepare(slot, server)
+
+    def _prepare(self, slot: int, server: ForkServer) -> None:
+        """Have the server make the next run's init ahead, in fresh cgroups: its namespaces,
+        mounts and loopback then cost the run no time. The cgroups get the run's own limits
+        when it comes."""
+        defaults = self._default_limits
+        group = self._spawner.group(self._slots.uids[slot], defaults.memory_mb, defaults)
+        theirs = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in group.procs_files] if group else []
+        header = {"kind": "prepare", "tmpfs_bytes": defaults.tmpfs_mb * 1024 * 1024}
+        try:
+            socket.send_fds(server.sock, [json.dumps(header).encode()], theirs)
+        except OSError as exc:
+            if group:
+                group.remove()
+            log.warning("fork_server.prepare_failed", slot=slot, error=str(exc))
+            self.retire(slot)
+            return
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        server.prepared = group
 
     def serves(self, language: Language) -> bool:
         """Whether runs of `language` run in this interpreter (others exec their command)."""
@@ -303,16 +332,18 @@ class ForkServers:
         server = self._servers.get(slot)
         if server is None:
             return None
+        if server.prepared is None:
+            self._prepare(slot, server)
+            if server.retired:
+                return None
         server.runs += 1
-        uid = self._slots.uids[slot]
-        # a cold run's cgroups hold bwrap and its init beside the program, a forked run's
-        # only its init: one process fewer, so that the program may start as many as cold
-        group = self._spawner.group(uid, phase.memory_mb, limits, processes=limits.processes - 1)
+        group, server.prepared = server.prepared, None
         address_space = self._spawner.address_space_mb(phase.memory_mb, phase.language)
         limit_by_name = rlimits(limits, address_space, phase.cpu_s)
         nproc = limits.processes + EXTRA_PROCESSES
         limit_by_name["RLIMIT_NPROC"] = (nproc, nproc)
         header = {
+            "kind": "run",
             "tmpfs_bytes": limits.tmpfs_mb * 1024 * 1024,
             "rlimits": limit_by_name,
             "files": [(path, int(perms, 8)) for _, path, perms in phase.files],
@@ -323,10 +354,15 @@ class ForkServers:
         err_read, err_write = os.pipe()
         theirs = [memfd((phase.stdin or "").encode()), out_write, err_write]
         theirs += [memfd(data) for data, _, _ in phase.files]
-        if group:
-            theirs += [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in group.procs_files]
         stdout, stderr = os.fdopen(out_read, "rb", 0), os.fdopen(err_read, "rb", 0)
         try:
+            if group:
+                # a cold run's cgroups hold bwrap and its init beside the program, a forked
+                # run's only its init: one process fewer, so the program may start as many
+                try:
+                    group.limit(phase.memory_mb * 1024 * 1024, limits.processes - 1)
+                except OSError as exc:  # the phase starts cold, in cgroups of its own
+                    raise ForkServerGone(f"could not set the prepared cgroups' limits: {exc}") from exc
             try:
                 socket.send_fds(server.sock, [json.dumps(header).encode()], theirs)
             except OSError as exc:
@@ -348,12 +384,14 @@ class ForkServers:
 
     def after_run(self, slot: int) -> None:
         """A run of the slot ended: a server retired meanwhile, or done with its runs, is
-        replaced now, before the slot's next run."""
+        replaced now, before the slot's next run; else it prepares the next run's init."""
         server = self._servers.get(slot)
         if server is not None and server.retired:
             del self._servers[slot]
         elif server is not None and server.runs >= self._runs_per_server:
             self.retire(slot)
+        elif server is not None and server.prepared is None:
+            self._prepare(slot, server)
         self.refill(slot)
 
     def retire(self, slot: int) -> None:

@@ -119,30 +119,54 @@ class Server:
         gc.freeze()
 
     def serve(self):
-        """Fork one run per request; only returns in a run's own process, ready to run it."""
+        """Prepare a run's init ahead, hand it its run when asked; only returns in a run's own
+        process, ready to run it."""
         self.sock.send(b'{"ready": true}')
+        prepared = None
         while True:
             message, fds, _, _ = socket.recv_fds(self.sock, MAX_REQUEST, MAX_FDS)
             if not message:
                 os._exit(0)  # the executor closed its end
+            request = json.loads(message)
             try:
-                ready_read, ready_write = os.pipe()
-                check(libc.unshare(CLONE_NEWPID), "unshare pid")  # for the next child only
-                init = os.fork()
-            except BaseException as exc:
-                self.report({"error": repr(exc)})
-                os._exit(1)
-            if init == 0:
-                os.close(ready_read)
-                return self.init(json.loads(message), fds, ready_write)
-            try:
-                check(libc.setns(self.pid_namespace, CLONE_NEWPID), "setns pid")
-                for fd in (*fds, ready_write):
+                if request["kind"] == "prepare":
+                    if prepared is not None:  # one prepared init at most: the older goes
+                        os.kill(prepared[0], signal.SIGKILL)
+                        os.waitpid(prepared[0], 0)
+                        os.close(prepared[1]), prepared[2].close()
+                    prepared = self.prepare(request, fds)
+                    if not isinstance(prepared, tuple):
+                        return prepared  # (in the run's process)
+                    continue
+                if prepared is None:
+                    raise RuntimeError("a run came with no init prepared for it")
+                init, ready_read, hand = prepared
+                prepared = None
+                socket.send_fds(hand, [message], fds)
+                hand.close()
+                for fd in fds:
                     os.close(fd)
                 self.supervise(init, ready_read)
             except BaseException as exc:
                 self.report({"error": repr(exc)})
                 os._exit(1)
+
+    def prepare(self, request, cgroup_fds):
+        """Fork I into a new pid namespace and its cgroups, to make its namespaces and mounts
+        before its run comes: (I's pid, its ready pipe, the socket its run goes down)."""
+        ready_read, ready_write = os.pipe()
+        hand, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        check(libc.unshare(CLONE_NEWPID), "unshare pid")  # for the next child only
+        init = os.fork()
+        if init == 0:
+            os.close(ready_read)
+            hand.detach()
+            return self.init(request, cgroup_fds, theirs, ready_write)
+        check(libc.setns(self.pid_namespace, CLONE_NEWPID), "setns pid")
+        for fd in (*cgroup_fds, ready_write):
+            os.close(fd)
+        theirs.close()
+        return init, ready_read, hand
 
     def supervise(self, init, ready_read):
         """Hand the executor I's pidfd (its kill), then say how I ended and what it used."""
@@ -163,21 +187,30 @@ class Server:
             }
         )
 
-    def init(self, request, fds, ready_write):
+    def init(self, prepare, cgroup_fds, hand, ready_write):
         """I: pid 1 of the run's pid namespace, its first process in its cgroups, and the
-        maker of its other namespaces and mounts; returns in P."""
+        maker of its other namespaces and mounts, made before the run comes down `hand`;
+        returns in P."""
         try:
             self.sock.detach()  # (the descriptor is closed below: see `run_process`)
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            stdin_fd, stdout_fd, stderr_fd, *rest = fds
-            files, cgroup_fds = rest[: len(request["files"])], rest[len(request["files"]) :]
             for fd in cgroup_fds:
                 os.write(fd, b"0")
                 os.close(fd)
             namespaces = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
             check(libc.unshare(namespaces), "unshare")
-            self.mount_run(request, files)
+            self.mount_base(prepare["tmpfs_bytes"])
             loopback_up()
+        except BaseException as exc:
+            failed(ready_write, exc)
+        message, fds, _, _ = socket.recv_fds(hand, MAX_REQUEST, MAX_FDS)
+        if not message:
+            os._exit(0)  # retired before its run came
+        try:
+            hand.close()
+            request = json.loads(message)
+            stdin_fd, stdout_fd, stderr_fd, *files = fds
+            self.mount_files(request, prepare["tmpfs_bytes"], files)
             # the run cannot open its init's /proc files (memory, environment)
             prctl(PR_SET_DUMPABLE, 0)
             program = os.fork()
@@ -201,14 +234,28 @@ class Server:
                 code = os.waitstatus_to_exitcode(status)
                 os._exit(code if code >= 0 else 128 - code)
 
-    def mount_run(self, request, files):
-        """The run's own writable places, /sandbox holding only its code, and a /proc of its
-        pid namespace masked as a cold run's."""
+    def mount_base(self, tmpfs_bytes):
+        """The run's own writable places, and a /proc of its pid namespace masked as a cold
+        run's."""
         mount(None, "/", None, MS_REC | MS_PRIVATE)
         config = self.config
         flags = MS_NOSUID | MS_NODEV
-        mount("tmpfs", "/tmp", "tmpfs", flags, f"size={request['tmpfs_bytes']},mode=1777")
+        mount("tmpfs", "/tmp", "tmpfs", flags, f"size={tmpfs_bytes},mode=1777")
         mount("tmpfs", "/dev/shm", "tmpfs", flags, f"size={config['shm_bytes']},mode=1777")
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        for path in config["masked_files"]:  # as bwrap's --ro-bind /dev/null: unopenable
+            if os.path.exists(path):
+                mount("/dev/null", path, None, MS_BIND)
+                mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        for path in config["masked_dirs"]:
+            if os.path.isdir(path):
+                mount("tmpfs", path, "tmpfs", MS_RDONLY)
+
+    def mount_files(self, request, tmpfs_bytes, files):
+        """The run's /tmp at its own size, and /sandbox holding only its files."""
+        flags = MS_NOSUID | MS_NODEV
+        if request["tmpfs_bytes"] != tmpfs_bytes:
+            mount(None, "/tmp", None, MS_REMOUNT | flags, f"size={request['tmpfs_bytes']}")
         contents = []
         for fd in files:
             chunks = []
@@ -226,14 +273,6 @@ class Server:
             os.fchmod(fd, mode)
             os.close(fd)
         mount(None, "/sandbox", None, MS_REMOUNT | MS_RDONLY | flags)
-        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        for path in config["masked_files"]:  # as bwrap's --ro-bind /dev/null: unopenable
-            if os.path.exists(path):
-                mount("/dev/null", path, None, MS_BIND)
-                mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-        for path in config["masked_dirs"]:
-            if os.path.isdir(path):
-                mount("tmpfs", path, "tmpfs", MS_RDONLY)
 
     def run_process(self, request, stdio, ready_write):
         """P: the run's limits and privileges; returns the code to run."""

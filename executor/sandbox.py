@@ -141,15 +141,18 @@ class Sandbox:
         """Slots kept out of use until processes that outlived their run's kill end."""
         return dict(self._slots.held)
 
-    def start_fork_servers(self, language: Language, runs_per_server: int) -> None:
+    def start_fork_servers(self, language: Language, runs_per_server: int, default_limits: Limits) -> None:
         """Fork every run from a server per slot from now on, running `language` (Python) in
         the server's interpreter and any other language's command by exec (see
-        `executor.fork_server`); each server is replaced after `runs_per_server` runs."""
+        `executor.fork_server`); each server is replaced after `runs_per_server` runs. Runs'
+        inits are prepared ahead with `default_limits` (a run's own are set when it comes)."""
 
         def launch(argv: tuple[str, ...], files: list[tuple[int, str, str]]) -> list[str]:
             return fork_server_command(self.bwrap, argv, files)
 
-        self._forks = ForkServers(self._spawner, self._slots, launch, self.seccomp, language, runs_per_server)
+        self._forks = ForkServers(
+            self._spawner, self._slots, launch, self.seccomp, language, runs_per_server, default_limits
+        )
         self._forks.fill()
 
     async def _compile_and_run(

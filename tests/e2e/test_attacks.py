@@ -34,7 +34,8 @@ def _sandbox_uids(executor_service: ExecutorService) -> None:
 
 def sandbox_processes() -> str:
     """Processes on the host owned by the executor's sandbox uids, except its idle fork
-    servers: each exactly bwrap, its init and the server waiting for a request."""
+    servers: each exactly bwrap, its init, the server waiting for a request and the next
+    run's init waiting for its run."""
     assert SANDBOX_UIDS, "the executor under test runs its slots as no uid of their own"
     ps = subprocess.run(
         ["ps", "-ww", "-eo", "uid=,pid=,ppid=,wchan:32=,args="], capture_output=True, text=True
@@ -51,7 +52,7 @@ def sandbox_processes() -> str:
     for tree in trees.values():
         server = [r for r in tree if FORK_SERVER_MARK in r[4]]
         waiting = [r for r in tree if r[3] == IDLE_SERVER_WAIT]
-        if not (len(tree) == 3 and server and len(waiting) == 1):
+        if not (len(tree) == 4 and server and len(waiting) == 2):
             active += [" ".join(r) for r in tree]
     return "\n".join(active)
 
@@ -506,9 +507,13 @@ async def test_time_outs_are_judged_on_cpu_time_and_wall_time_is_a_multiple_of_i
 
 def idle_fork_servers() -> list[str]:
     """The executor's fork servers waiting for a request (their interpreters' pids)."""
-    ps = subprocess.run(["ps", "-ww", "-eo", "uid=,pid=,wchan:32=,args="], capture_output=True, text=True)
-    rows = [line.split(None, 3) for line in ps.stdout.splitlines() if int(line.split()[0]) in SANDBOX_UIDS]
-    return sorted(row[1] for row in rows if row[2] == IDLE_SERVER_WAIT)
+    ps = subprocess.run(
+        ["ps", "-ww", "-eo", "uid=,pid=,ppid=,wchan:32=,args="], capture_output=True, text=True
+    )
+    rows = [line.split(None, 4) for line in ps.stdout.splitlines() if int(line.split()[0]) in SANDBOX_UIDS]
+    waiting = {row[1] for row in rows if row[3] == IDLE_SERVER_WAIT}
+    # a server waits on its socket; so does its prepared init (its parent: the server)
+    return sorted(row[1] for row in rows if row[1] in waiting and row[2] not in waiting)
 
 
 async def servers_settled(count: int | None = None) -> list[str]:

@@ -71,6 +71,11 @@ PROGRAMS = {
 }
 
 
+#: Processes of an idle slot's uid: the server's bwrap, the init of the server's own pid
+#: namespace, the server, and the next run's init, prepared.
+IDLE_SLOT = 4
+
+
 def uids_in_use(uids: Sequence[int]) -> list[str]:
     """Processes on the host running as one of `uids` (a sandbox's own: see executor/uid_range.py)."""
     ps = subprocess.run(["ps", "-ww", "-eo", "uid=,pid=,args="], capture_output=True, text=True).stdout
@@ -218,7 +223,7 @@ async def test_a_run_cancelled_mid_run_is_killed_and_leaves_nothing_behind() -> 
             await pending
         await asyncio.sleep(0.2)
         assert server_pids(box) == first
-        assert len(uids_in_use(box.uids)) == 3  # the server's bwrap, its init, itself
+        assert len(uids_in_use(box.uids)) == IDLE_SLOT
         assert (await run(box, "print('next')")).output == "next\n"
     for _ in range(100):
         if not uids_in_use(box.uids):
@@ -248,7 +253,7 @@ async def test_a_forked_run_gets_its_own_limits(
 
 async def test_shutdown_leaves_no_server_behind() -> None:
     async with sandbox(forks=True, slots=3) as box:
-        assert len(uids_in_use(box.uids)) == 9  # bwrap, its init and the server, for each
+        assert len(uids_in_use(box.uids)) == 3 * IDLE_SLOT
     for _ in range(100):  # the sandboxes' inits are reaped by the host's init a moment later
         if not uids_in_use(box.uids):
             break
@@ -311,7 +316,7 @@ async def test_two_runs_of_one_slot_cannot_race() -> None:
             "completed",
             "undisturbed\n",
         )
-        assert len(uids_in_use(box.uids)) == 3  # the server's bwrap, its namespace's init, itself
+        assert len(uids_in_use(box.uids)) == IDLE_SLOT
 
 
 async def test_a_run_cut_off_from_its_retired_server_is_awaited_through_its_init() -> None:
