@@ -2,7 +2,9 @@
 
 from app.celery_compat import DeadLetterQueue
 from middleware.retry_policy import (
+    NON_RETRYABLE_HTTP_CODES,
     RETRY_POLICIES,
+    RETRYABLE_HTTP_CODES,
     RetryStrategy,
     calculate_retry_delay,
     get_retry_message,
@@ -10,6 +12,8 @@ from middleware.retry_policy import (
 )
 
 __all__ = [
+    "NON_RETRYABLE_HTTP_CODES",
+    "RETRYABLE_HTTP_CODES",
     "RETRY_POLICIES",
     "DeadLetterQueue",
     "RetryStrategy",

@@ -119,6 +119,6 @@ class Backoff(Middleware):
             )
         message.options[SETTLE] = {"command": "retry", "delay_ms": int(delay * 1000), "policy": policy}
         log.warning(
-            get_retry_message(message.actor_name, eval_id, describe(message), retries, max_retries, delay),
+            get_retry_message(message.actor_name, eval_id, retries, max_retries, delay, describe(message)),
             eval_id=eval_id, policy=policy,
         )  # fmt: skip

@@ -33,9 +33,14 @@ RETRY_POLICIES: dict[str, dict[str, Any]] = {
 #: Jitter adds up to this share of the computed delay.
 JITTER_SHARE = 0.25
 
-RETRYABLE_HTTP = {408: "request timeout", 429: "rate limited", 500: "server error",
-                  502: "bad gateway", 503: "service unavailable", 504: "gateway timeout"}  # fmt: skip
-NOT_RETRYABLE_HTTP = {400, 401, 403, 404, 405, 406, 409, 410, 422}
+#: The original module's two tables, by name and with its phrases (callers import them).
+RETRYABLE_HTTP_CODES = {408: "Request Timeout", 429: "Too Many Requests", 500: "Internal Server Error",
+                        502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}  # fmt: skip
+NON_RETRYABLE_HTTP_CODES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+                            405: "Method Not Allowed", 406: "Not Acceptable", 409: "Conflict", 410: "Gone",
+                            422: "Unprocessable Entity"}  # fmt: skip
+#: What the original `RetryStrategy` retries an exception without an HTTP status for.
+TRANSIENT_WORDS = ("connection", "timeout", "refused")
 
 
 def apply_overrides(raw: str | None) -> None:
@@ -67,12 +72,16 @@ def calculate_retry_delay(retry_count: int, policy: str = "default", add_jitter:
 
 
 def should_retry_http_error(status_code: int) -> tuple[bool, str]:
-    """Whether an HTTP status from a service is worth retrying, and why."""
-    if status_code in RETRYABLE_HTTP:
-        return True, f"HTTP {status_code} ({RETRYABLE_HTTP[status_code]}) is transient"
-    if status_code in NOT_RETRYABLE_HTTP or 400 <= status_code < 500:
-        return False, f"HTTP {status_code} is a client error; retrying cannot help"
-    return False, f"HTTP {status_code} is not retried"
+    """Whether an HTTP status from a service is worth retrying, and its phrase, as the original
+    module answers: its two tables, then any other 5xx is retried ("Server Error") and
+    anything else is not ("Unknown Error")."""
+    if status_code in RETRYABLE_HTTP_CODES:
+        return True, RETRYABLE_HTTP_CODES[status_code]
+    if status_code in NON_RETRYABLE_HTTP_CODES:
+        return False, NON_RETRYABLE_HTTP_CODES[status_code]
+    if 500 <= status_code < 600:
+        return True, "Server Error"
+    return False, "Unknown Error"
 
 
 def policy_for(exc: BaseException) -> str | None:
@@ -110,17 +119,28 @@ class RetryStrategy:
         return int(RETRY_POLICIES[self.policy]["max_retries"])
 
     def should_retry(self, exc: BaseException, retry_count: int) -> bool:
-        return policy_for(exc) is not None and retry_count < self.max_retries
+        """The original's rule: never past `max_retries`; an exception carrying an HTTP
+        response (`exc.response.status_code`, or our clients' `exc.status`) by its status;
+        any other when its message speaks of a connection, a time-out or a refusal."""
+        if retry_count >= self.max_retries:
+            return False
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if not isinstance(status, int):
+            status = getattr(exc, "status", None)
+        if isinstance(status, int):
+            return should_retry_http_error(status)[0]
+        message = str(exc).lower()
+        return any(word in message for word in TRANSIENT_WORDS)
 
     def get_retry_delay(self, retry_count: int) -> float:
         return calculate_retry_delay(retry_count, self.policy)
 
 
 def get_retry_message(
-    task: str, eval_id: str | None, reason: str, retry_count: int, max_retries: int, delay: float
+    task_name: str, eval_id: str | None, retry_count: int, max_retries: int, delay: float, reason: str
 ) -> str:
-    """The log line the Celery service wrote for each retry."""
+    """The log line the Celery service wrote for each retry (the original's argument order)."""
     return (
-        f"Task {task} for evaluation {eval_id} failed: {reason}. "
+        f"Task {task_name} for evaluation {eval_id} failed: {reason}. "
         f"Retry {retry_count + 1}/{max_retries} in {delay:.1f}s"
     )

@@ -8,7 +8,9 @@ import redis
 
 from actors.executor_client import ExecutorHTTPError, ExecutorUnavailable
 from middleware.retry_policy import (
+    NON_RETRYABLE_HTTP_CODES,
     RETRY_POLICIES,
+    RETRYABLE_HTTP_CODES,
     RetryStrategy,
     apply_overrides,
     calculate_retry_delay,
@@ -55,8 +57,16 @@ def test_http_statuses_follow_the_contract() -> None:
     for code in (408, 429, 500, 502, 503, 504):
         assert should_retry_http_error(code)[0] is True
     for code in (400, 401, 403, 404, 405, 406, 409, 410, 422):
-        retry, reason = should_retry_http_error(code)
-        assert retry is False and str(code) in reason
+        assert should_retry_http_error(code)[0] is False
+    # the original module's answers, phrases included
+    assert should_retry_http_error(503) == (True, "Service Unavailable")
+    assert should_retry_http_error(501) == (True, "Server Error")
+    assert should_retry_http_error(404) == (False, "Not Found")
+    assert should_retry_http_error(418) == (False, "Unknown Error")
+    assert (
+        RETRYABLE_HTTP_CODES[429] == "Too Many Requests"
+        and NON_RETRYABLE_HTTP_CODES[422] == "Unprocessable Entity"
+    )
 
 
 def test_each_failure_takes_its_policy() -> None:
@@ -76,9 +86,24 @@ def test_strategy_and_message_shapes() -> None:
     assert strategy.should_retry(ExecutorHTTPError("x", 500, ""), 3) is False
     assert strategy.should_retry(ExecutorHTTPError("x", 404, ""), 0) is False
     assert 5 <= strategy.get_retry_delay(0) <= 6.25
-    assert get_retry_message("evaluate_code", "e1", "boom", 0, 3, 5.0) == (
+    assert get_retry_message("evaluate_code", "e1", 0, 3, 5.0, "boom") == (
         "Task evaluate_code for evaluation e1 failed: boom. Retry 1/3 in 5.0s"
     )
+
+
+def test_the_strategy_reads_a_response_status_and_otherwise_the_message_as_the_original() -> None:
+    strategy = RetryStrategy("default")
+    not_found = httpx.HTTPStatusError(
+        "no", request=httpx.Request("GET", "http://x"), response=httpx.Response(404)
+    )
+    unavailable = httpx.HTTPStatusError(
+        "busy", request=httpx.Request("GET", "http://x"), response=httpx.Response(503)
+    )
+    assert strategy.should_retry(not_found, 0) is False  # its response says 404
+    assert strategy.should_retry(unavailable, 0) is True
+    assert strategy.should_retry(ConnectionError("Connection refused"), 0) is True
+    assert strategy.should_retry(RuntimeError("read timeout"), 0) is True
+    assert strategy.should_retry(RuntimeError("bug"), 0) is False
     with pytest.raises(ValueError, match="unknown retry policy"):
         RetryStrategy("nope")
 
