@@ -160,7 +160,7 @@ class Api:
         body = await read_json_object(request)
         sub = parse_submission(body, self.settings, self.languages)
         key = self._submitter_key(request, sub.priority, chose_id="eval_id" in body)
-        level = "high" if sub.priority else "default"
+        level = sub.level
         accepted = await self.submitter.submit(sub, level, "api", owner=key.id, quota=key)
         allowance = accepted.allowance or self.limiter.unmetered(key)
         return JSONResponse(

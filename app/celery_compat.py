@@ -29,7 +29,7 @@ from app.blocking import blocking_services
 from app.services import Services
 from app.submission_input import offered_languages, parse_submission
 from evaluations.errors import Refusal
-from evaluations.queue import LEVEL_ALIASES, LEVEL_OPTION, eval_id_of_task, task_id_of
+from evaluations.queue import LEVEL_ALIASES, LEVEL_OPTION, eval_id_of_task, level_of_priority, task_id_of
 from evaluations.settings import get_settings
 from evaluations.status import celery_state
 
@@ -66,7 +66,7 @@ def level_for(queue: str | None, priority: int | bool | None) -> str:
         return "default"
     if isinstance(priority, bool):
         return "high" if priority else "default"
-    return "high" if priority >= 8 else "default" if priority >= 4 else "low"
+    return level_of_priority(priority)
 
 
 # -- evaluations ---------------------------------------------------------------------------

@@ -81,7 +81,12 @@ def _submission(settings: Settings, languages: list[str]) -> dict[str, Any]:
                 "maximum": settings.output_limit_bytes,
                 "nullable": True,
             },
-            "priority": {"type": "boolean", "default": False, "nullable": True},
+            "priority": {
+                "oneOf": [{"type": "boolean"}, {"type": "integer"}],
+                "default": False,
+                "nullable": True,
+                "description": "true: the high queue; a number: 8 and up high, 4-7 default, below 4 low",
+            },
             "eval_id": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$", "nullable": True},
             "stdin": {"type": "string", "maxLength": settings.max_stdin_bytes, "nullable": True},
             "args": {

@@ -108,14 +108,20 @@ class OpsApi:
         """The Celery service's status shape, answered from our broker's own records."""
         workers = await self.status.workers()
         online = [w for w in workers if w["online"]]
+        active = {w["name"]: w["active_tasks"] for w in online}
+        scheduled = await self.status.scheduled()
         return JSONResponse(
             {
                 "enabled": True,
                 "connected": bool(await self.client.ping()),
-                "workers": [w["name"] for w in online],
+                # the original's counts; the detail under keys of their own
+                "workers": len(online),
+                "active_tasks": sum(len(tasks) for tasks in active.values()),
+                "scheduled_tasks": len(scheduled),
+                "worker_names": [w["name"] for w in online],
+                "active_tasks_by_worker": active,
+                "scheduled_tasks_detail": scheduled,
                 "broker_url": redact(self.settings.redis_url_or_default),
-                "active_tasks": {w["name"]: w["active_tasks"] for w in online},
-                "scheduled_tasks": await self.status.scheduled(),
                 "registered_tasks": sorted({a for w in online for a in w["actors"]}),
                 "worker_stats": {w["name"]: w for w in workers},
                 "queue_details": await self.status.queues(),

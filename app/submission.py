@@ -53,6 +53,8 @@ class Submission:
     #: None: the executor's default (its configured maximum)
     memory_mb: int | None = None
     output_limit: int | None = None
+    #: the queue level: "high" when `priority`, else "default" unless a numeric priority said "low"
+    level: str = "default"
 
 
 @dataclass(frozen=True)

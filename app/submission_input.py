@@ -12,12 +12,12 @@ from typing import Any
 from app.submission import Submission
 from evaluations.errors import InvalidInput
 from evaluations.languages import registry
+from evaluations.queue import level_of_priority
 from evaluations.settings import Settings
 from evaluations.validation import (
     MAX_ARG_BYTES,
     MAX_ARGS,
     MIN_MEMORY_MB,
-    require_bool,
     require_number,
     require_string,
     require_string_list,
@@ -50,7 +50,7 @@ def parse_submission(body: dict[str, Any], settings: Settings, languages: list[s
     if eval_id is not None and not EVAL_ID_PATTERN.match(eval_id):
         raise InvalidInput("field 'eval_id' must be 1-128 letters, digits or _.-", field="eval_id")
     timeout = require_number(body, "timeout", default=s.default_timeout, low=1, high=s.max_timeout)
-    priority = require_bool(body, "priority", default=False)
+    level = priority_level(body)
     stdin = require_string(body, "stdin", default=None, max_bytes=s.max_stdin_bytes)
     args = require_string_list(body, "args", max_items=MAX_ARGS, max_bytes=MAX_ARG_BYTES)
     # bounded by the same maxima the executors enforce, so an accepted request is never
@@ -62,6 +62,18 @@ def parse_submission(body: dict[str, Any], settings: Settings, languages: list[s
         body, "output_limit", default=None, low=1, high=s.output_limit_bytes, integer=True
     )
     return Submission(
-        eval_id or new_eval_id(), code, language, float(timeout), priority, stdin, args,
-        memory_mb=memory_mb, output_limit=output_limit,
+        eval_id or new_eval_id(), code, language, float(timeout), level == "high", stdin, args,
+        memory_mb=memory_mb, output_limit=output_limit, level=level,
     )  # fmt: skip
+
+
+def priority_level(body: dict[str, Any]) -> str:
+    """`priority` as a level: true/false (high/default), or a number as later versions of the
+    platform send it, mapped by `evaluations.queue.level_of_priority` (8+ high, 4-7 default,
+    below low)."""
+    value = body.get("priority", False)
+    if value is None or isinstance(value, bool):
+        return "high" if value else "default"
+    if isinstance(value, int):
+        return level_of_priority(value)
+    raise InvalidInput("field 'priority' must be true, false or a whole number", field="priority")

@@ -33,6 +33,18 @@ LEVEL_ALIASES: dict[str, str] = {
     "maintenance": "low",
 }
 
+#: Numeric priorities (as Celery's `priority`, and later versions of the platform, send them):
+#: at least HIGH_PRIORITY_AT is high, at least DEFAULT_PRIORITY_AT default, anything lower low.
+#: Celery's own queues used 10 (high_priority), 5 (evaluation) and 1 (batch).
+HIGH_PRIORITY_AT = 8
+DEFAULT_PRIORITY_AT = 4
+
+
+def level_of_priority(priority: int) -> str:
+    """The level a numeric priority names."""
+    return "high" if priority >= HIGH_PRIORITY_AT else "default" if priority >= DEFAULT_PRIORITY_AT else "low"
+
+
 #: The message (and actor) option naming a message's level.
 LEVEL_OPTION = "queue_level"
 #: periodiq's option naming the tick a scheduled message belongs to.

@@ -74,3 +74,17 @@ async def test_unknown_route_and_wrong_method_are_json(api: httpx.AsyncClient) -
     response = await api.get("/api/eval")
     assert response.status_code == 405
     assert response.json()["error"]
+
+
+async def test_a_numeric_priority_names_a_level_as_later_platform_versions_send_it(
+    api: httpx.AsyncClient,
+) -> None:
+    levels = {}
+    for priority in (10, 5, 1):
+        response = await api.post("/api/eval", json={"code": "print(1)", "priority": priority})
+        assert response.status_code == 200, response.text
+        record = (await api.get(f"/api/eval/{response.json()['eval_id']}")).json()
+        levels[priority] = record["queue"]
+    assert levels == {10: "high", 5: "default", 1: "low"}
+    refused = await api.post("/api/eval", json={"code": "print(1)", "priority": "urgent"})
+    assert refused.status_code == 422 and refused.json()["details"]["field"] == "priority"

@@ -60,19 +60,20 @@ async def test_status_shows_workers_tasks_queues_and_a_worker_that_died(
 
             def busy(body: dict[str, Any]) -> bool:
                 stats = list(body["worker_stats"].values())
-                held = [t for tasks in body["active_tasks"].values() for t in tasks]
+                held = [t for tasks in body["active_tasks_by_worker"].values() for t in tasks]
                 return (
                     len(held) == 2 and bool(stats) and stats[0]["active"] == 2 and stats[0]["processed"] >= 3
                 )
 
             status = await poll(api, "/api/celery-status", busy)
             assert status["enabled"] and status["connected"]
-            (name,) = status["workers"]
+            (name,) = status["worker_names"]
+            assert (status["workers"], status["active_tasks"]) == (1, 2)  # the original's counts
             stats = status["worker_stats"][name]
             assert stats["pid"] > 0 and stats["concurrency"] == 2 and stats["online"] is True
             assert stats["queues"] == ["high", "default", "low"]
             assert stats["processed"] >= 3 and stats["active"] == 2
-            assert sorted(status["active_tasks"][name]) == sorted(f"celery-{i}" for i in slow)
+            assert sorted(status["active_tasks_by_worker"][name]) == sorted(f"celery-{i}" for i in slow)
             assert status["queue_details"]["default"]["ready"] == 1
             assert status["queue_details"]["default"]["in_flight"] == 2
             assert status["queue_details"]["default"]["oldest_age_s"] >= 0
@@ -121,7 +122,7 @@ async def test_status_shows_workers_tasks_queues_and_a_worker_that_died(
 
             # A worker killed outright stops publishing: shown as gone, health degraded.
             os.killpg(worker.pid, signal.SIGKILL)
-            gone = await poll(api, "/api/celery-status", lambda b: not b["workers"], seconds=60)
+            gone = await poll(api, "/api/celery-status", lambda b: b["workers"] == 0, seconds=60)
             assert gone["worker_stats"][name]["online"] is False, gone["worker_stats"]
             assert (await api.get("/health")).json()["status"] == "degraded"
 
