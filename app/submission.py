@@ -104,17 +104,19 @@ class Submitter:
         owner: str | None = None,
         quota: ApiKey | None = None,
         counted: bool = False,
+        celery_meta: str | None = None,
     ) -> Accepted:
         """Record and enqueue `sub` for `owner` (an API key id); `system` forces a route, else
         the split chooses. With `quota`, that key's quota counts it (429 when refused): on
         Dramatiq in the same Lua call as the record; else first, given back if sending fails.
-        `counted`: the caller took its place already (a batch takes all at once)."""
+        `counted`: the caller took its place already (a batch takes all at once). `celery_meta`:
+        the Celery result key its changes are written to (a Celery producer's task)."""
         if self.memory:
             await self.memory.check()
         system = system or (await self.control.choose() if self.control else "dramatiq")
         evaluation = NewEvaluation(
             sub.eval_id, sub.code, sub.language, sub.timeout, level, sub.priority, {"source": source}, system,
-            owner=owner, max_running=self._max_running(quota),
+            owner=owner, max_running=self._max_running(quota), celery_meta=celery_meta,
         )  # fmt: skip
         apart = quota if quota and (counted or system == "legacy" or self.store.forwarder) else None
         allowance = await self._limiter.take(apart, [sub.eval_id]) if apart and not counted else None

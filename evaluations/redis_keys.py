@@ -74,6 +74,16 @@ class RedisKeys:
         """channel: one evaluation's status changes."""
         return f"{self.ns}:events:{eval_id}"
 
+    def celery_wire_taken(self, queue_list: str) -> str:
+        """list: Celery messages taken from `queue_list` whose evaluation is not yet known to
+        be recorded (app/celery_ingress.py restores them at start)."""
+        return f"{self.ns}:celery-wire:taken:{queue_list}"
+
+    @property
+    def celery_wire_counts(self) -> str:
+        """hash: Celery messages taken ("accepted", "duplicate", "rejected") and by reason."""
+        return f"{self.ns}:celery-wire:counts"
+
     @property
     def readers_channel(self) -> str:
         """channel the event streams' shared subscription keeps for itself."""

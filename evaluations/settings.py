@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from evaluations.celery_wire import LEGACY_QUEUES
 from evaluations.queue import LEVEL_ALIASES, LEVELS
 from evaluations.validation import bool_word
 
@@ -171,6 +172,7 @@ class Settings:
     dlq_retention_days: int
     tick_skip_after_s: int
     legacy_broker_url: str | None
+    celery_wire_queues: tuple[str, ...]
     legacy_backend_url: str | None
     legacy_key_prefix: str
     dramatiq_share: float
@@ -236,6 +238,9 @@ class Settings:
             dlq_retention_days=_int("CRUCIBLE_DLQ_RETENTION_DAYS", 30),
             tick_skip_after_s=_int("CRUCIBLE_TICK_SKIP_AFTER_S", 3600),
             legacy_broker_url=os.environ.get("LEGACY_BROKER_URL") or None,
+            celery_wire_queues=tuple(
+                q.strip() for q in _str("CELERY_WIRE_QUEUES", ",".join(LEGACY_QUEUES)).split(",") if q.strip()
+            ),
             legacy_backend_url=os.environ.get("LEGACY_RESULT_BACKEND") or os.environ.get("LEGACY_BROKER_URL"),
             legacy_key_prefix=_str("LEGACY_KEY_PREFIX", ""),
             dramatiq_share=_share("DRAMATIQ_PERCENTAGE", 1.0, alias="CELERY_PERCENTAGE"),

@@ -144,6 +144,9 @@ class NewEvaluation:
     owner: str | None = None
     #: how many of the owner's evaluations may run at once (its tier's `max_running`; 0: any)
     max_running: int = 0
+    #: the Celery result-backend key the evaluation's changes are written to (status.lua), when
+    #: it came from a Celery producer (app/celery_ingress.py)
+    celery_meta: str | None = None
     created_at: str = field(default_factory=utc_now)
 
     def fields(self) -> dict[str, str]:
@@ -167,6 +170,7 @@ class NewEvaluation:
             | ({"shadow_of": self.shadow_of} if self.shadow_of else {})
             | ({"owner": self.owner} if self.owner else {})
             | ({"max_running": str(self.max_running)} if self.owner and self.max_running else {})
+            | ({"celery_meta": self.celery_meta} if self.celery_meta else {})
         )
 
 

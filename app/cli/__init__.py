@@ -12,7 +12,15 @@ import sys
 from collections.abc import Sequence
 
 from app.cli.admin import run_keys, run_migration
-from app.cli.serve import run_api, run_dashboard, run_embedded_redis, run_executor, run_scheduler, run_worker
+from app.cli.serve import (
+    run_api,
+    run_celery_ingress,
+    run_dashboard,
+    run_embedded_redis,
+    run_executor,
+    run_scheduler,
+    run_worker,
+)
 from app.cli.supervisor import run_up
 from evaluations.settings import ConfigError
 
@@ -42,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("executor", help="run the sandbox executor service")
     commands.add_parser("scheduler", help="run periodiq: hourly cleanup, DLQ monitoring")
     commands.add_parser("dashboard", help="run the dashboard on DASHBOARD_PORT (5555)")
+    commands.add_parser(
+        "celery-ingress", help="run Celery producers' task messages (CELERY_WIRE_QUEUES) as evaluations"
+    )
     redis_cmd = commands.add_parser("embedded-redis", help="run an embedded Valkey in the foreground")
     redis_cmd.add_argument("--port", type=int, default=6399)
     from app.cli.submit import add_arguments
@@ -75,6 +86,7 @@ HANDLERS = {
     "executor": run_executor,
     "scheduler": run_scheduler,
     "dashboard": run_dashboard,
+    "celery-ingress": run_celery_ingress,
     "submit": run_submit,
     "keys": run_keys,
     "embedded-redis": run_embedded_redis,

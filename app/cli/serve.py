@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -99,6 +100,21 @@ def run_scheduler(args: argparse.Namespace) -> int:
     s = get_settings()
     configure_logging(s.log_level, s.log_format)
     return scheduler.run(s)
+
+
+def run_celery_ingress(args: argparse.Namespace) -> int:
+    """Celery producers' task messages taken as evaluations (app/celery_ingress.py)."""
+    import asyncio
+
+    from app import celery_ingress
+
+    s = get_settings()
+    configure_logging(s.log_level, s.log_format)
+    if not s.celery_wire_queues:
+        print("crucible celery-ingress: CELERY_WIRE_QUEUES is empty: nothing to consume", file=sys.stderr)
+        return 2
+    asyncio.run(celery_ingress.serve(s))
+    return 0
 
 
 def run_embedded_redis(args: argparse.Namespace) -> int:

@@ -79,6 +79,9 @@ def run_up(args: argparse.Namespace) -> int:
         admin_key = ensure_admin_key(env.get("REDIS_URL") or s.redis_url_or_default, s)
         for name in ("executor", "api", "worker", "scheduler", "dashboard"):
             start(name, [*me, name])
+        # Celery producers' messages, unless a legacy Celery deployment consumes those queues
+        if s.celery_wire_queues and not s.legacy_broker_url:
+            start("celery-ingress", [*me, "celery-ingress"])
         api = f"http://{s.api_host}:{s.api_port}"
         executor = f"http://{s.executor_host}:{s.executor_port}"
         ready = _wait_http(f"{executor}/health", 30) and _wait_http(f"{api}/health", 30)
@@ -142,7 +145,7 @@ class RestartBudget:
 
 def _stop_children(children: Children) -> None:
     """API first (no new work), then workers (finish or hand back), executor, Redis last."""
-    order = ["api", "dashboard", "scheduler", "worker", "executor", "valkey"]
+    order = ["api", "dashboard", "celery-ingress", "scheduler", "worker", "executor", "valkey"]
     for name in order:
         for child_name, process in children:
             if child_name != name or process.poll() is not None:

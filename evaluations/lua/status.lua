@@ -28,6 +28,69 @@
 -- channels $ns:events and $ns:events:$id   each change is published to both as JSON
 
 local LATENCY_SAMPLES = 1000
+-- Celery's result backend (app/celery_ingress.py): an evaluation taken from a Celery producer
+-- carries `celery_meta`, the key its producer's AsyncResult reads; each change writes it
+-- as Celery's RedisBackend does (the JSON meta, kept a day, published on a channel of that name).
+local CELERY_RESULT_EXPIRES_S = 86400
+local CELERY_STATES = {queued = "PENDING", running = "STARTED", completed = "SUCCESS", timeout = "SUCCESS",
+    memory_limit_exceeded = "SUCCESS", output_limit_exceeded = "SUCCESS", compile_error = "SUCCESS",
+    failed = "FAILURE", cancelled = "REVOKED"}
+local CELERY_RESULT_FIELDS = {"status", "output", "error", "exit_code", "runtime_ms", "output_truncated"}
+
+-- ISO 8601 (UTC, microseconds) of `ms` since the epoch, as Celery's date_done.
+local function iso_utc(ms)
+    local seconds = math.floor(ms / 1000)
+    local days = math.floor(seconds / 86400)
+    local rest = seconds - days * 86400
+    -- civil date from days since 1970-01-01 (Howard Hinnant's algorithm)
+    local z = days + 719468
+    local era = math.floor(z / 146097)
+    local doe = z - era * 146097
+    local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+    local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+    local mp = math.floor((5 * doy + 2) / 153)
+    local day = doy - math.floor((153 * mp + 2) / 5) + 1
+    local month = mp < 10 and mp + 3 or mp - 9
+    local year = yoe + era * 400 + (month <= 2 and 1 or 0)
+    return string.format("%04d-%02d-%02dT%02d:%02d:%02d.%06d", year, month, day, math.floor(rest / 3600),
+        math.floor(rest % 3600 / 60), rest % 60, (ms % 1000) * 1000)
+end
+
+local function write_celery_meta(record, eval_id, new_status, now)
+    local key = redis.call("hget", record, "celery_meta")
+    local state = CELERY_STATES[new_status]
+    if not key or key == "" or not state or state == "PENDING" then return end
+    local task_id = string.sub(key, string.len("celery-task-meta-") + 1)
+    local meta = {status = state, traceback = cjson.null, children = {}, task_id = task_id,
+        date_done = cjson.null, result = cjson.null}
+    if state == "STARTED" then
+        meta.result = {hostname = redis.call("hget", record, "worker") or "", pid = cjson.null}
+    else
+        meta.date_done = iso_utc(tonumber(now))
+    end
+    if state == "SUCCESS" then
+        local result = {eval_id = eval_id}
+        for _, name in ipairs(CELERY_RESULT_FIELDS) do
+            local value = redis.call("hget", record, name)
+            if name == "exit_code" or name == "runtime_ms" then value = tonumber(value) or cjson.null
+            elseif name == "output_truncated" then value = value == "1" or value == "true"
+            elseif name == "status" then value = new_status
+            else value = value or "" end
+            result[name] = value
+        end
+        meta.result = result
+    elseif state == "FAILURE" then
+        local error = redis.call("hget", record, "error") or "evaluation failed"
+        meta.result = {exc_type = "RuntimeError", exc_module = "builtins", exc_message = {error}}
+        meta.traceback = error
+    elseif state == "REVOKED" then
+        meta.result = {exc_type = "TaskRevokedError", exc_module = "celery.exceptions",
+            exc_message = {redis.call("hget", record, "error") or "cancelled"}}
+    end
+    local encoded = cjson.encode(meta)
+    redis.call("set", key, encoded, "EX", CELERY_RESULT_EXPIRES_S)
+    redis.call("publish", key, encoded)
+end
 
 local function bucket(bounds, value)
     for _, bound in ipairs(bounds) do
@@ -139,6 +202,7 @@ local function transition(ns, eval_id, new_status, now, allowed_csv, fields, exp
     fields["at_ms"] = tonumber(now)
     fields["output"] = nil
     fields["error"] = nil
+    write_celery_meta(record, eval_id, new_status, now)
     local event = cjson.encode(fields)
     redis.call("rpush", record .. ":events", event)
     redis.call("publish", ns .. ":events", event)

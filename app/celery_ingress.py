@@ -1,0 +1,154 @@
+"""The Celery wire: task messages that unchanged Celery producers send by name
+(`send_task("tasks.evaluate_code", args=[eval_id, code, language], queue="evaluation")`) become
+Crucible evaluations, and their results are written where `AsyncResult` reads them.
+
+Run as `crucible celery-ingress` (`crucible up` starts one). Per message, oldest first, highest
+level first: LMOVE it from the Celery queue's list to a list of our own (atomic: it is never in
+neither), record the evaluation with the producer's eval_id and task id (as `POST /api/eval`
+records one), then drop it from our list. A crash between the two leaves it in our list; the
+next start records it again, and the eval_id already taken makes that a no-op: nothing is lost
+and nothing runs twice. An unknown task name or a message that does not parse is dead-lettered
+with its reason (the DLQ, `GET /api/dlq/tasks`) and counted, never dropped.
+
+Each status change of such an evaluation writes `celery-task-meta-<task id>` as Celery's Redis
+result backend does (evaluations/lua/status.lua): PENDING, STARTED, then SUCCESS with the
+original worker's result shape, FAILURE or REVOKED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import time
+from typing import Any
+
+import structlog
+
+from app.services import Services
+from app.submission_input import offered_languages, parse_submission
+from evaluations.celery_wire import BadMessage, CeleryTask, decode, queue_lists, submission_body
+from evaluations.errors import Conflict, Refusal
+from evaluations.queue import LEVEL_ALIASES, level_of_priority
+from evaluations.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+#: How long the ingress waits when every queue was empty.
+IDLE_S = 0.05
+#: How long the ingress waits after Redis failed it.
+RETRY_AFTER_S = 1.0
+#: Where a Celery producer's AsyncResult reads a task's state (Celery's RedisBackend).
+RESULT_KEY_PREFIX = "celery-task-meta-"
+SOURCE = "celery-wire"
+
+
+class CeleryIngress:
+    def __init__(self, services: Services, queues: tuple[str, ...]) -> None:
+        self.services = services
+        self.client = services.client
+        self.keys = services.store.keys
+        self.queues = queues
+        self.languages = offered_languages(services.settings)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.restore()
+        while not stop.is_set():
+            try:
+                busy = await self.take_round()
+            except Exception as exc:  # Redis away or full: what was taken stays ours
+                log.warning("celery_wire.paused", error=str(exc))
+                busy = False
+                await asyncio.sleep(RETRY_AFTER_S)
+                await self.restore()
+            if not busy:
+                try:
+                    await asyncio.wait_for(stop.wait(), IDLE_S)
+                except TimeoutError:
+                    pass
+
+    async def restore(self) -> None:
+        """Record what a crash left taken but not known to be recorded."""
+        for queue in self.queues:
+            for queue_list in queue_lists(queue):
+                taken = self.keys.celery_wire_taken(queue_list)
+                for raw in await self.client.lrange(taken, 0, -1):
+                    await self.hand_over(raw, queue, taken)
+
+    async def take_round(self) -> bool:
+        """Take the oldest message of the highest non-empty queue; whether there was one."""
+        for queue in self.queues:
+            for queue_list in queue_lists(queue):
+                taken = self.keys.celery_wire_taken(queue_list)
+                raw = await self.client.lmove(queue_list, taken, "RIGHT", "LEFT")
+                if raw is not None:
+                    await self.hand_over(raw, queue, taken)
+                    return True
+        return False
+
+    async def hand_over(self, raw: str | bytes, queue: str, taken: str) -> None:
+        """Record the evaluation (or dead-letter the message), then drop it from `taken`."""
+        outcome = await self.record(raw, queue)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self.keys.celery_wire_counts, outcome, 1)
+            pipe.lrem(taken, 1, raw)
+            await pipe.execute()
+
+    async def record(self, raw: str | bytes, queue: str) -> str:
+        task: CeleryTask | None = None
+        try:
+            task = decode(raw, queue)
+            body = submission_body(task)
+            sub = parse_submission(body, self.services.settings, self.languages)
+        except (BadMessage, Refusal) as exc:
+            await self.reject(raw, queue, task, exc)
+            return "rejected"
+        level = LEVEL_ALIASES.get(queue) or (
+            level_of_priority(task.priority) if task.priority is not None else "default"
+        )
+        try:
+            await self.services.submitter.submit(
+                sub, level, SOURCE, system="dramatiq", celery_meta=RESULT_KEY_PREFIX + task.task_id
+            )
+        except Conflict:
+            log.info("celery_wire.already_recorded", eval_id=sub.eval_id, task_id=task.task_id)
+            return "duplicate"
+        log.info("celery_wire.accepted", eval_id=sub.eval_id, task_id=task.task_id, queue=queue, level=level)
+        return "accepted"
+
+    async def reject(self, raw: str | bytes, queue: str, task: CeleryTask | None, exc: Exception) -> None:
+        """Dead-letter a message Crucible cannot run, with the reason, where operators look."""
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        task_id = task.task_id if task else "celery-wire-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+        now = time.time()
+        entry: dict[str, Any] = {
+            "task_id": task_id,
+            "task_name": task.name if task else "",
+            "eval_id": str(task.args[0]) if task and task.args else "",
+            "args": task.args if task else [],
+            "kwargs": task.kwargs if task else {},
+            "exception_class": type(exc).__name__,
+            "exception_message": str(exc),
+            "traceback": None,
+            "retry_count": 0,
+            "first_failure_time": now,
+            "last_failure_time": now,
+            "metadata": {"source": SOURCE, "queue": queue, "raw": text[:4000]},
+        }
+        await self.services.dlq.add_task(entry)
+        await self.client.hincrby(self.keys.celery_wire_counts, f"rejected:{type(exc).__name__}", 1)
+        log.warning("celery_wire.rejected", task_id=task_id, queue=queue, reason=str(exc))
+
+
+async def serve(settings: Settings) -> None:
+    """Run the ingress until SIGTERM or SIGINT."""
+    services = Services.build(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("celery_wire.started", queues=list(settings.celery_wire_queues))
+    try:
+        await CeleryIngress(services, settings.celery_wire_queues).run(stop)
+    finally:
+        await services.close()

@@ -1,0 +1,130 @@
+"""The Celery wire (app/celery_ingress.py), driven by the real `celery` client package as the
+platform's unchanged producers drive it: `send_task` by name onto the legacy queues, results
+through Celery's Redis result backend. Each test has a Redis database of its own: the Celery
+queue lists are not namespaced."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import pytest
+import redis
+from celery import Celery
+
+from bench.stack import delete_namespace, process
+from evaluations.redis_keys import RedisKeys
+from tests.conftest import Stack, stack_env, start_stack
+
+
+def database(redis_url: str, index: int) -> str:
+    return redis_url.rsplit("/", 1)[0] + f"/{index}"
+
+
+@pytest.fixture(scope="module")
+def wire(redis_url: str, executor_url: str) -> Iterator[Stack]:
+    url = database(redis_url, 7)
+    ns = f"crucible-test-{uuid.uuid4().hex[:8]}"
+    with ExitStack() as stack:
+        running = start_stack(stack, "wire", stack_env(url, ns, executor_url))
+        stack.enter_context(process("wire-ingress", "celery-ingress", running.env))
+        yield running
+    delete_namespace(url, ns)
+
+
+def producer(url: str) -> Celery:
+    """The platform API's Celery app: a producer pointed at Crucible's Redis."""
+    return Celery("crucible_api", broker=url, backend=url)
+
+
+def test_send_task_by_each_name_runs_and_answers_async_result(wire: Stack) -> None:
+    app = producer(wire.env["REDIS_URL"])
+    client = redis.Redis.from_url(wire.env["REDIS_URL"])
+    forms = [
+        ("tasks.evaluate_code", "evaluation", ["print('hi')", "python"]),
+        ("celery_worker.tasks.evaluate_code", "high_priority", ["print('hi')", "python"]),
+        ("celery_worker.tasks.evaluate_code", "batch", ["print('hi')", "python", 5, "256Mi", 1]),
+    ]
+    for name, queue, rest in forms:
+        eval_id = f"wire-{uuid.uuid4().hex[:8]}"
+        result = app.send_task(name, args=[eval_id, *rest], queue=queue, task_id=f"celery-{eval_id}")
+        value = result.get(timeout=60)
+        assert value["eval_id"] == eval_id and value["status"] == "completed" and value["output"] == "hi\n"
+        assert result.state == "SUCCESS"
+        record = client.hgetall(f"{wire.namespace}:eval:{eval_id}")
+        expected = {"evaluation": b"default", "high_priority": b"high", "batch": b"low"}[queue]
+        assert record[b"queue"] == expected and json.loads(record[b"metadata"])["source"] == "celery-wire"
+    client.close()
+
+
+def test_a_failing_evaluation_is_a_celery_failure_and_a_revoked_one_revoked(wire: Stack) -> None:
+    app = producer(wire.env["REDIS_URL"])
+    eval_id = f"wire-{uuid.uuid4().hex[:8]}"
+    result = app.send_task("tasks.evaluate_code", args=[eval_id, "1/0", "python"], queue="evaluation",
+                           task_id=f"celery-{eval_id}")  # fmt: skip
+    with pytest.raises(Exception, match="ZeroDivisionError"):
+        result.get(timeout=60)
+    assert result.state == "FAILURE" and "ZeroDivisionError" in result.traceback
+
+
+def test_a_message_crucible_cannot_run_is_dead_lettered_with_its_reason(wire: Stack) -> None:
+    app = producer(wire.env["REDIS_URL"])
+    client = redis.Redis.from_url(wire.env["REDIS_URL"])
+    keys = RedisKeys(wire.namespace)
+    bad = {
+        "celery-unknown-task": ("tasks.something_else", ["e", "print(1)", "python"]),
+        "celery-bad-language": ("tasks.evaluate_code", ["wire-bad", "print(1)", "cobol"]),
+    }
+    for task_id, (name, args) in bad.items():
+        app.send_task(name, args=args, queue="evaluation", task_id=task_id)
+    entries: dict[str, dict] = {}
+    for _ in range(100):
+        entries = {t: json.loads(e) for t in bad if (e := client.hget(keys.dlq_entries, t))}
+        if len(entries) == len(bad):
+            break
+        time.sleep(0.1)
+    assert "unknown task 'tasks.something_else'" in entries["celery-unknown-task"]["exception_message"]
+    assert "unknown language 'cobol'" in entries["celery-bad-language"]["exception_message"]
+    assert int(client.hget(keys.celery_wire_counts, "rejected") or 0) >= 2
+    assert client.llen("evaluation") == 0  # taken, not left behind
+    client.close()
+
+
+def test_a_killed_ingress_loses_and_duplicates_nothing(redis_url: str, executor_url: str) -> None:
+    url = database(redis_url, 8)
+    ns = f"crucible-test-{uuid.uuid4().hex[:8]}"
+    app = producer(url)
+    client = redis.Redis.from_url(url)
+    keys = RedisKeys(ns)
+    count = 60
+    ids = [f"kill-{n}-{uuid.uuid4().hex[:6]}" for n in range(count)]
+    results = [app.send_task("tasks.evaluate_code", args=[e, f"print({n})", "python"], queue="evaluation",
+                             task_id=f"celery-{e}") for n, e in enumerate(ids)]  # fmt: skip
+    try:
+        with ExitStack() as stack:
+            running = start_stack(stack, "wire-kill", stack_env(url, ns, executor_url))
+            with process("wire-kill-ingress", "celery-ingress", running.env) as ingress:
+                for _ in range(200):  # some taken, most not yet
+                    if int(client.hget(keys.celery_wire_counts, "accepted") or 0) >= 5:
+                        break
+                    time.sleep(0.01)
+                os.killpg(ingress.pid, signal.SIGKILL)
+                ingress.wait()
+            taken_when_killed = count - client.llen("evaluation")
+            assert 0 < taken_when_killed < count
+            with process("wire-kill-ingress-again", "celery-ingress", running.env):
+                outputs = [r.get(timeout=120)["output"] for r in results]
+        assert outputs == [f"{n}\n" for n in range(count)]  # every one ran, with its own result
+        records = [k for k in client.scan_iter(f"{ns}:eval:*") if k.count(b":") == 2]
+        assert len(records) == count  # each recorded once
+        counts = {k.decode(): int(v) for k, v in client.hgetall(keys.celery_wire_counts).items()}
+        assert counts.get("accepted", 0) == count and counts.get("rejected", 0) == 0, counts
+        assert all(client.hget(f"{ns}:eval:{e}", "retries") == b"0" for e in ids)  # none ran twice
+    finally:
+        client.close()
+        delete_namespace(url, ns)
