@@ -10,6 +10,9 @@ next start records it again, and the eval_id already taken makes that a no-op: n
 and nothing runs twice. An unknown task name or a message that does not parse is dead-lettered
 with its reason (the DLQ, `GET /api/dlq/tasks`) and counted, never dropped.
 
+Revokes broadcast by the producers (`control.revoke(id, terminate=...)`) are carried out here
+too (app/celery_control.py).
+
 Each status change of such an evaluation writes `celery-task-meta-<task id>` as Celery's Redis
 result backend does (evaluations/lua/status.lua): PENDING, STARTED, then SUCCESS with the
 original worker's result shape, FAILURE or REVOKED.
@@ -25,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from app import celery_control
 from app.services import Services
 from app.submission_input import offered_languages, parse_submission
 from evaluations.celery_wire import BadMessage, CeleryTask, decode, queue_lists, submission_body
@@ -149,6 +153,9 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stop.set)
     log.info("celery_wire.started", queues=list(settings.celery_wire_queues))
     try:
-        await CeleryIngress(services, settings.celery_wire_queues).run(stop)
+        await asyncio.gather(
+            CeleryIngress(services, settings.celery_wire_queues).run(stop),
+            celery_control.listen(services, stop),
+        )
     finally:
         await services.close()

@@ -50,6 +50,11 @@ class CeleryTask:
     headers: dict[str, Any] = field(default_factory=dict)
 
 
+#: Where `app.control.revoke(...)` and other broadcasts go with kombu's Redis transport: a
+#: PUBLISH on the fanout exchange's channel, `/<db>.celery.pidbox` (with `/<routing key>` after).
+PIDBOX_CHANNELS = "/*.celery.pidbox*"
+
+
 def queue_lists(queue: str) -> list[str]:
     """The lists kombu keeps `queue` in, in the order a consumer takes them."""
     return [queue, *(f"{queue}{PRIORITY_SEPARATOR}{n}" for n in PRIORITY_STEPS[1:])]
@@ -82,6 +87,19 @@ def decode(raw: str | bytes, queue: str) -> CeleryTask:
     priority = properties.get("priority")
     priority = priority if isinstance(priority, int) else None
     return CeleryTask(str(name), str(task_id), args, kwargs, queue, priority, headers)
+
+
+def decode_control(raw: str | bytes) -> tuple[str, dict[str, Any]]:
+    """A broadcast control command: (method, arguments); `BadMessage` if it is not one."""
+    try:
+        envelope = json.loads(raw)
+        body: Any = envelope["body"]
+        if (envelope.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        command = json.loads(body)
+        return str(command["method"]), dict(command.get("arguments") or {})
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+        raise BadMessage(f"not a Celery control message: {exc!r}") from None
 
 
 def submission_body(task: CeleryTask) -> dict[str, Any]:
