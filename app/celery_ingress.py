@@ -40,6 +40,9 @@ log = structlog.get_logger(__name__)
 
 #: How long the ingress waits when every queue was empty.
 IDLE_S = 0.05
+#: How often the ingress says it runs, and how long that holds (`/health` reads it).
+HEARTBEAT_S = 1.0
+ALIVE_TTL_S = 5
 #: How long the ingress waits after Redis failed it.
 RETRY_AFTER_S = 1.0
 #: Where a Celery producer's AsyncResult reads a task's state (Celery's RedisBackend).
@@ -57,8 +60,12 @@ class CeleryIngress:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.restore()
+        beat = 0.0
         while not stop.is_set():
             try:
+                if time.monotonic() - beat >= HEARTBEAT_S:
+                    await self.client.set(self.keys.celery_wire_alive, "1", ex=ALIVE_TTL_S)
+                    beat = time.monotonic()
                 busy = await self.take_round()
             except Exception as exc:  # Redis away or full: what was taken stays ours
                 log.warning("celery_wire.paused", error=str(exc))
@@ -140,7 +147,12 @@ class CeleryIngress:
             "metadata": {"source": SOURCE, "queue": queue, "raw": text[:4000]},
         }
         await self.services.dlq.add_task(entry)
-        await self.client.hincrby(self.keys.celery_wire_counts, f"rejected:{type(exc).__name__}", 1)
+        last = {"last_rejected_at": str(now), "last_rejected_task": entry["task_name"],
+                "last_rejected_reason": str(exc)[:500]}  # fmt: skip
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self.keys.celery_wire_counts, f"rejected:{type(exc).__name__}", 1)
+            pipe.hset(self.keys.celery_wire_counts, mapping=last)
+            await pipe.execute()
         log.warning("celery_wire.rejected", task_id=task_id, queue=queue, reason=str(exc))
 
 

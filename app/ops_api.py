@@ -17,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
+from app.celery_wire_status import wire_status
 from app.migration import SYSTEMS, migration_report
 from app.services import Services
 from app.status import SystemStatus
@@ -93,16 +94,22 @@ class OpsApi:
         }
         # new submissions are refused at the full share: say so a little before
         filling = memory.share is not None and memory.share >= self.settings.redis_full_share - 0.1
+        wire = await self._wire_status()
+        healthy = all(checks.values()) and not filling and not wire["problem"]
         return JSONResponse(
             {
-                "status": "healthy" if all(checks.values()) and not filling else "degraded",
+                "status": "healthy" if healthy else "degraded",
                 "redis": "ok",
                 **{f"{name}_online": count for name, count in checks.items()},
                 "queues": sizes,
                 "redis_memory": memory.as_dict(),
                 "storage": "nearly_full" if filling else "ok",
+                "celery_wire": wire,
             }
         )
+
+    async def _wire_status(self) -> dict[str, Any]:
+        return await wire_status(self.client, self.store.keys, self.settings.celery_wire_queues)
 
     async def celery_status(self, request: Request) -> JSONResponse:
         """The Celery service's status shape, answered from our broker's own records."""
@@ -126,6 +133,9 @@ class OpsApi:
                 "worker_stats": {w["name"]: w for w in workers},
                 "queue_details": await self.status.queues(),
                 "schedulers": await self.status.schedulers(),
+                "celery_wire": await wire_status(
+                    self.client, self.store.keys, self.settings.celery_wire_queues
+                ),
                 "migration": await migration_report(self.control, self.store),
             }
         )

@@ -80,6 +80,11 @@ class RedisKeys:
         return f"{self.ns}:celery-wire:taken:{queue_list}"
 
     @property
+    def celery_wire_alive(self) -> str:
+        """string with a TTL: set while a Celery ingress runs (renewed every second)."""
+        return f"{self.ns}:celery-wire:alive"
+
+    @property
     def celery_wire_counts(self) -> str:
         """hash: Celery messages taken ("accepted", "duplicate", "rejected") and by reason."""
         return f"{self.ns}:celery-wire:counts"

@@ -48,6 +48,11 @@ function renderQueues(status) {
   const schedulers = status.schedulers.filter((s) => s.online).map((s) => s.name);
   $("#schedulers").textContent = schedulers.length
     ? `Schedulers online: ${schedulers.join(", ")}` : "No scheduler online: cleanup is not running.";
+  const wire = status.celery_wire;
+  $("#celery-wire").textContent = wire.problem
+    ? `Celery wire: ${wire.problem}`
+    : `Celery wire: ingress ${wire.ingress}, ${wire.accepted} taken, ${wire.rejected} dead-lettered`;
+  $("#celery-wire").classList.toggle("problem", Boolean(wire.problem));
 }
 
 // A small SVG line chart: one polyline per series, y from 0 to the largest value.
