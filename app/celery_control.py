@@ -1,8 +1,9 @@
 """Celery's remote control, as unchanged producers use it: `app.control.revoke(task_id)` and
 `revoke(task_id, terminate=True)` are broadcast on the `celery.pidbox` fanout channel; Crucible
 cancels the evaluation exactly as `POST /api/eval/{id}/cancel` does (a queued one never runs; a
-running one is killed only with `terminate`, as a Celery worker does). Other commands are
-logged and left alone. Run inside `crucible celery-ingress`.
+running one is killed only with `terminate`, as a Celery worker does); `celery inspect ping`
+gets an answer from each Crucible worker online. Other commands are logged and left alone.
+Run inside `crucible celery-ingress`.
 """
 
 from __future__ import annotations
@@ -10,18 +11,35 @@ from __future__ import annotations
 import asyncio
 
 import structlog
+from redis.asyncio.client import PubSub
 
 from app.services import Services
-from evaluations.celery_wire import PIDBOX_CHANNELS, BadMessage, decode_control
+from app.status import SystemStatus
+from evaluations.celery_wire import (
+    BINDINGS_PREFIX,
+    PIDBOX_CHANNELS,
+    PRIORITY_SEPARATOR,
+    BadMessage,
+    ControlCommand,
+    decode_control,
+    encode_reply,
+)
 from evaluations.queue import eval_id_of_task
 
 log = structlog.get_logger(__name__)
 
 
-async def listen(services: Services, stop: asyncio.Event) -> None:
-    """Carry out the broadcasts until `stop` is set."""
+async def subscribe(services: Services) -> PubSub:
+    """Listen to the broadcasts sent on our Redis database's `celery.pidbox` (channels are
+    server-wide; their names carry the database)."""
     pubsub = services.client.pubsub()
-    await pubsub.psubscribe(PIDBOX_CHANNELS)
+    database = services.client.connection_pool.connection_kwargs.get("db", 0)
+    await pubsub.psubscribe(PIDBOX_CHANNELS.format(db=database))
+    return pubsub
+
+
+async def listen(services: Services, pubsub: PubSub, stop: asyncio.Event) -> None:
+    """Carry out the broadcasts until `stop` is set."""
     try:
         while not stop.is_set():
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
@@ -33,13 +51,36 @@ async def listen(services: Services, stop: asyncio.Event) -> None:
 
 async def carry_out(services: Services, raw: str | bytes) -> None:
     try:
-        method, arguments = decode_control(raw)
+        command = decode_control(raw)
     except BadMessage as exc:
         log.warning("celery_control.unreadable", reason=str(exc))
         return
-    if method != "revoke":
-        log.info("celery_control.ignored", method=method)
-        return
+    if command.method == "revoke":
+        await revoke(services, command.arguments)
+    elif command.method == "ping" and command.reply_to:
+        await pong(services, command)
+    else:
+        log.info("celery_control.ignored", method=command.method)
+
+
+async def pong(services: Services, command: ControlCommand) -> None:
+    """`celery inspect ping`: each Crucible worker process online answers, by its name."""
+    assert command.reply_to is not None
+    exchange, routing_key = command.reply_to
+    workers = await SystemStatus(services.client, services.settings, services.http).workers()
+    names = [w["name"] for w in workers if w["online"]]
+    bindings = await services.client.smembers(BINDINGS_PREFIX + exchange)
+    queues = [
+        b.split(PRIORITY_SEPARATOR)[2] for b in bindings if b.split(PRIORITY_SEPARATOR)[0] == routing_key
+    ]
+    for queue in queues:
+        for name in names:
+            await services.client.lpush(queue, encode_reply({name: {"ok": "pong"}}, exchange, routing_key,
+                                                            command.ticket))  # fmt: skip
+    log.info("celery_control.ping", workers=len(names), queues=len(queues))
+
+
+async def revoke(services: Services, arguments: dict[str, object]) -> None:
     task_ids = arguments.get("task_id") or []
     terminate = bool(arguments.get("terminate", False))
     for task_id in [task_ids] if isinstance(task_ids, str) else list(task_ids):

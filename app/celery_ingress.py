@@ -165,9 +165,9 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stop.set)
     log.info("celery_wire.started", queues=list(settings.celery_wire_queues))
     try:
-        await asyncio.gather(
-            CeleryIngress(services, settings.celery_wire_queues).run(stop),
-            celery_control.listen(services, stop),
-        )
+        # subscribed before the first heartbeat: once /health says it runs, revokes reach it
+        pubsub = await celery_control.subscribe(services)
+        ingress = CeleryIngress(services, settings.celery_wire_queues)
+        await asyncio.gather(ingress.run(stop), celery_control.listen(services, pubsub, stop))
     finally:
         await services.close()

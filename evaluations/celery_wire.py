@@ -14,6 +14,7 @@ import base64
 import binascii
 import json
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,7 @@ class CeleryTask:
 
 #: Where `app.control.revoke(...)` and other broadcasts go with kombu's Redis transport: a
 #: PUBLISH on the fanout exchange's channel, `/<db>.celery.pidbox` (with `/<routing key>` after).
-PIDBOX_CHANNELS = "/*.celery.pidbox*"
+PIDBOX_CHANNELS = "/{db}.celery.pidbox*"
 
 
 def queue_lists(queue: str) -> list[str]:
@@ -89,17 +90,51 @@ def decode(raw: str | bytes, queue: str) -> CeleryTask:
     return CeleryTask(str(name), str(task_id), args, kwargs, queue, priority, headers)
 
 
-def decode_control(raw: str | bytes) -> tuple[str, dict[str, Any]]:
-    """A broadcast control command: (method, arguments); `BadMessage` if it is not one."""
+#: kombu's Redis transport: the set of a direct exchange's bindings, each
+#: "<routing key>\x06\x16<pattern>\x06\x16<queue>".
+BINDINGS_PREFIX = "_kombu.binding."
+
+
+@dataclass(frozen=True)
+class ControlCommand:
+    method: str
+    arguments: dict[str, Any]
+    #: where a reply goes: (exchange, routing key), and the ticket it carries; None: no reply
+    reply_to: tuple[str, str] | None = None
+    ticket: str | None = None
+
+
+def decode_control(raw: str | bytes) -> ControlCommand:
+    """A broadcast control command; `BadMessage` if it is not one."""
     try:
         envelope = json.loads(raw)
         body: Any = envelope["body"]
         if (envelope.get("properties") or {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         command = json.loads(body)
-        return str(command["method"]), dict(command.get("arguments") or {})
+        reply = command.get("reply_to")
+        reply_to = (str(reply["exchange"]), str(reply["routing_key"])) if isinstance(reply, dict) else None
+        return ControlCommand(str(command["method"]), dict(command.get("arguments") or {}), reply_to,
+                              command.get("ticket"))  # fmt: skip
     except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
         raise BadMessage(f"not a Celery control message: {exc!r}") from None
+
+
+def encode_reply(body: dict[str, Any], exchange: str, routing_key: str, ticket: str | None) -> str:
+    """A control reply as kombu's Redis transport stores one in the reply queue."""
+    return json.dumps({
+        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"ticket": ticket} if ticket else {},
+        "properties": {
+            "delivery_mode": 1,
+            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    })  # fmt: skip
 
 
 def submission_body(task: CeleryTask) -> dict[str, Any]:

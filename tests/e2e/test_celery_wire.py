@@ -34,8 +34,18 @@ def wire(redis_url: str, executor_url: str) -> Iterator[Stack]:
     with ExitStack() as stack:
         running = start_stack(stack, "wire", stack_env(url, ns, executor_url))
         stack.enter_context(process("wire-ingress", "celery-ingress", running.env))
+        ingress_running(running.api_url)
         yield running
     delete_namespace(url, ns)
+
+
+def ingress_running(api_url: str) -> None:
+    """Until /health says an ingress runs (it listens for revokes from then on)."""
+    for _ in range(200):
+        if httpx.get(f"{api_url}/health").json()["celery_wire"]["ingress"] == "running":
+            return
+        time.sleep(0.05)
+    raise AssertionError("the Celery ingress did not start")
 
 
 def producer(url: str) -> Celery:
@@ -200,3 +210,11 @@ def test_a_legacy_queue_nobody_consumes_degrades_health(redis_url: str, executor
     finally:
         redis.Redis.from_url(url).flushdb()
         delete_namespace(url, ns)
+
+
+def test_celery_inspect_ping_sees_crucibles_workers_answer(wire: Stack) -> None:
+    app = producer(wire.env["REDIS_URL"])
+    replies = app.control.inspect(timeout=2).ping()
+    assert replies, "no worker answered"
+    assert all(answer == {"ok": "pong"} for answer in replies.values())
+    assert len(replies) == 2  # the stack's two worker processes
