@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import httpx
 import pytest
@@ -19,24 +20,54 @@ import redis
 from celery import Celery
 
 from bench.stack import delete_namespace, process
+from evaluations.celery_wire import LEGACY_QUEUES, queue_lists
 from evaluations.redis_keys import RedisKeys
 from tests.conftest import Stack, stack_env, start_api, start_stack
 
+#: Marks a Redis database one of these tests holds (several suites may share a Redis).
+CLAIM_KEY = "crucible-test-celery-wire-claim"
 
-def database(redis_url: str, index: int) -> str:
-    return redis_url.rsplit("/", 1)[0] + f"/{index}"
+
+@contextmanager
+def database(redis_url: str) -> Iterator[str]:
+    """A Redis database of the server at `redis_url` that was empty, held by this test (a claim
+    key) and emptied of what the test and its Celery client made there afterwards: the Celery
+    queue lists are not namespaced, so each test needs a database of its own."""
+    base = redis_url.rsplit("/", 1)[0]
+    for index in random.sample(range(1, 16), 15):
+        client = redis.Redis.from_url(f"{base}/{index}")
+        if client.dbsize() == 0 and client.set(CLAIM_KEY, "1", nx=True, ex=900):
+            try:
+                yield f"{base}/{index}"
+            finally:
+                for pattern in ("celery-task-meta-*", "_kombu.*", "*.reply.celery.pidbox", "unacked*"):
+                    for key in client.scan_iter(pattern):
+                        client.delete(key)
+                for queue in LEGACY_QUEUES:
+                    client.delete(*queue_lists(queue))
+                client.delete(CLAIM_KEY)
+                client.close()
+            return
+        client.close()
+    raise RuntimeError("no empty Redis database to hold for this test")
 
 
 @pytest.fixture(scope="module")
 def wire(redis_url: str, executor_url: str) -> Iterator[Stack]:
-    url = database(redis_url, 7)
     ns = f"crucible-test-{uuid.uuid4().hex[:8]}"
     with ExitStack() as stack:
+        url = stack.enter_context(database(redis_url))
         running = start_stack(stack, "wire", stack_env(url, ns, executor_url))
         stack.enter_context(process("wire-ingress", "celery-ingress", running.env))
         ingress_running(running.api_url)
         yield running
-    delete_namespace(url, ns)
+        stack.callback(delete_namespace, url, ns)
+
+
+@pytest.fixture
+def own_database(redis_url: str) -> Iterator[str]:
+    with database(redis_url) as url:
+        yield url
 
 
 def ingress_running(api_url: str) -> None:
@@ -109,8 +140,8 @@ def test_a_message_crucible_cannot_run_is_dead_lettered_with_its_reason(wire: St
     assert "dead-lettered" in health["celery_wire"]["problem"]
 
 
-def test_a_killed_ingress_loses_and_duplicates_nothing(redis_url: str, executor_url: str) -> None:
-    url = database(redis_url, 8)
+def test_a_killed_ingress_loses_and_duplicates_nothing(own_database: str, executor_url: str) -> None:
+    url = own_database
     ns = f"crucible-test-{uuid.uuid4().hex[:8]}"
     app = producer(url)
     client = redis.Redis.from_url(url)
@@ -166,8 +197,8 @@ def test_revoke_cancels_a_running_task_with_terminate(wire: Stack) -> None:
     assert result.state == "REVOKED" and time.monotonic() - began < 10
 
 
-def test_revoke_of_a_queued_task_means_it_never_runs(redis_url: str, executor_url: str) -> None:
-    url = database(redis_url, 9)
+def test_revoke_of_a_queued_task_means_it_never_runs(own_database: str, executor_url: str) -> None:
+    url = own_database
     ns = f"crucible-test-{uuid.uuid4().hex[:8]}"
     app = producer(url)
     client = redis.Redis.from_url(url)
@@ -194,8 +225,8 @@ def test_revoke_of_a_queued_task_means_it_never_runs(redis_url: str, executor_ur
         delete_namespace(url, ns)
 
 
-def test_a_legacy_queue_nobody_consumes_degrades_health(redis_url: str, executor_url: str) -> None:
-    url = database(redis_url, 10)
+def test_a_legacy_queue_nobody_consumes_degrades_health(own_database: str, executor_url: str) -> None:
+    url = own_database
     ns = f"crucible-test-{uuid.uuid4().hex[:8]}"
     try:
         with ExitStack() as stack:  # the API and no ingress
@@ -208,7 +239,6 @@ def test_a_legacy_queue_nobody_consumes_degrades_health(redis_url: str, executor
             assert wire_health["celery_wire"]["waiting"] == {"high_priority": 1}
             assert wire_health["celery_wire"]["ingress"] == "absent"
     finally:
-        redis.Redis.from_url(url).flushdb()
         delete_namespace(url, ns)
 
 
