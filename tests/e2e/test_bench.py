@@ -40,7 +40,8 @@ def test_evaluations_beside_the_floor_the_raw_sandbox_a_harness_and_celery(
 ) -> None:
     options = ("--runs", "3", "--burst", "10", "--programs", "6")
     stdout, figures = bench(redis_url, tmp_path, "evaluations", *options)
-    for path in ("floor", "raw_cold", "raw_forked", "ours_one_at_a_time", "ours_burst", "celery_burst"):
+    for path in ("floor", "floor_alongside", "raw_cold", "raw_forked", "ours_one_at_a_time", "ours_burst",
+                 "celery_burst"):  # fmt: skip
         assert figures[path]["p50"] > 0, path
     for path in ("floor", "raw_cold", "raw_forked", "ours_burst", "celery_burst"):
         assert figures[path]["per_s"] > 0, path
@@ -49,7 +50,10 @@ def test_evaluations_beside_the_floor_the_raw_sandbox_a_harness_and_celery(
     assert figures["raw_forked"]["fail_cpu_ms"] > 0 and figures["raw_cold"]["pass_cpu_ms"] > 0
     per_eval = figures["ours_burst"]["cpu_ms_per_eval"]
     assert {"api", "workers", "executor", "sandbox", "valkey", "other"} <= set(per_eval)
-    assert per_eval["sandbox"] > 0 and per_eval["api"] > 0
+    # /proc counts in 10 ms ticks: a 10-run burst can round one process's share to 0, not the machine's
+    assert per_eval["total"] > 0 and all(
+        per_eval[role] >= 0 for role in ("api", "workers", "executor", "sandbox")
+    )
     assert "ours burst / floor rate" in stdout and "local harness" in stdout
 
 
