@@ -28,6 +28,9 @@ from evaluations.queue import eval_id_of_task
 
 log = structlog.get_logger(__name__)
 
+#: How long a revoke of a task not taken yet is remembered (Celery workers keep theirs a while).
+REVOKE_MEMORY_S = 3600
+
 
 async def subscribe(services: Services) -> PubSub:
     """Listen to the broadcasts sent on our Redis database's `celery.pidbox` (channels are
@@ -42,9 +45,13 @@ async def listen(services: Services, pubsub: PubSub, stop: asyncio.Event) -> Non
     """Carry out the broadcasts until `stop` is set."""
     try:
         while not stop.is_set():
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
-            if message is not None and message["type"] == "pmessage":
-                await carry_out(services, message["data"])
+            try:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                if message is not None and message["type"] == "pmessage":
+                    await carry_out(services, message["data"])
+            except Exception as exc:  # one bad command, or Redis away a moment: keep listening
+                log.warning("celery_control.failed", error=str(exc))
+                await asyncio.sleep(0.5)
     finally:
         await pubsub.aclose()
 
@@ -83,7 +90,13 @@ async def pong(services: Services, command: ControlCommand) -> None:
 async def revoke(services: Services, arguments: dict[str, object]) -> None:
     task_ids = arguments.get("task_id") or []
     terminate = bool(arguments.get("terminate", False))
-    for task_id in [task_ids] if isinstance(task_ids, str) else list(task_ids):
-        outcome = await services.canceller.cancel(eval_id_of_task(str(task_id)), terminate)
-        log.info("celery_control.revoke", task_id=task_id, terminate=terminate,
-                 done=bool(outcome and outcome.cancelled), outcome=outcome and outcome.message)  # fmt: skip
+    keys = services.store.keys
+    for task_id in [str(t) for t in ([task_ids] if isinstance(task_ids, str | int) else list(task_ids))]:
+        eval_id = await services.client.get(keys.celery_wire_task(task_id)) or eval_id_of_task(task_id)
+        outcome = await services.canceller.cancel(eval_id, terminate)
+        if outcome is None:  # not taken yet: it is cancelled as soon as it is
+            mode = "terminate" if terminate else ""
+            await services.client.set(keys.celery_wire_revoked(task_id), mode, ex=REVOKE_MEMORY_S)
+        done = bool(outcome and outcome.cancelled)
+        log.info("celery_control.revoke", task_id=task_id, terminate=terminate, done=done,
+                 outcome=outcome and outcome.message)  # fmt: skip

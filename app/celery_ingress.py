@@ -31,8 +31,8 @@ import structlog
 from app import celery_control
 from app.services import Services
 from app.submission_input import offered_languages, parse_submission
-from evaluations.celery_wire import BadMessage, CeleryTask, decode, queue_lists, submission_body
-from evaluations.errors import Conflict, Refusal
+from evaluations.celery_wire import CeleryTask, decode, queue_lists, submission_body
+from evaluations.errors import Conflict
 from evaluations.queue import LEVEL_ALIASES, level_of_priority
 from evaluations.settings import Settings
 
@@ -43,6 +43,8 @@ IDLE_S = 0.05
 #: How often the ingress says it runs, and how long that holds (`/health` reads it).
 HEARTBEAT_S = 1.0
 ALIVE_TTL_S = 5
+#: How long a task id is known to stand for its evaluation (Celery keeps a result a day).
+TASK_INDEX_S = 86400
 #: How long the ingress waits after Redis failed it.
 RETRY_AFTER_S = 1.0
 #: Where a Celery producer's AsyncResult reads a task's state (Celery's RedisBackend).
@@ -59,7 +61,13 @@ class CeleryIngress:
         self.languages = offered_languages(services.settings)
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.restore()
+        while not stop.is_set():  # Redis may not answer yet
+            try:
+                await self.restore()
+                break
+            except Exception as exc:
+                log.warning("celery_wire.paused", error=str(exc))
+                await asyncio.sleep(RETRY_AFTER_S)
         beat = 0.0
         while not stop.is_set():
             try:
@@ -71,7 +79,10 @@ class CeleryIngress:
                 log.warning("celery_wire.paused", error=str(exc))
                 busy = False
                 await asyncio.sleep(RETRY_AFTER_S)
-                await self.restore()
+                try:
+                    await self.restore()
+                except Exception as again:
+                    log.warning("celery_wire.paused", error=str(again))
             if not busy:
                 try:
                     await asyncio.wait_for(stop.wait(), IDLE_S)
@@ -111,12 +122,14 @@ class CeleryIngress:
             task = decode(raw, queue)
             body = submission_body(task)
             sub = parse_submission(body, self.services.settings, self.languages)
-        except (BadMessage, Refusal) as exc:
+        except Exception as exc:  # whatever it is, it is not an evaluation we can run: say why
             await self.reject(raw, queue, task, exc)
             return "rejected"
         level = LEVEL_ALIASES.get(queue) or (
             level_of_priority(task.priority) if task.priority is not None else "default"
         )
+        # its revokes name the task: which evaluation that is, kept as long as its result
+        await self.client.set(self.keys.celery_wire_task(task.task_id), sub.eval_id, ex=TASK_INDEX_S)
         try:
             await self.services.submitter.submit(
                 sub, level, SOURCE, system="dramatiq", celery_meta=RESULT_KEY_PREFIX + task.task_id
@@ -124,6 +137,9 @@ class CeleryIngress:
         except Conflict:
             log.info("celery_wire.already_recorded", eval_id=sub.eval_id, task_id=task.task_id)
             return "duplicate"
+        revoked = await self.client.getdel(self.keys.celery_wire_revoked(task.task_id))
+        if revoked is not None:  # revoked before it was taken: as Celery's worker, it never runs
+            await self.services.canceller.cancel(sub.eval_id, revoked == "terminate")
         log.info("celery_wire.accepted", eval_id=sub.eval_id, task_id=task.task_id, queue=queue, level=level)
         return "accepted"
 

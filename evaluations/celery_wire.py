@@ -81,8 +81,8 @@ def decode(raw: str | bytes, queue: str) -> CeleryTask:
             name, task_id = payload["task"], payload["id"]
     except BadMessage:
         raise
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError, binascii.Error) as exc:
-        raise BadMessage(f"not a Celery task message: {exc!r}") from None
+    except (ValueError, LookupError, TypeError, AttributeError, binascii.Error, RecursionError) as exc:
+        raise BadMessage(f"not a Celery task message: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise BadMessage("a task's args must be a list and its kwargs an object")
     priority = properties.get("priority")
@@ -147,6 +147,8 @@ def submission_body(task: CeleryTask) -> dict[str, Any]:
     if unknown:
         raise BadMessage(f"unknown keyword arguments {sorted(unknown)}")
     given = {**dict(zip(POSITIONAL, task.args, strict=False)), **task.kwargs}
+    if "eval_id" not in given:  # one the task id fixes, so a message taken twice is one evaluation
+        given["eval_id"] = task.task_id.removeprefix("celery-")
     given.pop("cpu_limit", None)
     memory = given.pop("memory_limit", None)
     if memory is not None and "memory_mb" not in given:
@@ -158,5 +160,8 @@ def memory_mb(value: Any) -> Any:
     """A memory limit as sent (megabytes, or "512m", "1Gi"...) in whole megabytes; anything else
     is passed on for the API's own check to refuse."""
     if isinstance(value, str) and (found := MEMORY.match(value)):
-        return int(float(found.group(1)) * MB_PER_UNIT[(found.group(2) or "").lower() or None])
+        try:
+            return int(float(found.group(1)) * MB_PER_UNIT[(found.group(2) or "").lower() or None])
+        except (OverflowError, ValueError):
+            raise BadMessage(f"memory limit {value[:40]!r} is out of range") from None
     return value

@@ -79,6 +79,14 @@ class RedisKeys:
         be recorded (app/celery_ingress.py restores them at start)."""
         return f"{self.ns}:celery-wire:taken:{queue_list}"
 
+    def celery_wire_task(self, task_id: str) -> str:
+        """string: the eval_id a Celery producer's task id stands for (its revokes name the task)."""
+        return f"{self.ns}:celery-wire:task:{task_id}"
+
+    def celery_wire_revoked(self, task_id: str) -> str:
+        """string with a TTL: a revoke that came before its task was taken ("terminate" or "")."""
+        return f"{self.ns}:celery-wire:revoked:{task_id}"
+
     @property
     def celery_wire_alive(self) -> str:
         """string with a TTL: set while a Celery ingress runs (renewed every second)."""

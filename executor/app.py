@@ -215,7 +215,9 @@ async def open_sandbox(settings: Settings) -> AsyncIterator[Sandbox]:
             compile_cache_bytes=settings.sandbox_compile_cache_mb * 1024 * 1024,
         )
         python = registry(settings.python_path).get("python")
-        if settings.sandbox_fork_server and python:
+        # without the seccomp filter, runs forked from one server would share its keyring
+        # (keyctl): each cold run has a user namespace, and so a keyring, of its own
+        if settings.sandbox_fork_server and python and sandbox.seccomp is not None:
             sandbox.start_fork_servers(
                 python, settings.sandbox_fork_server_runs, request_limits(settings, {})
             )

@@ -50,6 +50,8 @@ PRELOAD = (
     "re", "math", "typing", "dataclasses", "json", "random", "string", "heapq", "bisect", "copy",
     "enum", "datetime", "decimal", "fractions", "statistics", "operator", "textwrap", "io",
 )  # fmt: skip
+#: A run's message to its server; the run's header goes in a memfd its init alone reads.
+RUN_MESSAGE = b'{"kind": "run"}'
 #: How long a server may take to start (with its preloads) and to start a run.
 READY_TIMEOUT_S = 15.0
 START_TIMEOUT_S = 5.0
@@ -343,7 +345,6 @@ class ForkServers:
         nproc = limits.processes + EXTRA_PROCESSES
         limit_by_name["RLIMIT_NPROC"] = (nproc, nproc)
         header = {
-            "kind": "run",
             "tmpfs_bytes": limits.tmpfs_mb * 1024 * 1024,
             "rlimits": limit_by_name,
             "files": [(path, int(perms, 8)) for _, path, perms in phase.files],
@@ -352,7 +353,12 @@ class ForkServers:
         }
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
-        theirs = [memfd((phase.stdin or "").encode()), out_write, err_write]
+        theirs = [
+            memfd(json.dumps(header).encode()),
+            memfd((phase.stdin or "").encode()),
+            out_write,
+            err_write,
+        ]
         theirs += [memfd(data) for data, _, _ in phase.files]
         stdout, stderr = os.fdopen(out_read, "rb", 0), os.fdopen(err_read, "rb", 0)
         try:
@@ -364,7 +370,7 @@ class ForkServers:
                 except OSError as exc:  # the phase starts cold, in cgroups of its own
                     raise ForkServerGone(f"could not set the prepared cgroups' limits: {exc}") from exc
             try:
-                socket.send_fds(server.sock, [json.dumps(header).encode()], theirs)
+                socket.send_fds(server.sock, [RUN_MESSAGE], theirs)
             except OSError as exc:
                 raise ForkServerGone(f"the fork server has gone: {exc}") from exc
             started, pidfds = await server.receive(START_TIMEOUT_S)

@@ -124,9 +124,12 @@ class Server:
         self.sock.send(b'{"ready": true}')
         prepared = None
         while True:
-            message, fds, _, _ = socket.recv_fds(self.sock, MAX_REQUEST, MAX_FDS)
+            message, fds, flags, _ = socket.recv_fds(self.sock, MAX_REQUEST, MAX_FDS)
             if not message:
                 os._exit(0)  # the executor closed its end
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                self.report({"error": "a request was cut short"})
+                os._exit(1)
             request = json.loads(message)
             try:
                 if request["kind"] == "prepare":
@@ -208,8 +211,10 @@ class Server:
             os._exit(0)  # retired before its run came
         try:
             hand.close()
-            request = json.loads(message)
-            stdin_fd, stdout_fd, stderr_fd, *files = fds
+            # the run's header (limits, arguments) comes in a memfd only this process reads:
+            # the server passes it on unread, so nothing of a run stays in the server's memory
+            header_fd, stdin_fd, stdout_fd, stderr_fd, *files = fds
+            request = json.loads(read_all(header_fd))
             self.mount_files(request, prepare["tmpfs_bytes"], files)
             # the run cannot open its init's /proc files (memory, environment)
             prctl(PR_SET_DUMPABLE, 0)
@@ -256,13 +261,7 @@ class Server:
         flags = MS_NOSUID | MS_NODEV
         if request["tmpfs_bytes"] != tmpfs_bytes:
             mount(None, "/tmp", None, MS_REMOUNT | flags, f"size={request['tmpfs_bytes']}")
-        contents = []
-        for fd in files:
-            chunks = []
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
-            os.close(fd)
-            contents.append(b"".join(chunks))
+        contents = [read_all(fd) for fd in files]
         size = sum(len(data) for data in contents) + 65536
         mount("tmpfs", "/sandbox", "tmpfs", flags, f"size={size},mode=755")
         for (path, mode), data in zip(request["files"], contents, strict=True):
@@ -347,9 +346,26 @@ def drop_capabilities(last_cap):
     check(libc.capset(header, data), "capset")
 
 
+def read_all(fd):
+    """What a descriptor holds, to its end; it is closed."""
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
 def run_program(argv):
     """Any other language: its command replaces this process (an exec resets what the
-    interpreter was; the rlimits, no capabilities and the seccomp filter stay)."""
+    interpreter was; the rlimits, no capabilities and the seccomp filter stay). Signals the
+    interpreter ignores (SIGPIPE, SIGXFSZ) get their default back first, as a cold run starts
+    with: an ignored signal would survive the exec."""
+    for number in range(1, signal.NSIG):
+        if signal.getsignal(number) is signal.SIG_IGN:
+            try:
+                signal.signal(number, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
     try:
         os.execv(argv[0], argv)
     except OSError as exc:

@@ -36,7 +36,7 @@ from executor.bwrap_command import bwrap_command, fork_server_command
 from executor.cgroups import CgroupsV1
 from executor.compile_cache import CompileCache
 from executor.errors import SandboxError
-from executor.fork_server import ForkServers, Phase
+from executor.fork_server import ForkServerGone, ForkServers, Phase
 from executor.limits import Limits
 from executor.outcome import Outcome
 from executor.runs import KillMemory, Run
@@ -200,11 +200,18 @@ class Sandbox:
         if self._forks is not None:
             try:
                 forked = await self._forks.start(slot, phase, limits)
-                if forked is not None:
-                    return await supervise(run, forked, deadlines, caps, self._kills)
             except SandboxError as exc:  # the server failed before the program ran
                 log.warning("sandbox.fork_failed", eval_id=run.eval_id, slot=slot, error=str(exc))
                 self._forks.retire(slot)
+                forked = None
+            if forked is not None:
+                try:
+                    return await supervise(run, forked, deadlines, caps, self._kills)
+                except ForkServerGone:
+                    raise  # gone mid-run: the program may have run, so not again here (a retry may)
+                except SandboxError as exc:  # its set-up failed: the program never ran
+                    log.warning("sandbox.fork_failed", eval_id=run.eval_id, slot=slot, error=str(exc))
+                    self._forks.retire(slot)
         argv = phase.exec_argv or (*phase.language.run, *phase.args)  # type: ignore[union-attr]
         uid = self._slots.uids[slot]
         started = self._spawner.start(

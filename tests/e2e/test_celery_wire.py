@@ -248,3 +248,21 @@ def test_celery_inspect_ping_sees_crucibles_workers_answer(wire: Stack) -> None:
     assert replies, "no worker answered"
     assert all(answer == {"ok": "pong"} for answer in replies.values())
     assert len(replies) == 2  # the stack's two worker processes
+
+
+def test_revoke_finds_a_task_sent_with_celerys_own_task_id(wire: Stack) -> None:
+    """Producers that let Celery choose the task id (a uuid): a revoke names that id."""
+    app = producer(wire.env["REDIS_URL"])
+    eval_id = f"wire-{uuid.uuid4().hex[:8]}"
+    result = app.send_task("tasks.evaluate_code", args=[eval_id, "import time; time.sleep(30)", "python"],
+                           queue="evaluation")  # fmt: skip
+    for _ in range(200):
+        if result.state == "STARTED":
+            break
+        time.sleep(0.05)
+    app.control.revoke(result.id, terminate=True)
+    for _ in range(200):
+        if result.state == "REVOKED":
+            break
+        time.sleep(0.05)
+    assert result.state == "REVOKED"

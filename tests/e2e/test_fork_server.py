@@ -271,6 +271,8 @@ OTHER_LANGUAGES = {
     ),
     "javascript": "process.stdin.on('data', d => console.log('js ' + String(d).trim()))",
     "c compile error": "int main( {",
+    # signals the forking interpreter ignores must not stay ignored in an exec'd program
+    "bash signals": "grep -E 'SigIgn|SigBlk' /proc/$$/status; yes | head -1",
 }
 #: A run forked from a fork server sees the server's own files under its /sandbox in its mounts.
 FORKED_MARK = "grep -c config.json /proc/self/mounts"
@@ -342,3 +344,16 @@ async def test_a_run_cut_off_from_its_retired_server_is_awaited_through_its_init
             await waiting
         assert time.monotonic() - began > 0.5 and init.poll() is not None
     theirs.close()
+
+
+async def test_arguments_as_large_as_the_api_accepts_go_through_the_server() -> None:
+    """A run's header travels in a memfd its init alone reads: neither its size nor its
+    content ever reaches the server."""
+    args = tuple(f"{n}" + "x" * 4000 for n in range(64))
+    async with sandbox(forks=True) as box:
+        before = server_pids(box)
+        result = await run(
+            box, "import sys; print(len(sys.argv) - 1, sum(map(len, sys.argv[1:])))", args=args
+        )
+        assert result.output == f"64 {sum(map(len, args))}\n", result
+        assert server_pids(box) == before  # forked, and the server still serves
