@@ -43,6 +43,8 @@ IDLE_S = 0.05
 #: How often the ingress says it runs, and how long that holds (`/health` reads it).
 HEARTBEAT_S = 1.0
 ALIVE_TTL_S = 5
+#: How often what stays in the ingress's own lists is recorded again (see `run`).
+RESTORE_EVERY_S = 60.0
 #: How long a task id is known to stand for its evaluation (Celery keeps a result a day).
 TASK_INDEX_S = 86400
 #: How long the ingress waits after Redis failed it.
@@ -68,12 +70,17 @@ class CeleryIngress:
             except Exception as exc:
                 log.warning("celery_wire.paused", error=str(exc))
                 await asyncio.sleep(RETRY_AFTER_S)
-        beat = 0.0
+        beat = restored = time.monotonic()
         while not stop.is_set():
             try:
                 if time.monotonic() - beat >= HEARTBEAT_S:
                     await self.client.set(self.keys.celery_wire_alive, "1", ex=ALIVE_TTL_S)
                     beat = time.monotonic()
+                if time.monotonic() - restored >= RESTORE_EVERY_S:
+                    # one whose move's answer was lost (the client then moved another) waits
+                    # in our list: recording it again is a no-op if it was recorded after all
+                    await self.restore()
+                    restored = time.monotonic()
                 busy = await self.take_round()
             except Exception as exc:  # Redis away or full: what was taken stays ours
                 log.warning("celery_wire.paused", error=str(exc))
