@@ -15,7 +15,7 @@ import binascii
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 #: The names the platform's producers sent the evaluation task under.
@@ -48,7 +48,6 @@ class CeleryTask:
     kwargs: dict[str, Any]
     queue: str
     priority: int | None = None
-    headers: dict[str, Any] = field(default_factory=dict)
 
 
 #: Where `app.control.revoke(...)` and other broadcasts go with kombu's Redis transport: a
@@ -87,7 +86,7 @@ def decode(raw: str | bytes, queue: str) -> CeleryTask:
         raise BadMessage("a task's args must be a list and its kwargs an object")
     priority = properties.get("priority")
     priority = priority if isinstance(priority, int) else None
-    return CeleryTask(str(name), str(task_id), args, kwargs, queue, priority, headers)
+    return CeleryTask(str(name), str(task_id), args, kwargs, queue, priority)
 
 
 #: kombu's Redis transport: the set of a direct exchange's bindings, each

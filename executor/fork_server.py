@@ -27,6 +27,7 @@ import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import IO, Any
 
@@ -59,6 +60,12 @@ START_TIMEOUT_S = 5.0
 #: not (the server, its bwrap and bwrap's init, and the run's init, less a cold run's bwrap
 #: and its init): the process rlimit counts every process of the uid, so it is raised by as many.
 EXTRA_PROCESSES = 2
+
+
+@cache
+def program_source() -> bytes:
+    """The server's program, read once (every server start hands it in)."""
+    return PROGRAM.read_bytes()
 
 
 class ForkServerGone(SandboxError):
@@ -273,7 +280,7 @@ class ForkServers:
             "masked_files": MASKED_PROC_FILES,
             "masked_dirs": MASKED_PROC_DIRS,
         }
-        files = [(PROGRAM.read_bytes(), "/sandbox/main.py", "0444"),
+        files = [(program_source(), "/sandbox/main.py", "0444"),
                  (json.dumps(config).encode(), "/sandbox/config.json", "0444")]  # fmt: skip
         if self._seccomp is not None:
             files.append((self._seccomp, "/sandbox/seccomp.bpf", "0444"))
