@@ -29,7 +29,7 @@ from app.openapi import openapi_schema
 from app.ops_api import OpsApi
 from app.services import Services
 from app.submission import Submission
-from app.submission_input import EVAL_ID_PATTERN, offered_languages, parse_submission
+from app.submission_input import EVAL_ID_PATTERN, ignored_fields, offered_languages, parse_submission
 from evaluations.api_keys import PRIORITY_TIERS, ApiKey, KeyStore
 from evaluations.credentials import auth_failed
 from evaluations.errors import (
@@ -172,6 +172,7 @@ class Api:
                 "queue_position": accepted.queue_position,
                 "queue_system": accepted.queue_system,
                 "fallback": accepted.fallback,
+                "warnings": ignored_fields(body),
             },
             headers=allowance.headers(),
         )
@@ -205,8 +206,9 @@ class Api:
                     outcome, "low", "batch", owner=key.id, quota=key, counted=True
                 )
                 results.append(
-                    {"eval_id": outcome.eval_id, "status": "queued", "queue_system": accepted.queue_system}
-                )
+                    {"eval_id": outcome.eval_id, "status": "queued", "queue_system": accepted.queue_system,
+                     "warnings": ignored_fields(items[index])}
+                )  # fmt: skip
             except Refusal as exc:
                 results.append({"index": index, "status": "failed", "error": exc.message, **exc.details})
         queued = sum(r["status"] == "queued" for r in results)

@@ -20,9 +20,8 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from evaluations import json_codec
 from evaluations.status import TERMINAL
-from evaluations.store import EvaluationStore
+from evaluations.store import EvaluationStore, decode_event
 
 log = structlog.get_logger(__name__)
 
@@ -104,7 +103,7 @@ class EventStreams:
     async def _deliver(self, message: dict[str, Any]) -> None:
         queues = self.followers.get(message["channel"], ())
         if queues:
-            event = json_codec.loads(message["data"])
+            event = decode_event(message["data"])
             for queue in queues:
                 queue.put_nowait(event)
 

@@ -112,6 +112,11 @@ def _queued() -> dict[str, Any]:
             "queue_position": {"type": ["integer", "null"]},
             "queue_system": {"enum": ["dramatiq", "legacy"]},
             "fallback": {"type": "boolean"},
+            "warnings": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "each field of the request that is not known and was ignored",
+            },
         },
     }
 

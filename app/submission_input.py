@@ -4,6 +4,7 @@ Celery shim), so neither accepts what the other refuses and nothing invalid reac
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import time
@@ -35,6 +36,24 @@ def new_eval_id() -> str:
 def offered_languages(settings: Settings) -> list[str]:
     """The languages a submission may name: those installed for the executors' sandbox."""
     return sorted(registry(settings.python_path))
+
+
+#: The fields a submission may hold; any other is ignored, and named in the answer's `warnings`.
+SUBMISSION_FIELDS = ("code", "language", "eval_id", "timeout", "priority", "stdin", "args", "memory_mb",
+                     "output_limit")  # fmt: skip
+
+
+def ignored_fields(body: dict[str, Any]) -> list[str]:
+    """A warning for each field of `body` that nothing reads. Unknown fields are accepted (old
+    callers send extras such as `engine`), but a misspelt one would otherwise go unnoticed."""
+    warnings = []
+    for name in body:
+        if name in SUBMISSION_FIELDS:
+            continue
+        close = difflib.get_close_matches(str(name), SUBMISSION_FIELDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        warnings.append(f"field {str(name)[:64]!r} is not known and was ignored{hint}")
+    return warnings
 
 
 def parse_submission(body: dict[str, Any], settings: Settings, languages: list[str]) -> Submission:

@@ -61,6 +61,11 @@ class Language:
         return lines[0] if lines else "unknown"
 
 
+#: The language a file is in, by its extension (what `crucible submit` sends when not told).
+EXTENSIONS = {".py": "python", ".js": "javascript", ".mjs": "javascript", ".sh": "bash", ".c": "c",
+              ".cpp": "cpp", ".cc": "cpp", ".cxx": "cpp"}  # fmt: skip
+
+
 def registry(python_path: str) -> dict[str, Language]:
     """Known languages, keyed by the name clients send; only those installed are offered."""
     c_flags = ("-O2", "-pipe", "-o", BINARY)

@@ -41,8 +41,9 @@ LIST_SCAN = 5000
 STATUS_FUNCTIONS_LUA = (Path(__file__).parent / "lua" / "status.lua").read_text()
 TRANSITION_LUA = STATUS_FUNCTIONS_LUA + (Path(__file__).parent / "lua" / "transition.lua").read_text()
 
+#: Wall time keeps its fraction: a run's wall time is often below one millisecond.
+_FLOAT_FIELDS = {"runtime_ms"}
 _INT_FIELDS = {
-    "runtime_ms",
     "exit_code",
     "timeout",
     "retries",
@@ -67,10 +68,14 @@ def _encode(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _decode(record: dict[str, str]) -> dict[str, Any]:
+def _decode(record: dict[str, Any]) -> dict[str, Any]:
+    """A record (or a status change) as typed values: what Redis and the Lua scripts keep as
+    strings reads back as the numbers and flags the API shows, the same in every answer."""
     out: dict[str, Any] = {}
     for key, raw in record.items():
-        if key in _INT_FIELDS:
+        if key in _FLOAT_FIELDS:
+            out[key] = float(raw) if raw not in ("", None) else None
+        elif key in _INT_FIELDS:
             out[key] = int(float(raw)) if raw not in ("", None) else None
         elif key in _BOOL_FIELDS:
             out[key] = raw == "1"
@@ -79,6 +84,11 @@ def _decode(record: dict[str, str]) -> dict[str, Any]:
         else:
             out[key] = raw if raw != "" else None
     return out
+
+
+def decode_event(raw: str | bytes) -> dict[str, Any]:
+    """One status change, as its timeline entry or its published message holds it."""
+    return _decode(json_codec.loads(raw))
 
 
 @dataclass(frozen=True)
@@ -307,7 +317,7 @@ class EvaluationStore:
             await self.forwarder.send(eval_id, payload)
 
     async def events(self, eval_id: str) -> list[dict[str, Any]]:
-        return [json_codec.loads(e) for e in await self.client.lrange(self.keys.timeline(eval_id), 0, -1)]
+        return [decode_event(e) for e in await self.client.lrange(self.keys.timeline(eval_id), 0, -1)]
 
     async def list(
         self,

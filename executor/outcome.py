@@ -47,7 +47,9 @@ class Outcome:
     signal: int | None
     stdout: Capture
     stderr: Capture
-    wall_ms: int
+    #: wall-clock time from the program's start to its end, to the hundredth of a millisecond
+    wall_ms: float
+    #: CPU time (user + system) of every process of the run, from its start in the sandbox
     cpu_ms: int
     peak_rss_kb: int
     timed_out: bool

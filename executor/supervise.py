@@ -113,6 +113,10 @@ async def _stop(task: asyncio.Task[bool]) -> bool:
     return False
 
 
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
 async def _watch(run: Run, program: Program, timeout: float, caps: tuple[int, int]) -> Outcome:
     """Read both streams (each up to its cap), enforce the wall time, reap with resource usage."""
     loop = asyncio.get_running_loop()
@@ -137,13 +141,13 @@ async def _watch(run: Run, program: Program, timeout: float, caps: tuple[int, in
             run.lingering = io
             io.add_done_callback(_retrieve)
             return Outcome(exit_code=None, signal=signal.SIGKILL, stdout=out, stderr=err,
-                           wall_ms=int((time.perf_counter() - started) * 1000), cpu_ms=0,
+                           wall_ms=_ms_since(started), cpu_ms=0,
                            peak_rss_kb=0, timed_out=True, flooded=False)  # fmt: skip
     except BaseException:
         run.kill()
         await asyncio.gather(io, return_exceptions=True)
         raise
-    wall_ms = int((time.perf_counter() - started) * 1000)
+    wall_ms = _ms_since(started)
     _, _, (status, usage) = io.result()
     code = os.waitstatus_to_exitcode(status)
     sig = -code if code < 0 else (code - SIGNAL_EXIT_BASE if code > SIGNAL_EXIT_BASE else None)

@@ -32,7 +32,9 @@ class RunResult:
     error: str
     output_truncated: bool
     error_truncated: bool
-    runtime_ms: int
+    #: wall-clock time of the run, fractional (a warm run often takes under a millisecond)
+    runtime_ms: float
+    #: CPU time of the run's processes, including the runtime's start (an interpreter's imports)
     cpu_ms: int = 0
     peak_memory_kb: int = 0
     timed_out: bool = False
@@ -73,7 +75,7 @@ def verdict(run: Run, o: Outcome, limits: Limits, enforced_by: str, compile_step
     else:
         status = "compile_error" if compile_step else "failed"
     if said:  # after what the program wrote, on a line of its own
-        error = error.rstrip("\n") + "\n" + said if error else said
+        error = error.rstrip("\n") + "\n" + said if error.strip() else said
     output = "" if compile_step else o.stdout.text()
     return RunResult(
         eval_id=run.eval_id,

@@ -31,9 +31,13 @@ DESCRIPTION = "The `crucible` command: run the whole stack (`up`) or one piece o
 def run_submit(args: argparse.Namespace) -> int:
     import asyncio
 
-    from app.cli.submit import run
+    from app.cli.submit import SubmitError, run
 
-    return asyncio.run(run(args))
+    try:
+        return asyncio.run(run(args))
+    except SubmitError as exc:
+        print(f"crucible submit: {exc}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

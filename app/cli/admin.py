@@ -1,61 +1,91 @@
 """Operator commands against a deployment's Redis: `crucible keys` and `crucible migration`.
 
 They change shared state (API keys, the Celery/Dramatiq split) that every API process reads,
-then exit; `ensure_admin_key` is the same key store, used by `crucible up` in development.
+then exit. They work on REDIS_URL's Redis, else on the stack `crucible up` runs from this
+folder (app/cli/running_stack.py); `ensure_admin_key` is the same key store, used by `crucible up`.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
+from app.cli.running_stack import admin_redis, without_password
 from evaluations.settings import Settings, get_settings
 
+T = TypeVar("T")
 
-def run_keys(args: argparse.Namespace) -> int:
-    """`crucible keys create|list|revoke`: API keys in this deployment's Redis."""
-    import asyncio
-    from datetime import UTC, datetime
 
-    from evaluations.api_keys import InvalidKeyRequest, KeyStore
+def on_admin_redis(command: str, act: Callable[[Any, str], Awaitable[T]]) -> T | None:
+    """Run `act(client, namespace)` on the Redis this command works on; None, after one line
+    on stderr, when that Redis does not answer."""
+    from redis.exceptions import ConnectionError, TimeoutError
+
     from evaluations.redis_client import async_client
 
-    s = get_settings()
+    url, namespace = admin_redis(get_settings())
 
-    def when(ms: int | None) -> str:
-        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M") if ms else "-"
-
-    async def act() -> None:
-        client = async_client(s.redis_url_or_default)
+    async def run() -> T:
+        client = async_client(url)
         try:
-            keys = KeyStore(client, s.namespace)
-            if args.action == "create":
-                record, secret = await keys.create(args.name, args.tier)
-                print(f"created key {record.id} ({record.tier}) for {record.name!r}; it is shown only now:")
-                print(secret)
-            elif args.action == "revoke":
-                record = await keys.revoke(args.key_id)
-                print(f"revoked key {record.id} ({record.name!r})")
-            else:
-                print(f"{'id':<10}{'tier':<10}{'created':<18}{'revoked':<18}name")
-                for k in await keys.list():
-                    print(f"{k.id:<10}{k.tier:<10}{when(k.created_ms):<18}{when(k.revoked_ms):<18}{k.name}")
+            return await act(client, namespace)
         finally:
             await client.aclose()
 
     try:
-        asyncio.run(act())
+        return asyncio.run(run())
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        print(f"crucible {command}: cannot reach Redis at {without_password(url)}: {exc}", file=sys.stderr)
+        return None
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    """`crucible keys create|list|revoke`: API keys in this deployment's Redis."""
+    from evaluations.api_keys import InvalidKeyRequest, KeyStore
+
+    async def act(client: Any, namespace: str) -> bool:
+        keys = KeyStore(client, namespace)
+        if args.action == "create":
+            record, secret = await keys.create(args.name, args.tier)
+            print(f"created key {record.id} ({record.tier}) for {record.name!r}; it is shown only now:")
+            print(secret)
+        elif args.action == "revoke":
+            record = await keys.revoke(args.key_id)
+            print(f"revoked key {record.id} ({record.name!r})")
+        else:
+            print(key_table(await keys.list()))
+        return True
+
+    try:
+        return 0 if on_admin_redis("keys", act) else 1
     except InvalidKeyRequest as exc:
         print(f"crucible keys: {exc}", file=sys.stderr)
         return 2
-    return 0
+
+
+def key_table(keys: list[Any]) -> str:
+    """`crucible keys list`: one row per key, columns as wide as their widest cell, two spaces
+    between them."""
+    from datetime import UTC, datetime
+
+    def when(ms: int | None) -> str:
+        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M") if ms else "-"
+
+    rows = [("id", "tier", "created (UTC)", "revoked (UTC)", "name")]
+    rows += [(k.id, k.tier, when(k.created_ms), when(k.revoked_ms), k.name) for k in keys]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4]
+        for row in rows
+    )
 
 
 def ensure_admin_key(redis_url: str, settings: Settings) -> str:
     """Development mode: make an admin key on first start, keep it in the data folder (0600),
     and return it so `crucible up` can print it. Later starts print the same key."""
-    import asyncio
-
     from evaluations.api_keys import KeyStore
     from evaluations.redis_client import async_client
 
@@ -82,31 +112,30 @@ def ensure_admin_key(redis_url: str, settings: Settings) -> str:
 
 def run_migration(args: argparse.Namespace) -> int:
     """Print the migration report; `set`/`reset` change the split for every API process at once."""
-    import asyncio
+    import dataclasses
     import json
 
     from app.migration import MigrationControl, migration_report
-    from evaluations.redis_client import async_client
     from evaluations.store import EvaluationStore
 
     s = get_settings()
 
-    async def act() -> dict[str, object]:
-        client = async_client(s.redis_url_or_default)
-        try:
-            control = MigrationControl(client, s, legacy_configured=s.legacy_broker_url is not None)
-            if args.action == "reset":
-                await control.reset()
-            elif args.action == "set":
-                force = None if args.force_legacy is None else args.force_legacy == "on"
-                await control.set(dramatiq_share=args.share, force_legacy=force, shadow_rate=args.shadow)
-            return await migration_report(control, EvaluationStore(client, s.namespace, retention_seconds=0))
-        finally:
-            await client.aclose()
+    async def act(client: Any, namespace: str) -> dict[str, object]:
+        settings = dataclasses.replace(s, namespace=namespace)
+        control = MigrationControl(client, settings, legacy_configured=s.legacy_broker_url is not None)
+        if args.action == "reset":
+            await control.reset()
+        elif args.action == "set":
+            force = None if args.force_legacy is None else args.force_legacy == "on"
+            await control.set(dramatiq_share=args.share, force_legacy=force, shadow_rate=args.shadow)
+        return await migration_report(control, EvaluationStore(client, namespace, retention_seconds=0))
 
     try:
-        print(json.dumps(asyncio.run(act()), indent=2))
+        report = on_admin_redis("migration", act)
     except ValueError as exc:
         print(f"crucible migration: {exc}", file=sys.stderr)
         return 2
+    if report is None:
+        return 1
+    print(json.dumps(report, indent=2))
     return 0

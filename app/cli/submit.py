@@ -1,8 +1,9 @@
 """`crucible submit`: send files as evaluations through the HTTP API and wait for them all.
 
-A progress bar follows the evaluations to their final status; a table (or JSON) of the
-results follows. Files go in as one batch request per 100 (low queue) with `--batch`, else
-one request each (default queue, or high with `--priority`).
+A progress bar follows the evaluations to their final status; what the API refused is listed
+once the bar is done, then a table (or JSON) of the results. Files go in as one batch request
+per 100 (low queue) with `--batch`, else one request each (default queue, or high with
+`--priority`). Run from the folder of a `crucible up`, it finds that stack's API and admin key.
 """
 
 from __future__ import annotations
@@ -13,42 +14,113 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 from tqdm import tqdm
 
+from app.cli import running_stack
+from evaluations.languages import EXTENSIONS
+from evaluations.settings import ConfigError, get_settings
 from evaluations.status import TERMINAL
 
 BATCH = 100
 POLL_S = 0.3
 
 
-async def submit_all(api: httpx.AsyncClient, args: argparse.Namespace) -> dict[str, Path]:
-    """Submit every file; returns eval_id -> file. Refused files are reported and skipped."""
-    bodies = [
-        {"code": path.read_text(), "language": args.language, "timeout": args.timeout} for path in args.files
-    ]
+class SubmitError(Exception):
+    """Nothing can be submitted (no API, a refused key): one line, not a traceback."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The API to send to and the key to send, with where each came from (for error lines)."""
+
+    api: str
+    api_key: str | None
+    key_source: str
+
+
+def target(args: argparse.Namespace) -> Target:
+    """`--api`, else the API of the stack running from this folder, else CRUCIBLE_API_PORT's;
+    `--api-key`, else CRUCIBLE_API_KEY, else that folder's admin key (`data/admin.key`)."""
+    settings = get_settings()
+    stack = running_stack.find(settings)
+    api = args.api or (stack.api_url if stack else f"http://127.0.0.1:{settings.api_port}")
+    if args.api_key:
+        return Target(api, args.api_key, "--api-key")
+    if key := os.environ.get("CRUCIBLE_API_KEY"):
+        return Target(api, key, "CRUCIBLE_API_KEY")
+    admin_key = settings.data_dir / "admin.key"
+    if admin_key.is_file():
+        return Target(api, admin_key.read_text().strip(), str(admin_key))
+    return Target(api, None, "no key (give --api-key or set CRUCIBLE_API_KEY)")
+
+
+def language_of(path: Path, given: str | None) -> str:
+    if given:
+        return given
+    if language := EXTENSIONS.get(path.suffix.lower()):
+        return language
+    known = " ".join(sorted(EXTENSIONS))
+    raise ConfigError(f"cannot tell the language of {path} from its extension ({known}); give --language")
+
+
+def read_bodies(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every file's request, or ConfigError naming the first file that cannot be sent."""
+    bodies = []
+    for path in args.files:
+        try:
+            code = path.read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"no such file: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+        bodies.append({"code": code, "language": language_of(path, args.language), "timeout": args.timeout})
+    return bodies
+
+
+def refusal(answer: httpx.Response, where: Target) -> str:
+    """Why the API refused a request, in its own words."""
+    try:
+        body = answer.json()
+        reason = body.get("error") or body.get("detail") or answer.text
+    except ValueError:
+        reason = answer.text
+    line = f"refused ({answer.status_code}): {str(reason)[:200]}"
+    if answer.status_code == 401:
+        raise SubmitError(f"{line}; the key came from {where.key_source}")
+    return line
+
+
+async def submit_all(
+    api: httpx.AsyncClient, args: argparse.Namespace, bodies: list[dict[str, Any]], where: Target
+) -> tuple[dict[str, Path], list[str]]:
+    """Submit every file; returns eval_id -> file, and a line for each file the API refused."""
     ids: dict[str, Path] = {}
+    refused: list[str] = []
     if args.batch:
         for start in range(0, len(bodies), BATCH):
             answer = await api.post("/api/eval-batch", json={"evaluations": bodies[start : start + BATCH]})
-            answer.raise_for_status()
+            if answer.status_code != 200:
+                refused += [f"{path}: {refusal(answer, where)}" for path in args.files[start : start + BATCH]]
+                continue
             for index, item in enumerate(answer.json()["evaluations"]):
                 path = args.files[start + index]
                 if item["status"] == "queued":
                     ids[item["eval_id"]] = path
                 else:
-                    print(f"{path}: refused: {item['error']}", file=sys.stderr)
-        return ids
+                    refused.append(f"{path}: refused: {item['error']}")
+        return ids, refused
     for path, body in zip(args.files, bodies, strict=True):
         answer = await api.post("/api/eval", json={**body, "priority": args.priority})
         if answer.status_code != 200:
-            print(f"{path}: refused ({answer.status_code}): {answer.text[:200]}", file=sys.stderr)
+            refused.append(f"{path}: {refusal(answer, where)}")
             continue
         ids[answer.json()["eval_id"]] = path
-    return ids
+    return ids, refused
 
 
 async def wait_all(api: httpx.AsyncClient, ids: list[str], wait_s: float) -> dict[str, dict[str, Any]]:
@@ -79,36 +151,71 @@ async def wait_all(api: httpx.AsyncClient, ids: list[str], wait_s: float) -> dic
     return results
 
 
-def print_table(ids: dict[str, Path], results: dict[str, dict[str, Any]]) -> None:
-    print(f"{'file':<32} {'eval_id':<32} {'status':<22} {'ms':>7}  output")
+def result_table(ids: dict[str, Path], results: dict[str, dict[str, Any]]) -> str:
+    """One row per file: its evaluation, final status, wall time and first line of output."""
+    rows = [("file", "eval_id", "status", "ms", "output")]
     for eval_id, path in ids.items():
         r = results[eval_id]
         output = (r.get("output") or r.get("error") or "").strip().splitlines()
-        print(f"{str(path)[:32]:<32} {eval_id:<32} {r['status']:<22} {r.get('runtime_ms') or 0:>7}  "
-              f"{(output[0] if output else '')[:60]}")  # fmt: skip
+        runtime = r.get("runtime_ms")
+        rows.append((str(path), eval_id, r["status"], "-" if runtime is None else f"{runtime:g}",
+                     (output[0] if output else "")[:60]))  # fmt: skip
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4]
+        for row in rows
+    )
+
+
+async def send_and_wait(args: argparse.Namespace, where: Target, bodies: list[dict[str, Any]]) -> int:
+    headers = {"x-api-key": where.api_key} if where.api_key else {}
+    async with httpx.AsyncClient(base_url=where.api, timeout=60, headers=headers) as api:
+        ids, refused = await submit_all(api, args, bodies, where)
+        results = await wait_all(api, list(ids), args.wait) if ids else {}
+    for line in refused:  # after the bar, before the results: nothing interleaved
+        print(line, file=sys.stderr)
+    if args.json:
+        print(json.dumps([{"file": str(ids[i]), **results[i]} for i in ids], indent=2))
+    elif ids:
+        print(result_table(ids, results))
+    return 0 if ids and not refused and all(r["status"] == "completed" for r in results.values()) else 1
 
 
 async def run(args: argparse.Namespace) -> int:
-    headers = {"x-api-key": args.api_key} if args.api_key else {}
-    async with httpx.AsyncClient(base_url=args.api, timeout=60, headers=headers) as api:
-        ids = await submit_all(api, args)
-        results = await wait_all(api, list(ids), args.wait)
-    if args.json:
-        print(json.dumps([{"file": str(ids[i]), **results[i]} for i in ids], indent=2))
-    else:
-        print_table(ids, results)
-    return 0 if ids and all(r["status"] == "completed" for r in results.values()) else 1
+    """Read every file first (a missing one stops everything), then send and wait."""
+    bodies = read_bodies(args)
+    where = target(args)
+    try:
+        return await send_and_wait(args, where, bodies)
+    except httpx.TransportError as exc:
+        raise SubmitError(
+            f"cannot reach the API at {where.api} ({exc or type(exc).__name__}); start the stack with "
+            "`./dev up`, or give --api"
+        ) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", type=Path, help="source files, one evaluation each")
-    parser.add_argument("--api", default="http://127.0.0.1:8080", help="the API's base URL")
     parser.add_argument(
-        "--api-key", default=os.environ.get("CRUCIBLE_API_KEY"), help="API key (default: $CRUCIBLE_API_KEY)"
+        "--api", default=None, help="the API's base URL (default: the stack `crucible up` runs from this "
+        "folder, else http://127.0.0.1:$CRUCIBLE_API_PORT)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--api-key", default=None,
+        help="API key (default: $CRUCIBLE_API_KEY, else this folder's data/admin.key)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--language", default=None, choices=sorted(set(EXTENSIONS.values())),
+        help="the files' language (default: from each file's extension)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--timeout", type=float, default=30, help="CPU seconds each run may use (default: %(default)s)"
     )
-    parser.add_argument("--language", default="python")
-    parser.add_argument("--timeout", type=float, default=30)
-    parser.add_argument("--batch", action="store_true", help="send as batches (low queue)")
-    parser.add_argument("--priority", action="store_true", help="high queue (not with --batch)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--wait", type=float, default=3600, help="give up waiting after this many seconds")
+    queue = parser.add_mutually_exclusive_group()
+    queue.add_argument("--batch", action="store_true", help="send as batches (low queue; default: one each)")
+    queue.add_argument("--priority", action="store_true", help="high queue (default: the default queue)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON (default: a table)")
+    parser.add_argument(
+        "--wait", type=float, default=3600,
+        help="give up waiting after this many seconds (default: %(default)s)",
+    )  # fmt: skip

@@ -16,45 +16,86 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import httpx
 
+from app.cli import running_stack
 from app.cli.admin import ensure_admin_key
-from app.cli.ports import free_port
+from app.cli.ports import free_port, port_holder, port_is_free
+from app.cli.running_stack import RunningStack
 from app.cli.serve import WORKER_SHUTDOWN_MS, stop_on_signals
 from evaluations.settings import Settings, get_settings
 
 Children = list[tuple[str, subprocess.Popen[bytes]]]
 
-
-def _wait_http(url: str, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1.0).status_code < 500:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    return False
+#: How long every piece has to answer its health check before `crucible up` gives up.
+READY_TIMEOUT_S = 90.0
 
 
-def _wait_tcp(port: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return True
-        time.sleep(0.1)
-    return False
+@dataclass(frozen=True)
+class Listener:
+    """A port `crucible up` will have a piece listen on, and the setting that moves it."""
+
+    piece: str
+    host: str
+    port: int
+    variable: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{reachable(self.host)}:{self.port}"
+
+
+def reachable(host: str) -> str:
+    """Where to reach a server bound to `host` from this machine."""
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def listeners(s: Settings) -> list[Listener]:
+    return [
+        Listener("API", s.api_host, s.api_port, "CRUCIBLE_API_PORT"),
+        Listener("dashboard", s.dashboard_host, s.dashboard_port, "DASHBOARD_PORT"),
+        Listener("executor", s.executor_host, s.executor_port, "EXECUTOR_PORT"),
+    ]
+
+
+def port_problem(wanted: list[Listener]) -> str | None:
+    """One line on the first port that cannot be used: which, who holds it, what moves it."""
+    seen: dict[int, Listener] = {}
+    for listener in wanted:
+        if listener.port in seen:
+            other = seen[listener.port]
+            return (f"the {listener.piece} and the {other.piece} are both given port {listener.port}; "
+                    f"set {listener.variable} or {other.variable} to another port")  # fmt: skip
+        seen[listener.port] = listener
+        if not port_is_free(listener.host, listener.port):
+            holder = port_holder(listener.port)
+            return (f"port {listener.port} ({listener.piece}) is taken"
+                    + (f" by {holder}" if holder else " by another process")
+                    + f"; set {listener.variable} to another port")  # fmt: skip
+    return None
 
 
 def run_up(args: argparse.Namespace) -> int:
     """Start every piece as a child in its own session; Ctrl-C stops them in order."""
     s = get_settings()
+    running = running_stack.find(s)
+    if running is not None:
+        print(f"crucible up: a stack already runs from this folder (pid {running.pid}, API "
+              f"{running.api_url}); stop it first, or set CRUCIBLE_DATA_DIR to another folder",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    wanted = listeners(s)
+    if problem := port_problem(wanted):
+        print(f"crucible up: {problem}", file=sys.stderr)
+        return 2
+    api, dashboard, executor = (listener.url for listener in wanted)
     env = dict(os.environ)
     if s.log_format == "auto" and sys.stderr.isatty():
         env["LOG_FORMAT"] = "console"
+    # The workers and the API reach this stack's executor, wherever it listens.
+    env["EXECUTOR_SERVICE_URL"] = executor
     me = [sys.executable, "-m", "app.cli"]
     children: Children = []
     commands: dict[str, list[str]] = {}
@@ -68,11 +109,12 @@ def run_up(args: argparse.Namespace) -> int:
     stopping = stop_on_signals()
     try:
         if s.redis_url is None:
-            port = free_port()
+            port = running_stack.remembered_valkey_port(s) or free_port()
             start("valkey", [*me, "embedded-redis", "--port", str(port)])
             if not _wait_tcp(port, 15):
-                print("embedded Valkey did not start", file=sys.stderr)
+                print(f"crucible up: the embedded Valkey did not start on port {port}", file=sys.stderr)
                 return 1
+            running_stack.remember_valkey_port(s, port)
             env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
         # Workers and executor share a secret; made per run unless the environment gives one.
         env.setdefault("EXECUTOR_SECRET", secrets.token_urlsafe(32))
@@ -80,31 +122,90 @@ def run_up(args: argparse.Namespace) -> int:
         for name in ("executor", "api", "worker", "scheduler", "dashboard"):
             start(name, [*me, name])
         # Celery producers' messages, unless a legacy Celery deployment consumes those queues
-        if s.celery_wire_queues and not s.legacy_broker_url:
+        ingress = bool(s.celery_wire_queues and not s.legacy_broker_url)
+        if ingress:
             start("celery-ingress", [*me, "celery-ingress"])
-        api = f"http://{s.api_host}:{s.api_port}"
-        executor = f"http://{s.executor_host}:{s.executor_port}"
-        ready = _wait_http(f"{executor}/health", 30) and _wait_http(f"{api}/health", 30)
-        print(_banner(s, env, api, executor, admin_key, ready), flush=True)
+        if problem := _wait_ready(children, api, dashboard, executor, ingress, stopping):
+            print(f"crucible up: {problem}; stopping.", file=sys.stderr, flush=True)
+            return 1
+        redis_url = env.get("REDIS_URL") or s.redis_url_or_default
+        stack = RunningStack(os.getpid(), redis_url, s.namespace, api, dashboard, executor)
+        running_stack.record(s, stack)
+        print(_banner(s, stack, admin_key), flush=True)
         return _watch(children, commands, env, stopping)
     finally:
+        running_stack.forget(s)
         _stop_children(children)
 
 
-def _banner(s: Settings, env: dict[str, str], api: str, executor: str, admin_key: str, ready: bool) -> str:
+def _wait_tcp(port: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def _wait_ready(
+    children: Children, api: str, dashboard: str, executor: str, ingress: bool, stopping: threading.Event
+) -> str | None:
+    """Wait until every piece answers its health check; else what did not (None: all did)."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    waiting: list[str] = []
+    while not stopping.is_set():
+        for name, process in children:
+            if process.poll() is not None:
+                return f"the {name} exited while starting (code {process.returncode}): see its lines above"
+        waiting = _not_ready(api, dashboard, executor, ingress)
+        if not waiting:
+            return None
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    return f"no answer from the {', '.join(waiting) or 'stack'} within {READY_TIMEOUT_S:g} s"
+
+
+def _not_ready(api: str, dashboard: str, executor: str, ingress: bool) -> list[str]:
+    """The pieces that do not answer yet: executor, API and dashboard by their /health, the
+    workers, scheduler and Celery ingress by what the API's /health says of them."""
+    waiting = [name for name, url in (("executor", executor), ("dashboard", dashboard)) if not _answers(url)]
+    try:
+        health = httpx.get(f"{api}/health", timeout=2.0).json()
+    except (httpx.HTTPError, ValueError):
+        return ["API", *waiting]
+    for name, field in (("workers", "workers_online"), ("scheduler", "schedulers_online")):
+        if not health.get(field):
+            waiting.append(name)
+    if not health.get("executors_online"):
+        waiting.append("executor (as the API sees it)")
+    if ingress and (health.get("celery_wire") or {}).get("ingress") != "running":
+        waiting.append("celery-ingress")
+    return waiting
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2.0).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+def _banner(s: Settings, stack: RunningStack, admin_key: str) -> str:
     """Where each piece answers, and the admin key to use."""
     return (
         "\nCrucible is up:\n"
-        f"  API        {api}  (POST /api/eval)\n"
-        f"  dashboard  http://{s.dashboard_host}:{s.dashboard_port}  (also {api}/dashboard)\n"
-        f"  executor   {executor}\n"
+        f"  API        {stack.api_url}  (POST /api/eval)\n"
+        f"  dashboard  {stack.dashboard_url}  (also {stack.api_url}/dashboard)\n"
+        f"  executor   {stack.executor_url}\n"
         f"  workers    {s.worker_processes} processes x {s.worker_threads} threads\n"
         f"  scheduler  cleanup '{s.cleanup_cron}', DLQ monitor '{s.dlq_monitor_cron}'\n"
-        f"  redis      {env.get('REDIS_URL') or s.redis_url}"
+        f"  redis      {running_stack.without_password(stack.redis_url)}"
         + (f"  (embedded, data in {s.data_dir / 'valkey'})" if s.redis_url is None else "")
-        + f"\n  admin key  {admin_key}\n"
+        + f"\n  admin key  {admin_key}  (kept in {s.data_dir / 'admin.key'})\n"
         + "             (as 'Authorization: Bearer <key>' or 'X-API-Key'; the dashboard asks for it)\n"
-        + ("" if ready else "  (some piece did not answer its health check: see the logs above)\n")
+        + "`crucible keys|submit|migration` run from this folder use this stack.\n"
         + "Press Ctrl-C to stop.\n"
     )
 

@@ -3,37 +3,16 @@ that dies is started again."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.stack import LOG_DIR, ROOT, free_port, stop, wait_http
-
-
-def start_up(data_dir: Path, api_port: int, executor_port: int, **extra: str) -> subprocess.Popen[bytes]:
-    # No REDIS_URL (embedded Valkey), no fixed admin key or secret: `up` makes its own.
-    dropped = ("REDIS_URL", "CELERY_BROKER_URL", "CRUCIBLE_ADMIN_KEY", "EXECUTOR_SECRET")
-    env = {k: v for k, v in os.environ.items() if k not in dropped}
-    env.update(
-        CRUCIBLE_DATA_DIR=str(data_dir),
-        CRUCIBLE_API_PORT=str(api_port),
-        EXECUTOR_PORT=str(executor_port),
-        EXECUTOR_SERVICE_URL=f"http://127.0.0.1:{executor_port}",
-        CELERY_CONCURRENCY="1",
-        CRUCIBLE_WORKER_THREADS="2",
-        LOG_FORMAT="json",
-        **extra,
-    )
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log = open(LOG_DIR / "up.log", "ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "up"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-    )
+from bench.stack import stop
+from tests.up_stack import UpStack
 
 
 def wait_status(api: httpx.Client, eval_id: str, wanted: str, seconds: float = 30) -> dict:
@@ -54,20 +33,22 @@ def port_closed(port: int) -> bool:
 
 
 def test_up_runs_everything_and_a_restart_finds_queued_work(tmp_path: Path) -> None:
-    api_port, executor_port = free_port(), free_port()
-    url = f"http://127.0.0.1:{api_port}"
+    up = UpStack(tmp_path)
+    url = up.api_url
+    data = tmp_path / "data"
 
     # First start: workers take only the high queue, so a default submission stays queued.
-    first = start_up(tmp_path, api_port, executor_port, CELERY_QUEUES="high_priority")
+    first = up.start(CELERY_QUEUES="high_priority")
     try:
-        wait_http(f"{url}/health", 60)
+        up.wait_banner()
         # The first start made an admin key, printed it and kept it in the data folder.
-        key = (tmp_path / "admin.key").read_text().strip()
-        deadline = time.monotonic() + 20
-        while f"admin key  {key}" not in (LOG_DIR / "up.log").read_text():
-            assert time.monotonic() < deadline, "crucible up did not print the admin key"
-            time.sleep(0.1)
-        assert oct((tmp_path / "admin.key").stat().st_mode & 0o777) == "0o600"
+        key = (data / "admin.key").read_text().strip()
+        assert f"admin key  {key}" in up.log.read_text()
+        assert oct((data / "admin.key").stat().st_mode & 0o777) == "0o600"
+        # where each piece answers, for the commands run from this folder
+        stack = json.loads((data / "stack.json").read_text())
+        assert stack["api_url"] == url and stack["pid"] == first.pid
+        valkey_port = stack["redis_url"].rsplit(":", 1)[1].split("/")[0]
         assert httpx.get(f"{url}/api/evaluations").status_code == 401
         api = httpx.Client(base_url=url, headers={"x-api-key": key}, timeout=30)
         done = api.post("/api/eval", json={"code": "print('fast')", "priority": True}).json()
@@ -78,14 +59,18 @@ def test_up_runs_everything_and_a_restart_finds_queued_work(tmp_path: Path) -> N
     finally:
         first.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert first.wait(timeout=60) == 0
-    assert port_closed(api_port) and port_closed(executor_port)
-    assert (tmp_path / "valkey" / "appendonlydir").is_dir()
+    assert port_closed(up.api_port) and port_closed(up.executor_port)
+    assert (data / "valkey" / "appendonlydir").is_dir()
+    assert not (data / "stack.json").exists()  # no stack runs from this folder any more
 
-    # Second start on the same data folder, consuming every level: the queued work runs.
-    second = start_up(tmp_path, api_port, executor_port)
+    # Second start on the same data folder, consuming every level: the queued work runs, and
+    # the embedded Valkey is on the same port as before (it was free).
+    second = up.start()
     try:
-        wait_http(f"{url}/health", 60)
-        assert (tmp_path / "admin.key").read_text().strip() == key  # the same key, still valid
+        up.wait_banner()
+        again = json.loads((data / "stack.json").read_text())
+        assert again["redis_url"] == f"redis://127.0.0.1:{valkey_port}/0"
+        assert (data / "admin.key").read_text().strip() == key  # the same key, still valid
         result = wait_status(api, waiting["eval_id"], "completed")
         assert result["output"] == "survived a restart\n"
         assert api.get(f"/api/eval/{done['eval_id']}").json()["status"] == "completed"
@@ -96,7 +81,7 @@ def test_up_runs_everything_and_a_restart_finds_queued_work(tmp_path: Path) -> N
         worker = wait_status(api, slow["eval_id"], "running")["worker"]
         os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
         assert wait_status(api, slow["eval_id"], "completed", seconds=60)["output"] == "after kill\n"
-        assert "worker exited" in (LOG_DIR / "up.log").read_text()
+        assert "worker exited" in up.log.read_text()
     finally:
         stop(second, signal.SIGINT, timeout=60)
     assert second.returncode == 0

@@ -1,0 +1,170 @@
+"""The first hour of a new user: the real `crucible` command against a real `crucible up` in a
+folder of its own, given only its ports (tests/up_stack.py).
+
+`crucible keys|submit` must find the stack running from their folder (not a Redis on 6379 or
+an API on 8080 that belongs to someone else), `crucible up` must stop at once with one line on a
+taken port, point its pieces at each other whatever their ports, and print its banner only
+when every piece answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.stack import free_port, stop
+from tests.up_stack import CRUCIBLE, UpStack, user_env
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpStack]:
+    """One `crucible up`, with /health read the moment its banner appears."""
+    up = UpStack(tmp_path_factory.mktemp("first-hour"))
+    process = up.start()
+    try:
+        up.wait_banner()
+        up.health_at_banner = httpx.get(f"{up.api_url}/health", timeout=10).json()  # type: ignore[attr-defined]
+        yield up
+    finally:
+        stop(process, signal.SIGINT, timeout=60)
+
+
+def one_line(done: subprocess.CompletedProcess[str]) -> str:
+    """stderr, which must be a single line and no traceback."""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    return lines[0]
+
+
+def test_the_banner_comes_once_every_piece_answers_wherever_its_ports_are(stack: UpStack) -> None:
+    # Only EXECUTOR_PORT moved the executor: the API and the workers found it all the same.
+    health = stack.health_at_banner  # type: ignore[attr-defined]
+    assert health["workers_online"] >= 1 and health["schedulers_online"] >= 1, health
+    assert health["executors_online"] == 1, health
+    assert httpx.get(f"http://127.0.0.1:{stack.dashboard_port}/health").status_code == 200
+    banner = stack.output()
+    assert f"API        {stack.api_url}" in banner
+    assert f"executor   http://127.0.0.1:{stack.executor_port}" in banner
+
+
+def test_keys_commands_work_on_the_stack_running_from_their_folder(stack: UpStack) -> None:
+    created = stack.crucible("keys", "create", "--name", "alice")
+    assert created.returncode == 0, created.stderr
+    key_id, secret = re.search(r"created key (\w+) ", created.stdout)[1], created.stdout.split()[-1]
+    api = httpx.Client(base_url=stack.api_url, headers={"x-api-key": secret}, timeout=30)
+    assert api.post("/api/eval", json={"code": "print(1)"}).status_code == 200
+
+    listing = stack.crucible("keys", "list")
+    assert listing.returncode == 0, listing.stderr
+    rows = [re.split(r"\s{2,}", line.strip()) for line in listing.stdout.splitlines()]
+    assert rows[0] == ["id", "tier", "created (UTC)", "revoked (UTC)", "name"]
+    alice = next(row for row in rows if row[-1] == "alice")
+    assert alice[:2] == [key_id, "standard"] and alice[3] == "-"
+
+    revoked = stack.crucible("keys", "revoke", key_id)
+    assert revoked.returncode == 0, revoked.stderr
+    assert api.post("/api/eval", json={"code": "print(1)"}).status_code == 401
+
+
+def test_submit_finds_the_api_and_admin_key_and_tells_languages_by_extension(stack: UpStack) -> None:
+    admin = {"x-api-key": (stack.folder / "data" / "admin.key").read_text().strip()}
+    languages = httpx.get(f"{stack.api_url}/api/languages", headers=admin).json()
+    offered = {entry["name"] if isinstance(entry, dict) else entry for entry in languages["languages"]}
+    programs = {"hello.py": "print('from python')", "hello.sh": "echo from bash"}
+    if "javascript" in offered:
+        programs["hello.js"] = "console.log('from javascript')"
+    if "c" in offered:
+        programs["hello.c"] = '#include <stdio.h>\nint main(void) { puts("from c"); return 0; }'
+    said = {"py": "python", "sh": "bash", "js": "javascript", "c": "c"}
+    for name, code in programs.items():
+        (stack.folder / name).write_text(code)
+    (stack.folder / "empty.py").write_text("")
+
+    done = stack.crucible("submit", *programs, "empty.py")
+    assert done.returncode == 1, done.stderr  # one file was refused
+    rows = {line.split()[0]: line for line in done.stdout.splitlines()[1:]}
+    for name in programs:
+        language = said[name.rsplit(".", 1)[1]]
+        assert "completed" in rows[name] and rows[name].endswith(f"from {language}"), done.stdout
+    # the refusal is told after the progress bar is done, not in the middle of it
+    assert "empty.py: refused (422): field 'code' must not be empty" in done.stderr
+    assert done.stderr.rindex("100%") < done.stderr.index("empty.py: refused")
+    assert "empty.py" not in done.stdout
+
+
+def test_submit_says_in_one_line_what_is_wrong(stack: UpStack) -> None:
+    missing = stack.crucible("submit", "nowhere.py")
+    assert missing.returncode == 2 and one_line(missing) == "crucible submit: no such file: nowhere.py"
+    (stack.folder / "prog.rb").write_text("puts 1")
+    unknown = stack.crucible("submit", "prog.rb")
+    assert unknown.returncode == 2 and "give --language" in one_line(unknown)
+    (stack.folder / "ok.py").write_text("print(1)")
+    closed = stack.crucible("submit", "ok.py", "--api", f"http://127.0.0.1:{free_port()}")
+    assert closed.returncode == 1 and "cannot reach the API" in one_line(closed)
+    bad_key = stack.crucible("submit", "ok.py", "--api-key", "cru_nobody")
+    assert bad_key.returncode == 1 and "refused (401)" in one_line(bad_key)
+    assert "--api-key" in one_line(bad_key)  # where the key came from
+    helped = stack.crucible("submit", "--help")
+    assert "(default: 30)" in helped.stdout and "data/admin.key" in helped.stdout
+
+
+def test_admin_commands_without_a_running_stack_say_so(tmp_path: Path) -> None:
+    def keys_list(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CRUCIBLE, "keys", "list"], env=user_env(**extra), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    none = keys_list()
+    assert none.returncode == 2
+    assert "no `crucible up` is running from this folder" in one_line(none) and "./dev up" in none.stderr
+    # a stack file left by a `crucible up` that is gone (its pid is no crucible up)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "stack.json").write_text(json.dumps({
+        "pid": os.getpid(), "redis_url": f"redis://127.0.0.1:{free_port()}/0", "namespace": "crucible",
+        "api_url": "", "dashboard_url": "", "executor_url": "",
+    }))  # fmt: skip
+    stale = keys_list()
+    assert stale.returncode == 2 and "is no longer running" in one_line(stale)
+    port = free_port()
+    unreachable = keys_list(REDIS_URL=f"redis://:hunter2@127.0.0.1:{port}/0")
+    assert unreachable.returncode == 1
+    line = one_line(unreachable)
+    assert f"cannot reach Redis at redis://***@127.0.0.1:{port}/0" in line and "hunter2" not in line
+
+
+#: piece -> the UpStack field that holds its port, and the setting that moves it
+PORTS = {"API": ("api_port", "CRUCIBLE_API_PORT"), "dashboard": ("dashboard_port", "DASHBOARD_PORT"),
+         "executor": ("executor_port", "EXECUTOR_PORT")}  # fmt: skip
+
+
+@pytest.mark.parametrize("piece", PORTS)
+def test_up_stops_at_once_with_one_line_on_a_taken_port(tmp_path: Path, piece: str) -> None:
+    up = UpStack(tmp_path)
+    field, variable = PORTS[piece]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        setattr(up, field, taken)
+        process = up.start()
+        assert process.wait(timeout=30) == 2
+    out = up.output().strip()
+    assert len(out.splitlines()) == 1, out  # nothing started, nothing else said
+    assert out.startswith(f"crucible up: port {taken} ({piece}) is taken by pid {os.getpid()} (")
+    assert out.endswith(f"; set {variable} to another port")
+    assert not (tmp_path / "data").exists()  # nothing was started
+
+
+def test_a_second_up_in_the_same_folder_is_refused(stack: UpStack) -> None:
+    again = subprocess.run([CRUCIBLE, "up"], env=stack.env(), cwd=stack.folder, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert again.returncode == 2
+    assert "a stack already runs from this folder" in one_line(again)
