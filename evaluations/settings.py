@@ -1,6 +1,6 @@
 """All configuration, read from environment variables in one place.
 
-Every knob the service has is a field of `Settings`; README.md's configuration table
+Every knob the service has is a field of `Settings`; docs/configuration.md
 documents the same names. Nothing else in the code reads `os.environ` for settings.
 """
 

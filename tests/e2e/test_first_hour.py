@@ -21,8 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.stack import free_port, stop
+from bench.stack import ROOT, free_port, stop
 from tests.up_stack import CRUCIBLE, UpStack, user_env
+
+README = (ROOT / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +170,20 @@ def test_a_second_up_in_the_same_folder_is_refused(stack: UpStack) -> None:
                            text=True, timeout=60)  # fmt: skip
     assert again.returncode == 2
     assert "a stack already runs from this folder" in one_line(again)
+
+
+def test_the_readme_try_it_section_runs_as_written(stack: UpStack) -> None:
+    """README.md's "Try it" commands, run from the stack's folder; only `./dev` (which runs the
+    installed `crucible` from the checkout's .venv) and this stack's API port are substituted."""
+    section = README.split("## Try it", 1)[1]
+    script = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    script = script.replace("./dev ", f"{CRUCIBLE} ").replace("localhost:8080", f"localhost:{stack.api_port}")
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=user_env(), cwd=stack.folder,
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"hello\.py\s+eval_\w+\s+completed\s+[\d.]+\s+hello from the sandbox", done.stdout)
+    assert "created key" in done.stdout and "alice" in done.stdout
+    events = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1]["status"] == "completed"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["output"] == "42\n" and result["status"] == "completed"
