@@ -1,8 +1,11 @@
 """`crucible up`: the whole stack as child processes of one command, for development and demos.
 
-It starts each piece (`python -m app.cli <piece>`) in its own session, waits for their health
-checks, starts again a piece that exits (within a restart budget), and on Ctrl-C stops them
-in an order that loses no work: API first, Redis last.
+Before starting anything it checks that its ports are free (else one line: which port, who
+holds it, which variable moves it). It starts each piece (`python -m app.cli <piece>`) in its
+own session, pointed at the others wherever they listen, and prints its banner once every piece
+answers its health check; then it records the stack for the commands run from the same folder
+(`running_stack.py`), starts again a piece that exits (within a restart budget), and on Ctrl-C
+stops them in an order that loses no work: API first, Redis last.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import venv
 import zipfile
 from pathlib import Path
 
@@ -11,18 +12,31 @@ from bench.stack import ROOT
 
 #: The data files the services read from their packages at run time.
 DATA_FILES = ("actors/lua/dispatch.lua", "evaluations/lua/status.lua", "app/static/dashboard.html")
+#: What setuptools said on every install before: `Package 'actors.lua' is absent from the
+#: packages configuration` (and for app.lua, app.static), and a notice on each editable one.
+NOISE = ("absent from the packages configuration", "SetuptoolsDeprecationWarning", "Editable installation")
+
+
+def pip(python: str | Path, *argv: str, cwd: Path) -> str:
+    done = subprocess.run(
+        [str(python), "-m", "pip", *argv], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr
 
 
 def test_the_package_builds_without_warnings_and_carries_its_data_files(tmp_path: Path) -> None:
-    """setuptools warned `Package 'actors.lua' is absent from the packages configuration` (and
-    for app.lua, app.static) about a hundred lines long on every install."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    said = done.stdout + done.stderr
-    assert "absent from the packages configuration" not in said and "SetuptoolsDeprecationWarning" not in said
+    said = pip(sys.executable, "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(ROOT), cwd=tmp_path)
+    assert not [line for line in said.splitlines() if any(noise in line for noise in NOISE)], said
     (wheel,) = tmp_path.glob("crucible-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    assert set(DATA_FILES) <= names
+    assert set(DATA_FILES) <= set(zipfile.ZipFile(wheel).namelist())
+
+
+def test_the_editable_install_dev_makes_is_quiet(tmp_path: Path) -> None:
+    """`./dev` installs with `pip install --quiet -e`: nothing but pip's own lines may show
+    (this pip, installing into an empty environment of its own)."""
+    venv.create(tmp_path / "venv", with_pip=False)
+    target = str(tmp_path / "venv" / "bin" / "python")
+    argv = ("--python", target, "install", "--quiet", "--no-deps", "-e", str(ROOT))
+    said = pip(sys.executable, *argv, cwd=tmp_path)
+    assert not [line for line in said.splitlines() if any(noise in line for noise in NOISE)], said
