@@ -13,7 +13,7 @@ from contextlib import ExitStack
 import httpx
 import redis.asyncio as aioredis
 
-from bench.stack import LOG_DIR, ROOT, free_port
+from bench.stack import LOG_DIR, ROOT, free_port, free_uid_base
 from evaluations.api_keys import KeyStore
 from tests.conftest import Stack, stack_env, start_api
 from tests.helpers import EXECUTOR_SECRET, METRICS_TOKEN, TEST_ADMIN_KEY, api_client, make_keys
@@ -194,8 +194,10 @@ async def test_the_executor_takes_work_only_with_its_secret(executor_url: str) -
         with socket.socket() as probe:
             assert probe.connect_ex((outside, port)) != 0
 
-    # Without a secret it does not start at all.
-    env = {"EXECUTOR_SECRET": "", "EXECUTOR_PORT": str(free_port()), "PATH": "/usr/bin:/bin"}
+    # Without a secret it does not start at all (on a uid range of its own: the default one may
+    # be held by another executor on this host, which it would refuse first).
+    env = {"EXECUTOR_SECRET": "", "EXECUTOR_PORT": str(free_port()), "PATH": "/usr/bin:/bin",
+           "SANDBOX_UID_BASE": str(free_uid_base())}  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "app.cli", "executor"],
         env=env,
