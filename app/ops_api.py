@@ -7,7 +7,6 @@ import time
 from collections import Counter
 from itertools import accumulate
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import structlog
@@ -23,6 +22,7 @@ from app.services import Services
 from app.status import SystemStatus
 from evaluations.errors import InvalidInput
 from evaluations.queue import LEVELS
+from evaluations.redis_client import redact_url
 from evaluations.redis_memory import memory_use
 from evaluations.status import STATUSES, TERMINAL, Status
 from evaluations.store import HISTOGRAM_BOUNDS_MS
@@ -33,15 +33,6 @@ from middleware.retry_policy import RETRY_POLICIES
 log = structlog.get_logger(__name__)
 
 HEALTH_TIMEOUT_S = 1.0
-
-
-def redact(url: str) -> str:
-    """A URL without its password, fit for a status page."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class OpsApi:
@@ -128,7 +119,7 @@ class OpsApi:
                 "worker_names": [w["name"] for w in online],
                 "active_tasks_by_worker": active,
                 "scheduled_tasks_detail": scheduled,
-                "broker_url": redact(self.settings.redis_url_or_default),
+                "broker_url": redact_url(self.settings.redis_url_or_default),
                 "registered_tasks": sorted({a for w in online for a in w["actors"]}),
                 "worker_stats": {w["name"]: w for w in workers},
                 "queue_details": await self.status.queues(),

@@ -41,18 +41,23 @@ def offered_languages(settings: Settings) -> list[str]:
 #: The fields a submission may hold; any other is ignored, and named in the answer's `warnings`.
 SUBMISSION_FIELDS = ("code", "language", "eval_id", "timeout", "priority", "stdin", "args", "memory_mb",
                      "output_limit")  # fmt: skip
+#: A body may hold thousands of unknown fields: the answer names this many.
+MAX_WARNINGS = 10
 
 
 def ignored_fields(body: dict[str, Any]) -> list[str]:
-    """A warning for each field of `body` that nothing reads. Unknown fields are accepted (old
-    callers send extras such as `engine`), but a misspelt one would otherwise go unnoticed."""
+    """A warning for each field of `body` that nothing reads (at most `MAX_WARNINGS`, then how
+    many more). Unknown fields are accepted (old callers send extras such as `engine`), but a
+    misspelt one would otherwise go unnoticed."""
+    unknown = [name for name in body if name not in SUBMISSION_FIELDS]
     warnings = []
-    for name in body:
-        if name in SUBMISSION_FIELDS:
-            continue
-        close = difflib.get_close_matches(str(name), SUBMISSION_FIELDS, n=1)
+    for name in unknown[:MAX_WARNINGS]:
+        # a likely misspelling is short; a long name is not compared (difflib is quadratic)
+        close = difflib.get_close_matches(name, SUBMISSION_FIELDS, n=1) if len(name) <= 32 else []
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        warnings.append(f"field {str(name)[:64]!r} is not known and was ignored{hint}")
+        warnings.append(f"field {name[:64]!r} is not known and was ignored{hint}")
+    if len(unknown) > MAX_WARNINGS:
+        warnings.append(f"and {len(unknown) - MAX_WARNINGS} more unknown fields were ignored")
     return warnings
 
 

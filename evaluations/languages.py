@@ -62,8 +62,8 @@ class Language:
 
 
 #: The language a file is in, by its extension (what `crucible submit` sends when not told).
-EXTENSIONS = {".py": "python", ".js": "javascript", ".mjs": "javascript", ".sh": "bash", ".c": "c",
-              ".cpp": "cpp", ".cc": "cpp", ".cxx": "cpp"}  # fmt: skip
+EXTENSIONS = {".py": "python", ".js": "javascript", ".sh": "bash", ".c": "c", ".cpp": "cpp", ".cc": "cpp",
+              ".cxx": "cpp"}  # fmt: skip
 
 
 def registry(python_path: str) -> dict[str, Language]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -67,8 +68,22 @@ class _WaitingPool(aioredis.BlockingConnectionPool):
         return await super().get_connection(*args, **kwargs)
 
 
-def async_client(url: str, decode: bool = True) -> aioredis.Redis:
-    """For the API and actors (decoded strings unless `decode` is False)."""
+def redact_url(url: str) -> str:
+    """A Redis URL without its password (in the user part or the query), fit to show."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    userinfo, at, host = netloc.rpartition("@")  # a password may itself hold '@'
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    query = "&".join(
+        "password=***" if pair.split("=", 1)[0] == "password" else pair for pair in parts.query.split("&")
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def async_client(url: str, decode: bool = True, connect_timeout: float | None = None) -> aioredis.Redis:
+    """For the API and actors (decoded strings unless `decode` is False); commands run once
+    and exit give a `connect_timeout`, so an unreachable host is an error, not a long wait."""
     from redis.asyncio.retry import Retry
 
     pool = _WaitingPool.from_url(
@@ -79,6 +94,7 @@ def async_client(url: str, decode: bool = True) -> aioredis.Redis:
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES),
         retry_on_error=_RETRY_ON,
         health_check_interval=15,
+        socket_connect_timeout=connect_timeout,
     )
     if HIREDIS_AVAILABLE:  # the connection class comes from the URL's scheme
         pool.connection_class = _PACKED_BY_HIREDIS.get(pool.connection_class, pool.connection_class)

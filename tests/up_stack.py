@@ -63,8 +63,9 @@ class UpStack:
         self.log_from = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [CRUCIBLE, "up"], env=self.env(**extra), cwd=self.folder, stdout=log, stderr=subprocess.STDOUT
-            )
+                [CRUCIBLE, "up"], env=self.env(**extra), cwd=self.folder, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,  # a stop that times out kills the group
+            )  # fmt: skip
         return self.process
 
     def output(self) -> str:

@@ -38,6 +38,9 @@ def run_submit(args: argparse.Namespace) -> int:
     except SubmitError as exc:
         print(f"crucible submit: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ncrucible submit: stopped waiting; what was submitted still runs", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,10 +13,12 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from app.cli.running_stack import admin_redis, without_password
-from evaluations.settings import Settings, get_settings
+from app.cli.running_stack import admin_redis
+from evaluations.settings import ConfigError, Settings, get_settings
 
 T = TypeVar("T")
+#: How long a command waits to connect to Redis before it says it cannot.
+CONNECT_TIMEOUT_S = 5.0
 
 
 def on_admin_redis(command: str, act: Callable[[Any, str], Awaitable[T]]) -> T | None:
@@ -24,12 +26,15 @@ def on_admin_redis(command: str, act: Callable[[Any, str], Awaitable[T]]) -> T |
     on stderr, when that Redis does not answer."""
     from redis.exceptions import ConnectionError, TimeoutError
 
-    from evaluations.redis_client import async_client
+    from evaluations.redis_client import async_client, redact_url
 
     url, namespace = admin_redis(get_settings())
 
     async def run() -> T:
-        client = async_client(url)
+        try:
+            client = async_client(url, connect_timeout=CONNECT_TIMEOUT_S)
+        except ValueError as exc:  # not a Redis URL at all
+            raise ConfigError(f"REDIS_URL {redact_url(url)!r} is not a Redis URL: {exc}") from None
         try:
             return await act(client, namespace)
         finally:
@@ -38,7 +43,7 @@ def on_admin_redis(command: str, act: Callable[[Any, str], Awaitable[T]]) -> T |
     try:
         return asyncio.run(run())
     except (ConnectionError, TimeoutError, OSError) as exc:
-        print(f"crucible {command}: cannot reach Redis at {without_password(url)}: {exc}", file=sys.stderr)
+        print(f"crucible {command}: cannot reach Redis at {redact_url(url)}: {exc}", file=sys.stderr)
         return None
 
 
@@ -92,7 +97,7 @@ def ensure_admin_key(redis_url: str, settings: Settings) -> str:
     path = settings.data_dir / "admin.key"
 
     async def make() -> str:
-        client = async_client(redis_url)
+        client = async_client(redis_url, connect_timeout=CONNECT_TIMEOUT_S)
         try:
             keys = KeyStore(client, settings.namespace)
             if path.exists() and await keys.lookup(path.read_text().strip()):

@@ -26,9 +26,10 @@ API_STOP_GRACE_S = 5
 
 
 def stop_on_signals() -> threading.Event:
-    """An event that SIGINT (Ctrl-C) or SIGTERM sets, so the caller can stop in order."""
+    """An event that SIGINT (Ctrl-C), SIGTERM or SIGHUP (its terminal closed) sets, so the
+    caller can stop in order (its children run in sessions of their own: no one else would)."""
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: stop.set())
     return stop
 

@@ -78,7 +78,10 @@ def read_bodies(args: argparse.Namespace) -> list[dict[str, Any]]:
             raise ConfigError(f"no such file: {path}") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}") from None
-        bodies.append({"code": code, "language": language_of(path, args.language), "timeout": args.timeout})
+        body = {"code": code, "language": language_of(path, args.language)}
+        if args.timeout is not None:  # else the service's default
+            body["timeout"] = args.timeout
+        bodies.append(body)
     return bodies
 
 
@@ -169,7 +172,9 @@ def result_table(ids: dict[str, Path], results: dict[str, dict[str, Any]]) -> st
 
 async def send_and_wait(args: argparse.Namespace, where: Target, bodies: list[dict[str, Any]]) -> int:
     headers = {"x-api-key": where.api_key} if where.api_key else {}
-    async with httpx.AsyncClient(base_url=where.api, timeout=60, headers=headers) as api:
+    # straight to a local API, never through a proxy the environment names
+    local = httpx.URL(where.api).host in ("127.0.0.1", "localhost", "::1")
+    async with httpx.AsyncClient(base_url=where.api, timeout=60, headers=headers, trust_env=not local) as api:
         ids, refused = await submit_all(api, args, bodies, where)
         results = await wait_all(api, list(ids), args.wait) if ids else {}
     for line in refused:  # after the bar, before the results: nothing interleaved
@@ -209,8 +214,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the files' language (default: from each file's extension)",
     )  # fmt: skip
     parser.add_argument(
-        "--timeout", type=float, default=30, help="CPU seconds each run may use (default: %(default)s)"
-    )
+        "--timeout", type=float, default=None,
+        help="CPU seconds each run may use (default: the service's, CRUCIBLE_DEFAULT_TIMEOUT: 30)",
+    )  # fmt: skip
     queue = parser.add_mutually_exclusive_group()
     queue.add_argument("--batch", action="store_true", help="send as batches (low queue; default: one each)")
     queue.add_argument("--priority", action="store_true", help="high queue (default: the default queue)")

@@ -19,75 +19,28 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
-import httpx
+from redis.exceptions import RedisError
 
-from app.cli import running_stack
+from app.cli import readiness, running_stack
 from app.cli.admin import ensure_admin_key
-from app.cli.ports import free_port, port_holder, port_is_free
+from app.cli.ports import free_port, listeners, port_problem
+from app.cli.readiness import Children, wait_ready
 from app.cli.running_stack import RunningStack
 from app.cli.serve import WORKER_SHUTDOWN_MS, stop_on_signals
+from evaluations.redis_client import redact_url
 from evaluations.settings import Settings, get_settings
-
-Children = list[tuple[str, subprocess.Popen[bytes]]]
-
-#: How long every piece has to answer its health check before `crucible up` gives up.
-READY_TIMEOUT_S = 90.0
-
-
-@dataclass(frozen=True)
-class Listener:
-    """A port `crucible up` will have a piece listen on, and the setting that moves it."""
-
-    piece: str
-    host: str
-    port: int
-    variable: str
-
-    @property
-    def url(self) -> str:
-        return f"http://{reachable(self.host)}:{self.port}"
-
-
-def reachable(host: str) -> str:
-    """Where to reach a server bound to `host` from this machine."""
-    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-
-
-def listeners(s: Settings) -> list[Listener]:
-    return [
-        Listener("API", s.api_host, s.api_port, "CRUCIBLE_API_PORT"),
-        Listener("dashboard", s.dashboard_host, s.dashboard_port, "DASHBOARD_PORT"),
-        Listener("executor", s.executor_host, s.executor_port, "EXECUTOR_PORT"),
-    ]
-
-
-def port_problem(wanted: list[Listener]) -> str | None:
-    """One line on the first port that cannot be used: which, who holds it, what moves it."""
-    seen: dict[int, Listener] = {}
-    for listener in wanted:
-        if listener.port in seen:
-            other = seen[listener.port]
-            return (f"the {listener.piece} and the {other.piece} are both given port {listener.port}; "
-                    f"set {listener.variable} or {other.variable} to another port")  # fmt: skip
-        seen[listener.port] = listener
-        if not port_is_free(listener.host, listener.port):
-            holder = port_holder(listener.port)
-            return (f"port {listener.port} ({listener.piece}) is taken"
-                    + (f" by {holder}" if holder else " by another process")
-                    + f"; set {listener.variable} to another port")  # fmt: skip
-    return None
 
 
 def run_up(args: argparse.Namespace) -> int:
     """Start every piece as a child in its own session; Ctrl-C stops them in order."""
     s = get_settings()
-    running = running_stack.find(s)
-    if running is not None:
-        print(f"crucible up: a stack already runs from this folder (pid {running.pid}, API "
-              f"{running.api_url}); stop it first, or set CRUCIBLE_DATA_DIR to another folder",
-              file=sys.stderr)  # fmt: skip
+    lock = running_stack.hold(s)  # held until this process ends
+    if lock is None:
+        running = running_stack.find(s)
+        where = f" (pid {running.pid}, API {running.api_url})" if running else ""
+        print(f"crucible up: a stack already runs from this folder{where}; stop it first, or set "
+              "CRUCIBLE_DATA_DIR to another folder", file=sys.stderr)  # fmt: skip
         return 2
     wanted = listeners(s)
     if problem := port_problem(wanted):
@@ -119,19 +72,29 @@ def run_up(args: argparse.Namespace) -> int:
                 return 1
             running_stack.remember_valkey_port(s, port)
             env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        redis_url = env.get("REDIS_URL") or s.redis_url_or_default
         # Workers and executor share a secret; made per run unless the environment gives one.
         env.setdefault("EXECUTOR_SECRET", secrets.token_urlsafe(32))
-        admin_key = ensure_admin_key(env.get("REDIS_URL") or s.redis_url_or_default, s)
+        try:
+            admin_key = ensure_admin_key(redis_url, s)
+        except (RedisError, OSError) as exc:
+            print(f"crucible up: cannot reach Redis at {redact_url(redis_url)}: {exc}", file=sys.stderr)
+            return 1
         for name in ("executor", "api", "worker", "scheduler", "dashboard"):
             start(name, [*me, name])
         # Celery producers' messages, unless a legacy Celery deployment consumes those queues
         ingress = bool(s.celery_wire_queues and not s.legacy_broker_url)
         if ingress:
             start("celery-ingress", [*me, "celery-ingress"])
-        if problem := _wait_ready(children, api, dashboard, executor, ingress, stopping):
+        try:
+            asked = readiness.Stack(api, dashboard, executor, admin_key, ingress)
+            problem = wait_ready(children, asked, stopping)
+        except readiness.Interrupted:
+            print("crucible up: stopped while starting.", file=sys.stderr, flush=True)
+            return 130
+        if problem:
             print(f"crucible up: {problem}; stopping.", file=sys.stderr, flush=True)
             return 1
-        redis_url = env.get("REDIS_URL") or s.redis_url_or_default
         stack = RunningStack(os.getpid(), redis_url, s.namespace, api, dashboard, executor)
         running_stack.record(s, stack)
         print(_banner(s, stack, admin_key), flush=True)
@@ -151,50 +114,6 @@ def _wait_tcp(port: int, seconds: float) -> bool:
     return False
 
 
-def _wait_ready(
-    children: Children, api: str, dashboard: str, executor: str, ingress: bool, stopping: threading.Event
-) -> str | None:
-    """Wait until every piece answers its health check; else what did not (None: all did)."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    waiting: list[str] = []
-    while not stopping.is_set():
-        for name, process in children:
-            if process.poll() is not None:
-                return f"the {name} exited while starting (code {process.returncode}): see its lines above"
-        waiting = _not_ready(api, dashboard, executor, ingress)
-        if not waiting:
-            return None
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
-    return f"no answer from the {', '.join(waiting) or 'stack'} within {READY_TIMEOUT_S:g} s"
-
-
-def _not_ready(api: str, dashboard: str, executor: str, ingress: bool) -> list[str]:
-    """The pieces that do not answer yet: executor, API and dashboard by their /health, the
-    workers, scheduler and Celery ingress by what the API's /health says of them."""
-    waiting = [name for name, url in (("executor", executor), ("dashboard", dashboard)) if not _answers(url)]
-    try:
-        health = httpx.get(f"{api}/health", timeout=2.0).json()
-    except (httpx.HTTPError, ValueError):
-        return ["API", *waiting]
-    for name, field in (("workers", "workers_online"), ("scheduler", "schedulers_online")):
-        if not health.get(field):
-            waiting.append(name)
-    if not health.get("executors_online"):
-        waiting.append("executor (as the API sees it)")
-    if ingress and (health.get("celery_wire") or {}).get("ingress") != "running":
-        waiting.append("celery-ingress")
-    return waiting
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2.0).status_code < 500
-    except httpx.HTTPError:
-        return False
-
-
 def _banner(s: Settings, stack: RunningStack, admin_key: str) -> str:
     """Where each piece answers, and the admin key to use."""
     return (
@@ -204,7 +123,7 @@ def _banner(s: Settings, stack: RunningStack, admin_key: str) -> str:
         f"  executor   {stack.executor_url}\n"
         f"  workers    {s.worker_processes} processes x {s.worker_threads} threads\n"
         f"  scheduler  cleanup '{s.cleanup_cron}', DLQ monitor '{s.dlq_monitor_cron}'\n"
-        f"  redis      {running_stack.without_password(stack.redis_url)}"
+        f"  redis      {redact_url(stack.redis_url)}"
         + (f"  (embedded, data in {s.data_dir / 'valkey'})" if s.redis_url is None else "")
         + f"\n  admin key  {admin_key}  (kept in {s.data_dir / 'admin.key'})\n"
         + "             (as 'Authorization: Bearer <key>' or 'X-API-Key'; the dashboard asks for it)\n"
@@ -249,6 +168,8 @@ class RestartBudget:
 
 def _stop_children(children: Children) -> None:
     """API first (no new work), then workers (finish or hand back), executor, Redis last."""
+    if not children:
+        return
     order = ["api", "dashboard", "celery-ingress", "scheduler", "worker", "executor", "valkey"]
     for name in order:
         for child_name, process in children:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from bench.stack import stop
 from tests.up_stack import UpStack
@@ -32,6 +33,7 @@ def port_closed(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+@pytest.mark.timeout(600)  # two whole starts and stops
 def test_up_runs_everything_and_a_restart_finds_queued_work(tmp_path: Path) -> None:
     up = UpStack(tmp_path)
     url = up.api_url
