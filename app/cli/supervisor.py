@@ -66,6 +66,8 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         if s.redis_url is None:
             port = running_stack.remembered_valkey_port(s) or free_port()
+            while port in {listener.port for listener in wanted}:  # not one the pieces will take
+                port = free_port()
             start("valkey", [*me, "embedded-redis", "--port", str(port)])
             if not _wait_tcp(port, 15):
                 print(f"crucible up: the embedded Valkey did not start on port {port}", file=sys.stderr)
