@@ -109,22 +109,37 @@ class ForkServer:
         self._waiting: asyncio.Future[None] | None = None
 
     async def receive(self, timeout: float | None = None) -> tuple[dict[str, Any], list[int]]:
-        """The server's next message; `ForkServerGone` if it closed, said nothing in time or
-        was retired meanwhile."""
+        """The server's next message and the descriptors it carried (the caller's to close);
+        `ForkServerGone` if it closed, said nothing in time, was retired meanwhile or sent
+        something that is not a message (then nothing it sent stays open here)."""
         loop = asyncio.get_running_loop()
         while True:
             if self.retired:
                 raise ForkServerGone("the fork server was retired")
             try:
-                message, fds, _, _ = socket.recv_fds(self.sock, 65536, 4)
+                message, received, _, _ = socket.recv_fds(self.sock, 65536, 4)
             except BlockingIOError:
                 await self._readable(loop, timeout)
                 continue
             except OSError as exc:
                 raise ForkServerGone(f"the fork server's socket failed: {exc}") from exc
             if not message:
+                _close(received)
                 raise ForkServerGone("the fork server has gone")
-            return json.loads(message), fds
+            try:
+                answer = json.loads(message)
+            except ValueError:
+                answer = None
+            if not isinstance(answer, dict):
+                _close(received)
+                raise ForkServerGone(f"the fork server answered {message[:200]!r}")
+            return answer, received
+
+    async def receive_plain(self, timeout: float | None = None) -> dict[str, Any]:
+        """The server's next message, which carries no descriptor (any it sent is closed)."""
+        answer, received = await self.receive(timeout)
+        _close(received)
+        return answer
 
     async def _readable(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> None:
         ready = self._waiting = loop.create_future()
@@ -188,7 +203,7 @@ class Forked:
 
     async def wait(self) -> tuple[int, Usage]:
         try:
-            report, _ = await self.server.receive()
+            report = await self.server.receive_plain()
         except ForkServerGone:
             # retired with the run still going (stuck, killed): its end is its init's end,
             # which waits for every process of its pid namespace
@@ -218,6 +233,11 @@ class Forked:
         else:
             self.server.retire()
         return self.ran
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 async def _exited(pidfd: int) -> None:
@@ -295,7 +315,7 @@ class ForkServers:
             return
         server = ForkServer(process, ours)
         try:
-            hello, _ = await server.receive(READY_TIMEOUT_S)
+            hello = await server.receive_plain(READY_TIMEOUT_S)
             if not hello.get("ready"):
                 raise ForkServerGone(f"the fork server failed to start: {hello.get('error')}")
         except (ForkServerGone, asyncio.CancelledError) as exc:
@@ -382,6 +402,7 @@ class ForkServers:
                 raise ForkServerGone(f"the fork server has gone: {exc}") from exc
             started, pidfds = await server.receive(START_TIMEOUT_S)
             if not started.get("started") or len(pidfds) != 1:
+                _close(pidfds)
                 raise ForkServerGone(f"the fork server could not start a run: {started.get('error')}")
         except BaseException:
             self.retire(slot)

@@ -357,3 +357,34 @@ async def test_arguments_as_large_as_the_api_accepts_go_through_the_server() -> 
         )
         assert result.output == f"64 {sum(map(len, args))}\n", result
         assert server_pids(box) == before  # forked, and the server still serves
+
+
+@pytest.mark.parametrize("message", [b"not json", b"[1, 2]", b'{"started": false}'])
+async def test_a_malformed_answer_from_a_server_leaves_no_descriptor_open(message: bytes) -> None:
+    """A server that answers garbage, or carries descriptors no message asks for, is gone;
+    whatever it sent is closed here. A real process stands in for the server."""
+    import socket
+
+    from executor.fork_server import ForkServer, ForkServerGone
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    server = ForkServer(subprocess.Popen(["sleep", "60"], start_new_session=True), ours)
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            read, write = os.pipe()
+            socket.send_fds(theirs, [message], [read, write])
+            os.close(read)
+            os.close(write)
+            if message.startswith(b"{"):  # a message, but none that carries descriptors
+                assert await server.receive_plain(1) == {"started": False}
+            else:
+                with pytest.raises(ForkServerGone):
+                    await server.receive(1)
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        server.process.kill()
+        server.process.wait()
+        theirs.close()
+        ours.close()
