@@ -9,6 +9,7 @@ executor falls back to rlimits alone, and `/health` says which is in force.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -23,6 +24,9 @@ SYS_BLOCK = Path("/sys/block")
 #: Socket buffer memory a run may hold, within its memory limit.
 TCP_BUFFER_BYTES = 64 * 1024 * 1024
 CPU_PERIOD_US = 100_000
+#: How often, and how many times, removing a group is tried again while its killed processes leave.
+REMOVE_RETRY_S = 0.01
+REMOVE_TRIES = 50
 
 
 @dataclass(frozen=True)
@@ -93,14 +97,30 @@ class RunGroup:
 
     def remove(self) -> None:
         """Remove the groups; what is still in them is killed first (a group with a process
-        in it cannot go). An ended run's groups are empty: they go at the first try."""
-        left = self._rmdir()
-        for _ in range(50):  # killed processes leave the group a moment later
-            if not left:
-                return
-            self.sweep()
-            time.sleep(0.01)
-            left = self._rmdir()
+        in it cannot go). An ended run's groups are empty: they go at the first try. Killed
+        processes leave a group a moment later: it is tried again then, from the event loop
+        when one runs (never blocking it), else here."""
+        if not self._rmdir():
+            return
+        self.sweep()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            for _ in range(REMOVE_TRIES):
+                time.sleep(REMOVE_RETRY_S)
+                if not self._rmdir():
+                    return
+                self.sweep()
+            return
+        self._retry_later(loop, REMOVE_TRIES)
+
+    def _retry_later(self, loop: asyncio.AbstractEventLoop, tries: int) -> None:
+        def again() -> None:
+            if self._rmdir() and tries > 1:
+                self.sweep()
+                self._retry_later(loop, tries - 1)
+
+        loop.call_later(REMOVE_RETRY_S, again)
 
     def _rmdir(self) -> bool:
         """Remove what groups can go; whether any is left."""
