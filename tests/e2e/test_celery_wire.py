@@ -266,3 +266,45 @@ def test_revoke_finds_a_task_sent_with_celerys_own_task_id(wire: Stack) -> None:
             break
         time.sleep(0.05)
     assert result.state == "REVOKED"
+
+
+async def test_a_message_left_in_the_ingress_list_while_it_runs_is_recorded_within_a_restore(
+    own_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that lost `LMOVE`'s answer and retried leaves the first message in the
+    ingress's own list while the ingress runs on: the periodic restore records it (every
+    `RESTORE_EVERY_S`, shortened here), not only the next start. The ingress runs in this
+    process; it takes only the `evaluation` queue, and the message is moved from `batch`."""
+    import asyncio
+
+    from app import celery_ingress
+    from app.services import Services
+    from evaluations.settings import Settings
+
+    ns = f"crucible-test-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("REDIS_URL", own_database)
+    monkeypatch.setenv("CRUCIBLE_NAMESPACE", ns)
+    monkeypatch.setattr(celery_ingress, "RESTORE_EVERY_S", 0.3)
+    eval_id = f"lost-move-{uuid.uuid4().hex[:6]}"
+    args = [eval_id, "print(1)", "python"]
+    producer(own_database).send_task("tasks.evaluate_code", args=args, queue="batch")
+    client = redis.Redis.from_url(own_database)
+    taken = RedisKeys(ns).celery_wire_taken("evaluation")
+    services = Services.build(Settings.from_env())
+    stop = asyncio.Event()
+    ingress = asyncio.create_task(celery_ingress.CeleryIngress(services, ("evaluation",)).run(stop))
+    try:
+        await asyncio.sleep(0.5)  # started: its restore at start has run
+        assert client.lmove("batch", taken, "RIGHT", "LEFT") is not None  # the "lost" move
+        for _ in range(100):
+            if client.llen(taken) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert client.llen(taken) == 0
+        assert client.hget(f"{ns}:eval:{eval_id}", "status") == b"queued"
+    finally:
+        stop.set()
+        await ingress
+        await services.close()
+        client.close()
+        delete_namespace(own_database, ns)
