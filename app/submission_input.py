@@ -64,6 +64,11 @@ def ignored_fields(body: dict[str, Any]) -> list[str]:
 def parse_submission(body: dict[str, Any], settings: Settings, languages: list[str]) -> Submission:
     """The submission `body` asks for, or a Refusal naming the first field at fault."""
     s = settings
+    if "code" not in body:  # a misspelt `code` is ignored like any unknown field: say which
+        unknown = [name for name in body if name not in SUBMISSION_FIELDS][:MAX_WARNINGS]
+        if close := difflib.get_close_matches("code", unknown, n=1):
+            said = f"field 'code' is required; {close[0][:64]!r} is not a known field (did you mean 'code'?)"
+            raise InvalidInput(said, field="code")
     code = require_string(body, "code", max_bytes=s.max_code_bytes)
     if not code.strip():
         raise InvalidInput("field 'code' must not be empty", field="code")

@@ -80,6 +80,9 @@ class KeyStore:
         raw = await self.client.hget(self.records, key_id)
         if raw is None:
             raise InvalidKeyRequest(f"no key with id {key_id!r}")
+        known = ApiKey(**json.loads(raw))
+        if known.revoked_ms:  # revoked before: it stays revoked since then
+            return known
         record = ApiKey(**{**json.loads(raw), "revoked_ms": int(time.time() * 1000)})
         stale = [h for h, k in (await self.client.hgetall(self.hashes)).items() if k == key_id]
         async with self.client.pipeline(transaction=True) as pipe:

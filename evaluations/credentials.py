@@ -10,7 +10,7 @@ from starlette.authentication import AuthCredentials, AuthenticationBackend, Aut
 from starlette.requests import HTTPConnection
 
 from evaluations.api_keys import ApiKey
-from evaluations.web import JSONResponse
+from evaluations.web import EXECUTOR_SCOPE, JSONResponse
 
 
 class Caller(BaseUser):
@@ -60,7 +60,7 @@ class SharedSecretBackend(AuthenticationBackend):
             return None
         if not same(presented, self.secret):
             raise AuthenticationError("wrong executor secret")
-        return AuthCredentials(["executor"]), Caller("worker")
+        return AuthCredentials([EXECUTOR_SCOPE]), Caller("worker")
 
 
 def executor_headers(secret: str | None) -> dict[str, str]:

@@ -105,6 +105,8 @@ def install_error_handlers(app: Starlette) -> None:
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+#: The scope a caller proves with EXECUTOR_SECRET (workers and the API, calling an executor).
+EXECUTOR_SCOPE = "executor"
 
 
 def requires(scope: str | None) -> Callable[[Endpoint], Endpoint]:
@@ -120,7 +122,9 @@ def requires(scope: str | None) -> Callable[[Endpoint], Endpoint]:
             if scope not in request.auth.scopes:
                 if not request.user.is_authenticated:
                     raise errors.Unauthenticated(
-                        "an API key is required (Authorization: Bearer <key> or X-API-Key)"
+                        "the executor's secret is required (Authorization: Bearer <EXECUTOR_SECRET>)"
+                        if scope == EXECUTOR_SCOPE
+                        else "an API key is required (Authorization: Bearer <key> or X-API-Key)"
                     )
                 raise errors.Forbidden(f"this needs an {scope} key", needs=scope)
             return await endpoint(request)

@@ -36,6 +36,7 @@ from evaluations.validation import (
     require_string_list,
 )
 from evaluations.web import (
+    EXECUTOR_SCOPE,
     Handler,
     error_response,
     install_error_handlers,
@@ -52,8 +53,7 @@ from executor.seccomp import build_filter
 
 log = structlog.get_logger(__name__)
 
-#: The scope a caller proves with EXECUTOR_SECRET.
-WORKERS = "executor"
+WORKERS = EXECUTOR_SCOPE
 
 
 def stage_bwrap(target: Path) -> Path:

@@ -8,6 +8,7 @@ and dispatches, so `crucible --help` stays quick.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Sequence
 
@@ -25,7 +26,10 @@ from app.cli.supervisor import run_up
 from evaluations.settings import ConfigError
 
 #: The description `crucible --help` prints.
-DESCRIPTION = "The `crucible` command: run the whole stack (`up`) or one piece of it."
+DESCRIPTION = (
+    "The `crucible` command: run the whole stack (`up`) or one piece of it, and manage it. In a "
+    "checkout, `./dev <command>` runs it from the project's .venv, and `./dev test` runs the tests."
+)
 
 
 def run_submit(args: argparse.Namespace) -> int:
@@ -74,7 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_parser("list", help="every key: id, tier, created, revoked, name")
     keys.add_parser("revoke", help="stop a key at once").add_argument("key_id")
 
-    add_arguments(commands.add_parser("submit", help="submit files and wait for them, with a progress bar"))
+    add_arguments(
+        commands.add_parser(
+            "submit", help="submit files and wait for them, with a progress bar",
+            epilog="Exit status: 0 when every file's evaluation completed, 1 when one was refused or "
+            "did not complete, 2 for a usage error (a missing file, an unknown extension).",
+        )
+    )  # fmt: skip
     migration = commands.add_parser(
         "migration", help="show or change the split from the legacy Celery system"
     )
@@ -100,8 +110,25 @@ HANDLERS = {
 }
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments; an option the command does not know is reported by that command's own
+    parser (its usage, not the top-level one), with the option it most likely meant."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser
+        for name in ("command", "action"):  # down to the subcommand that was given
+            chosen = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+            if chosen and getattr(args, name, None) in chosen[0].choices:
+                command = chosen[0].choices[getattr(args, name)]
+        known = [option for action in command._actions for option in action.option_strings]
+        close = difflib.get_close_matches(unknown[0].split("=", 1)[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
         return HANDLERS[args.command](args)
     except ConfigError as exc:  # a setting it cannot use: say which, not a traceback

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -58,8 +59,13 @@ def run_keys(args: argparse.Namespace) -> int:
             print(f"created key {record.id} ({record.tier}) for {record.name!r}; it is shown only now:")
             print(secret)
         elif args.action == "revoke":
+            before = int(time.time() * 1000)
             record = await keys.revoke(args.key_id)
-            print(f"revoked key {record.id} ({record.name!r})")
+            if record.revoked_ms is not None and record.revoked_ms < before:
+                since = when(record.revoked_ms)
+                print(f"key {record.id} ({record.name!r}) was already revoked at {since} UTC")
+            else:
+                print(f"revoked key {record.id} ({record.name!r})")
         else:
             print(key_table(await keys.list()))
         return True
@@ -71,14 +77,16 @@ def run_keys(args: argparse.Namespace) -> int:
         return 2
 
 
+def when(ms: int | None) -> str:
+    """A key's time as `keys list` shows it (UTC, to the minute)."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M") if ms else "-"
+
+
 def key_table(keys: list[Any]) -> str:
     """`crucible keys list`: one row per key, columns as wide as their widest cell, two spaces
     between them."""
-    from datetime import UTC, datetime
-
-    def when(ms: int | None) -> str:
-        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M") if ms else "-"
-
     rows = [("id", "tier", "created (UTC)", "revoked (UTC)", "name")]
     rows += [(k.id, k.tier, when(k.created_ms), when(k.revoked_ms), k.name) for k in keys]
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
@@ -124,6 +132,9 @@ def run_migration(args: argparse.Namespace) -> int:
     from evaluations.store import EvaluationStore
 
     s = get_settings()
+    if args.action == "set" and args.share is None and args.force_legacy is None and args.shadow is None:
+        print("crucible migration: set what? give --share, --force-legacy or --shadow", file=sys.stderr)
+        return 2
 
     async def act(client: Any, namespace: str) -> dict[str, object]:
         settings = dataclasses.replace(s, namespace=namespace)
@@ -143,4 +154,8 @@ def run_migration(args: argparse.Namespace) -> int:
     if report is None:
         return 1
     print(json.dumps(report, indent=2))
+    if args.action == "set" and s.legacy_broker_url is None:
+        print("crucible migration: no legacy Celery deployment is configured (LEGACY_BROKER_URL is "
+              "unset), so every submission still goes to Dramatiq, whatever the split says",
+              file=sys.stderr)  # fmt: skip
     return 0

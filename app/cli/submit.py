@@ -56,7 +56,7 @@ def target(args: argparse.Namespace) -> Target:
     admin_key = settings.data_dir / "admin.key"
     if admin_key.is_file():
         return Target(api, admin_key.read_text().strip(), str(admin_key))
-    return Target(api, None, "no key (give --api-key or set CRUCIBLE_API_KEY)")
+    return Target(api, None, "")
 
 
 def language_of(path: Path, given: str | None) -> str:
@@ -94,6 +94,9 @@ def refusal(answer: httpx.Response, where: Target) -> str:
         reason = answer.text
     line = f"refused ({answer.status_code}): {str(reason)[:200]}"
     if answer.status_code == 401:
+        if where.api_key is None:
+            raise SubmitError(f"{line}; no key was found: give --api-key, set CRUCIBLE_API_KEY, or run "
+                              "from the folder of `./dev up` (its data/admin.key)")  # fmt: skip
         raise SubmitError(f"{line}; the key came from {where.key_source}")
     return line
 
@@ -154,18 +157,27 @@ async def wait_all(api: httpx.AsyncClient, ids: list[str], wait_s: float) -> dic
     return results
 
 
+def said(result: dict[str, Any]) -> str:
+    """What a row shows of a result: a completed run's first line of output; else the last
+    line of its error (a traceback's last line names the exception), else of its output."""
+    if result["status"] == "completed":
+        lines = (result.get("output") or "").strip().splitlines()
+        return lines[0] if lines else ""
+    lines = (result.get("error") or result.get("output") or "").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 def result_table(ids: dict[str, Path], results: dict[str, dict[str, Any]]) -> str:
-    """One row per file: its evaluation, final status, wall time and first line of output."""
-    rows = [("file", "eval_id", "status", "ms", "output")]
+    """One row per file: its evaluation, final status, exit code, wall time and what it said."""
+    rows = [("file", "eval_id", "status", "exit", "ms", "output (first line) / error (last line)")]
     for eval_id, path in ids.items():
         r = results[eval_id]
-        output = (r.get("output") or r.get("error") or "").strip().splitlines()
-        runtime = r.get("runtime_ms")
-        rows.append((str(path), eval_id, r["status"], "-" if runtime is None else f"{runtime:g}",
-                     (output[0] if output else "")[:60]))  # fmt: skip
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+        runtime, code = r.get("runtime_ms"), r.get("exit_code")
+        rows.append((str(path), eval_id, r["status"], "-" if code is None else str(code),
+                     "-" if runtime is None else f"{runtime:g}", said(r)[:80]))  # fmt: skip
+    widths = [max(len(row[column]) for row in rows) for column in range(5)]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4]
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[5]
         for row in rows
     )
 

@@ -27,6 +27,11 @@ async def test_unknown_fields_are_accepted_and_named_in_warnings(api: httpx.Asyn
     many = await api.post("/api/eval", json={"code": "print(1)", **{f"extra{n}": n for n in range(5000)}})
     assert len(many.json()["warnings"]) == 11  # ten named, then how many more
     assert many.json()["warnings"][-1] == "and 4990 more unknown fields were ignored"
+    misspelt_code = await api.post("/api/eval", json={"cod": "print(1)"})
+    assert misspelt_code.status_code == 422
+    assert misspelt_code.json()["error"] == (
+        "field 'code' is required; 'cod' is not a known field (did you mean 'code'?)"
+    )
     clean = await api.post("/api/eval", json={"code": "print(1)", "timeout": 5})
     assert clean.json()["warnings"] == []
     items = [{"code": "print(1)", "langauge": "python"}, {"code": "print(2)"}]

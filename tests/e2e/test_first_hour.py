@@ -78,6 +78,16 @@ def test_keys_commands_work_on_the_stack_running_from_their_folder(stack: UpStac
     revoked = stack.crucible("keys", "revoke", key_id)
     assert revoked.returncode == 0, revoked.stderr
     assert api.post("/api/eval", json={"code": "print(1)"}).status_code == 401
+    again = stack.crucible("keys", "revoke", key_id)
+    assert again.returncode == 0 and f"key {key_id} ('alice') was already revoked at " in again.stdout
+
+
+def test_migration_set_says_what_it_could_not_do(stack: UpStack) -> None:
+    nothing = stack.crucible("migration", "set")
+    assert nothing.returncode == 2 and "give --share, --force-legacy or --shadow" in one_line(nothing)
+    split = stack.crucible("migration", "set", "--share", "1.0")
+    assert split.returncode == 0 and json.loads(split.stdout)["split"]["dramatiq_share"] == 1.0
+    assert "no legacy Celery deployment is configured" in one_line(split)
 
 
 def test_submit_finds_the_api_and_admin_key_and_tells_languages_by_extension(stack: UpStack) -> None:
@@ -93,8 +103,9 @@ def test_submit_finds_the_api_and_admin_key_and_tells_languages_by_extension(sta
     for name, code in programs.items():
         (stack.folder / name).write_text(code)
     (stack.folder / "empty.py").write_text("")
+    (stack.folder / "fails.py").write_text("print('partial')\n1 / 0")
 
-    done = stack.crucible("submit", *programs, "empty.py")
+    done = stack.crucible("submit", *programs, "fails.py", "empty.py")
     assert done.returncode == 1, done.stderr  # one file was refused
     rows = {line.split()[0]: line for line in done.stdout.splitlines()[1:]}
     for name in programs:
@@ -104,6 +115,9 @@ def test_submit_finds_the_api_and_admin_key_and_tells_languages_by_extension(sta
     assert "empty.py: refused (422): field 'code' must not be empty" in done.stderr
     assert done.stderr.rindex("100%") < done.stderr.index("empty.py: refused")
     assert "empty.py" not in done.stdout
+    # a failure shows its exit code and the last line of its error, which names the exception
+    assert re.search(r"fails\.py\s+eval_\w+\s+failed\s+1\s+[\d.]+\s+ZeroDivisionError: division by zero$",
+                     rows["fails.py"]), rows["fails.py"]  # fmt: skip
 
 
 def test_submit_says_in_one_line_what_is_wrong(stack: UpStack) -> None:
@@ -118,6 +132,9 @@ def test_submit_says_in_one_line_what_is_wrong(stack: UpStack) -> None:
     bad_key = stack.crucible("submit", "ok.py", "--api-key", "cru_nobody")
     assert bad_key.returncode == 1 and "refused (401)" in one_line(bad_key)
     assert "--api-key" in one_line(bad_key)  # where the key came from
+    typo = stack.crucible("submit", "--timout", "1", "ok.py")
+    assert typo.returncode == 2 and "usage: crucible submit" in typo.stderr
+    assert "unrecognized arguments: --timout (did you mean --timeout?)" in typo.stderr
     helped = stack.crucible("submit", "--help")
     assert "(default: 3600)" in " ".join(helped.stdout.split()) and "data/admin.key" in helped.stdout
 
@@ -192,7 +209,7 @@ def test_the_readme_try_it_section_runs_as_written(stack: UpStack) -> None:
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=user_env(), cwd=stack.folder,
                           capture_output=True, text=True, timeout=180)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"hello\.py\s+eval_\w+\s+completed\s+[\d.]+\s+hello from the sandbox", done.stdout)
+    assert re.search(r"hello\.py\s+eval_\w+\s+completed\s+0\s+[\d.]+\s+hello from the sandbox", done.stdout)
     assert "created key" in done.stdout and "alice" in done.stdout
     events = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("data: ")]
     assert events[-1]["status"] == "completed"

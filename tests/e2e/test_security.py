@@ -178,7 +178,8 @@ async def test_the_executor_takes_work_only_with_its_secret(executor_url: str) -
     body = {"eval_id": "secret-check", "code": "print(1)"}
     async with httpx.AsyncClient(base_url=executor_url, timeout=30) as anyone:
         assert (await anyone.get("/health")).status_code == 200
-        assert (await anyone.post("/execute", json=body)).status_code == 401
+        refused = await anyone.post("/execute", json=body)
+        assert refused.status_code == 401 and "EXECUTOR_SECRET" in refused.json()["error"]  # not an API key
         wrong = await anyone.post("/execute", json=body, headers={"authorization": "Bearer guess"})
         assert wrong.status_code == 401 and EXECUTOR_SECRET not in wrong.text
         assert (await anyone.get("/running")).status_code == 401
