@@ -45,11 +45,15 @@ SUBMISSION_FIELDS = ("code", "language", "eval_id", "timeout", "priority", "stdi
 MAX_WARNINGS = 10
 
 
+def unknown_fields(body: dict[str, Any]) -> list[str]:
+    return [name for name in body if name not in SUBMISSION_FIELDS]
+
+
 def ignored_fields(body: dict[str, Any]) -> list[str]:
     """A warning for each field of `body` that nothing reads (at most `MAX_WARNINGS`, then how
     many more). Unknown fields are accepted (old callers send extras such as `engine`), but a
     misspelt one would otherwise go unnoticed."""
-    unknown = [name for name in body if name not in SUBMISSION_FIELDS]
+    unknown = unknown_fields(body)
     warnings = []
     for name in unknown[:MAX_WARNINGS]:
         # a likely misspelling is short; a long name is not compared (difflib is quadratic)
@@ -65,8 +69,7 @@ def parse_submission(body: dict[str, Any], settings: Settings, languages: list[s
     """The submission `body` asks for, or a Refusal naming the first field at fault."""
     s = settings
     if "code" not in body:  # a misspelt `code` is ignored like any unknown field: say which
-        unknown = [name for name in body if name not in SUBMISSION_FIELDS][:MAX_WARNINGS]
-        if close := difflib.get_close_matches("code", unknown, n=1):
+        if close := difflib.get_close_matches("code", unknown_fields(body)[:MAX_WARNINGS], n=1):
             said = f"field 'code' is required; {close[0][:64]!r} is not a known field (did you mean 'code'?)"
             raise InvalidInput(said, field="code")
     code = require_string(body, "code", max_bytes=s.max_code_bytes)

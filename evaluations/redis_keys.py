@@ -76,7 +76,7 @@ class RedisKeys:
 
     def celery_wire_taken(self, queue_list: str) -> str:
         """list: Celery messages taken from `queue_list` whose evaluation is not yet known to
-        be recorded (app/celery_ingress.py restores them at start)."""
+        be recorded (app/celery_ingress.py records them again at start and every minute)."""
         return f"{self.ns}:celery-wire:taken:{queue_list}"
 
     def celery_wire_task(self, task_id: str) -> str:

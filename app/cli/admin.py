@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from app.cli.running_stack import admin_redis
+from app.cli.tables import aligned
 from evaluations.settings import ConfigError, Settings, get_settings
 
 T = TypeVar("T")
@@ -85,15 +86,10 @@ def when(ms: int | None) -> str:
 
 
 def key_table(keys: list[Any]) -> str:
-    """`crucible keys list`: one row per key, columns as wide as their widest cell, two spaces
-    between them."""
+    """`crucible keys list`: one row per key."""
     rows = [("id", "tier", "created (UTC)", "revoked (UTC)", "name")]
     rows += [(k.id, k.tier, when(k.created_ms), when(k.revoked_ms), k.name) for k in keys]
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4]
-        for row in rows
-    )
+    return aligned(rows)
 
 
 def ensure_admin_key(redis_url: str, settings: Settings) -> str:

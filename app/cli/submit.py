@@ -22,6 +22,7 @@ import httpx
 from tqdm import tqdm
 
 from app.cli import running_stack
+from app.cli.tables import aligned
 from evaluations.languages import EXTENSIONS
 from evaluations.settings import ConfigError, get_settings
 from evaluations.status import TERMINAL
@@ -175,11 +176,7 @@ def result_table(ids: dict[str, Path], results: dict[str, dict[str, Any]]) -> st
         runtime, code = r.get("runtime_ms"), r.get("exit_code")
         rows.append((str(path), eval_id, r["status"], "-" if code is None else str(code),
                      "-" if runtime is None else f"{runtime:g}", said(r)[:80]))  # fmt: skip
-    widths = [max(len(row[column]) for row in rows) for column in range(5)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[5]
-        for row in rows
-    )
+    return aligned(rows)
 
 
 async def send_and_wait(args: argparse.Namespace, where: Target, bodies: list[dict[str, Any]]) -> int:
