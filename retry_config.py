@@ -1,6 +1,6 @@
 """The Celery worker service's `retry_config` module: the very objects our Backoff middleware uses."""
 
-from app.celery_compat import DeadLetterQueue
+from app.celery.shim import DeadLetterQueue
 from middleware.retry_policy import (
     NON_RETRYABLE_HTTP_CODES,
     RETRY_POLICIES,

@@ -3,7 +3,7 @@
 from tasks import evaluate_code, health_check, cleanup_old_evaluations
 """
 
-from app.celery_compat import (
+from app.celery.shim import (
     AsyncResult,
     DeadLetterQueue,
     EvaluationFailed,

@@ -36,9 +36,9 @@ from redis.commands.core import Script
 from evaluations import json_codec
 from evaluations.queue import LEVEL_OPTION, LEVELS, QUEUE_NAME, TICK_OPTION, decode_message, encode_message
 from evaluations.quotas import QUOTA_FUNCTION_LUA
-from evaluations.redis_client import sync_client
 from evaluations.redis_keys import RedisKeys
 from evaluations.store import HISTOGRAM_BOUNDS_MS, STATUS_FUNCTIONS_LUA, TRANSITION_LUA, StatusChange, utc_now
+from infra.redis_client import sync_client
 from middleware.running import RECORDS_STATUS
 from middleware.state import (
     DEAD_LETTER,

@@ -1,7 +1,7 @@
 """The dead-letter queue: entries the DeadLetters middleware wrote, read and acted on.
 
 `AsyncDeadLetterQueue` serves the API and the scheduler; the Celery service's synchronous
-`DeadLetterQueue` (in `app.celery_compat`, importable from `tasks`) wraps it.
+`DeadLetterQueue` (in `app.celery.shim`, importable from `tasks`) wraps it.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ import structlog
 from dramatiq.middleware import CurrentMessage
 
 from actors.runtime import runtime
-from evaluations.settings import get_settings
 from evaluations.status import FINISH, START, Status
 from evaluations.store import NewEvaluation, StatusChange, utc_now
+from infra.settings import get_settings
 from middleware.state import STATUS_CHANGE, UNRECORDED, attempt_of, worker_name
 
 log = structlog.get_logger(__name__)

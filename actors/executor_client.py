@@ -16,8 +16,8 @@ import aiohttp
 import structlog
 
 from evaluations import json_codec
-from evaluations.credentials import executor_headers
 from evaluations.languages import COMPILE_TIMEOUT_SECONDS, wall_limit
+from infra.credentials import executor_headers
 
 log = structlog.get_logger(__name__)
 

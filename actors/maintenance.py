@@ -20,7 +20,7 @@ from actors.dlq import AsyncDeadLetterQueue
 from actors.runtime import runtime
 from evaluations.queue import TICK_OPTION
 from evaluations.redis_keys import RedisKeys
-from evaluations.settings import get_settings
+from infra.settings import get_settings
 from middleware.state import worker_name
 
 log = structlog.get_logger(__name__)

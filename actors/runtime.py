@@ -18,9 +18,9 @@ from dramatiq import Broker, Middleware, Worker
 from dramatiq.asyncio import get_event_loop_thread
 
 from actors.executor_client import ExecutorPool
-from evaluations.redis_client import async_client
-from evaluations.settings import get_settings
 from evaluations.store import EvaluationStore, StatusForwarder
+from infra.redis_client import async_client
+from infra.settings import get_settings
 
 log = structlog.get_logger(__name__)
 

@@ -10,9 +10,9 @@ import time
 
 import redis
 
-from evaluations.redis_client import sync_client
 from evaluations.redis_keys import RedisKeys
-from evaluations.settings import Settings
+from infra.redis_client import sync_client
+from infra.settings import Settings
 from middleware.state import worker_name
 
 #: A scheduler is shown as gone when silent this long.

@@ -21,14 +21,14 @@ from periodiq import PeriodiqMiddleware, cron
 from actors import evaluate, maintenance
 from actors.broker import PriorityBroker
 from actors.runtime import CloseRuntime, forward_now, forward_soon
-from evaluations.logs import configure_logging
 from evaluations.queue import ENCODER, EVALUATE_ACTOR, HEALTH_CHECK_ACTOR, QUEUE_NAME, actor_time_limit_ms
-from evaluations.redis_client import sync_client
 from evaluations.redis_keys import RedisKeys
-from evaluations.settings import Settings, get_settings
+from infra.logs import configure_logging
+from infra.redis_client import sync_client
+from infra.settings import Settings, get_settings
 from middleware.backoff import Backoff
-from middleware.collector import CollectorForServing
 from middleware.dead_letter import DeadLetters
+from middleware.gc_for_serving import TuneGcForServing
 from middleware.priority import PriorityRouting
 from middleware.retry_policy import apply_overrides
 from middleware.running import RECORDS_STATUS, MarkRunning
@@ -56,7 +56,7 @@ def build_broker(settings: Settings) -> PriorityBroker:
             # First, so its after-hooks run last (Dramatiq calls them in reverse order) and see
             # what Backoff decided about each message.
             WorkerStats(),
-            CollectorForServing(),
+            TuneGcForServing(),
             AsyncIO(),
             CloseRuntime(),
             CurrentMessage(),
@@ -83,7 +83,7 @@ Actor = dramatiq.Actor[Any, Any]
 
 
 @dataclass(frozen=True)
-class Worker:
+class DeclaredActors:
     """The broker and the actors declared on it."""
 
     broker: PriorityBroker
@@ -93,10 +93,10 @@ class Worker:
     monitor_dead_letter_queue: Actor
 
 
-def declare_actors(broker: PriorityBroker, settings: Settings) -> Worker:
+def declare_actors(broker: PriorityBroker, settings: Settings) -> DeclaredActors:
     """Declare every actor on `broker`, each with its level, time limit or schedule."""
     time_limit = actor_time_limit_ms(settings.max_timeout)
-    return Worker(
+    return DeclaredActors(
         broker=broker,
         evaluate_code=dramatiq.actor(
             evaluate.evaluate_code, broker=broker, actor_name=EVALUATE_ACTOR, queue_name=QUEUE_NAME,
@@ -117,7 +117,7 @@ def declare_actors(broker: PriorityBroker, settings: Settings) -> Worker:
     )  # fmt: skip
 
 
-def build_worker(settings: Settings) -> Worker:
+def build_worker(settings: Settings) -> DeclaredActors:
     """Everything a worker (or a process sending actors' messages) needs, made Dramatiq's globals."""
     configure_logging(settings.log_level, settings.log_format)
     broker = build_broker(settings)
@@ -127,7 +127,7 @@ def build_worker(settings: Settings) -> Worker:
 
 
 @cache
-def process_worker() -> Worker:
+def process_worker() -> DeclaredActors:
     """This process's worker, built once from the environment."""
     return build_worker(get_settings())
 

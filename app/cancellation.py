@@ -21,7 +21,7 @@ import structlog
 
 from actors.broker import AsyncEnqueuer
 from actors.executor_client import ExecutorPool
-from app.legacy import LegacyCelery
+from app.migration.legacy import LegacyCelery
 from evaluations.queue import task_id_of
 from evaluations.status import CANCEL_BY_STATE, CANCEL_LEGACY, TERMINAL, Status, Transition, celery_state
 from evaluations.store import EvaluationStore, StatusChange, utc_now

@@ -10,17 +10,17 @@ import redis.asyncio as aioredis
 from actors.broker import AsyncEnqueuer
 from actors.dlq import AsyncDeadLetterQueue
 from actors.executor_client import ExecutorPool
+from app.api.event_streams import EventStreams
 from app.cancellation import Canceller
-from app.event_streams import EventStreams
-from app.legacy import LegacyCelery
-from app.migration import MigrationControl
+from app.migration.control import MigrationControl
+from app.migration.legacy import LegacyCelery
 from app.submission import Submitter
 from evaluations.api_keys import KeyStore
 from evaluations.quotas import RateLimiter
-from evaluations.redis_client import async_client
-from evaluations.redis_memory import MemoryGuard
-from evaluations.settings import Settings
 from evaluations.store import EvaluationStore, StatusForwarder
+from infra.redis_client import async_client
+from infra.redis_memory import MemoryGuard
+from infra.settings import Settings
 
 
 @dataclass

@@ -23,15 +23,15 @@ from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.broker import AsyncEnqueuer
-from app.legacy import LegacyCelery, LegacyUnavailable
-from app.migration import MigrationControl, other, shadow_id
+from app.migration.control import MigrationControl, other, shadow_id
+from app.migration.legacy import LegacyCelery, LegacyUnavailable
 from evaluations.api_keys import ApiKey
 from evaluations.errors import Conflict, Refusal
 from evaluations.queue import evaluation_message
 from evaluations.quotas import Allowance, RateLimiter
-from evaluations.redis_memory import MemoryGuard
 from evaluations.status import TERMINAL
 from evaluations.store import EvaluationStore, NewEvaluation
+from infra.redis_memory import MemoryGuard
 
 log = structlog.get_logger(__name__)
 

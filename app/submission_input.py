@@ -14,7 +14,6 @@ from app.submission import Submission
 from evaluations.errors import InvalidInput
 from evaluations.languages import registry
 from evaluations.queue import level_of_priority
-from evaluations.settings import Settings
 from evaluations.validation import (
     MAX_ARG_BYTES,
     MAX_ARGS,
@@ -23,6 +22,7 @@ from evaluations.validation import (
     require_string,
     require_string_list,
 )
+from infra.settings import Settings
 
 #: No ':' — it separates parts of Redis keys ("{ns}:eval:{id}:events").
 EVAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")

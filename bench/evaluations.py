@@ -147,9 +147,9 @@ async def raw_sandbox(runs: int, parallel: int, forks: bool, rate_runs: int) -> 
     """The sandboxed command alone: `runs` single-run times, then the rate of `rate_runs` runs
     in `parallel` loops (as many as the burst it is compared with); `forks`: forked from fork
     servers (executor/fork_server.py), else every run cold."""
-    from evaluations.logs import configure_logging
-    from evaluations.settings import get_settings
     from executor.app import Executor, open_sandbox
+    from infra.logs import configure_logging
+    from infra.settings import get_settings
 
     configure_logging("WARNING", "json")  # the executor's per-run lines would drown the table
     settings = dataclasses.replace(

@@ -63,8 +63,8 @@ def run_ours(url: str, args: argparse.Namespace, client: redis.Redis) -> dict[st
 
     from actors.broker import AsyncEnqueuer
     from evaluations.queue import QUEUE_NAME
-    from evaluations.redis_client import async_client
     from evaluations.store import EvaluationStore, NewEvaluation
+    from infra.redis_client import async_client
 
     key = f"{namespace}:bench:done"
 

@@ -76,7 +76,7 @@ class RedisKeys:
 
     def celery_wire_taken(self, queue_list: str) -> str:
         """list: Celery messages taken from `queue_list` whose evaluation is not yet known to
-        be recorded (app/celery_ingress.py records them again at start and every minute)."""
+        be recorded (app/celery/ingress.py records them again at start and every minute)."""
         return f"{self.ns}:celery-wire:taken:{queue_list}"
 
     def celery_wire_task(self, task_id: str) -> str:
@@ -227,7 +227,7 @@ class RedisKeys:
         """counter: one key's open event streams."""
         return f"{self.ns}:streams:{key_id}"
 
-    # -- migration from the legacy Celery deployment (app/migration.py) ----------------------
+    # -- migration from the legacy Celery deployment (app/migration/control.py) ----------------------
     @property
     def migration(self) -> str:
         """hash: the split's knobs as changed at run time."""

@@ -155,7 +155,7 @@ class NewEvaluation:
     #: how many of the owner's evaluations may run at once (its tier's `max_running`; 0: any)
     max_running: int = 0
     #: the Celery result-backend key the evaluation's changes are written to (status.lua), when
-    #: it came from a Celery producer (app/celery_ingress.py)
+    #: it came from a Celery producer (app/celery/ingress.py)
     celery_meta: str | None = None
     created_at: str = field(default_factory=utc_now)
 

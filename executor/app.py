@@ -23,10 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from evaluations.credentials import SharedSecretBackend, auth_failed
 from evaluations.errors import Busy, InvalidInput
 from evaluations.languages import Language, registry
-from evaluations.settings import ConfigError, Settings, get_settings
 from evaluations.validation import (
     MAX_ARG_BYTES,
     MAX_ARGS,
@@ -35,7 +33,15 @@ from evaluations.validation import (
     require_string,
     require_string_list,
 )
-from evaluations.web import (
+from executor import uid_range
+from executor.cgroups import CgroupsV1, DiskLimits
+from executor.errors import SandboxBusy, SandboxError
+from executor.limits import Limits
+from executor.sandbox import Sandbox
+from executor.seccomp import build_filter
+from infra.credentials import SharedSecretBackend, auth_failed
+from infra.settings import ConfigError, Settings, get_settings
+from infra.web import (
     EXECUTOR_SCOPE,
     Handler,
     error_response,
@@ -44,12 +50,6 @@ from evaluations.web import (
     read_json_object,
     requires,
 )
-from executor import uid_range
-from executor.cgroups import CgroupsV1, DiskLimits
-from executor.errors import SandboxBusy, SandboxError
-from executor.limits import Limits
-from executor.sandbox import Sandbox
-from executor.seccomp import build_filter
 
 log = structlog.get_logger(__name__)
 

@@ -42,6 +42,3 @@ class Slots:
     def hold(self, slot: int, eval_id: str) -> None:
         """Keep a busy slot out of use (its uid still has live processes) until `release`."""
         self.held[slot] = eval_id
-
-    def is_busy(self, slot: int) -> bool:
-        return slot in self._busy

@@ -17,7 +17,7 @@ import signal
 from collections.abc import Iterable
 from pathlib import Path
 
-from evaluations.settings import ConfigError
+from infra.settings import ConfigError
 
 #: Shared by every process on the host whatever its TMPDIR (/run/lock is the host's lock folder).
 LOCK_DIR = Path("/run/lock") if os.access("/run/lock", os.W_OK) else Path("/tmp")

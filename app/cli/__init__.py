@@ -23,7 +23,7 @@ from app.cli.serve import (
     run_worker,
 )
 from app.cli.supervisor import run_up
-from evaluations.settings import ConfigError
+from infra.settings import ConfigError
 
 #: The description `crucible --help` prints.
 DESCRIPTION = (

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from app.cli.running_stack import admin_redis
 from app.cli.tables import aligned
-from evaluations.settings import ConfigError, Settings, get_settings
+from infra.settings import ConfigError, Settings, get_settings
 
 T = TypeVar("T")
 #: How long a command waits to connect to Redis before it says it cannot.
@@ -28,7 +28,7 @@ def on_admin_redis(command: str, act: Callable[[Any, str], Awaitable[T]]) -> T |
     on stderr, when that Redis does not answer."""
     from redis.exceptions import ConnectionError, TimeoutError
 
-    from evaluations.redis_client import async_client, redact_url
+    from infra.redis_client import async_client, redact_url
 
     url, namespace = admin_redis(get_settings())
 
@@ -96,7 +96,7 @@ def ensure_admin_key(redis_url: str, settings: Settings) -> str:
     """Development mode: make an admin key on first start, keep it in the data folder (0600),
     and return it so `crucible up` can print it. Later starts print the same key."""
     from evaluations.api_keys import KeyStore
-    from evaluations.redis_client import async_client
+    from infra.redis_client import async_client
 
     path = settings.data_dir / "admin.key"
 
@@ -124,7 +124,7 @@ def run_migration(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from app.migration import MigrationControl, migration_report
+    from app.migration.control import MigrationControl, migration_report
     from evaluations.store import EvaluationStore
 
     s = get_settings()

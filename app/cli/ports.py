@@ -10,7 +10,7 @@ import re
 import socket
 from dataclasses import dataclass
 
-from evaluations.settings import Settings
+from infra.settings import Settings
 
 #: The command line of a piece of a Crucible stack (`crucible api`, `python -m app.cli executor`...).
 CRUCIBLE_PIECE = re.compile(

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from app.cli.ports import port_is_free
-from evaluations.settings import ConfigError, Settings
+from infra.settings import ConfigError, Settings
 
 STACK_FILE = "stack.json"
 LOCK_FILE = "up.lock"

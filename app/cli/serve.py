@@ -14,8 +14,8 @@ import sys
 import threading
 from typing import Any
 
-from evaluations.logs import configure_logging
-from evaluations.settings import get_settings
+from infra.logs import configure_logging
+from infra.settings import get_settings
 
 #: How long a worker process waits for its running evaluations on shutdown.
 WORKER_SHUTDOWN_MS = 30_000
@@ -36,10 +36,10 @@ def stop_on_signals() -> threading.Event:
 
 def serve(factory: str, host: str, port: int, **options: Any) -> int:
     """Run an app factory under uvicorn, logging through our structlog set-up; a request's
-    headers must arrive within CRUCIBLE_HEADER_TIMEOUT_S (evaluations/slow_clients.py)."""
+    headers must arrive within CRUCIBLE_HEADER_TIMEOUT_S (infra/slow_clients.py)."""
     import uvicorn
 
-    from evaluations.slow_clients import PROTOCOL
+    from infra.slow_clients import PROTOCOL
 
     s = get_settings()
     configure_logging(s.log_level, s.log_format)
@@ -51,7 +51,7 @@ def run_api(args: argparse.Namespace) -> int:
     s = get_settings()
     # several processes share one listening socket; each has its own Redis pool (app/services.py)
     return serve(
-        "app.api:create_app", s.api_host, s.api_port, workers=s.api_processes,
+        "app.api.routes:create_app", s.api_host, s.api_port, workers=s.api_processes,
         timeout_graceful_shutdown=API_STOP_GRACE_S, limit_concurrency=s.api_max_connections,
     )  # fmt: skip
 
@@ -60,7 +60,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
     """The API app on the dashboard's port, `/` opening the dashboard (Flower's port, 5555)."""
     s = get_settings()
     return serve(
-        "app.api:create_dashboard_app", s.dashboard_host, s.dashboard_port,
+        "app.api.routes:create_dashboard_app", s.dashboard_host, s.dashboard_port,
         timeout_graceful_shutdown=API_STOP_GRACE_S, limit_concurrency=s.api_max_connections,
     )  # fmt: skip
 
@@ -104,10 +104,10 @@ def run_scheduler(args: argparse.Namespace) -> int:
 
 
 def run_celery_ingress(args: argparse.Namespace) -> int:
-    """Celery producers' task messages taken as evaluations (app/celery_ingress.py)."""
+    """Celery producers' task messages taken as evaluations (app/celery/ingress.py)."""
     import asyncio
 
-    from app import celery_ingress
+    from app.celery import ingress as celery_ingress
 
     s = get_settings()
     configure_logging(s.log_level, s.log_format)
@@ -129,7 +129,7 @@ def run_embedded_redis(args: argparse.Namespace) -> int:
         data_dir=data_dir,
         persist=True,
         # a full Valkey refuses writes rather than evict queues or results silently; the API
-        # refuses new submissions before that (evaluations/redis_memory.py)
+        # refuses new submissions before that (infra/redis_memory.py)
         config={
             "appendonly": "yes",
             "appendfsync": "everysec",

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from app.cli import running_stack
 from app.cli.tables import aligned
 from evaluations.languages import EXTENSIONS
-from evaluations.settings import ConfigError, get_settings
 from evaluations.status import TERMINAL
+from infra.settings import ConfigError, get_settings
 
 BATCH = 100
 POLL_S = 0.3

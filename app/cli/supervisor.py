@@ -28,8 +28,8 @@ from app.cli.ports import free_port, listeners, port_problem
 from app.cli.readiness import Children, wait_ready
 from app.cli.running_stack import RunningStack
 from app.cli.serve import WORKER_SHUTDOWN_MS, stop_on_signals
-from evaluations.redis_client import redact_url
-from evaluations.settings import Settings, get_settings
+from infra.redis_client import redact_url
+from infra.settings import Settings, get_settings
 
 
 def run_up(args: argparse.Namespace) -> int:

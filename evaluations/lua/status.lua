@@ -28,7 +28,7 @@
 -- channels $ns:events and $ns:events:$id   each change is published to both as JSON
 
 local LATENCY_SAMPLES = 1000
--- Celery's result backend (app/celery_ingress.py): an evaluation taken from a Celery producer
+-- Celery's result backend (app/celery/ingress.py): an evaluation taken from a Celery producer
 -- carries `celery_meta`, the key its producer's AsyncResult reads; each change writes it
 -- as Celery's RedisBackend does (the JSON meta, kept a day, published on a channel of that name).
 local CELERY_RESULT_EXPIRES_S = 86400

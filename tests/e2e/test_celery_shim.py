@@ -34,7 +34,7 @@ def run_client(stack: Stack, scenario: str, prefix: str) -> dict[str, Any]:
 def test_retry_config_exports_the_middlewares_own_objects() -> None:
     import retry_config
     import tasks
-    from app.celery_compat import DeadLetterQueue
+    from app.celery.shim import DeadLetterQueue
 
     assert retry_config.RETRY_POLICIES is policy.RETRY_POLICIES
     assert retry_config.calculate_retry_delay is policy.calculate_retry_delay
@@ -56,7 +56,7 @@ async def test_seed_readme_calls_work_unchanged(shared_stack: Stack, api: httpx.
     assert (await api.get(f"/api/eval/{prefix}-high")).json()["queue"] == "high"  # queue="high_priority"
     assert (await api.get(f"/api/eval/{prefix}-low")).json()["queue"] == "low"  # priority=1
 
-    assert seen["bad_get_raises"] == "app.celery_compat.EvaluationFailed"
+    assert seen["bad_get_raises"] == "app.celery.shim.EvaluationFailed"
     assert seen["bad_get_no_propagate"] == "EvaluationFailed"
     assert seen["bad"]["state"] == "FAILURE" and seen["bad"]["failed"] and seen["bad"]["ready"]
     assert "ValueError: boom" in seen["bad_traceback"]
@@ -65,12 +65,12 @@ async def test_seed_readme_calls_work_unchanged(shared_stack: Stack, api: httpx.
     assert "boom" in info["error"] and "Traceback" in info["traceback"]
 
     assert seen["slow_started"]["state"] == "STARTED" and not seen["slow_started"]["ready"]
-    assert seen["slow_timeout_raises"] == "app.celery_compat.TimeoutError"
+    assert seen["slow_timeout_raises"] == "app.celery.shim.TimeoutError"
     refused = seen["slow_cancel_refused"]
     assert refused["cancelled"] is False and refused["previous_state"] == "STARTED"
     assert refused["message"] == "Task is already running. Use terminate=true to force stop."
     assert seen["slow_revoked"]["state"] == "REVOKED" and seen["slow_revoked"]["ready"]
-    assert seen["slow_get_raises"] == "app.celery_compat.TaskRevokedError"
+    assert seen["slow_get_raises"] == "app.celery.shim.TaskRevokedError"
     assert seen["slow_cancel_again"]["message"] == "Task was already cancelled"
     assert seen["ok_cancel"]["message"] == "Task already completed with state: SUCCESS"
     assert seen["ok_cancel"]["cancelled"] is False

@@ -1,4 +1,4 @@
-"""The Celery wire (app/celery_ingress.py), driven by the real `celery` client package as the
+"""The Celery wire (app/celery/ingress.py), driven by the real `celery` client package as the
 platform's unchanged producers drive it: `send_task` by name onto the legacy queues, results
 through Celery's Redis result backend. Each test has a Redis database of its own: the Celery
 queue lists are not namespaced."""
@@ -277,9 +277,9 @@ async def test_a_message_left_in_the_ingress_list_while_it_runs_is_recorded_with
     process; it takes only the `evaluation` queue, and the message is moved from `batch`."""
     import asyncio
 
-    from app import celery_ingress
+    from app.celery import ingress as celery_ingress
     from app.services import Services
-    from evaluations.settings import Settings
+    from infra.settings import Settings
 
     ns = f"crucible-test-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("REDIS_URL", own_database)

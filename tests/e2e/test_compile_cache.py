@@ -9,9 +9,9 @@ import pytest
 
 from bench.stack import free_uid_base
 from evaluations.languages import registry
-from evaluations.settings import Settings
 from executor.app import open_sandbox, request_limits
 from executor.compile_cache import CompileCache
+from infra.settings import Settings
 
 C = registry("/usr/bin/python3").get("c")
 PROGRAM = '#include <stdio.h>\nint main(){int x; scanf("%d", &x); printf("%d\\n", x * 2); return 0;}'

@@ -6,7 +6,7 @@ import time
 
 import redis
 
-from app.celery_compat import DeadLetterQueue
+from app.celery.shim import DeadLetterQueue
 
 
 def entry(task_id: str, exception_class: str, task_name: str = "evaluate_code") -> dict:

@@ -6,7 +6,7 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from app.event_streams import EventStreams
+from app.api.event_streams import EventStreams
 from evaluations.store import EvaluationStore, NewEvaluation
 
 

@@ -24,7 +24,7 @@ from actors.executor_client import ExecutorConnectionLost, ExecutorPool, answer_
 from actors.runtime import CloseRuntime, runtime
 from bench.stack import free_port
 from evaluations.languages import COMPILE_TIMEOUT_SECONDS
-from evaluations.settings import get_settings
+from infra.settings import get_settings
 from middleware.retry_policy import policy_for
 from tests.conftest import stack_env, start_stack
 from tests.helpers import api_client, submit, wait_final

@@ -16,11 +16,11 @@ import pytest
 
 from bench.stack import free_uid_base
 from evaluations.languages import registry
-from evaluations.settings import Settings
 from executor.app import open_sandbox, request_limits
 from executor.fork_server import EXTRA_PROCESSES
 from executor.sandbox import Sandbox
 from executor.verdict import RunResult
+from infra.settings import Settings
 
 PYTHON = registry("/usr/bin/python3")["python"]
 #: What a cold run and a forked one must answer alike (status, exit code, signal, output, error).

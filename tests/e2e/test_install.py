@@ -12,7 +12,7 @@ from pathlib import Path
 from bench.stack import ROOT
 
 #: The data files the services read from their packages at run time.
-DATA_FILES = ("actors/lua/dispatch.lua", "evaluations/lua/status.lua", "app/static/dashboard.html")
+DATA_FILES = ("actors/lua/dispatch.lua", "evaluations/lua/status.lua", "app/api/static/dashboard.html")
 #: What setuptools said on every install before: `Package 'actors.lua' is absent from the
 #: packages configuration` (and for app.lua, app.static), and a notice on each editable one.
 NOISE = ("absent from the packages configuration", "SetuptoolsDeprecationWarning", "Editable installation")

@@ -13,7 +13,7 @@ import httpx
 import redis.asyncio as aioredis
 
 from bench.stack import free_port, process, wait_http
-from evaluations.redis_client import POOL_SIZE
+from infra.redis_client import POOL_SIZE
 from tests.conftest import Stack, stack_env, start_api
 from tests.helpers import api_client, submit, wait_final
 

@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 
-from app.legacy import LegacyState
-from app.migration import MigrationControl
-from app.migration_tracker import legacy_outcome
-from evaluations.settings import get_settings
+from app.migration.control import MigrationControl
+from app.migration.legacy import LegacyState
+from app.migration.tracker import legacy_outcome
+from infra.settings import get_settings
 
 
 async def test_runtime_values_override_the_environment_and_the_env_rollback_wins(

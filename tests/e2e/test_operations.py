@@ -173,11 +173,11 @@ def test_a_setting_the_service_cannot_use_is_named_without_a_traceback() -> None
 
 
 async def test_the_api_sets_the_collector_for_serving_once_started(redis_url: str, namespace: str) -> None:
-    """Full collections skip what start-up made, and young ones run less often (evaluations/gc_tuning.py):
+    """Full collections skip what start-up made, and young ones run less often (infra/gc_tuning.py):
     measured, this took the slowest `POST /api/eval` from ~45 ms to ~15 ms under load."""
-    from app.api import create_app
-    from evaluations.gc_tuning import YOUNG_THRESHOLD
-    from evaluations.settings import Settings
+    from app.api.routes import create_app
+    from infra.gc_tuning import YOUNG_THRESHOLD
+    from infra.settings import Settings
 
     app = create_app(dataclasses.replace(Settings.from_env(), redis_url=redis_url, namespace=namespace))
     before = gc.get_threshold()
@@ -197,8 +197,8 @@ def test_a_worker_process_sets_the_collector_for_serving_once_booted(redis_url: 
     from dramatiq import Worker
 
     from actors.worker import build_broker
-    from evaluations.gc_tuning import YOUNG_THRESHOLD
-    from evaluations.settings import Settings
+    from infra.gc_tuning import YOUNG_THRESHOLD
+    from infra.settings import Settings
 
     global_broker = dramatiq.broker.global_broker  # build_broker replaces it: put it back after
     broker = build_broker(dataclasses.replace(Settings.from_env(), redis_url=redis_url, namespace=namespace))

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from bench.stack import LOG_DIR, free_port, process, wait_http
 from evaluations.api_keys import KeyStore
-from evaluations.redis_client import POOL_SIZE, async_client
+from infra.redis_client import POOL_SIZE, async_client
 from tests.conftest import Stack, stack_env, start_stack
 from tests.helpers import TERMINAL, api_client, executor_client, submit, wait_final
 

@@ -12,13 +12,13 @@ from typing import Any
 import httpx
 
 from evaluations.languages import registry
-from evaluations.settings import Settings
 from executor.app import open_cgroups, stage_bwrap
 from executor.errors import SandboxError
 from executor.limits import Limits
 from executor.sandbox import Sandbox
 from executor.seccomp import build_filter
 from executor.verdict import RunResult
+from infra.settings import Settings
 from tests.helpers import execute as run
 from tests.helpers import executor_client
 

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from evaluations.languages import registry
-from evaluations.settings import Settings
 from executor.app import stage_bwrap
 from executor.errors import SandboxBusy
 from executor.limits import Limits
@@ -28,6 +27,7 @@ from executor.runs import KillMemory, Run
 from executor.sandbox import Sandbox
 from executor.spawn import Started
 from executor.supervise import KILL_GRACE_S, Deadlines, supervise
+from infra.settings import Settings
 
 OUTLIVES_S = 4
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The code packages, lowest layer first, and the top-level modules kept for Celery callers.
-PACKAGES = ("evaluations", "middleware", "actors", "executor", "app")
+PACKAGES = ("evaluations", "infra", "middleware", "actors", "executor", "app")
 TOP_MODULES = ("tasks", "retry_config")
 
 

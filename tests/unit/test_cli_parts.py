@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from app.cli.ports import Listener, free_port, port_problem
-from evaluations.redis_client import redact_url
+from infra.redis_client import redact_url
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import yaml
 from bench.stack import ROOT
 
 DEPLOY = ROOT / "deploy"
-CONFIG_SOURCE = (ROOT / "evaluations" / "settings.py").read_text()
+CONFIG_SOURCE = (ROOT / "infra" / "settings.py").read_text()
 ROLES = {"api", "worker", "scheduler", "executor", "dashboard"}
 
 

@@ -14,8 +14,8 @@ FIRST_SCREEN_LINES = 45
 
 
 def settings_read() -> set[str]:
-    """Every environment variable `evaluations/settings.py` reads."""
-    source = (ROOT / "evaluations" / "settings.py").read_text()
+    """Every environment variable `infra/settings.py` reads."""
+    source = (ROOT / "infra" / "settings.py").read_text()
     return set(re.findall(r'(?:_\w+|environ\.get)\(\s*"([A-Z][A-Z0-9_]+)"', source))
 
 

@@ -1,9 +1,9 @@
-"""Domain exceptions become HTTP answers in one place (evaluations/web.py)."""
+"""Domain exceptions become HTTP answers in one place (infra/web.py)."""
 
 from __future__ import annotations
 
 from evaluations import errors
-from evaluations.web import HTTP_STATUS, error_body, status_of
+from infra.web import HTTP_STATUS, error_body, status_of
 
 
 def test_every_kind_of_refusal_has_its_status_code() -> None:

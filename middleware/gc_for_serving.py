@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dramatiq import Broker, Middleware, Worker
 
-from evaluations.gc_tuning import tune_for_serving
+from infra.gc_tuning import tune_for_serving
 
 
-class CollectorForServing(Middleware):
-    """What evaluations/gc_tuning.py does for the API, for a worker process: measured with
+class TuneGcForServing(Middleware):
+    """What infra/gc_tuning.py does for the API, for a worker process: measured with
     `bench queue --tasks 5000`, four runs each way, no-op tasks/s went from 2146-2454 to
     2525-2614."""
 

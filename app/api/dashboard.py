@@ -2,7 +2,7 @@
 
 Mounted under the API at `/dashboard`; `crucible dashboard` serves the same app on
 `DASHBOARD_PORT` (5555, Flower's port) with `/` leading to it. No build step, no CDN: the
-page, its script and its style ship in `app/static`.
+page, its script and its style ship in `app/api/static`.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from evaluations.errors import Unavailable
 from evaluations.queue import task_id_of
-from evaluations.redis_client import async_client
+from infra.redis_client import async_client
 
 #: Our levels → the legacy deployment's queues (it had no worker on a separate low queue).
 LEGACY_QUEUES = {"high": "high_priority", "default": "evaluation", "low": "evaluation"}

@@ -1,6 +1,6 @@
 """Credentials as the two HTTP services read them: a bearer token (or `X-API-Key`) compared in
 constant time, and the shared secret a worker presents to an executor (`EXECUTOR_SECRET`).
-The API's key look-up builds on these (`app/auth.py`); the executor uses them alone."""
+The API's key look-up builds on these (`app/api/auth.py`); the executor uses them alone."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from starlette.authentication import AuthCredentials, AuthenticationBackend, Aut
 from starlette.requests import HTTPConnection
 
 from evaluations.api_keys import ApiKey
-from evaluations.web import EXECUTOR_SCOPE, JSONResponse
+from infra.web import EXECUTOR_SCOPE, JSONResponse
 
 
 class Caller(BaseUser):

@@ -11,7 +11,7 @@ and nothing runs twice. An unknown task name or a message that does not parse is
 with its reason (the DLQ, `GET /api/dlq/tasks`) and counted, never dropped.
 
 Revokes broadcast by the producers (`control.revoke(id, terminate=...)`) are carried out here
-too (app/celery_control.py).
+too (app/celery/control.py).
 
 Each status change of such an evaluation writes `celery-task-meta-<task id>` as Celery's Redis
 result backend does (evaluations/lua/status.lua): PENDING, STARTED, then SUCCESS with the
@@ -28,13 +28,13 @@ from typing import Any
 
 import structlog
 
-from app import celery_control
+from app.celery import control as celery_control
 from app.services import Services
 from app.submission_input import offered_languages, parse_submission
 from evaluations.celery_wire import CeleryTask, decode, queue_lists, submission_body
 from evaluations.errors import Conflict
 from evaluations.queue import LEVEL_ALIASES, level_of_priority
-from evaluations.settings import Settings
+from infra.settings import Settings
 
 log = structlog.get_logger(__name__)
 

@@ -15,10 +15,10 @@ import asyncio
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from evaluations.settings import get_settings
+from infra.settings import get_settings
 
 #: uvicorn's `http` option naming this protocol.
-PROTOCOL = "evaluations.slow_clients:HeaderDeadlineProtocol"
+PROTOCOL = "infra.slow_clients:HeaderDeadlineProtocol"
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):

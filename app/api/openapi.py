@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from evaluations.queue import LEVELS
-from evaluations.settings import Settings
 from evaluations.status import STATUSES
 from evaluations.validation import FALSE_WORDS, MIN_MEMORY_MB, TRUE_WORDS
+from infra.settings import Settings
 
 ERROR = {
     "type": "object",

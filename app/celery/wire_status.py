@@ -1,4 +1,4 @@
-"""What `/health` and the dashboard say of the Celery wire (app/celery_ingress.py)."""
+"""What `/health` and the dashboard say of the Celery wire (app/celery/ingress.py)."""
 
 from __future__ import annotations
 

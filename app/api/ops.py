@@ -16,18 +16,18 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.celery_wire_status import wire_status
-from app.migration import SYSTEMS, migration_report
+from app.celery.wire_status import wire_status
+from app.migration.control import SYSTEMS, migration_report
 from app.services import Services
-from app.status import SystemStatus
+from app.system_status import SystemStatus
 from evaluations.errors import InvalidInput
 from evaluations.queue import LEVELS
-from evaluations.redis_client import redact_url
-from evaluations.redis_memory import memory_use
 from evaluations.status import STATUSES, TERMINAL, Status
 from evaluations.store import HISTOGRAM_BOUNDS_MS
 from evaluations.validation import require_bool, require_number
-from evaluations.web import JSONResponse, query_int, read_json_object
+from infra.redis_client import redact_url
+from infra.redis_memory import memory_use
+from infra.web import JSONResponse, query_int, read_json_object
 from middleware.retry_policy import RETRY_POLICIES
 
 log = structlog.get_logger(__name__)

@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from evaluations import errors, json_codec
-from evaluations.settings import get_settings
 from evaluations.validation import bool_word
+from infra.settings import get_settings
 
 log = structlog.get_logger(__name__)
 

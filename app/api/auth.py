@@ -14,9 +14,9 @@ from starlette.authentication import AuthCredentials, AuthenticationBackend, Aut
 from starlette.requests import HTTPConnection
 
 from evaluations.api_keys import ApiKey, KeyStore
-from evaluations.credentials import Caller, KeysUnavailable, presented_key, same
-from evaluations.settings import Settings
-from evaluations.web import Handler
+from infra.credentials import Caller, KeysUnavailable, presented_key, same
+from infra.settings import Settings
+from infra.web import Handler
 
 #: Paths that answer anyone: credentials sent there are not even looked at (a bad key gets no 401).
 PUBLIC_PATHS = frozenset({"/health"})

@@ -19,7 +19,7 @@ from typing import TypeVar
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from app.services import Services
-from evaluations.settings import Settings, get_settings
+from infra.settings import Settings, get_settings
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """Brings the legacy Celery deployment's results into our records, and compares shadow runs.
 
-Runs in each API process beside the split (`app/migration.py`) and the submitter.
+Runs in each API process beside the split (`app/migration/control.py`) and the submitter.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 import structlog
 from redis.exceptions import RedisError
 
-from app.legacy import LegacyCelery, LegacyState
-from app.migration import MISMATCHES_KEPT, shadow_id
+from app.migration.control import MISMATCHES_KEPT, shadow_id
+from app.migration.legacy import LegacyCelery, LegacyState
 from app.submission import Submitter
 from evaluations.queue import task_id_of
 from evaluations.status import LEGACY_FINISH, START, TERMINAL, Status

@@ -22,16 +22,15 @@ from starlette.routing import BaseRoute, Route
 
 from actors.dlq import NotInDLQ, NotRetryable, public_entry
 from actors.executor_client import ExecutorUnavailable
-from app.auth import ApiKeyBackend, caller
-from app.dashboard import dashboard_routes, root_redirect
-from app.migration_tracker import MigrationTracker
-from app.openapi import openapi_schema
-from app.ops_api import OpsApi
+from app.api.auth import ApiKeyBackend, caller
+from app.api.dashboard import dashboard_routes, root_redirect
+from app.api.openapi import openapi_schema
+from app.api.ops import OpsApi
+from app.migration.tracker import MigrationTracker
 from app.services import Services
 from app.submission import Submission
 from app.submission_input import EVAL_ID_PATTERN, ignored_fields, offered_languages, parse_submission
 from evaluations.api_keys import PRIORITY_TIERS, ApiKey, KeyStore
-from evaluations.credentials import auth_failed
 from evaluations.errors import (
     Conflict,
     Forbidden,
@@ -43,12 +42,13 @@ from evaluations.errors import (
     TooLarge,
     Unavailable,
 )
-from evaluations.gc_tuning import tune_for_serving
-from evaluations.logs import configure_logging
 from evaluations.queue import LEVELS, task_id_of
-from evaluations.settings import Settings, get_settings
 from evaluations.status import STATUSES, celery_state
-from evaluations.web import (
+from infra.credentials import auth_failed
+from infra.gc_tuning import tune_for_serving
+from infra.logs import configure_logging
+from infra.settings import Settings, get_settings
+from infra.web import (
     Handler,
     JSONResponse,
     install_error_handlers,

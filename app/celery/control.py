@@ -14,7 +14,7 @@ import structlog
 from redis.asyncio.client import PubSub
 
 from app.services import Services
-from app.status import SystemStatus
+from app.system_status import SystemStatus
 from evaluations.celery_wire import (
     BINDINGS_PREFIX,
     PIDBOX_CHANNELS,

@@ -20,9 +20,9 @@ import structlog
 from redis.exceptions import RedisError
 
 from evaluations.redis_keys import RedisKeys
-from evaluations.settings import Settings
 from evaluations.status import TERMINAL
 from evaluations.store import EvaluationStore
+from infra.settings import Settings
 
 log = structlog.get_logger(__name__)
 

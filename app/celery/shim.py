@@ -24,14 +24,14 @@ from dramatiq.results import ResultFailure, ResultMissing, Results, ResultTimeou
 from dramatiq.results.backends import RedisBackend
 
 from actors import evaluate as _actors
-from actors.worker import Worker, process_worker
-from app.blocking import blocking_services
+from actors.worker import DeclaredActors, process_worker
+from app.celery.blocking import blocking_services
 from app.services import Services
 from app.submission_input import offered_languages, parse_submission
 from evaluations.errors import Refusal
 from evaluations.queue import LEVEL_ALIASES, LEVEL_OPTION, eval_id_of_task, level_of_priority, task_id_of
-from evaluations.settings import get_settings
 from evaluations.status import celery_state
+from infra.settings import get_settings
 
 try:  # callers may catch Celery's own exceptions; they do when celery is installed
     from celery.exceptions import TaskRevokedError as _RevokedBase
@@ -284,7 +284,7 @@ class ActorResult(_Handle):
 class ActorTask(_CeleryTask):
     """A plain actor with Celery's `.delay()` / `.apply_async()`."""
 
-    def __init__(self, name: str, actor: Callable[[Worker], dramatiq.Actor[Any, Any]]) -> None:
+    def __init__(self, name: str, actor: Callable[[DeclaredActors], dramatiq.Actor[Any, Any]]) -> None:
         self._actor = actor
         self.name = f"tasks.{name}"
 

@@ -13,9 +13,9 @@ import redis.asyncio as aioredis
 
 from actors.broker_view import BrokerView
 from actors.scheduler import SCHEDULER_BEAT_S
-from evaluations.credentials import executor_headers
 from evaluations.redis_keys import RedisKeys
-from evaluations.settings import Settings
+from infra.credentials import executor_headers
+from infra.settings import Settings
 
 EXECUTOR_TIMEOUT_S = 1.0
 _INT_FIELDS = ("pid", "concurrency", "active", "processed", "failed", "retried", "started_ms", "last_seen_ms")
