@@ -1,7 +1,8 @@
 """The `evaluate_code` and `health_check` actors' functions (async, on Dramatiq's AsyncIO middleware).
 
-Plain functions: `actors.worker.build_worker` declares them on the broker it builds, so
-importing this module builds nothing. `actors.maintenance` holds the scheduled ones.
+Plain functions of the worker's runtime: `actors.worker.build_worker` binds them to the one it
+makes and declares them on the broker it builds, so importing this module builds nothing.
+`actors.maintenance` holds the scheduled ones.
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ from typing import Any
 import structlog
 from dramatiq.middleware import CurrentMessage
 
-from actors.runtime import runtime
+from actors.runtime import WorkerRuntime
 from evaluations.status import FINISH, START, Status
-from evaluations.store import NewEvaluation, StatusChange, utc_now
-from infra.settings import get_settings
+from evaluations.store import EvaluationStore, NewEvaluation, StatusChange, utc_now
+from evaluations.submission_spec import RunSpec
 from middleware.state import STATUS_CHANGE, UNRECORDED, attempt_of, worker_name
 
 log = structlog.get_logger(__name__)
 
 
 async def evaluate_code(
+    runtime: WorkerRuntime,
     eval_id: str,
     code: str,
     language: str = "python",
@@ -38,25 +40,24 @@ async def evaluate_code(
     the user's own failures (exit code, exception, time-out) are results, stored as such.
     """
     structlog.contextvars.bind_contextvars(eval_id=eval_id)
-    rt = runtime()
-    timeout = timeout or get_settings().default_timeout
+    rt = runtime.resources()
+    timeout = timeout or runtime.settings.default_timeout
     attempt = current_attempt()
     # The MarkRunning middleware has marked it running already; an evaluation sent straight
     # to the actor (Celery-style), never recorded by the API, is recorded here first.
     message = CurrentMessage.get_current_message()
     if message is not None and message.options.get(UNRECORDED):
-        await _record_direct_submission(eval_id, code, language, timeout)
+        await _record_direct_submission(rt.store, eval_id, code, language, timeout)
         running = {"started_at": utc_now(), "worker": worker_name(), "next_retry_at": "", "attempt": attempt}
         started, current = await rt.store.transition(eval_id, Status.RUNNING, START.allowed_from, **running)
         if not started:
             log.info("evaluation.skipped", status=current)
             return
     log.info("evaluation.running", language=language)
-    payload = {"eval_id": eval_id, "code": code, "language": language, "timeout": timeout,
-               "stdin": stdin, "args": args or [], "memory_mb": memory_mb,
-               "output_limit": output_limit}  # fmt: skip
+    run = RunSpec(code, language, timeout, stdin, tuple(args or ()), memory_mb, output_limit)
+    payload = {"eval_id": eval_id, **run.fields()}
     executor, result = await rt.executors.execute(payload)
-    if result["status"] == "cancelled" and not await _stopped_on_purpose(eval_id, attempt):
+    if result["status"] == "cancelled" and not await _stopped_on_purpose(rt.store, eval_id, attempt):
         raise RunInterrupted(f"the run was stopped on {executor} without a cancel")
     fields = {k: result[k] for k in RESULT_FIELDS}
     # The result commits with the ack, in one round trip: a newer delivery (this one taken for
@@ -89,14 +90,15 @@ def current_attempt() -> str:
     return attempt_of(message) if message else ""
 
 
-async def _stopped_on_purpose(eval_id: str, attempt: str) -> bool:
+async def _stopped_on_purpose(store: EvaluationStore, eval_id: str, attempt: str) -> bool:
     """A `cancelled` run is expected when the evaluation was cancelled or a newer attempt took over."""
-    record = await runtime().store.get(eval_id)
+    record = await store.get(eval_id)
     return record is None or record["status"] == "cancelled" or record.get("attempt") != attempt
 
 
-async def _record_direct_submission(eval_id: str, code: str, language: str, timeout: float) -> None:
-    store = runtime().store
+async def _record_direct_submission(
+    store: EvaluationStore, eval_id: str, code: str, language: str, timeout: float
+) -> None:
     async with store.client.pipeline(transaction=True) as pipe:
         store.write_new(
             pipe, NewEvaluation(eval_id, code, language, timeout, "default", False, {"source": "direct"})

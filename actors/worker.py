@@ -20,7 +20,7 @@ from periodiq import PeriodiqMiddleware, cron
 
 from actors import evaluate, maintenance
 from actors.broker import PriorityBroker
-from actors.runtime import CloseRuntime, forward_now, forward_soon
+from actors.runtime import CloseRuntime, WorkerRuntime
 from evaluations.queue import ENCODER, EVALUATE_ACTOR, HEALTH_CHECK_ACTOR, QUEUE_NAME, actor_time_limit_ms
 from evaluations.redis_keys import RedisKeys
 from infra.logs import configure_logging
@@ -30,7 +30,6 @@ from middleware.backoff import Backoff
 from middleware.dead_letter import DeadLetters
 from middleware.gc_for_serving import TuneGcForServing
 from middleware.priority import PriorityRouting
-from middleware.retry_policy import apply_overrides
 from middleware.running import RECORDS_STATUS, MarkRunning
 from middleware.worker_stats import WorkerStats
 
@@ -43,9 +42,8 @@ def result_backend(settings: Settings) -> RedisBackend:
     )
 
 
-def build_broker(settings: Settings) -> PriorityBroker:
-    """The broker with Crucible's middleware stack (no actors, no globals set)."""
-    apply_overrides(settings.retry_overrides)
+def build_broker(settings: Settings, runtime: WorkerRuntime) -> PriorityBroker:
+    """The broker with Crucible's middleware stack over `runtime` (no actors, no globals set)."""
     broker = PriorityBroker(
         url=settings.redis_url_or_default,
         namespace=settings.namespace,
@@ -55,19 +53,19 @@ def build_broker(settings: Settings) -> PriorityBroker:
         middleware=[
             # First, so its after-hooks run last (Dramatiq calls them in reverse order) and see
             # what Backoff decided about each message.
-            WorkerStats(),
+            WorkerStats(policies=settings.retry_policies),
             TuneGcForServing(),
             AsyncIO(),
-            CloseRuntime(),
+            CloseRuntime(runtime),
             CurrentMessage(),
             PriorityRouting(),
             TimeLimit(),
             # Interrupt running actors on SIGTERM so Backoff hands their messages back at once.
             ShutdownNotifications(notify_shutdown=True),
-            DeadLetters(on_status_change=forward_soon),
-            Backoff(on_status_change=forward_soon),
+            DeadLetters(on_status_change=runtime.forward_soon),
+            Backoff(on_status_change=runtime.forward_soon, policies=settings.retry_policies),
             # Last of the before-hooks that may refuse a message: marks the evaluation running.
-            MarkRunning(forward=forward_now, on_skip=forward_soon),
+            MarkRunning(forward=runtime.forward_now, on_skip=runtime.forward_soon),
             # Return values of actors declared with store_results (health_check...), for
             # the Celery shim's `.get()`; evaluations keep their results in their records.
             Results(backend=result_backend(settings)),
@@ -84,34 +82,38 @@ Actor = dramatiq.Actor[Any, Any]
 
 @dataclass(frozen=True)
 class DeclaredActors:
-    """The broker and the actors declared on it."""
+    """The broker, the runtime its actors share and the actors declared on it."""
 
     broker: PriorityBroker
+    runtime: WorkerRuntime
     evaluate_code: Actor
     health_check: Actor
     cleanup_old_evaluations: Actor
     monitor_dead_letter_queue: Actor
 
 
-def declare_actors(broker: PriorityBroker, settings: Settings) -> DeclaredActors:
-    """Declare every actor on `broker`, each with its level, time limit or schedule."""
+def declare_actors(broker: PriorityBroker, runtime: WorkerRuntime) -> DeclaredActors:
+    """Declare every actor on `broker`, bound to `runtime`, each with its level, time limit or
+    schedule."""
+    settings = runtime.settings
     time_limit = actor_time_limit_ms(settings.max_timeout)
     return DeclaredActors(
         broker=broker,
+        runtime=runtime,
         evaluate_code=dramatiq.actor(
-            evaluate.evaluate_code, broker=broker, actor_name=EVALUATE_ACTOR, queue_name=QUEUE_NAME,
-            time_limit=time_limit, **{RECORDS_STATUS: True},
+            runtime.bind(evaluate.evaluate_code), broker=broker, actor_name=EVALUATE_ACTOR,
+            queue_name=QUEUE_NAME, time_limit=time_limit, **{RECORDS_STATUS: True},
         ),
         health_check=dramatiq.actor(
             evaluate.health_check, broker=broker, actor_name=HEALTH_CHECK_ACTOR, queue_name=QUEUE_NAME,
             queue_level="high", store_results=True,
         ),
         cleanup_old_evaluations=dramatiq.actor(
-            maintenance.cleanup_old_evaluations, broker=broker, queue_name=QUEUE_NAME,
+            runtime.bind(maintenance.cleanup_old_evaluations), broker=broker, queue_name=QUEUE_NAME,
             queue_level="low", store_results=True, periodic=cron(settings.cleanup_cron),
         ),
         monitor_dead_letter_queue=dramatiq.actor(
-            maintenance.monitor_dead_letter_queue, broker=broker, queue_name=QUEUE_NAME,
+            runtime.bind(maintenance.monitor_dead_letter_queue), broker=broker, queue_name=QUEUE_NAME,
             queue_level="low", store_results=True, periodic=cron(settings.dlq_monitor_cron),
         ),
     )  # fmt: skip
@@ -120,10 +122,11 @@ def declare_actors(broker: PriorityBroker, settings: Settings) -> DeclaredActors
 def build_worker(settings: Settings) -> DeclaredActors:
     """Everything a worker (or a process sending actors' messages) needs, made Dramatiq's globals."""
     configure_logging(settings.log_level, settings.log_format)
-    broker = build_broker(settings)
+    runtime = WorkerRuntime(settings)
+    broker = build_broker(settings, runtime)
     dramatiq.set_encoder(ENCODER)
     dramatiq.set_broker(broker)
-    return declare_actors(broker, settings)
+    return declare_actors(broker, runtime)
 
 
 @cache

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -31,6 +31,7 @@ from evaluations.queue import evaluation_message
 from evaluations.quotas import Allowance, RateLimiter
 from evaluations.status import TERMINAL
 from evaluations.store import EvaluationStore, NewEvaluation
+from evaluations.submission_spec import RunSpec
 from infra.redis_memory import MemoryGuard
 
 log = structlog.get_logger(__name__)
@@ -41,20 +42,21 @@ WATCH_ATTEMPTS = 3
 
 @dataclass
 class Submission:
-    """A validated request to evaluate code."""
+    """A validated request to evaluate code: the run it asks for, under an id and a level."""
 
     eval_id: str
-    code: str
-    language: str
-    timeout: float
+    run: RunSpec
     priority: bool = False
-    stdin: str | None = None
-    args: list[str] = field(default_factory=list)
-    #: None: the executor's default (its configured maximum)
-    memory_mb: int | None = None
-    output_limit: int | None = None
     #: the queue level: "high" when `priority`, else "default" unless a numeric priority said "low"
     level: str = "default"
+
+    def record(self, level: str, source: str, system: str, **extra: Any) -> NewEvaluation:
+        """The record this submission starts, on `level` of `system`, from `source`."""
+        run = self.run
+        origin = {"source": source}
+        return NewEvaluation(
+            self.eval_id, run.code, run.language, run.timeout, level, self.priority, origin, system, **extra
+        )
 
 
 @dataclass(frozen=True)
@@ -114,10 +116,9 @@ class Submitter:
         if self.memory:
             await self.memory.check()
         system = system or (await self.control.choose() if self.control else "dramatiq")
-        evaluation = NewEvaluation(
-            sub.eval_id, sub.code, sub.language, sub.timeout, level, sub.priority, {"source": source}, system,
-            owner=owner, max_running=self._max_running(quota), celery_meta=celery_meta,
-        )  # fmt: skip
+        evaluation = sub.record(
+            level, source, system, owner=owner, max_running=self._max_running(quota), celery_meta=celery_meta
+        )
         apart = quota if quota and (counted or system == "legacy" or self.store.forwarder) else None
         allowance = await self._limiter.take(apart, [sub.eval_id]) if apart and not counted else None
         try:
@@ -210,7 +211,7 @@ class Submitter:
         # 2: this very call, re-sent by the Redis client after a lost reply: the first one took it
         resent = int(reply[0]) == 2
         allowance = self._limiter.settle(quota, reply[:3]) if quota and not resent else None  # 429?
-        log.info("evaluation.queued", eval_id=sub.eval_id, level=evaluation.level, language=sub.language)
+        log.info("evaluation.queued", eval_id=sub.eval_id, level=evaluation.level, language=sub.run.language)
         return Accepted(sub.eval_id, "dramatiq", max(int(reply[3]), 0), allowance=allowance)
 
     # -- legacy Celery -------------------------------------------------------------------
@@ -234,7 +235,7 @@ class Submitter:
             self._keep_unrecorded(evaluation, fallback=False)
             return Accepted(sub.eval_id, "legacy", None)
         try:
-            await self.legacy.send(sub.eval_id, sub.code, sub.language, evaluation.level)
+            await self.legacy.send(sub.eval_id, sub.run.code, sub.run.language, evaluation.level)
         except LegacyUnavailable as exc:
             log.warning("migration.legacy_unavailable", eval_id=sub.eval_id, error=str(exc))
             if not take_over:
@@ -311,8 +312,7 @@ class Submitter:
         a copy the other system cannot take is dropped, never run twice on one system."""
         copy = replace(sub, eval_id=shadow_id(sub.eval_id))
         system = other(primary_system)
-        evaluation = NewEvaluation(copy.eval_id, copy.code, copy.language, copy.timeout, level, copy.priority,
-                                   {"source": "shadow"}, system, shadow_of=sub.eval_id)  # fmt: skip
+        evaluation = copy.record(level, "shadow", system, shadow_of=sub.eval_id)
         try:
             if system == "legacy":
                 await self._to_legacy(copy, evaluation, take_over=False)
@@ -332,9 +332,7 @@ class Submitter:
 
 
 def _message(sub: Submission) -> Message:
-    return evaluation_message(
-        sub.eval_id, sub.code, sub.language, sub.timeout, sub.stdin, sub.args, sub.memory_mb, sub.output_limit
-    )
+    return evaluation_message(sub.eval_id, sub.run)
 
 
 def _duplicate() -> Refusal:

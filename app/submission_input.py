@@ -14,14 +14,8 @@ from app.submission import Submission
 from evaluations.errors import InvalidInput
 from evaluations.languages import registry
 from evaluations.queue import level_of_priority
-from evaluations.validation import (
-    MAX_ARG_BYTES,
-    MAX_ARGS,
-    MIN_MEMORY_MB,
-    require_number,
-    require_string,
-    require_string_list,
-)
+from evaluations.submission_spec import RUN_FIELDS, parse_run
+from evaluations.validation import require_string
 from infra.settings import Settings
 
 #: No ':' — it separates parts of Redis keys ("{ns}:eval:{id}:events").
@@ -39,8 +33,7 @@ def offered_languages(settings: Settings) -> list[str]:
 
 
 #: The fields a submission may hold; any other is ignored, and named in the answer's `warnings`.
-SUBMISSION_FIELDS = ("code", "language", "eval_id", "timeout", "priority", "stdin", "args", "memory_mb",
-                     "output_limit")  # fmt: skip
+SUBMISSION_FIELDS = (*RUN_FIELDS, "eval_id", "priority")
 #: A body may hold thousands of unknown fields: the answer names this many.
 MAX_WARNINGS = 10
 
@@ -67,36 +60,16 @@ def ignored_fields(body: dict[str, Any]) -> list[str]:
 
 def parse_submission(body: dict[str, Any], settings: Settings, languages: list[str]) -> Submission:
     """The submission `body` asks for, or a Refusal naming the first field at fault."""
-    s = settings
     if "code" not in body:  # a misspelt `code` is ignored like any unknown field: say which
         if close := difflib.get_close_matches("code", unknown_fields(body)[:MAX_WARNINGS], n=1):
             said = f"field 'code' is required; {close[0][:64]!r} is not a known field (did you mean 'code'?)"
             raise InvalidInput(said, field="code")
-    code = require_string(body, "code", max_bytes=s.max_code_bytes)
-    if not code.strip():
-        raise InvalidInput("field 'code' must not be empty", field="code")
-    language = require_string(body, "language", default="python")
-    if language not in languages:
-        raise InvalidInput(f"unknown language {language!r}", field="language", known=languages)
+    run = parse_run(body, settings.submission_bounds, languages)
     eval_id = require_string(body, "eval_id", default=None)
     if eval_id is not None and not EVAL_ID_PATTERN.match(eval_id):
         raise InvalidInput("field 'eval_id' must be 1-128 letters, digits or _.-", field="eval_id")
-    timeout = require_number(body, "timeout", default=s.default_timeout, low=1, high=s.max_timeout)
     level = priority_level(body)
-    stdin = require_string(body, "stdin", default=None, max_bytes=s.max_stdin_bytes)
-    args = require_string_list(body, "args", max_items=MAX_ARGS, max_bytes=MAX_ARG_BYTES)
-    # bounded by the same maxima the executors enforce, so an accepted request is never
-    # refused there (a retry could not help it)
-    memory_mb = require_number(
-        body, "memory_mb", default=None, low=MIN_MEMORY_MB, high=s.memory_limit_mb, integer=True
-    )
-    output_limit = require_number(
-        body, "output_limit", default=None, low=1, high=s.output_limit_bytes, integer=True
-    )
-    return Submission(
-        eval_id or new_eval_id(), code, language, float(timeout), level == "high", stdin, args,
-        memory_mb=memory_mb, output_limit=output_limit, level=level,
-    )  # fmt: skip
+    return Submission(eval_id or new_eval_id(), run, level == "high", level)
 
 
 def priority_level(body: dict[str, Any]) -> str:

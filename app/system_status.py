@@ -6,6 +6,7 @@ One reader for the status endpoints, `/metrics` and the dashboard, so they agree
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -58,6 +59,7 @@ class SystemStatus:
             worker["load"] = float(worker.get("load") or 0)
             worker["queues"] = [q for q in worker.get("queues", "").split(",") if q]
             worker["actors"] = [a for a in worker.get("actors", "").split(",") if a]
+            worker["retry_policies"] = json.loads(worker.get("retry_policies") or "null")
             last_beat = beat if beat is not None else worker["last_seen_ms"]
             worker["last_seen_s"] = round(max(0.0, now_ms - last_beat) / 1000, 1)
             worker["online"] = beat is not None and now_ms - beat <= self.settings.heartbeat_timeout_ms

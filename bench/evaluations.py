@@ -147,7 +147,7 @@ async def raw_sandbox(runs: int, parallel: int, forks: bool, rate_runs: int) -> 
     """The sandboxed command alone: `runs` single-run times, then the rate of `rate_runs` runs
     in `parallel` loops (as many as the burst it is compared with); `forks`: forked from fork
     servers (executor/fork_server.py), else every run cold."""
-    from executor.app import Executor, open_sandbox
+    from executor.app import Executor, open_sandbox, request_limits
     from infra.logs import configure_logging
     from infra.settings import get_settings
 
@@ -161,7 +161,7 @@ async def raw_sandbox(runs: int, parallel: int, forks: bool, rate_runs: int) -> 
                 break
             await asyncio.sleep(0.05)
         executor = Executor(settings, sandbox)
-        limits, python = executor.limits({}), executor.languages["python"]
+        limits, python = request_limits(executor.settings), executor.languages["python"]
 
         async def run(name: str) -> float:
             started = time.perf_counter()

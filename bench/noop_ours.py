@@ -10,7 +10,7 @@ from __future__ import annotations
 import dramatiq
 
 from actors.evaluate import current_attempt, settle_with
-from actors.runtime import runtime
+from actors.runtime import WorkerRuntime
 from actors.worker import process_worker
 from evaluations.queue import QUEUE_NAME
 from evaluations.status import FINISH
@@ -18,13 +18,14 @@ from evaluations.store import StatusChange
 from middleware.running import RECORDS_STATUS
 
 
-async def noop(eval_id: str, done_key: str) -> None:
+async def noop(runtime: WorkerRuntime, eval_id: str, done_key: str) -> None:
     attempt = current_attempt()
     settle_with(StatusChange.by(FINISH, eval_id, "completed", {"output": ""}, expect={"attempt": attempt}))
-    await runtime().redis.incr(done_key)
+    await runtime.resources().redis.incr(done_key)
 
 
 def main() -> None:
     """The production worker, plus the no-op actor (MarkRunning marks it running)."""
     worker = process_worker()
-    dramatiq.actor(noop, broker=worker.broker, queue_name=QUEUE_NAME, **{RECORDS_STATUS: True})
+    noop_actor = worker.runtime.bind(noop)
+    dramatiq.actor(noop_actor, broker=worker.broker, queue_name=QUEUE_NAME, **{RECORDS_STATUS: True})

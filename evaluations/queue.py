@@ -15,6 +15,7 @@ from dramatiq.message import Message
 
 from evaluations.json_codec import MessageEncoder
 from evaluations.languages import wall_limit
+from evaluations.submission_spec import RunSpec
 
 #: The one Dramatiq queue name every actor uses; levels are a message option.
 QUEUE_NAME = "crucible"
@@ -92,21 +93,11 @@ def decode_message(data: bytes) -> Message[Any]:
         raise DecodeError(f"failed to decode message {data!r}", data, exc) from None
 
 
-def evaluation_message(
-    eval_id: str,
-    code: str,
-    language: str,
-    timeout: float,
-    stdin: str | None = None,
-    args: list[str] | None = None,
-    memory_mb: int | None = None,
-    output_limit: int | None = None,
-) -> Message[Any]:
-    """The message for one evaluation; its id is the Celery-style task id. Optional arguments
-    go in only when given, so such a message stays readable by workers that predate them."""
-    kwargs: dict[str, object] = {"eval_id": eval_id, "code": code, "language": language, "timeout": timeout}
-    optional = {"stdin": stdin, "args": args or None, "memory_mb": memory_mb, "output_limit": output_limit}
-    kwargs.update({name: value for name, value in optional.items() if value is not None})
+def evaluation_message(eval_id: str, run: RunSpec) -> Message[Any]:
+    """The message for one evaluation; its id is the Celery-style task id. Optional fields go
+    in only when given, so such a message stays readable by workers that predate them."""
+    kwargs = {"eval_id": eval_id, **run.fields()}
+    timeout = run.timeout
     return Message(
         queue_name=QUEUE_NAME,
         actor_name=EVALUATE_ACTOR,

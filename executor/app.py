@@ -23,16 +23,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from evaluations.errors import Busy, InvalidInput
+from evaluations.errors import Busy
 from evaluations.languages import Language, registry
-from evaluations.validation import (
-    MAX_ARG_BYTES,
-    MAX_ARGS,
-    MIN_MEMORY_MB,
-    require_number,
-    require_string,
-    require_string_list,
-)
+from evaluations.submission_spec import RunSpec, parse_run
+from evaluations.validation import require_string
 from executor import uid_range
 from executor.cgroups import CgroupsV1, DiskLimits
 from executor.errors import SandboxBusy, SandboxError
@@ -87,20 +81,14 @@ def open_cgroups(settings: Settings) -> CgroupsV1 | None:
     return cgroups
 
 
-def request_limits(s: Settings, body: dict[str, object]) -> Limits:
-    """A request's limits: its own where it gives them, within the configured maxima (a value
-    over one is a 422, never clamped), else the defaults."""
-    timeout = require_number(body, "timeout", default=s.default_timeout, low=0.1, high=s.max_timeout)
-    memory = require_number(
-        body, "memory_mb", default=s.memory_limit_mb, low=MIN_MEMORY_MB, high=s.memory_limit_mb
-    )
-    output = require_number(
-        body, "output_limit", default=s.output_limit_bytes, low=1, high=s.output_limit_bytes
-    )
+def request_limits(s: Settings, run: RunSpec | None = None) -> Limits:
+    """A run's limits: its own where it gave them (`parse_run` held them to the configured
+    maxima: a value over one is a 422, never clamped), else the defaults."""
+    bounds = s.submission_bounds
     return Limits(
-        timeout=float(timeout),
-        memory_mb=int(memory),
-        output_bytes=int(output),
+        timeout=run.timeout if run else s.default_timeout,
+        memory_mb=run.memory_or_default(bounds) if run else bounds.max_memory_mb,
+        output_bytes=run.output_limit_or_default(bounds) if run else bounds.max_output_bytes,
         processes=s.sandbox_max_processes,
         open_files=s.sandbox_max_open_files,
         file_size_mb=s.sandbox_file_size_mb,
@@ -119,26 +107,17 @@ class Executor:
             [str(sandbox.bwrap), "--version"], capture_output=True, text=True, check=False
         ).stdout.strip()
 
-    def limits(self, body: dict[str, object]) -> Limits:
-        return request_limits(self.settings, body)
-
-    def language(self, body: dict[str, object]) -> Language:
-        name = require_string(body, "language", default="python")
-        if name not in self.languages:
-            raise InvalidInput(f"unknown language {name!r}", field="language", known=sorted(self.languages))
-        return self.languages[name]
 
     async def execute(self, request: Request) -> JSONResponse:
         body = await read_json_object(request)
         eval_id = require_string(body, "eval_id")
-        code = require_string(body, "code", max_bytes=self.settings.max_code_bytes)
-        stdin = require_string(body, "stdin", default=None, max_bytes=self.settings.max_stdin_bytes)
-        args = require_string_list(body, "args", max_items=MAX_ARGS, max_bytes=MAX_ARG_BYTES)
-        language = self.language(body)
-        limits = self.limits(body)
+        run = parse_run(body, self.settings.submission_bounds, list(self.languages))
+        limits = request_limits(self.settings, run)
         structlog.contextvars.bind_contextvars(eval_id=eval_id)
         try:
-            result = await self.sandbox.run(eval_id, language, code, limits, stdin, tuple(args))
+            result = await self.sandbox.run(
+                eval_id, self.languages[run.language], run.code, limits, run.stdin, run.args
+            )
         except SandboxBusy:
             raise Busy("executor busy", busy=True, capacity=self.sandbox.capacity) from None
         except SandboxError as exc:
@@ -219,7 +198,7 @@ async def open_sandbox(settings: Settings) -> AsyncIterator[Sandbox]:
         # (keyctl): each cold run has a user namespace, and so a keyring, of its own
         if settings.sandbox_fork_server and python and sandbox.seccomp is not None:
             sandbox.start_fork_servers(
-                python, settings.sandbox_fork_server_runs, request_limits(settings, {})
+                python, settings.sandbox_fork_server_runs, request_limits(settings)
             )
         try:
             yield sandbox

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from evaluations.celery_wire import LEGACY_QUEUES
 from evaluations.queue import LEVEL_ALIASES, LEVELS
+from evaluations.retry_policies import Policies, with_overrides
+from evaluations.submission_spec import Bounds
 from evaluations.validation import bool_word
 
 
@@ -49,6 +51,13 @@ def _share(name: str, default: float, alias: str | None = None) -> float:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"{name} must be between 0.0 and 1.0, got {raw!r}")
     return value
+
+
+def _retry_policies(raw: str | None) -> Policies:
+    try:
+        return with_overrides(raw)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _bool(name: str, default: bool) -> bool:
@@ -161,7 +170,8 @@ class Settings:
     sandbox_fork_server_runs: int
     sandbox_compile_cache_mb: int
     max_stdin_bytes: int
-    retry_overrides: str | None
+    #: the seed's retry policies with `CRUCIBLE_RETRY_POLICIES` merged in
+    retry_policies: Policies
     admin_key: str | None
     metrics_token: str | None
     executor_secret: str | None
@@ -227,7 +237,7 @@ class Settings:
             sandbox_compile_cache_mb=_int("SANDBOX_COMPILE_CACHE_MB", 64),
             sandbox_cgroups=_choice("SANDBOX_CGROUPS", "auto", ("auto", "off", "required")),
             max_stdin_bytes=_int("CRUCIBLE_MAX_STDIN_BYTES", 1024 * 1024),
-            retry_overrides=os.environ.get("CRUCIBLE_RETRY_POLICIES") or None,
+            retry_policies=_retry_policies(os.environ.get("CRUCIBLE_RETRY_POLICIES")),
             admin_key=os.environ.get("CRUCIBLE_ADMIN_KEY") or None,
             metrics_token=os.environ.get("CRUCIBLE_METRICS_TOKEN") or None,
             executor_secret=os.environ.get("EXECUTOR_SECRET") or None,
@@ -246,6 +256,18 @@ class Settings:
             dramatiq_share=_share("DRAMATIQ_PERCENTAGE", 1.0, alias="CELERY_PERCENTAGE"),
             force_legacy=_bool("FORCE_LEGACY_QUEUE", False),
             shadow_rate=_share("MIGRATION_SHADOW_RATE", 0.0),
+        )
+
+    @property
+    def submission_bounds(self) -> Bounds:
+        """What a run may ask for here: the same at every door and at the executors."""
+        return Bounds(
+            max_code_bytes=self.max_code_bytes,
+            max_stdin_bytes=self.max_stdin_bytes,
+            default_timeout=self.default_timeout,
+            max_timeout=self.max_timeout,
+            max_memory_mb=self.memory_limit_mb,
+            max_output_bytes=self.output_limit_bytes,
         )
 
     @property

@@ -19,9 +19,10 @@ from typing import Any
 import structlog
 from dramatiq.middleware import Middleware, MiddlewareError, Shutdown
 
+from evaluations.retry_policies import RETRY_POLICIES, Policies
 from evaluations.status import HAND_BACK, WAIT_FOR_RETRY, Status
 from evaluations.store import StatusChange
-from middleware.retry_policy import RETRY_POLICIES, calculate_retry_delay, get_retry_message, policy_for
+from middleware.retry_policy import calculate_retry_delay, get_retry_message, policy_for
 from middleware.state import (
     RETRIES,
     SETTLE,
@@ -48,8 +49,12 @@ class Backoff(Middleware):
     evaluation's status changed here (the worker forwards it to the storage service).
     """
 
-    def __init__(self, on_status_change: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, on_status_change: Callable[[str], None] | None = None, policies: Policies = RETRY_POLICIES
+    ) -> None:
         self.on_status_change = on_status_change
+        #: the process's table (`Settings.retry_policies`), overrides merged in
+        self.policies = policies
 
     @property
     def actor_options(self) -> set[str]:
@@ -62,7 +67,7 @@ class Backoff(Middleware):
 
     def before_declare_actor(self, broker: Any, actor: Any) -> None:
         policy = actor.options.get("retry_policy")
-        if policy is not None and policy not in RETRY_POLICIES:
+        if policy is not None and policy not in self.policies:
             raise UnknownPolicy(f"actor {actor.actor_name}: unknown retry_policy {policy!r}")
 
     def after_process_message(
@@ -98,7 +103,7 @@ class Backoff(Middleware):
         retries = message.options.get(RETRIES, 0)
         max_retries = actor.options.get("max_retries")
         if max_retries is None:
-            max_retries = RETRY_POLICIES[policy]["max_retries"] if policy else 0
+            max_retries = self.policies[policy]["max_retries"] if policy else 0
         if policy is None or retries >= max_retries:
             log.warning(
                 "message.failed", eval_id=eval_id, task_id=message.message_id, retries=retries,
@@ -107,7 +112,7 @@ class Backoff(Middleware):
             message.fail()
             return
 
-        delay = calculate_retry_delay(retries, policy)
+        delay = calculate_retry_delay(retries, policy, policies=self.policies)
         message.options[RETRIES] = retries + 1
         if eval_id:
             fields = {RETRIES: retries + 1, "next_retry_at": iso(time.time() * 1000 + delay * 1000),

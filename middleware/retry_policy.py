@@ -1,4 +1,5 @@
 """Retry policies of the Celery service, kept to the letter, and which failure takes which.
+The tables themselves are data in `evaluations.retry_policies`.
 
 The seed README is the spec: delay of retry n (0-based) = min(max_delay, base · exp^n),
 jitter adds up to 25 % of that delay and never goes past max_delay. The `retry_config`
@@ -7,28 +8,12 @@ compatibility module re-exports these very objects.
 
 from __future__ import annotations
 
-import json
 import random
-from typing import Any
 
 import httpx
 import redis
 
-RETRY_POLICIES: dict[str, dict[str, Any]] = {
-    "default": {
-        "max_retries": 3,
-        "base_delay": 5,
-        "exponential_base": 2,
-        "max_delay": 300,
-        "jitter": True,
-    },
-    "network_error": {
-        "max_retries": 5,
-        "base_delay": 10,
-        "exponential_base": 1.5,
-        "max_delay": 600,
-    },
-}
+from evaluations.retry_policies import RETRY_POLICIES, Policies
 
 #: Jitter adds up to this share of the computed delay.
 JITTER_SHARE = 0.25
@@ -43,28 +28,14 @@ NON_RETRYABLE_HTTP_CODES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbi
 TRANSIENT_WORDS = ("connection", "timeout", "refused")
 
 
-def apply_overrides(raw: str | None) -> None:
-    """Merge `CRUCIBLE_RETRY_POLICIES` (JSON: {"default": {"max_retries": 5}, ...}) in place."""
-    if not raw:
-        return
-    try:
-        overrides = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"CRUCIBLE_RETRY_POLICIES is not JSON: {exc}") from None
-    if not isinstance(overrides, dict):
-        raise ValueError("CRUCIBLE_RETRY_POLICIES must be a JSON object of policies")
-    for name, values in overrides.items():
-        if not isinstance(values, dict):
-            raise ValueError(f"CRUCIBLE_RETRY_POLICIES[{name!r}] must be an object")
-        unknown = set(values) - set(RETRY_POLICIES["default"])
-        if unknown:
-            raise ValueError(f"CRUCIBLE_RETRY_POLICIES[{name!r}] has unknown keys {sorted(unknown)}")
-        RETRY_POLICIES.setdefault(name, dict(RETRY_POLICIES["default"])).update(values)
-
-
-def calculate_retry_delay(retry_count: int, policy: str = "default", add_jitter: bool | None = None) -> float:
-    """Seconds to wait before retry `retry_count` (0-based) under `policy`."""
-    p = RETRY_POLICIES[policy]
+def calculate_retry_delay(
+    retry_count: int,
+    policy: str = "default",
+    add_jitter: bool | None = None,
+    policies: Policies = RETRY_POLICIES,
+) -> float:
+    """Seconds to wait before retry `retry_count` (0-based) under `policy` of `policies`."""
+    p = policies[policy]
     delay = min(p["max_delay"], p["base_delay"] * p["exponential_base"] ** retry_count)
     if p.get("jitter", False) if add_jitter is None else add_jitter:  # the seed's network_error has none
         delay = min(p["max_delay"], delay + random.uniform(0, JITTER_SHARE * delay))
@@ -109,14 +80,15 @@ def policy_for(exc: BaseException) -> str | None:
 class RetryStrategy:
     """The contract's object form: one policy, asked per failure."""
 
-    def __init__(self, policy: str = "default") -> None:
-        if policy not in RETRY_POLICIES:
-            raise ValueError(f"unknown retry policy {policy!r}; known: {sorted(RETRY_POLICIES)}")
+    def __init__(self, policy: str = "default", policies: Policies = RETRY_POLICIES) -> None:
+        if policy not in policies:
+            raise ValueError(f"unknown retry policy {policy!r}; known: {sorted(policies)}")
         self.policy = policy
+        self.policies = policies
 
     @property
     def max_retries(self) -> int:
-        return int(RETRY_POLICIES[self.policy]["max_retries"])
+        return int(self.policies[self.policy]["max_retries"])
 
     def should_retry(self, exc: BaseException, retry_count: int) -> bool:
         """The original's rule: never past `max_retries`; an exception carrying an HTTP
@@ -133,7 +105,7 @@ class RetryStrategy:
         return any(word in message for word in TRANSIENT_WORDS)
 
     def get_retry_delay(self, retry_count: int) -> float:
-        return calculate_retry_delay(retry_count, self.policy)
+        return calculate_retry_delay(retry_count, self.policy, policies=self.policies)
 
 
 def get_retry_message(

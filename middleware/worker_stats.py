@@ -10,6 +10,7 @@ survives worker restarts.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -21,6 +22,7 @@ from dramatiq.middleware import Middleware
 from redis.exceptions import RedisError
 
 from evaluations.redis_keys import RedisKeys
+from evaluations.retry_policies import RETRY_POLICIES, Policies
 from middleware.state import SETTLE, worker_name
 
 log = structlog.get_logger(__name__)
@@ -32,8 +34,10 @@ RECORD_TTL_S = 3600
 class WorkerStats(Middleware):
     """Counts this process's messages and publishes them with a heartbeat."""
 
-    def __init__(self, interval: float = 2.0) -> None:
+    def __init__(self, interval: float = 2.0, policies: Policies = RETRY_POLICIES) -> None:
         self.interval = interval
+        #: the retry policies this worker's Backoff uses, published so operators see them
+        self.policies = json.dumps(policies, sort_keys=True)
         self.lock = threading.Lock()
         self.counts = {"active": 0, "processed": 0, "failed": 0, "retried": 0}
         self.stopped = threading.Event()
@@ -101,6 +105,7 @@ class WorkerStats(Middleware):
             "started_ms": int(self.started * 1000),
             "last_seen_ms": now_ms,
             "load": round(os.getloadavg()[0], 2),
+            "retry_policies": self.policies,
             **counts,
         }
         key = RedisKeys(broker.namespace).worker(broker.broker_id)

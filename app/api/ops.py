@@ -28,7 +28,6 @@ from evaluations.validation import require_bool, require_number
 from infra.redis_client import redact_url
 from infra.redis_memory import memory_use
 from infra.web import JSONResponse, query_int, read_json_object
-from middleware.retry_policy import RETRY_POLICIES
 
 log = structlog.get_logger(__name__)
 
@@ -120,6 +119,8 @@ class OpsApi:
                 "active_tasks_by_worker": active,
                 "scheduled_tasks_detail": scheduled,
                 "broker_url": redact_url(self.settings.redis_url_or_default),
+                # this API process's table; each worker's own is in worker_stats
+                "retry_policies": self.settings.retry_policies,
                 "registered_tasks": sorted({a for w in online for a in w["actors"]}),
                 "worker_stats": {w["name"]: w for w in workers},
                 "queue_details": await self.status.queues(),
@@ -256,7 +257,7 @@ class OpsApi:
             if executor["online"]:
                 in_flight.add_metric([executor["url"]], executor["running"])
         retries = CounterMetricFamily("crucible_retries", "Retries scheduled, by policy", labels=["policy"])
-        for policy in RETRY_POLICIES:
+        for policy in self.settings.retry_policies:
             retries.add_metric([policy], int(stats.get(f"retry:{policy}", 0)))
         memory = await memory_use(self.client)
         redis_memory = GaugeMetricFamily(

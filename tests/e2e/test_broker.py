@@ -393,8 +393,9 @@ def test_a_failed_attempt_is_retried_later_and_its_slot_freed(
 
 def test_an_evaluation_message_carries_its_task_id_and_a_time_limit_above_its_timeout() -> None:
     from evaluations.queue import evaluation_message
+    from evaluations.submission_spec import RunSpec
 
-    message = evaluation_message("e1", "print(1)", "python", 30)
+    message = evaluation_message("e1", RunSpec("print(1)", "python", 30))
     assert message.message_id == "celery-e1"
     assert message.kwargs == {"eval_id": "e1", "code": "print(1)", "language": "python", "timeout": 30}
     assert message.options["time_limit"] > 30_000

@@ -24,7 +24,7 @@ async def test_a_compiled_source_is_not_compiled_again() -> None:
         Settings.from_env(), executor_concurrency=1, sandbox_uid_base=free_uid_base()
     )
     async with open_sandbox(settings) as box:
-        limits = request_limits(settings, {})
+        limits = request_limits(settings)
         assert C is not None
         first = await box.run("a", C, PROGRAM, limits, stdin="21")
         again = await box.run("b", C, PROGRAM, limits, stdin="5")

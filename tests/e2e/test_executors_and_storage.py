@@ -8,6 +8,7 @@ import json
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -19,12 +20,11 @@ from dramatiq import Worker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AsyncIO
 
-import actors.runtime
 from actors.executor_client import ExecutorConnectionLost, ExecutorPool, answer_timeout
-from actors.runtime import CloseRuntime, runtime
+from actors.runtime import CloseRuntime, WorkerRuntime
 from bench.stack import free_port
 from evaluations.languages import COMPILE_TIMEOUT_SECONDS
-from infra.settings import get_settings
+from infra.settings import Settings
 from middleware.retry_policy import policy_for
 from tests.conftest import stack_env, start_stack
 from tests.helpers import api_client, submit, wait_final
@@ -161,7 +161,7 @@ async def test_a_refused_connection_moves_on_to_the_next_executor() -> None:
 
 
 async def test_a_stopping_worker_closes_its_keep_alive_connections_to_executors(
-    redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, namespace: str
 ) -> None:
     """A worker process that stops (a deploy, a scale-down) leaves no connection open on an
     executor, which would otherwise hold it until its keep-alive timer ends."""
@@ -173,17 +173,15 @@ async def test_a_stopping_worker_closes_its_keep_alive_connections_to_executors(
         return web.json_response({"status": "completed", "eval_id": (await request.json())["eval_id"]})
 
     async with fake_executor(answer) as (url, _):
-        monkeypatch.setenv("REDIS_URL", redis_url)
-        monkeypatch.setenv("CRUCIBLE_NAMESPACE", namespace)
-        monkeypatch.setenv("EXECUTOR_SERVICE_URL", url)
-        get_settings.cache_clear()
-        monkeypatch.setattr(actors.runtime, "_runtime", None)  # made from these settings
-        broker = StubBroker(middleware=[AsyncIO(), CloseRuntime()])
+        runtime = WorkerRuntime(
+            replace(Settings.from_env(), redis_url=redis_url, namespace=namespace, executor_urls=(url,))
+        )
+        broker = StubBroker(middleware=[AsyncIO(), CloseRuntime(runtime)])
         results: list[tuple[str, dict[str, Any]]] = []
 
         @dramatiq.actor(broker=broker)
         async def run_one() -> None:
-            results.append(await runtime().executors.execute({"eval_id": "e1", "timeout": 5}))
+            results.append(await runtime.resources().executors.execute({"eval_id": "e1", "timeout": 5}))
 
         worker = Worker(broker, worker_timeout=50)
         worker.start()
@@ -194,7 +192,6 @@ async def test_a_stopping_worker_closes_its_keep_alive_connections_to_executors(
             assert not connections[0].is_closing()  # kept alive for the next run
         finally:
             await asyncio.to_thread(worker.stop)
-            get_settings.cache_clear()
         for _ in range(250):
             if connections[0].is_closing():
                 break

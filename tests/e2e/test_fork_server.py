@@ -106,7 +106,7 @@ async def sandbox(forks: bool, slots: int = 1, runs_per_server: int = 500) -> As
         sandbox_uid_base=free_uid_base(),
     )
     async with open_sandbox(settings) as box:
-        box.limits = request_limits(settings, {})  # type: ignore[attr-defined]
+        box.limits = request_limits(settings)  # type: ignore[attr-defined]
         if forks:
             await servers_ready(box, slots)
         yield box
@@ -259,6 +259,27 @@ async def test_shutdown_leaves_no_server_behind() -> None:
             break
         await asyncio.sleep(0.02)
     assert uids_in_use(box.uids) == []
+
+
+#: /proc/sys as a run sees it: whether it is mounted read-only, and what opening for writing
+#: the one sysctl any uid may open so (ns_last_pid, 0666: its capability is checked per write)
+#: answers.
+PROC_SYS = (
+    "import errno, os\n"
+    "print(bool(os.statvfs('/proc/sys').f_flag & os.ST_RDONLY))\n"
+    "try:\n    os.open('/proc/sys/kernel/ns_last_pid', os.O_WRONLY)\n    print('opened')\n"
+    "except OSError as exc:\n    print(errno.errorcode[exc.errno])"
+)
+
+
+async def test_proc_sys_is_read_only_in_a_forked_run_as_in_a_cold_one() -> None:
+    """The kernel refuses a run's writes there anyway (files of another owner, capabilities
+    it lacks); the read-only mount is a second wall, built alike on both paths."""
+    async with sandbox(forks=True) as forked, sandbox(forks=False) as cold:
+        before = server_pids(forked)
+        ours, theirs = await run(forked, PROC_SYS), await run(cold, PROC_SYS)
+        assert (ours.output, theirs.output) == ("True\nEROFS\n", "True\nEROFS\n"), (ours, theirs)
+        assert server_pids(forked) == before  # forked, not started cold
 
 
 #: Programs in the other languages: each is forked too, and execs its command (or its compiled

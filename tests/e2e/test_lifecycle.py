@@ -218,10 +218,11 @@ async def test_a_message_sent_straight_to_the_actor_is_recorded_and_run(
     """Celery-era callers send to the actor without the API: the worker records it itself."""
     from actors.broker import PriorityBroker
     from evaluations.queue import evaluation_message
+    from evaluations.submission_spec import RunSpec
 
     broker = PriorityBroker(url=redis_url, namespace=shared_stack.namespace)
     eval_id = f"direct-{time.monotonic_ns()}"
-    broker.enqueue(evaluation_message(eval_id, "print('sent directly')", "python", 10))
+    broker.enqueue(evaluation_message(eval_id, RunSpec("print('sent directly')", "python", 10)))
     broker.client.close()
     for _ in range(100):
         if (await api.get(f"/api/eval/{eval_id}")).status_code == 200:

@@ -196,12 +196,14 @@ def test_a_worker_process_sets_the_collector_for_serving_once_booted(redis_url: 
     import dramatiq.broker
     from dramatiq import Worker
 
+    from actors.runtime import WorkerRuntime
     from actors.worker import build_broker
     from infra.gc_tuning import YOUNG_THRESHOLD
     from infra.settings import Settings
 
     global_broker = dramatiq.broker.global_broker  # build_broker replaces it: put it back after
-    broker = build_broker(dataclasses.replace(Settings.from_env(), redis_url=redis_url, namespace=namespace))
+    settings = dataclasses.replace(Settings.from_env(), redis_url=redis_url, namespace=namespace)
+    broker = build_broker(settings, WorkerRuntime(settings))
     before = gc.get_threshold()
     gc.unfreeze()
     worker = Worker(broker, worker_threads=1, worker_timeout=100)

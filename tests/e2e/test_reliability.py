@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
@@ -14,6 +17,7 @@ import redis.asyncio as aioredis
 
 from bench.stack import LOG_DIR, free_port, process, wait_http
 from evaluations.api_keys import KeyStore
+from evaluations.retry_policies import with_overrides
 from infra.redis_client import POOL_SIZE, async_client
 from tests.conftest import Stack, stack_env, start_stack
 from tests.helpers import TERMINAL, api_client, executor_client, submit, wait_final
@@ -51,10 +55,26 @@ async def test_executor_down_retries_under_network_error_then_finishes(
     redis_url: str, namespace: str
 ) -> None:
     port = free_port()
-    policies = json.dumps({"network_error": {"base_delay": 1, "max_delay": 1.5, "max_retries": 5}})
+    network = {"base_delay": 1, "max_delay": 1.5, "max_retries": 5}
+    policies = json.dumps({"network_error": network, "gentle": {"max_retries": 1}})
     env = stack_env(redis_url, namespace, f"http://127.0.0.1:{port}", CRUCIBLE_RETRY_POLICIES=policies)
     with ExitStack() as stack:
         async with stack_and_client(stack, "retry-network", env) as api:
+            # the API process and every worker started with these overrides report one table
+            expected = with_overrides(policies)
+            deadline = time.monotonic() + 20
+            while True:  # until the workers' first heartbeats are in
+                status = (await api.get("/api/celery-status")).json()
+                workers = [w for w in status["worker_stats"].values() if w["online"]]
+                if len(workers) == 2 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert status["retry_policies"] == expected and expected["gentle"]["max_retries"] == 1
+            assert workers and all(w["retry_policies"] == expected for w in workers)
+            show = "import json, retry_config; print(json.dumps(retry_config.RETRY_POLICIES))"
+            shim = subprocess.run([sys.executable, "-c", show], env={**os.environ, **env},
+                                  capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert json.loads(shim.stdout) == expected, shim.stderr
             eval_id = await submit(api, "print('after the outage')")
             waiting = await wait_for(api, eval_id, lambda b: b["retries"] >= 1)
             assert waiting["status"] == "running"
@@ -65,6 +85,7 @@ async def test_executor_down_retries_under_network_error_then_finishes(
             metrics = (await api.get("/metrics")).text
     retried = re.search(r'^crucible_retries_total\{policy="network_error"\} (\S+)$', metrics, re.M)
     assert retried and float(retried.group(1)) == result["retries"]
+    assert re.search(r'^crucible_retries_total\{policy="gentle"\} 0\.0$', metrics, re.M)
     assert result["status"] == "completed" and result["output"] == "after the outage\n"
     assert result["retries"] >= 1 and result["celery_state"] == "SUCCESS" and result["next_retry_at"] is None
     log = (LOG_DIR / "retry-network-worker.log").read_text()

@@ -7,12 +7,12 @@ import pytest
 import redis
 
 from actors.executor_client import ExecutorHTTPError, ExecutorUnavailable
+from evaluations.retry_policies import RETRY_POLICIES, with_overrides
+from infra.settings import ConfigError, Settings
 from middleware.retry_policy import (
     NON_RETRYABLE_HTTP_CODES,
-    RETRY_POLICIES,
     RETRYABLE_HTTP_CODES,
     RetryStrategy,
-    apply_overrides,
     calculate_retry_delay,
     get_retry_message,
     policy_for,
@@ -108,16 +108,24 @@ def test_the_strategy_reads_a_response_status_and_otherwise_the_message_as_the_o
         RetryStrategy("nope")
 
 
-def test_policies_can_be_overridden_from_configuration() -> None:
-    saved = {k: dict(v) for k, v in RETRY_POLICIES.items()}
-    try:
-        apply_overrides('{"default": {"max_retries": 7}, "network_error": {"base_delay": 1}}')
-        assert RETRY_POLICIES["default"]["max_retries"] == 7
-        assert calculate_retry_delay(0, "network_error", add_jitter=False) == 1
-        with pytest.raises(ValueError, match="unknown keys"):
-            apply_overrides('{"default": {"retries": 7}}')
-        with pytest.raises(ValueError, match="not JSON"):
-            apply_overrides("{")
-    finally:
-        RETRY_POLICIES.clear()
-        RETRY_POLICIES.update(saved)
+def test_policies_can_be_overridden_from_configuration_without_changing_the_seeds_table() -> None:
+    seed = {k: dict(v) for k, v in RETRY_POLICIES.items()}
+    overrides = '{"default": {"max_retries": 7}, "network_error": {"base_delay": 1}, "slow": {}}'
+    policies = with_overrides(overrides)
+    assert policies["default"]["max_retries"] == 7
+    assert policies["slow"] == seed["default"]
+    assert calculate_retry_delay(0, "network_error", add_jitter=False, policies=policies) == 1
+    assert RetryStrategy("default", policies).max_retries == 7
+    assert RETRY_POLICIES == seed
+    with pytest.raises(ValueError, match="unknown keys"):
+        with_overrides('{"default": {"retries": 7}}')
+    with pytest.raises(ValueError, match="not JSON"):
+        with_overrides("{")
+
+
+def test_a_bad_override_is_a_configuration_error_naming_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRUCIBLE_RETRY_POLICIES", '{"default": 3}')
+    with pytest.raises(ConfigError, match=r"CRUCIBLE_RETRY_POLICIES\['default'\] must be an object"):
+        Settings.from_env()
+    monkeypatch.setenv("CRUCIBLE_RETRY_POLICIES", '{"default": {"max_retries": 9}}')
+    assert Settings.from_env().retry_policies["default"]["max_retries"] == 9
