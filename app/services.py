@@ -14,6 +14,7 @@ from app.api.event_streams import EventStreams
 from app.cancellation import Canceller
 from app.migration.control import MigrationControl
 from app.migration.legacy import LegacyCelery
+from app.migration.route import LegacyRoute
 from app.submission import Submitter
 from evaluations.api_keys import KeyStore
 from evaluations.quotas import RateLimiter
@@ -36,6 +37,8 @@ class Services:
     dlq: AsyncDeadLetterQueue
     control: MigrationControl
     legacy: LegacyCelery | None
+    #: how submissions reach the legacy deployment, where one is configured
+    legacy_route: LegacyRoute | None
     keys: KeyStore
     limiter: RateLimiter
     executors: ExecutorPool
@@ -55,6 +58,7 @@ class Services:
                 settings.legacy_broker_url, settings.legacy_backend_url or "", settings.legacy_key_prefix
             )
         control = MigrationControl(client, settings, legacy_configured=legacy is not None)
+        route = LegacyRoute(legacy, control) if legacy else None
         enqueuer = AsyncEnqueuer(client, settings.namespace)
         executors = ExecutorPool(settings.executor_urls, settings.executor_secret)
         limiter = RateLimiter(client, settings.namespace, settings.rate_limits)
@@ -68,8 +72,7 @@ class Services:
             submitter=Submitter(
                 client,
                 store,
-                legacy=legacy,
-                control=control,
+                route=route,
                 limiter=limiter,
                 memory=MemoryGuard(client, settings.redis_full_share),
             ),
@@ -77,6 +80,7 @@ class Services:
             dlq=AsyncDeadLetterQueue(client, settings.namespace, store),
             control=control,
             legacy=legacy,
+            legacy_route=route,
             keys=KeyStore(client, settings.namespace),
             limiter=limiter,
             executors=executors,

@@ -404,11 +404,10 @@ def create_app(settings: Settings | None = None, extra_routes: Sequence[BaseRout
         keys.set(services.keys)
         api.set(Api(services))
         ops.set(OpsApi(services))
-        tracker = (
-            asyncio.create_task(MigrationTracker(services.store, services.legacy, services.submitter).run())
-            if services.legacy
-            else None
-        )
+        route = services.legacy_route
+        tracker = None
+        if route:
+            tracker = asyncio.create_task(MigrationTracker(services.store, route, services.submitter).run())
         tune_for_serving()
         try:
             yield

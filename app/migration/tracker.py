@@ -13,7 +13,8 @@ import structlog
 from redis.exceptions import RedisError
 
 from app.migration.control import MISMATCHES_KEPT, shadow_id
-from app.migration.legacy import LegacyCelery, LegacyState
+from app.migration.legacy import LegacyState
+from app.migration.route import LegacyRoute
 from app.submission import Submitter
 from evaluations.queue import task_id_of
 from evaluations.status import LEGACY_FINISH, START, TERMINAL, Status
@@ -29,10 +30,11 @@ class MigrationTracker:
     processes tracking at once count each result once.
     """
 
-    def __init__(self, store: EvaluationStore, legacy: LegacyCelery, submitter: Submitter) -> None:
+    def __init__(self, store: EvaluationStore, route: LegacyRoute, submitter: Submitter) -> None:
         self.store = store
         self.client = store.client
-        self.legacy = legacy
+        self.route = route
+        self.legacy = route.legacy
         self.submitter = submitter
         self.pending_key = store.keys.legacy_pending
         self.shadows_key = store.keys.shadow_pending
@@ -47,7 +49,7 @@ class MigrationTracker:
             await asyncio.sleep(interval)
 
     async def tick(self) -> None:
-        await self.submitter.record_unrecorded()
+        await self.route.record_unrecorded(self.submitter)
         pending = sorted(await self.client.smembers(self.pending_key))
         states = await self.legacy.states([task_id_of(i) for i in pending])
         for eval_id in pending:
