@@ -109,7 +109,7 @@ class Executor:
 
 
     async def execute(self, request: Request) -> JSONResponse:
-        body = await read_json_object(request)
+        body = await read_json_object(request, self.settings.body_timeout_s)
         eval_id = require_string(body, "eval_id")
         run = parse_run(body, self.settings.submission_bounds, list(self.languages))
         limits = request_limits(self.settings, run)

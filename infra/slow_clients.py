@@ -5,24 +5,31 @@ its request a byte at a time (or never finishes its headers) holds the connectio
 as it likes, and a security review kept 350 such connections open past 30 s. Here every
 request's headers must be complete within `CRUCIBLE_HEADER_TIMEOUT_S` of the connection being
 made, or of the previous response on it; otherwise the connection is closed. (Its body's
-deadline is `evaluations.web.read_json`'s; the number of connections is uvicorn's
-`limit_concurrency`.) The HTTP services name this class by its import path.
+deadline is `infra.web.read_json`'s; the number of connections is uvicorn's
+`limit_concurrency`.) The HTTP services hand uvicorn `header_deadline_protocol(seconds)`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from infra.settings import get_settings
 
-#: uvicorn's `http` option naming this protocol.
-PROTOCOL = "infra.slow_clients:HeaderDeadlineProtocol"
+def header_deadline_protocol(seconds: float) -> Any:
+    """uvicorn's `http` option: this protocol with a deadline of `seconds` for each request's
+    headers (a partial of the class, which uvicorn calls as it calls a protocol class)."""
+    return functools.partial(HeaderDeadlineProtocol, header_timeout_s=seconds)
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     _header_deadline: asyncio.TimerHandle | None = None
+
+    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+        self.header_timeout_s = header_timeout_s
+        super().__init__(*args, **kwargs)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -44,8 +51,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def _arm(self) -> None:
         self._disarm()
-        seconds = get_settings().header_timeout_s
-        self._header_deadline = self.loop.call_later(seconds, self._too_slow)
+        self._header_deadline = self.loop.call_later(self.header_timeout_s, self._too_slow)
 
     def _disarm(self) -> None:
         if self._header_deadline is not None:

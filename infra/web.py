@@ -20,7 +20,6 @@ from starlette.responses import Response
 
 from evaluations import errors, json_codec
 from evaluations.validation import bool_word
-from infra.settings import get_settings
 
 log = structlog.get_logger(__name__)
 
@@ -134,8 +133,9 @@ def requires(scope: str | None) -> Callable[[Endpoint], Endpoint]:
     return decorate
 
 
-async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
-    """The body parsed as JSON, or a 4xx saying why not (a declared non-JSON type: 415)."""
+async def read_json(request: Request, timeout_s: float, max_bytes: int = MAX_BODY_BYTES) -> Any:
+    """The body parsed as JSON, or a 4xx saying why not (a declared non-JSON type: 415; not all
+    in within `timeout_s`, `CRUCIBLE_BODY_TIMEOUT_S`: 408)."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type and media_type != "application/json" and not media_type.endswith("+json"):
         raise errors.UnsupportedMediaType("request body must be JSON (Content-Type: application/json)")
@@ -143,24 +143,25 @@ async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise errors.TooLarge(f"request body over {max_bytes} bytes")
     body = bytearray()
-    seconds = get_settings().body_timeout_s
     try:
-        async with asyncio.timeout(seconds):  # a client sending its body slowly holds a connection
+        async with asyncio.timeout(timeout_s):  # a client sending its body slowly holds a connection
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > max_bytes:
                     raise errors.TooLarge(f"request body over {max_bytes} bytes")
     except TimeoutError:
-        raise errors.TimedOut(f"request body not received within {seconds:g} s") from None
+        raise errors.TimedOut(f"request body not received within {timeout_s:g} s") from None
     try:
         return json_codec.loads(body)
     except json_codec.JSONDecodeError as exc:  # also deep nesting, invalid UTF-8, lone surrogates
         raise errors.MalformedInput("request body is not valid JSON", reason=str(exc)[:200]) from None
 
 
-async def read_json_object(request: Request, max_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
+async def read_json_object(
+    request: Request, timeout_s: float, max_bytes: int = MAX_BODY_BYTES
+) -> dict[str, Any]:
     """The body as a JSON object, or a 4xx saying why not."""
-    data = await read_json(request, max_bytes)
+    data = await read_json(request, timeout_s, max_bytes)
     if not isinstance(data, dict):
         raise errors.InvalidInput("request body must be a JSON object")
     return data

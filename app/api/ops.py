@@ -48,7 +48,7 @@ class OpsApi:
 
     async def change_migration(self, request: Request) -> JSONResponse:
         """`{"dramatiq_share": 0.5, "force_legacy": false, "shadow_rate": 0.1}` or `{"reset": true}`."""
-        body = await read_json_object(request)
+        body = await read_json_object(request, self.settings.body_timeout_s)
         known = {"dramatiq_share", "force_legacy", "shadow_rate", "reset"}
         if not body or set(body) - known:
             raise InvalidInput(f"give one or more of {sorted(known)}", unknown=sorted(set(body) - known))

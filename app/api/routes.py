@@ -157,7 +157,7 @@ class Api:
         return key
 
     async def submit(self, request: Request) -> JSONResponse:
-        body = await read_json_object(request)
+        body = await read_json_object(request, self.settings.body_timeout_s)
         sub = parse_submission(body, self.settings, self.languages)
         key = self._submitter_key(request, sub.priority, chose_id="eval_id" in body)
         level = sub.level
@@ -178,7 +178,7 @@ class Api:
         )
 
     async def submit_batch(self, request: Request) -> JSONResponse:
-        body = await read_json_object(request)
+        body = await read_json_object(request, self.settings.body_timeout_s)
         items = body.get("evaluations")
         if not isinstance(items, list) or not items:
             raise InvalidInput("field 'evaluations' must be a non-empty list", field="evaluations")
@@ -311,7 +311,7 @@ class Api:
         return JSONResponse({"status": "success", "message": f"Task {task_id} removed", "task_id": task_id})
 
     async def dlq_retry_batch(self, request: Request) -> JSONResponse:
-        ids = await read_json(request)
+        ids = await read_json(request, self.settings.body_timeout_s)
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise MalformedInput("body must be a JSON list of task ids")
         if len(ids) > MAX_BATCH:

@@ -190,7 +190,8 @@ class EvaluateTask(_CeleryTask):
     """`tasks.evaluate_code`: `.delay()` / `.apply_async()` submit through the same path as the API."""
 
     name = "tasks.evaluate_code"
-    _signature = inspect.signature(_actors.evaluate_code)
+    #: the actor's arguments as callers give them (the worker's runtime, bound by the worker, left out)
+    _signature = inspect.signature(functools.partial(_actors.evaluate_code, None))
 
     def apply_async(
         self,

@@ -39,11 +39,12 @@ def serve(factory: str, host: str, port: int, **options: Any) -> int:
     headers must arrive within CRUCIBLE_HEADER_TIMEOUT_S (infra/slow_clients.py)."""
     import uvicorn
 
-    from infra.slow_clients import PROTOCOL
+    from infra.slow_clients import header_deadline_protocol
 
     s = get_settings()
     configure_logging(s.log_level, s.log_format)
-    uvicorn.run(factory, factory=True, host=host, port=port, log_config=None, http=PROTOCOL, **options)
+    protocol = header_deadline_protocol(s.header_timeout_s)
+    uvicorn.run(factory, factory=True, host=host, port=port, log_config=None, http=protocol, **options)
     return 0
 
 
