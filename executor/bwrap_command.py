@@ -111,7 +111,8 @@ def isolation(
     bwrap: Path, files: list[tuple[int, str, str]], tmpfs_mb: int, for_runs: bool = True
 ) -> list[str]:
     """bwrap's namespaces, root, environment and inputs: what every sandbox shares (`for_runs`:
-    with no new user namespaces and /proc masked, which a fork server does for each run)."""
+    with no new user namespaces and /proc masked and read-only, which a fork server does for
+    each run)."""
     binds: list[str] = []
     for fd, path, perms in files:
         binds += ["--perms", perms, "--ro-bind-data", str(fd), path]
@@ -141,6 +142,9 @@ def isolation(
         "--remount-ro", "/",
         "--remount-ro", "/dev",
         "--remount-ro", "/usr/local",
+        # a run has nothing to write in /proc: read-only, /proc/sys included (bwrap covers
+        # /proc/sys itself only where the run's uid could write it)
+        *(["--remount-ro", "/proc"] if for_runs else []),
         "--chdir", "/tmp",
         "--clearenv",
         "--setenv", "PATH", "/usr/bin:/bin",

@@ -240,8 +240,8 @@ class Server:
                 os._exit(code if code >= 0 else 128 - code)
 
     def mount_base(self, tmpfs_bytes):
-        """The run's own writable places, and a /proc of its pid namespace masked as a cold
-        run's."""
+        """The run's own writable places, and a /proc of its pid namespace masked and
+        read-only as a cold run's."""
         mount(None, "/", None, MS_REC | MS_PRIVATE)
         config = self.config
         flags = MS_NOSUID | MS_NODEV
@@ -255,6 +255,8 @@ class Server:
         for path in config["masked_dirs"]:
             if os.path.isdir(path):
                 mount("tmpfs", path, "tmpfs", MS_RDONLY)
+        # read-only, /proc/sys included, as a cold run's (`--remount-ro /proc`)
+        mount(None, "/proc", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
     def mount_files(self, request, tmpfs_bytes, files):
         """The run's /tmp at its own size, and /sandbox holding only its files."""

@@ -630,3 +630,50 @@ print(open('/proc/sys/user/max_user_namespaces').read().strip())
     result = await run(executor, code)
     assert result["output"].splitlines() == ["-1 True", "0"], result
     await assert_host_unharmed(executor)
+
+
+async def test_a_run_cannot_watch_what_other_tenants_open_in_the_shared_usr(
+    executor: httpx.AsyncClient,
+) -> None:
+    """/usr is one directory tree for every slot: inotify on it would show one run, with timing,
+    each module another tenant's Python imports and each header its compile includes."""
+    watcher = """
+import ctypes, glob, os, platform, select, struct, time
+libc = ctypes.CDLL(None, use_errno=True)
+def refused(result):
+    return ctypes.get_errno() if result < 0 else "allowed"
+IN_OPEN = 0x20
+tries = {"inotify_add_watch": refused(libc.inotify_add_watch(0, b"/usr", IN_OPEN))}
+if platform.machine() == "x86_64":
+    old = libc.syscall(253)  # inotify_init, which arm64 does not have
+    tries["inotify_init"] = refused(old)
+fd = libc.inotify_init1(os.O_NONBLOCK)
+tries["inotify_init1"] = refused(fd)
+print(tries)
+seen = set()
+if fd >= 0:
+    for folder in ["/usr/include", *glob.glob("/usr/lib/python3*"), *glob.glob("/usr/lib/python3*/__*")]:
+        libc.inotify_add_watch(fd, folder.encode(), IN_OPEN)
+    ends = time.monotonic() + 4
+    while time.monotonic() < ends:
+        select.select([fd], [], [], 0.1)
+        try:
+            events = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        while events:
+            _, _, _, size = struct.unpack_from("iIII", events)
+            seen.add(events[16 : 16 + size].rstrip(b"\\0").decode())
+            events = events[16 + size :]
+print(sorted(name for name in seen if "mailbox" in name))
+"""
+    watching = asyncio.create_task(run(executor, watcher, timeout=10))
+    await asyncio.sleep(1.5)  # its watches are in place
+    tenant = await run(executor, "import mailbox\nprint('imported')")  # another slot, another uid
+    assert tenant["output"] == "imported\n", tenant
+    result = await watching
+    assert result["status"] == "completed", result
+    tries, seen = result["output"].splitlines()
+    assert seen == "[]", result  # mailbox.cpython-3*.pyc: what the other run imported
+    assert set(ast.literal_eval(tries).values()) == {1}, tries  # EPERM, as fanotify_init
+    await assert_host_unharmed(executor)
