@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +23,11 @@ from celery import Celery
 from bench.stack import delete_namespace, process
 from evaluations.celery_wire import LEGACY_QUEUES, queue_lists
 from evaluations.redis_keys import RedisKeys
+from evaluations.submission_spec import MIN_TIMEOUT_S
+from evaluations.validation import MIN_MEMORY_MB
+from infra.settings import Settings
 from tests.conftest import Stack, stack_env, start_api, start_stack
+from tests.helpers import EXECUTOR_SECRET, TEST_ADMIN_KEY
 
 #: Marks a Redis database one of these tests holds (several suites may share a Redis).
 CLAIM_KEY = "crucible-test-celery-wire-claim"
@@ -308,3 +313,50 @@ async def test_a_message_left_in_the_ingress_list_while_it_runs_is_recorded_with
         await services.close()
         client.close()
         delete_namespace(own_database, ns)
+
+
+def test_a_submissions_bounds_are_the_same_at_the_api_the_wire_and_the_executor(
+    wire: Stack, executor_url: str
+) -> None:
+    """One spec (evaluations/submission_spec.py) at every door: what one refuses, each refuses,
+    naming the same field (they used to disagree on timeout's lower bound and whole memory_mb)."""
+    settings = Settings.from_env()
+    bad: list[tuple[str, dict[str, Any]]] = [
+        ("timeout", {"timeout": MIN_TIMEOUT_S / 2}),
+        ("timeout", {"timeout": settings.max_timeout + 1}),
+        ("memory_mb", {"memory_mb": MIN_MEMORY_MB + 0.5}),
+        ("memory_mb", {"memory_mb": settings.memory_limit_mb + 1}),
+        ("output_limit", {"output_limit": 0}),
+        ("code", {"code": "  "}),
+        ("language", {"language": "cobol"}),
+    ]
+    app = producer(wire.env["REDIS_URL"])
+    client = redis.Redis.from_url(wire.env["REDIS_URL"])
+    keys = RedisKeys(wire.namespace)
+    api = httpx.Client(base_url=wire.api_url, headers={"x-api-key": TEST_ADMIN_KEY}, timeout=30)
+    executor = httpx.Client(base_url=executor_url, headers={"authorization": f"Bearer {EXECUTOR_SECRET}"})
+    task_ids = []
+    for field, given in bad:
+        body = {"code": "print(1)", "language": "python", **given}
+        answer = api.post("/api/eval", json=body)
+        assert answer.status_code == 422 and answer.json()["details"]["field"] == field, (given, answer.text)
+        answer = executor.post("/execute", json={"eval_id": f"spec-{uuid.uuid4().hex[:6]}", **body})
+        assert answer.status_code == 422 and answer.json()["details"]["field"] == field, (given, answer.text)
+        task_id = f"celery-spec-{uuid.uuid4().hex[:8]}"
+        app.send_task("tasks.evaluate_code", kwargs={"eval_id": task_id[7:], **body}, queue="evaluation",
+                      task_id=task_id)  # fmt: skip
+        task_ids.append((task_id, field))
+    entries: dict[str, dict[str, Any]] = {}
+    for _ in range(100):
+        entries = {t: json.loads(e) for t, _ in task_ids if (e := client.hget(keys.dlq_entries, t))}
+        if len(entries) == len(task_ids):
+            break
+        time.sleep(0.1)
+    for task_id, field in task_ids:
+        assert f"field '{field}'" in entries[task_id]["exception_message"], entries.get(task_id)
+    # and a fractional timeout at the lower bound's side is taken by all three
+    body = {"code": "print(1)", "timeout": MIN_TIMEOUT_S + 0.5}
+    assert api.post("/api/eval", json=body).status_code == 200
+    run = executor.post("/execute", json={"eval_id": f"spec-{uuid.uuid4().hex[:6]}", **body})
+    assert run.status_code == 200 and run.json()["output"] == "1\n"
+    api.close(), executor.close(), client.close()
