@@ -33,6 +33,12 @@ async def evaluate_code(
     args: list[str] | None = None,
     memory_mb: int | None = None,
     output_limit: int | None = None,
+    wall_timeout: float | None = None,
+    files: list[dict[str, str]] | None = None,
+    entry: str | None = None,
+    tests: list[dict[str, Any]] | None = None,
+    checker: str | dict[str, Any] | None = None,
+    stop_on_first_failure: bool = False,
 ) -> None:
     """Run one submission on an executor and store the finished result.
 
@@ -54,9 +60,12 @@ async def evaluate_code(
             log.info("evaluation.skipped", status=current)
             return
     log.info("evaluation.running", language=language)
-    run = RunSpec(code, language, timeout, stdin, tuple(args or ()), memory_mb, output_limit)
+    given = {"stdin": stdin, "args": args, "memory_mb": memory_mb, "output_limit": output_limit,
+             "wall_timeout": wall_timeout, "files": files, "entry": entry, "tests": tests, "checker": checker,
+             "stop_on_first_failure": stop_on_first_failure}  # fmt: skip
+    run = RunSpec.from_fields({"code": code, "language": language, "timeout": timeout, **given})
     payload = {"eval_id": eval_id, **run.fields()}
-    executor, result = await rt.executors.execute(payload)
+    executor, result = await rt.executors.execute(payload, run.total_wall)
     if result["status"] == "cancelled" and not await _stopped_on_purpose(rt.store, eval_id, attempt):
         raise RunInterrupted(f"the run was stopped on {executor} without a cancel")
     fields = {k: result[k] for k in RESULT_FIELDS}

@@ -91,8 +91,11 @@ class ExecutorPool:
         up = [u for u in ordered if self._down_until.get(u, 0) <= now]
         return up or ordered  # all marked down: try them anyway rather than give up
 
-    async def execute(self, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Run on the first executor with a free slot; returns (its url, the result).
+    async def execute(
+        self, payload: dict[str, Any], wall_s: float | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Run on the first executor with a free slot; returns (its url, the result). `wall_s`:
+        the wall-clock seconds the run may take at its limits (all its cases), else its timeout's.
 
         Executors that refuse connections are skipped; when every reachable one is busy, wait
         a moment and ask again (up to `BUSY_WAIT_SECONDS`). If the answer is lost after the
@@ -100,7 +103,7 @@ class ExecutorPool:
         goes on unwatched.
         """
         eval_id = payload["eval_id"]
-        timeout = answer_timeout(float(payload["timeout"]))
+        timeout = answer_timeout(wall_s or wall_limit(float(payload["timeout"])))
         deadline = time.monotonic() + BUSY_WAIT_SECONDS
         while True:
             unreachable: list[str] = []
@@ -164,11 +167,11 @@ class ExecutorPool:
         return any(results)
 
 
-def answer_timeout(run_timeout: float) -> aiohttp.ClientTimeout:
-    """How long to wait for a run's answer. Every language gets the compile budget: a worker
-    cannot tell which ones an executor compiles, and giving up on a slow compile would only
-    run it again."""
-    total = wall_limit(run_timeout) + COMPILE_TIMEOUT_SECONDS + ANSWER_MARGIN_SECONDS
+def answer_timeout(wall_s: float) -> aiohttp.ClientTimeout:
+    """How long to wait for the answer of a run that may take `wall_s` seconds. Every language
+    gets the compile budget: a worker cannot tell which ones an executor compiles, and giving
+    up on a slow compile would only run it again."""
+    total = wall_s + COMPILE_TIMEOUT_SECONDS + ANSWER_MARGIN_SECONDS
     return aiohttp.ClientTimeout(total=total, connect=2.0)
 
 

@@ -21,6 +21,7 @@ from periodiq import PeriodiqMiddleware, cron
 from actors import evaluate, maintenance
 from actors.broker import PriorityBroker
 from actors.runtime import CloseRuntime, WorkerRuntime
+from evaluations.languages import wall_limit
 from evaluations.queue import ENCODER, EVALUATE_ACTOR, HEALTH_CHECK_ACTOR, QUEUE_NAME, actor_time_limit_ms
 from evaluations.redis_keys import RedisKeys
 from infra.logs import configure_logging
@@ -96,7 +97,7 @@ def declare_actors(broker: PriorityBroker, runtime: WorkerRuntime) -> DeclaredAc
     """Declare every actor on `broker`, bound to `runtime`, each with its level, time limit or
     schedule."""
     settings = runtime.settings
-    time_limit = actor_time_limit_ms(settings.max_timeout)
+    time_limit = actor_time_limit_ms(wall_limit(settings.max_timeout))
     return DeclaredActors(
         broker=broker,
         runtime=runtime,

@@ -8,6 +8,7 @@ import difflib
 import os
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from app.submission import Submission
@@ -27,9 +28,10 @@ def new_eval_id() -> str:
     return f"eval_{time.strftime('%Y%m%d_%H%M%S', time.gmtime())}_{os.urandom(4).hex()}"
 
 
-def offered_languages(settings: Settings) -> list[str]:
-    """The languages a submission may name: those installed for the executors' sandbox."""
-    return sorted(registry(settings.python_path))
+def offered_languages(settings: Settings) -> dict[str, str]:
+    """The languages a submission may name (those installed for the executors' sandbox), each
+    with its main file's name."""
+    return {name: language.file_name for name, language in sorted(registry(settings.python_path).items())}
 
 
 #: The fields a submission may hold; any other is ignored, and named in the answer's `warnings`.
@@ -58,7 +60,7 @@ def ignored_fields(body: dict[str, Any]) -> list[str]:
     return warnings
 
 
-def parse_submission(body: dict[str, Any], settings: Settings, languages: list[str]) -> Submission:
+def parse_submission(body: dict[str, Any], settings: Settings, languages: Mapping[str, str]) -> Submission:
     """The submission `body` asks for, or a Refusal naming the first field at fault."""
     if "code" not in body:  # a misspelt `code` is ignored like any unknown field: say which
         if close := difflib.get_close_matches("code", unknown_fields(body)[:MAX_WARNINGS], n=1):

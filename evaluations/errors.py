@@ -1,7 +1,7 @@
 """What the service refuses or cannot do, said in the domain's words.
 
 Raised anywhere below the HTTP edge (the store, quotas, submission, input checks); the edge
-(`evaluations.web.HTTP_STATUS`) is the one place that turns each kind into a status code,
+(`infra.web.HTTP_STATUS`) is the one place that turns each kind into a status code,
 and the Celery shim turns the same exceptions into `ValueError`s.
 """
 

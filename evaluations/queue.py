@@ -14,7 +14,6 @@ from dramatiq.errors import DecodeError
 from dramatiq.message import Message
 
 from evaluations.json_codec import MessageEncoder
-from evaluations.languages import wall_limit
 from evaluations.submission_spec import RunSpec
 
 #: The one Dramatiq queue name every actor uses; levels are a message option.
@@ -66,10 +65,10 @@ TASK_ID_PREFIX = "celery-"
 ENCODER = MessageEncoder()
 
 
-def actor_time_limit_ms(timeout: float) -> int:
-    """When Dramatiq interrupts the actor running an evaluation with this `timeout`: after the
-    run's wall-clock limit and the margin."""
-    return int(wall_limit(timeout) * 1000) + TIME_LIMIT_MARGIN_MS
+def actor_time_limit_ms(wall_s: float) -> int:
+    """When Dramatiq interrupts the actor running an evaluation that may take `wall_s` seconds
+    at its limits (`RunSpec.total_wall`): after that and the margin."""
+    return int(wall_s * 1000) + TIME_LIMIT_MARGIN_MS
 
 
 def task_id_of(eval_id: str) -> str:
@@ -97,12 +96,11 @@ def evaluation_message(eval_id: str, run: RunSpec) -> Message[Any]:
     """The message for one evaluation; its id is the Celery-style task id. Optional fields go
     in only when given, so such a message stays readable by workers that predate them."""
     kwargs = {"eval_id": eval_id, **run.fields()}
-    timeout = run.timeout
     return Message(
         queue_name=QUEUE_NAME,
         actor_name=EVALUATE_ACTOR,
         args=(),
         kwargs=kwargs,
-        options={"time_limit": actor_time_limit_ms(timeout)},
+        options={"time_limit": actor_time_limit_ms(run.total_wall)},
         message_id=task_id_of(eval_id),
     )

@@ -103,6 +103,8 @@ class Executor:
         self.settings = settings
         self.sandbox = sandbox
         self.languages: dict[str, Language] = registry(settings.python_path)
+        #: what a submission may name, with its main file's name (`parse_run`)
+        self.main_files = {name: language.file_name for name, language in self.languages.items()}
         self.bwrap_version = subprocess.run(
             [str(sandbox.bwrap), "--version"], capture_output=True, text=True, check=False
         ).stdout.strip()
@@ -111,7 +113,7 @@ class Executor:
     async def execute(self, request: Request) -> JSONResponse:
         body = await read_json_object(request, self.settings.body_timeout_s)
         eval_id = require_string(body, "eval_id")
-        run = parse_run(body, self.settings.submission_bounds, list(self.languages))
+        run = parse_run(body, self.settings.submission_bounds, self.main_files)
         limits = request_limits(self.settings, run)
         structlog.contextvars.bind_contextvars(eval_id=eval_id)
         try:

@@ -3,7 +3,7 @@
 Scopes: every live key has `user`; admin keys also `admin`; `metrics` is held by admin keys
 and by the separate scrape token (`CRUCIBLE_METRICS_TOKEN`). `CRUCIBLE_ADMIN_KEY`, when set,
 is accepted as an admin key without being stored (for automation and bootstrapping).
-Routes declare the scope they need (`evaluations.web.requires`); a missing or unknown key gets
+Routes declare the scope they need (`infra.web.requires`); a missing or unknown key gets
 401, a key without the scope 403.
 """
 

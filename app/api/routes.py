@@ -131,7 +131,7 @@ class Api:
         self.languages = offered_languages(self.settings)
 
     async def openapi(self, request: Request) -> JSONResponse:
-        return JSONResponse(openapi_schema(self.settings, self.languages))
+        return JSONResponse(openapi_schema(self.settings, list(self.languages)))
 
     async def list_languages(self, request: Request) -> JSONResponse:
         try:
@@ -377,7 +377,7 @@ class Api:
                 "offset": offset,
                 "has_more": offset + len(rows) < total,
                 "statuses": list(STATUSES),
-                "languages": self.languages,
+                "languages": list(self.languages),
             }
         )
 

@@ -73,7 +73,7 @@ def level_for(queue: str | None, priority: int | bool | None) -> str:
 
 
 @functools.cache
-def _languages() -> list[str]:
+def _languages() -> dict[str, str]:
     return offered_languages(get_settings())
 
 
