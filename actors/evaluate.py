@@ -69,6 +69,7 @@ async def evaluate_code(
     if result["status"] == "cancelled" and not await _stopped_on_purpose(rt.store, eval_id, attempt):
         raise RunInterrupted(f"the run was stopped on {executor} without a cancel")
     fields = {k: result[k] for k in RESULT_FIELDS}
+    fields.update({k: result[k] for k in CASES_FIELDS if k in result})
     # The result commits with the ack, in one round trip: a newer delivery (this one taken for
     # dead) owns the record if the attempt token changed, and Dramatiq repeats the ack until
     # Redis answers, so a finished run is never lost to a Redis outage.
@@ -80,6 +81,8 @@ async def evaluate_code(
 #: What the executor's answer gives the record.
 RESULT_FIELDS = ("output", "error", "exit_code", "signal", "runtime_ms", "cpu_ms", "peak_memory_kb",
                  "output_truncated", "error_truncated")  # fmt: skip
+#: What it adds for a submission with test cases.
+CASES_FIELDS = ("verdict", "passed", "total", "cases", "compile")
 
 
 def settle_with(change: StatusChange) -> None:

@@ -52,8 +52,12 @@ _INT_FIELDS = {
     "peak_memory_kb",
     "signal",
     "max_running",
+    "passed",
+    "total",
 }
 _BOOL_FIELDS = {"output_truncated", "error_truncated", "priority", "internal_error"}
+#: A test-case submission's per-case results and its compile step, kept as JSON.
+_JSON_FIELDS = {"cases", "compile"}
 
 
 def utc_now() -> str:
@@ -81,6 +85,8 @@ def _decode(record: dict[str, Any]) -> dict[str, Any]:
             out[key] = raw == "1"
         elif key == "metadata":
             out[key] = json_codec.loads(raw) if raw else {}
+        elif key in _JSON_FIELDS:
+            out[key] = json_codec.loads(raw) if raw else None
         else:
             out[key] = raw if raw != "" else None
     return out

@@ -267,7 +267,7 @@ def parse_run(body: dict[str, Any], bounds: Bounds, languages: Mapping[str, str]
         body, "output_limit", default=None, low=MIN_OUTPUT_BYTES, high=bounds.max_output_bytes, integer=True
     )
     tests = _cases(body, bounds)
-    checker = _checker(body, languages) if tests else Checker()
+    checker = _checker(body, languages)  # checked even without cases: no door takes what another refuses
     stop = bool(require_bool(body, "stop_on_first_failure", default=False))
     run = RunSpec(
         code, language, timeout, stdin, tuple(args), memory_mb, output_limit,

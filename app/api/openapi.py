@@ -11,6 +11,7 @@ from typing import Any
 
 from evaluations.queue import LEVELS
 from evaluations.status import STATUSES
+from evaluations.submission_spec import CHECKERS, DEFAULT_CHECKER, MAX_CASE_NAME, MIN_TIMEOUT_S
 from evaluations.validation import FALSE_WORDS, MIN_MEMORY_MB, TRUE_WORDS
 from infra.settings import Settings
 
@@ -62,11 +63,68 @@ def _submission(settings: Settings, languages: list[str]) -> dict[str, Any]:
     """POST /api/eval's body."""
     # Optional fields may be null, meaning absent. Limits are in bytes of UTF-8 (413 beyond):
     # a string within maxLength characters may still be refused if its UTF-8 form is longer.
+    bounds = settings.submission_bounds
+    limit = {"type": "number", "minimum": MIN_TIMEOUT_S, "maximum": settings.max_timeout, "nullable": True}
+    wall = {"type": "number", "minimum": MIN_TIMEOUT_S, "maximum": bounds.max_wall_timeout, "nullable": True}
+    memory = {"type": "integer", "minimum": MIN_MEMORY_MB, "maximum": settings.memory_limit_mb}
+    memory["nullable"] = True
+    text = {"type": "string", "maxLength": settings.max_stdin_bytes, "nullable": True}
+    args = {"type": "array", "nullable": True, "maxItems": 64,
+            "items": {"type": "string", "maxLength": 4096, "pattern": "^[^\\u0000]*$"}}  # fmt: skip
     return {
         "type": "object",
-        "required": ["code"],
+        "anyOf": [{"required": ["code"]}, {"required": ["entry"]}],
         "properties": {
             "code": {"type": "string", "pattern": r"\S", "maxLength": settings.max_code_bytes},
+            "entry": {"type": "string", "nullable": True, "description": "which of `files` is the main file"},
+            "wall_timeout": {**wall, "description": "wall-clock seconds (default: 3 x timeout, CPU seconds)"},
+            "files": {
+                "type": "array",
+                "nullable": True,
+                "maxItems": bounds.max_files,
+                "description": "laid out read-only beside the main file; relative paths, no '..'",
+                "items": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1},
+                        "content": {"type": "string", "default": "", "nullable": True},
+                        "encoding": {"enum": ["utf-8", "base64", None], "default": "utf-8"},
+                    },
+                },
+            },
+            "tests": {
+                "type": "array",
+                "nullable": True,
+                "maxItems": bounds.max_cases,
+                "description": "test cases: the program run once for each, its output checked",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "maxLength": MAX_CASE_NAME, "nullable": True},
+                        "stdin": text,
+                        "args": args,
+                        "expected_output": text,
+                        "timeout": limit,
+                        "wall_timeout": wall,
+                        "memory_mb": memory,
+                    },
+                },
+            },
+            "checker": {
+                "nullable": True,
+                "default": DEFAULT_CHECKER,
+                "oneOf": [
+                    {"enum": list(CHECKERS)},
+                    {"type": "object", "required": ["code"], "properties": {
+                        "code": {"type": "string"}, "language": {"type": "string", "nullable": True}}},
+                    {"type": "object", "not": {"required": ["code"]}, "properties": {
+                        "type": {"enum": list(CHECKERS), "nullable": True},
+                        "abs_tol": {"type": "number", "minimum": 0, "maximum": 1e9, "nullable": True},
+                        "rel_tol": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True}}},
+                ],
+            },
+            "stop_on_first_failure": {"type": "boolean", "default": False, "nullable": True},
             "language": {"type": "string", "enum": languages, "default": "python", "nullable": True},
             "timeout": {"type": "number", "minimum": 1, "maximum": settings.max_timeout, "nullable": True},
             "memory_mb": {

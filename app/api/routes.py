@@ -66,8 +66,9 @@ MAX_PAGE = 1000
 
 
 def public_view(record: dict[str, Any]) -> dict[str, Any]:
-    """An evaluation as the contract shows it, plus what else a caller may want."""
-    return {
+    """An evaluation as the contract shows it, plus what else a caller may want (and, for a
+    submission with test cases, its verdict and each case's result)."""
+    view = {
         "eval_id": record["id"],
         "task_id": record.get("task_id"),
         "status": record["status"],
@@ -97,6 +98,9 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
         "next_retry_at": record.get("next_retry_at"),
         "queue_system": record.get("queue_system") or "dramatiq",
     }
+    if record.get("total") is not None:
+        view.update({k: record.get(k) for k in ("verdict", "passed", "total", "cases", "compile")})
+    return view
 
 
 #: Names of our machines (executor URLs, worker hosts): operators see them, other callers do not.
