@@ -28,7 +28,9 @@ from evaluations.languages import Language, registry
 from evaluations.submission_spec import RunSpec, parse_run
 from evaluations.validation import require_string
 from executor import uid_range
-from executor.cgroups import CgroupsV1, DiskLimits
+from executor.cgroups import Cgroups, CgroupsUnavailable, DiskLimits, Enforcement
+from executor.cgroups_v1 import CgroupsV1
+from executor.cgroups_v2 import CgroupsV2, NotV2
 from executor.errors import SandboxBusy, SandboxError
 from executor.limits import Limits
 from executor.sandbox import Sandbox
@@ -64,21 +66,29 @@ def stage_bwrap(target: Path) -> Path:
     return target / package.name / "_bin" / "bwrap"
 
 
-def open_cgroups(settings: Settings) -> CgroupsV1 | None:
-    """Per-run cgroups when allowed and available; `required` refuses to run without them."""
+def choose_cgroups(settings: Settings) -> tuple[Cgroups | None, Enforcement]:
+    """Per-run cgroups (v2 or v1, whichever the host has) when allowed and available, and which
+    limits are then in force; `required` refuses to run without them."""
     mode = settings.sandbox_cgroups
     if mode == "off":
-        return None
+        return None, Enforcement.rlimits_only("SANDBOX_CGROUPS=off", "set SANDBOX_CGROUPS=auto")
     disk = DiskLimits(settings.sandbox_read_mb_per_s * 1024 * 1024, settings.sandbox_read_ops_per_s)
-    cgroups = CgroupsV1.open(disk)
-    if cgroups is None:
+    try:
+        try:  # v2 where this process's group is on a cgroup2 mount, else the v1 hierarchies
+            cgroups: Cgroups = CgroupsV2.open(disk)
+        except NotV2:
+            cgroups = CgroupsV1.open(disk)
+    except CgroupsUnavailable as exc:
         if mode == "required":
-            raise RuntimeError("SANDBOX_CGROUPS=required but the cgroup v1 hierarchies cannot be managed")
-        log.warning(
-            "executor.rlimits_only",
-            reason="cgroups unavailable: memory is capped per process, not per run",
-        )
-    return cgroups
+            raise RuntimeError(f"SANDBOX_CGROUPS=required but per-run cgroups cannot be had: {exc}") from None
+        log.warning("executor.rlimits_only", reason=f"{exc}: memory is capped per process, not per run")
+        return None, Enforcement.rlimits_only(str(exc))
+    return cgroups, cgroups.enforcement()
+
+
+def open_cgroups(settings: Settings) -> Cgroups | None:
+    """The per-run cgroups `choose_cgroups` finds (None: rlimits only)."""
+    return choose_cgroups(settings)[0]
 
 
 def request_limits(s: Settings, run: RunSpec | None = None) -> Limits:
@@ -157,6 +167,9 @@ class Executor:
                 "sandbox": self.bwrap_version,
                 "limits_enforced_by": self.sandbox.enforced_by,
                 "seccomp": self.sandbox.seccomp is not None,
+                # which per-run limits hold, and for any a cgroup host gives that these do not,
+                # why and what to change
+                "limits": self.sandbox.enforcement.to_dict(),
                 "disk_reads_capped": bool(self.sandbox.cgroups and self.sandbox.cgroups.disk_rules),
                 "capacity": self.sandbox.capacity,
                 "running": len(self.sandbox.running),
@@ -186,12 +199,13 @@ async def open_sandbox(settings: Settings) -> AsyncIterator[Sandbox]:
     if swept := uid_range.sweep(uids):
         log.warning("executor.swept_leftover_sandboxes", processes=swept, uids=f"{uids[0]}-{uids[-1]}")
     with tempfile.TemporaryDirectory(prefix="crucible-executor-") as runtime:
-        cgroups = open_cgroups(settings)
+        cgroups, enforcement = choose_cgroups(settings)
         sandbox = Sandbox(
             stage_bwrap(Path(runtime)),
             uid_base=settings.sandbox_uid_base,
             slots=settings.executor_concurrency,
             cgroups=cgroups,
+            enforcement=enforcement,
             seccomp=build_filter(),
             compile_cache_bytes=settings.sandbox_compile_cache_mb * 1024 * 1024,
         )
@@ -236,7 +250,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 capacity=sandbox.capacity,
                 languages=sorted(executor.instance.languages),
                 limits_enforced_by=sandbox.enforced_by,
+                limits_in_force=sandbox.enforcement.in_force,
             )
+            if sandbox.enforcement.missing:  # fewer than a cgroup v1 host gives: why, what to change
+                log.warning("executor.limits_missing", **sandbox.enforcement.to_dict())
             try:
                 yield
             finally:

@@ -1,10 +1,12 @@
 """Per-run memory and process accounting with cgroups, where the machine lets us.
 
-cgroup v2 with delegation is preferred; this machine kind offers the v1 `memory` and `pids`
-hierarchies to root, so v1 is what is implemented. Each run gets its own group: the memory
-limit holds for all its processes together (RLIMIT_AS is per process), peak memory and OOM
-kills are read back exactly, and `pids.max` caps processes. Without a writable hierarchy the
-executor falls back to rlimits alone, and `/health` says which is in force.
+Each run gets a fresh group: the memory limit holds for all its processes together (RLIMIT_AS
+is per process), peak memory and OOM kills are read back exactly, `pids` caps processes, and
+the CPU time of all the run's processes is watched. Two backends give the same per-run
+limits: cgroup v1 (`executor.cgroups_v1`: root with the v1 hierarchies) and cgroup v2
+(`executor.cgroups_v2`: the group the executor was started in, delegated to it). Without
+either the executor falls back to rlimits alone; `executor.app.choose_cgroups` says why, `/health` and the
+start-up log say which limits are in force (`Enforcement`).
 """
 
 from __future__ import annotations
@@ -13,20 +15,36 @@ import asyncio
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-V1_ROOT = Path("/sys/fs/cgroup")
-CONTROLLERS = ("memory", "pids", "cpuacct", "cpu")
-#: Used where the machine has it: caps each run's reads from the host's disks.
-DISK_CONTROLLER = "blkio"
-SYS_BLOCK = Path("/sys/block")
-#: Socket buffer memory a run may hold, within its memory limit.
-TCP_BUFFER_BYTES = 64 * 1024 * 1024
-CPU_PERIOD_US = 100_000
 #: How often, and how many times, removing a group is tried again while its killed processes leave.
 REMOVE_RETRY_S = 0.01
 REMOVE_TRIES = 50
+CPU_PERIOD_US = 100_000
+SYS_BLOCK = Path("/sys/block")
+
+#: What each per-run limit is, as `/health` names it.
+PER_RUN_LIMITS = {
+    "memory": "one memory limit for all the run's processes together (socket buffers included)",
+    "peak_memory": "exact peak memory and OOM-kill verdict of the whole run",
+    "processes": "a process cap per run",
+    "cpu_time": "CPU time of all the run's processes together",
+    "one_cpu": "at most one CPU per run",
+    "disk_reads": "disk reads capped per run",
+}
+#: What an operator changes to get cgroups, per host kind.
+HOW_TO_GET_CGROUPS = (
+    "cgroup v2: start the executor in a cgroup delegated to it with the memory and pids "
+    "controllers (systemd: Delegate=yes; Docker: --cgroupns=private and a writable "
+    "/sys/fs/cgroup; Kubernetes: see deploy/k8s/20-executor.yaml); cgroup v1: run it as root "
+    "with the memory, pids, cpu and cpuacct hierarchies writable"
+)
+
+
+class CgroupsUnavailable(Exception):
+    """Why per-run cgroups cannot be had here (the message says what to change)."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +65,33 @@ class RunStats:
     cpu_ns: int
 
 
+@dataclass(frozen=True)
+class Enforcement:
+    """Which per-run limits are in force, and for those a cgroup v1 host would give but this
+    one does not, why and what to change (`/health`, the start-up log)."""
+
+    by: str
+    missing: dict[str, str] = field(default_factory=dict)
+    fix: str = ""
+
+    @property
+    def in_force(self) -> list[str]:
+        return [name for name in PER_RUN_LIMITS if name not in self.missing]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"by": self.by, "in_force": self.in_force, "missing": self.missing, "fix": self.fix}
+
+    @classmethod
+    def rlimits_only(cls, why: str, fix: str = HOW_TO_GET_CGROUPS) -> Enforcement:
+        """Limits per process only: none of the per-run ones hold."""
+        return cls("rlimit", dict.fromkeys(PER_RUN_LIMITS, why), fix)
+
+
 class RunGroup:
-    """One run's cgroups, fresh for each run so nothing charged by an earlier run (page cache,
-    socket buffers still held by the kernel) counts against it. The run's first process joins
-    them before it execs bwrap, so every process of the run is counted."""
+    """One run's cgroups (one folder per v1 hierarchy, or one v2 group), fresh for each run so
+    nothing charged by an earlier run (page cache, socket buffers still held by the kernel)
+    counts against it. The run's first process joins them before it execs bwrap, so every
+    process of the run is counted. The backends say how limits are set and usage is read."""
 
     def __init__(self, paths: dict[str, Path]) -> None:
         self.paths = paths
@@ -60,32 +101,20 @@ class RunGroup:
         return [str(path / "cgroup.procs") for path in self.paths.values()]
 
     def limit(self, memory_bytes: int, max_pids: int) -> None:
-        """Cap the memory of all the run's processes together (socket buffers included) and
-        their number. Raises OSError if the kernel refuses (below what is in use, say)."""
-        memory = self.paths["memory"]
-        # memory+swap may never be below memory alone: raised first when raising, after when
-        # lowering (either write fails harmlessly where the kernel does not account swap)
-        with contextlib.suppress(OSError):
-            (memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
-        (memory / "memory.limit_in_bytes").write_text(str(memory_bytes))
-        with contextlib.suppress(OSError):
-            (memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
-        # TCP buffers on the run's own loopback come from a host-wide pool: charge them too
-        (memory / "memory.kmem.tcp.limit_in_bytes").write_text(str(min(memory_bytes, TCP_BUFFER_BYTES)))
-        (self.paths["pids"] / "pids.max").write_text(str(max_pids))
+        """Cap the memory of all the run's processes together and their number. Raises
+        OSError if the kernel refuses."""
+        raise NotImplementedError
 
     def cpu_ns(self) -> int:
-        """CPU time used by every process of the run so far."""
-        return int((self.paths["cpuacct"] / "cpuacct.usage").read_text())
+        """CPU time used by every process of the run so far (read every `CPU_POLL_S`)."""
+        raise NotImplementedError
 
     def stats(self) -> RunStats:
-        memory, pids = self.paths["memory"], self.paths["pids"]
-        return RunStats(
-            peak_memory_bytes=int((memory / "memory.max_usage_in_bytes").read_text()),
-            oom_killed=_read_kv(memory / "memory.oom_control").get("oom_kill", 0) > 0,
-            pids_refused=_read_kv(pids / "pids.events").get("max", 0),
-            cpu_ns=int((self.paths["cpuacct"] / "cpuacct.usage").read_text()),
-        )
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        """Kill every process of the run at once, where the backend can (v2's cgroup.kill);
+        the run's own kill (its pid namespace's end) does it anyway."""
 
     def sweep(self) -> None:
         """Kill anything left in the group (nothing should be: the pid namespace died)."""
@@ -136,108 +165,51 @@ class RunGroup:
         return bool(left)
 
 
-class CgroupsV1:
-    """Run groups under `<hierarchy>/crucible-<executor pid>/`."""
+class Cgroups(Protocol):
+    """A cgroup backend: makes each run's groups and undoes its own at shutdown."""
 
-    def __init__(self, disk_limits: DiskLimits, root: Path = V1_ROOT) -> None:
-        controllers = [*CONTROLLERS]
-        self.disk_rules: list[tuple[str, str]] = []
-        if (root / DISK_CONTROLLER / "cgroup.procs").exists():
-            controllers.append(DISK_CONTROLLER)
-            self.disk_rules = _disk_rules(disk_limits)
-        self.base = {c: root / c / f"crucible-{os.getpid()}" for c in controllers}
-
-    @classmethod
-    def open(cls, disk_limits: DiskLimits) -> CgroupsV1 | None:
-        """The v1 hierarchies if this process may manage them, else None (use rlimits)."""
-        if os.geteuid() != 0 or not all((V1_ROOT / c / "cgroup.procs").exists() for c in CONTROLLERS):
-            return None
-        groups = cls(disk_limits)
-        try:
-            for path in groups.base.values():
-                _remove_stale_siblings(path)
-                path.mkdir(exist_ok=True)
-        except OSError:
-            return None
-        if groups.disk_rules:
-            groups.disk_rules = _accepted(groups.base[DISK_CONTROLLER], groups.disk_rules)
-        return groups
+    #: "cgroup-v1" or "cgroup-v2"
+    kind: str
+    #: the disk read caps the kernel accepted (none: reads are not capped)
+    disk_rules: list[tuple[str, str]]
 
     def create(self, name: str, uid: int, memory_bytes: int, max_pids: int) -> RunGroup:
-        """A fresh group for one run: memory (with socket buffers) and processes capped, one CPU,
-        disk reads capped where the machine has the blkio hierarchy.
+        """A fresh group for one run, its limits set. Raises OSError if the kernel refuses."""
+        ...
 
-        Raises OSError if the kernel refuses; the caller treats that as the sandbox's failure.
-        """
-        paths = {c: base / name for c, base in self.base.items()}
-        group = RunGroup(paths)
-        try:
-            for path in paths.values():
-                path.mkdir()
-            group.limit(memory_bytes, max_pids)
-            # at most one core each, however many sessions or processes the run makes
-            (paths["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
-            (paths["cpu"] / "cpu.cfs_quota_us").write_text(str(CPU_PERIOD_US))
-            for setting, rule in self.disk_rules:
-                (paths[DISK_CONTROLLER] / setting).write_text(rule)
-            for path in paths.values():  # the run's own uid moves itself in
-                os.chown(path / "cgroup.procs", uid, -1)
-        except OSError:
-            group.remove()
-            raise
-        return group
+    def enforcement(self) -> Enforcement: ...
 
-    def close(self) -> None:
-        for path in self.base.values():
-            _remove_stale_siblings(path, only_dead=False)
+    def close(self) -> None: ...
 
 
-def _disk_rules(limits: DiskLimits) -> list[tuple[str, str]]:
-    """(file, "major:minor limit") for every disk of the host. Whole disks only: the kernel
-    refuses limits on partitions, and a disk's limit covers its partitions."""
-    settings = [("blkio.throttle.read_bps_device", limits.read_bytes_per_s),
-                ("blkio.throttle.read_iops_device", limits.read_ops_per_s)]  # fmt: skip
-    rules = []
+def whole_disks() -> list[str]:
+    """Every disk of the host, as "major:minor". Whole disks only: the kernel refuses limits on
+    partitions, and a disk's limit covers its partitions."""
+    devices = []
     for disk in sorted(SYS_BLOCK.glob("*")):
         if disk.name.startswith(("loop", "ram")):
             continue  # nothing a run can reach lives on these
         with contextlib.suppress(OSError):
-            device = (disk / "dev").read_text().strip()
-            rules += [(setting, f"{device} {value}") for setting, value in settings if value > 0]
-    return rules
+            devices.append((disk / "dev").read_text().strip())
+    return devices
 
 
-def _accepted(base: Path, rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The rules the kernel takes, tried once on a probe group: a disk it refuses (a device
-    that cannot be throttled) must not make every run's set-up fail."""
-    probe = base / "probe"
+def accepted(probe: Path, rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The rules the kernel takes, tried once on a probe group made for it: a disk it refuses
+    (a device that cannot be throttled) must not make every run's set-up fail."""
     probe.mkdir(exist_ok=True)
     try:
-        accepted = []
+        taken = []
         for setting, rule in rules:
             with contextlib.suppress(OSError):
                 (probe / setting).write_text(rule)
-                accepted.append((setting, rule))
-        return accepted
+                taken.append((setting, rule))
+        return taken
     finally:
         probe.rmdir()
 
 
-def _remove_stale_siblings(base: Path, only_dead: bool = True) -> None:
-    """Delete groups left by executors that died without cleaning up (their pid is gone), or,
-    at shutdown, this executor's own."""
-    for stale in base.parent.glob("crucible-*"):
-        pid = stale.name.removeprefix("crucible-")
-        if (not only_dead and stale == base) or (pid.isdigit() and not Path(f"/proc/{pid}").exists()):
-            for group in [*stale.iterdir()]:
-                if group.is_dir():
-                    with contextlib.suppress(OSError):
-                        group.rmdir()
-            with contextlib.suppress(OSError):
-                stale.rmdir()
-
-
-def _read_kv(path: Path) -> dict[str, int]:
+def read_kv(path: Path) -> dict[str, int]:
     out: dict[str, int] = {}
     for line in path.read_text().splitlines():
         key, _, value = line.partition(" ")

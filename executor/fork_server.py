@@ -273,6 +273,8 @@ class ForkServers:
         self._default_limits = default_limits
         self._servers: dict[int, ForkServer] = {}
         self._starting: dict[int, asyncio.Task[None]] = {}
+        #: slots whose last run's end is still to be seen to (`after_run`), with the call to do it
+        self._ending: dict[int, asyncio.Handle] = {}
         self._closed = False
 
     def __len__(self) -> int:
@@ -358,6 +360,7 @@ class ForkServers:
         fresh cgroups; None if it has no ready server (the phase then starts cold). Raises
         `ForkServerGone` if the server failed before the phase started (it is retired; the
         phase may start cold)."""
+        self._end_run(slot)  # the slot's last run's, if not seen to yet: before this one's
         server = self._servers.get(slot)
         if server is None:
             return None
@@ -417,8 +420,19 @@ class ForkServers:
         return Forked(server, group, stdout, stderr, pidfds[0])
 
     def after_run(self, slot: int) -> None:
-        """A run of the slot ended: a server retired meanwhile, or done with its runs, is
-        replaced now, before the slot's next run; else it prepares the next run's init."""
+        """A run of the slot ended (its slot is free): its server is seen to in the loop's next
+        turn, once the answer is on its way, or by the slot's next run (`start`) if that comes
+        first. Either way once, before that run touches the server, never under it."""
+        if slot not in self._ending:
+            self._ending[slot] = asyncio.get_running_loop().call_soon(self._end_run, slot)
+
+    def _end_run(self, slot: int) -> None:
+        """`after_run`'s work, if still to do: a server retired meanwhile, or done with its
+        runs, is replaced now, before the slot's next run; else it prepares the next run's init."""
+        handle = self._ending.pop(slot, None)
+        if handle is None:
+            return
+        handle.cancel()  # (called by `start`: the call is not needed any more)
         server = self._servers.get(slot)
         if server is not None and server.retired:
             del self._servers[slot]
@@ -439,5 +453,8 @@ class ForkServers:
         self._closed = True
         for task in self._starting.values():
             task.cancel()
+        for handle in self._ending.values():
+            handle.cancel()
+        self._ending.clear()
         for slot in list(self._servers):
             self.retire(slot)

@@ -39,6 +39,8 @@ class Run:
     def kill(self) -> None:
         if self.program is not None:
             self.program.kill()
+            if self.program.group is not None:  # every process at once, where cgroups can
+                self.program.group.kill()
 
 
 class KillMemory:

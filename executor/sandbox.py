@@ -7,7 +7,8 @@ Isolation, outermost first:
   process cap, and peak memory and OOM kills are read back exactly;
 - new user, pid, net, ipc, uts and cgroup namespaces; no network device but loopback;
 - a root of its own: /usr read-only (without /usr/local), fresh /proc and /dev, size-capped tmpfs at /tmp (the
-  working directory) and /dev/shm, everything else absent, then / and /dev remounted read-only;
+  working directory) and /dev/shm, everything else absent, then /, /dev and /proc remounted
+  read-only;
 - `prlimit` sets CPU time, address space, processes, file size, open files and no core dumps;
 - a wall-clock time-out kills bwrap, and with it the whole pid namespace;
 - output is kept up to a cap, and a flood kills the run (`executor.supervise`).
@@ -24,7 +25,6 @@ start cold.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import structlog
 
 from evaluations.languages import BINARY, RUN_BINARY, Language
 from executor.bwrap_command import bwrap_command, fork_server_command
-from executor.cgroups import CgroupsV1
+from executor.cgroups import Cgroups, Enforcement
 from executor.compile_cache import CompileCache
 from executor.errors import SandboxError
 from executor.fork_server import ForkServerGone, ForkServers, Phase
@@ -60,12 +60,17 @@ class Sandbox:
         *,
         uid_base: int,
         slots: int,
-        cgroups: CgroupsV1 | None,
+        cgroups: Cgroups | None,
         seccomp: bytes | None = None,
         compile_cache_bytes: int = 0,
+        enforcement: Enforcement | None = None,
     ) -> None:
         self.bwrap = bwrap
         self.cgroups = cgroups
+        #: which per-run limits hold (`/health`): the backend's own, or why there is none
+        self.enforcement = enforcement or (
+            cgroups.enforcement() if cgroups else Enforcement.rlimits_only("no cgroups given")
+        )
         self.seccomp = seccomp
         as_root = os.geteuid() == 0
         self._slots = Slots(uid_base, slots, as_root)
@@ -80,7 +85,7 @@ class Sandbox:
 
     @property
     def enforced_by(self) -> str:
-        return "cgroup-v1" if self.cgroups else "rlimit"
+        return self.cgroups.kind if self.cgroups else "rlimit"
 
     def command(self, argv: tuple[str, ...], *rest: Any, **options: Any) -> list[str]:
         """The full argv for one sandboxed program: `bwrap_command` with this sandbox's bwrap
@@ -122,8 +127,8 @@ class Sandbox:
                 run.lingering.add_done_callback(lambda _: self._free_slot(slot, eval_id))
             else:
                 self._slots.release(slot)
-                if self._forks is not None:  # once the answer is on its way: a retired server's successor
-                    asyncio.get_running_loop().call_soon(self._forks.after_run, slot)
+                if self._forks is not None:
+                    self._forks.after_run(slot)
 
     def _free_slot(self, slot: int, held_for: str) -> None:
         log.info("sandbox.slot_freed", eval_id=held_for, slot=slot)

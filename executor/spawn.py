@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from evaluations.languages import Language
-from executor.cgroups import CgroupsV1, RunGroup
+from executor.cgroups import Cgroups, RunGroup
 from executor.errors import SandboxError
 from executor.limits import Limits
 
@@ -102,7 +102,7 @@ class Spawner:
     def __init__(
         self,
         command: CommandBuilder,
-        cgroups: CgroupsV1 | None,
+        cgroups: Cgroups | None,
         seccomp: bytes | None,
         as_root: bool,
     ) -> None:
@@ -165,11 +165,18 @@ class Spawner:
                 os.close(fd)
 
     def _popen(
-        self, command: list[str], uid: int, stdin: int, pass_fds: tuple[int, ...], output: int
+        self,
+        command: list[str],
+        uid: int,
+        stdin: int,
+        pass_fds: tuple[int, ...],
+        output: int,
+        group: RunGroup | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start `command` as `uid` in a session of its own, with nothing of the executor's
         environment (secrets, Redis URL): bwrap also clears it inside, but the launcher and
-        bwrap itself run outside the sandbox."""
+        bwrap itself run outside the sandbox. With `group`, the launcher joins it first, before
+        it drops to `uid` (on cgroup v2 only the executor's own uid may move a process there)."""
         drop: dict[str, Any] = {}
         if self._as_root and SETPRIV.exists():
             # setpriv drops to the slot's uid, not Popen(user=...): with that, Python must
@@ -178,6 +185,9 @@ class Spawner:
             command = [str(SETPRIV), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *command]
         elif self._as_root:
             drop = {"user": uid, "group": uid, "extra_groups": []}
+        if group:
+            join = 'for f; do [ "$f" = -- ] && break; echo $$ > "$f"; shift; done; shift; exec "$@"'
+            command = ["/bin/sh", "-c", join, "join", *group.procs_files, "--", *command]
         return subprocess.Popen(
             command,
             stdin=stdin,
@@ -212,10 +222,8 @@ class Spawner:
         stdin_fd = memfd((stdin or "").encode())
         try:
             command = self._command(argv, binds, status_fd, address_space_mb, limits, timeout, seccomp_fd)
-            if group:
-                join = 'for f; do [ "$f" = -- ] && break; echo $$ > "$f"; shift; done; shift; exec "$@"'
-                command = ["/bin/sh", "-c", join, "join", *group.procs_files, "--", *command]
-            return self._popen(command, uid, stdin_fd, (*fds, *extra, status_fd, *keep_fds), subprocess.PIPE)
+            passed = (*fds, *extra, status_fd, *keep_fds)
+            return self._popen(command, uid, stdin_fd, passed, subprocess.PIPE, group)
         finally:
             for fd in (*fds, *extra, stdin_fd, status_fd):
                 os.close(fd)

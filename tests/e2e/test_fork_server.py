@@ -212,6 +212,25 @@ async def test_a_server_is_replaced_after_its_runs() -> None:
         assert server_pids(box) not in ([], first)
 
 
+#: Whether a Python run was forked: its mounts show its server's own files under /sandbox.
+FORKED_OR_COLD = "print('forked' if 'config.json' in open('/proc/self/mounts').read() else 'cold')"
+
+
+async def test_a_run_taking_its_slot_at_once_finds_the_last_runs_end_seen_to() -> None:
+    """After a run its server is seen to (replaced at its runs mark, else its next init
+    prepared) once the answer is on its way; a run that takes the slot before that must find
+    it done, never have it done under it: the first run's work, left for later, retired the
+    server the second was just forked from (it then ran cold, or failed: a 500 and a retry)."""
+    async with sandbox(forks=True, runs_per_server=2) as box:
+        first = server_pids(box)
+        # no pause between: the second run takes the slot in the same turn of the loop
+        runs = [await box.run(f"r{n}", PYTHON, FORKED_OR_COLD, box.limits) for n in range(2)]  # type: ignore[attr-defined]
+        assert [r.output for r in runs] == ["forked\n", "forked\n"], runs
+        await asyncio.sleep(0.05)
+        await servers_ready(box, 1)
+        assert server_pids(box) not in ([], first)  # replaced after its two runs, as due
+
+
 async def test_a_run_cancelled_mid_run_is_killed_and_leaves_nothing_behind() -> None:
     """A worker gone mid-run: the run is killed, its end still read, so its server serves on."""
     async with sandbox(forks=True) as box:
