@@ -25,8 +25,10 @@ class Limits:
     tmpfs_mb: int
     compile_timeout: float = COMPILE_TIMEOUT_SECONDS
     compile_memory_mb: int = 1024
+    #: the wall-clock limit a request gave (`wall_timeout`), else a multiple of `timeout`
+    wall_s: float | None = None
 
     @property
     def wall_timeout(self) -> float:
-        """`timeout` limits CPU time; wall-clock time gets a multiple of it."""
-        return wall_limit(self.timeout)
+        """`timeout` limits CPU time; wall-clock time gets what the request said, else a multiple."""
+        return self.wall_s or wall_limit(self.timeout)

@@ -22,7 +22,6 @@ class Slots:
         self._free: asyncio.Queue[int] = asyncio.Queue()
         for slot in range(count):
             self._free.put_nowait(slot)
-        self._busy: set[int] = set()
         #: slots whose last run's processes outlived their kill, with the run they wait for
         self.held: dict[int, str] = {}
 
@@ -30,12 +29,9 @@ class Slots:
         """A free slot, now busy; `SandboxBusy` rather than queue work nobody may wait for."""
         if self._free.empty():
             raise SandboxBusy(self.capacity)
-        slot = self._free.get_nowait()
-        self._busy.add(slot)
-        return slot
+        return self._free.get_nowait()
 
     def release(self, slot: int) -> None:
-        self._busy.discard(slot)
         self.held.pop(slot, None)
         self._free.put_nowait(slot)
 
