@@ -103,6 +103,7 @@ def request_limits(s: Settings, run: RunSpec | None = None) -> Limits:
         open_files=s.sandbox_max_open_files,
         file_size_mb=s.sandbox_file_size_mb,
         tmpfs_mb=s.sandbox_tmpfs_mb,
+        wall_s=run.wall_timeout if run else None,
     )
 
 
@@ -119,16 +120,23 @@ class Executor:
             [str(sandbox.bwrap), "--version"], capture_output=True, text=True, check=False
         ).stdout.strip()
 
-
     async def execute(self, request: Request) -> JSONResponse:
         body = await read_json_object(request, self.settings.body_timeout_s)
         eval_id = require_string(body, "eval_id")
         run = parse_run(body, self.settings.submission_bounds, self.main_files)
         limits = request_limits(self.settings, run)
         structlog.contextvars.bind_contextvars(eval_id=eval_id)
+        language = self.languages[run.language]
         try:
+            if run.tests:
+                custom = run.checker.custom
+                checker = self.languages[custom.language] if custom else None
+                answer = await self.sandbox.run_cases(eval_id, language, run, limits, checker)
+                log.info("sandbox.finished", status=answer["status"], verdict=answer["verdict"],
+                         passed=answer["passed"], total=answer["total"], ms=answer["runtime_ms"])  # fmt: skip
+                return JSONResponse(answer)
             result = await self.sandbox.run(
-                eval_id, self.languages[run.language], run.code, limits, run.stdin, run.args
+                eval_id, language, run.code, limits, run.stdin, run.args, run.files
             )
         except SandboxBusy:
             raise Busy("executor busy", busy=True, capacity=self.sandbox.capacity) from None

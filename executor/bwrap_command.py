@@ -57,7 +57,7 @@ def bwrap_command(
     the program's.
     """
     return [
-        *isolation(bwrap, files, limits.tmpfs_mb),
+        *isolation(bwrap, files, limits.tmpfs_mb, workdir=limits.workdir),
         "--cap-drop", "ALL",
         "--json-status-fd", str(status_fd),
         *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
@@ -108,7 +108,11 @@ def prlimit_options(limits: dict[str, tuple[int, int]]) -> list[str]:
 
 
 def isolation(
-    bwrap: Path, files: list[tuple[int, str, str]], tmpfs_mb: int, for_runs: bool = True
+    bwrap: Path,
+    files: list[tuple[int, str, str]],
+    tmpfs_mb: int,
+    for_runs: bool = True,
+    workdir: str = "/tmp",
 ) -> list[str]:
     """bwrap's namespaces, root, environment and inputs: what every sandbox shares (`for_runs`:
     with no new user namespaces and /proc masked and read-only, which a fork server does for
@@ -145,7 +149,7 @@ def isolation(
         # a run has nothing to write in /proc: read-only, /proc/sys included (bwrap covers
         # /proc/sys itself only where the run's uid could write it)
         *(["--remount-ro", "/proc"] if for_runs else []),
-        "--chdir", "/tmp",
+        "--chdir", workdir,
         "--clearenv",
         "--setenv", "PATH", "/usr/bin:/bin",
         "--setenv", "HOME", "/tmp",

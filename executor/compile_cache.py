@@ -28,11 +28,14 @@ class CompileCache:
         return len(self._binaries)
 
     @staticmethod
-    def key(language: Language, source: bytes) -> str:
+    def key(language: Language, source: bytes, files: list[tuple[str, bytes]] | None = None) -> str:
+        """The binary's name: the toolchain, the source and the files beside it (headers)."""
         digest = hashlib.sha256()
         for part in (language.name, language.version, "\0".join(language.compile or ())):
             digest.update(part.encode() + b"\0")
         digest.update(source)
+        for name, content in files or ():
+            digest.update(b"\0" + name.encode() + b"\0" + hashlib.sha256(content).digest())
         return digest.hexdigest()
 
     def get(self, key: str) -> bytes | None:

@@ -380,6 +380,7 @@ class ForkServers:
             "files": [(path, int(perms, 8)) for _, path, perms in phase.files],
             "exec": phase.exec_argv,
             "args": phase.args,
+            "workdir": limits.workdir,
         }
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()

@@ -267,6 +267,7 @@ class Server:
         size = sum(len(data) for data in contents) + 65536
         mount("tmpfs", "/sandbox", "tmpfs", flags, f"size={size},mode=755")
         for (path, mode), data in zip(request["files"], contents, strict=True):
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)  # a submission's folders
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             view = memoryview(data)
             while view:
@@ -283,7 +284,7 @@ class Server:
                 os.dup2(fd, target)
             os.closerange(3, ready_write)
             os.closerange(ready_write + 1, 1 << 16)
-            os.chdir("/tmp")
+            os.chdir(request.get("workdir", "/tmp"))
             for name, value in request["rlimits"].items():
                 limit = getattr(resource, name)
                 resource.setrlimit(limit, (value[0], value[1]))

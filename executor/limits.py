@@ -27,6 +27,9 @@ class Limits:
     compile_memory_mb: int = 1024
     #: the wall-clock limit a request gave (`wall_timeout`), else a multiple of `timeout`
     wall_s: float | None = None
+    #: where the program starts: /tmp (writable), or /sandbox (read-only: its files beside the
+    #: main one) for a submission that brought files
+    workdir: str = "/tmp"
 
     @property
     def wall_timeout(self) -> float:

@@ -25,15 +25,21 @@ start cold.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from evaluations.languages import BINARY, RUN_BINARY, Language
+from evaluations.submission_spec import Case, RunSpec, SourceFile
+from executor import cases
 from executor.bwrap_command import bwrap_command, fork_server_command
 from executor.cgroups import Cgroups, Enforcement
+from executor.checkers import check
 from executor.compile_cache import CompileCache
 from executor.errors import SandboxError
 from executor.fork_server import ForkServerGone, ForkServers, Phase
@@ -49,6 +55,18 @@ log = structlog.get_logger(__name__)
 
 #: Largest compiled binary handed from the compile sandbox to the run sandbox.
 MAX_BINARY_BYTES = 64 * 1024 * 1024
+
+T = TypeVar("T")
+
+
+@dataclass
+class Built:
+    """A program ready to run: what its sandbox gets in /sandbox, or the compile step's
+    failure; `info` tells of the compile step (a compiled language only)."""
+
+    source: list[tuple[bytes, str, str]]
+    failed: RunResult | None = None
+    info: dict[str, Any] | None = field(default=None)
 
 
 class Sandbox:
@@ -100,15 +118,67 @@ class Sandbox:
         limits: Limits,
         stdin: str | None = None,
         args: tuple[str, ...] = (),
+        files: tuple[SourceFile, ...] = (),
     ) -> RunResult:
-        """Compile if the language needs it, run, and return the verdict.
+        """Compile if the language needs it, run, and return the verdict. `files` are laid out
+        read-only beside the main file.
 
         A run cancelled before it arrived is not started. A second request for a run still in
         progress replaces it: its worker has given up on it (died, or was stopped). With every
         slot taken it raises `SandboxBusy` at once rather than queue work nobody may wait for.
         """
+
+        async def in_slot(run: Run, slot: int) -> RunResult:
+            built = await self._build(run, slot, language, code, files, limits)
+            if built.failed is not None:
+                return built.failed
+            return await self._execute(run, slot, language, built.source, limits, stdin, args)
+
+        return await self._in_slot(eval_id, language, in_slot, lambda: RunResult.cancelled(eval_id))
+
+    async def run_cases(
+        self, eval_id: str, language: Language, spec: RunSpec, limits: Limits, checker: Language | None = None
+    ) -> dict[str, Any]:
+        """Compile once, then run every case of `spec` in a fresh sandbox of its own (a fresh
+        fork: nothing a case wrote is there for the next) and check its output, by `spec`'s
+        checker or by running the custom checker's program (`checker`, its language) in a
+        sandbox of its own; `/execute`'s answer with each case's result and the verdict."""
+
+        async def in_slot(run: Run, slot: int) -> dict[str, Any]:
+            built = await self._build(run, slot, language, spec.code, spec.files, limits)
+            if built.failed is not None:
+                return cases.compile_failed(eval_id, spec, built.failed, built.info or {})
+            judge = None
+            if spec.checker.custom is not None and checker is not None:
+                judge = await self._build(run, slot, checker, spec.checker.custom.code, (), limits)
+                if judge.failed is not None:
+                    return cases.compile_failed(eval_id, spec, judge.failed, judge.info or {}, checker=True)
+            judged: list[cases.Judged] = []
+            for case in spec.tests:
+                if run.cancelled or run.lingering is not None:
+                    break  # a case whose processes outlived their kill holds the slot's uid
+                if judged and spec.stop_on_first_failure and judged[-1].status != "accepted":
+                    break
+                own = cases.case_limits(limits, spec, case)
+                result = await self._execute(run, slot, language, built.source, own, case.stdin, case.args)
+                judged.append(await self._check(run, slot, spec, case, result, checker, judge, limits))
+            return cases.answer(eval_id, spec, judged, built.info, self.enforced_by, run.cancelled)
+
+        def cancelled() -> dict[str, Any]:
+            return cases.answer(eval_id, spec, [], None, self.enforced_by, cancelled=True)
+
+        return await self._in_slot(eval_id, language, in_slot, cancelled)
+
+    async def _in_slot(
+        self,
+        eval_id: str,
+        language: Language,
+        work: Callable[[Run, int], Awaitable[T]],
+        cancelled: Callable[[], T],
+    ) -> T:
+        """`work` on a slot of its own, as the run of `eval_id` (what a kill stops)."""
         if self._kills.was_killed_early(eval_id):
-            return RunResult.cancelled(eval_id)
+            return cancelled()
         while (earlier := self.running.get(eval_id)) is not None:  # another may replace it too
             log.warning("sandbox.replaced", eval_id=eval_id)
             self.kill(eval_id, remember=False)
@@ -116,7 +186,7 @@ class Sandbox:
         slot = self._slots.take()
         run = self.running[eval_id] = Run(eval_id, language.name)
         try:
-            return await self._compile_and_run(run, slot, language, code, limits, stdin, args)
+            return await work(run, slot)
         finally:
             if self.running.get(eval_id) is run:
                 del self.running[eval_id]
@@ -160,36 +230,86 @@ class Sandbox:
         )
         self._forks.fill()
 
-    async def _compile_and_run(
+    async def _build(
         self,
         run: Run,
         slot: int,
         language: Language,
         code: str,
+        files: tuple[SourceFile, ...],
+        limits: Limits,
+    ) -> Built:
+        """What a run's sandbox gets in /sandbox: the source (or, for a compiled language, the
+        binary: compiled here, or found in the compile cache) and the submission's files."""
+        source = [(code.encode(), f"/sandbox/{language.file_name}", "0444")]
+        beside = [(f.content, f"/sandbox/{f.name}", "0444") for f in files]
+        if not language.compile:
+            return Built(source + beside)
+        key = self.compiled.key(language, code.encode(), [(f.name, f.content) for f in files])
+        binary = self.compiled.get(key)
+        info: dict[str, Any] = {"status": "completed", "cached": binary is not None}
+        if binary is None:
+            # the compiler writes the binary to /tmp; a shell inside the sandbox then streams
+            # it to stdout, which is where the run's sandbox gets it from
+            argv = ("/bin/sh", "-c", '"$@" >&2 && cat ' + BINARY, "compile", *language.compile)
+            step = Phase(source + beside, None, limits.compile_memory_mb, limits.compile_timeout, None, argv)
+            built = await self._phase(run, slot, step, limits, compile_step=True)
+            info.update(runtime_ms=built.wall_ms, cpu_ms=built.cpu_ms)
+            if run.cancelled or built.exit_code != 0 or built.timed_out or built.flooded:
+                failed = verdict(run, built, limits, self.enforced_by, compile_step=True)
+                info.update(status=failed.status, error=failed.error[: cases.CASE_OUTPUT_BYTES])
+                return Built([], failed, info)
+            binary = bytes(built.stdout.data)
+            self.compiled.put(key, binary)
+        return Built([(binary, RUN_BINARY, "0555"), *beside], None, info)
+
+    async def _execute(
+        self,
+        run: Run,
+        slot: int,
+        language: Language,
+        source: list[tuple[bytes, str, str]],
         limits: Limits,
         stdin: str | None,
         args: tuple[str, ...],
     ) -> RunResult:
-        source = [(code.encode(), f"/sandbox/{language.file_name}", "0444")]
-        if language.compile:
-            key = self.compiled.key(language, code.encode())
-            binary = self.compiled.get(key)
-            if binary is None:
-                # the compiler writes the binary to /tmp; a shell inside the sandbox then streams
-                # it to stdout, which is where the run's sandbox gets it from
-                argv = ("/bin/sh", "-c", '"$@" >&2 && cat ' + BINARY, "compile", *language.compile)
-                step = Phase(source, None, limits.compile_memory_mb, limits.compile_timeout, None, argv)
-                built = await self._phase(run, slot, step, limits, compile_step=True)
-                if run.cancelled or built.exit_code != 0 or built.timed_out or built.flooded:
-                    return verdict(run, built, limits, self.enforced_by, compile_step=True)
-                binary = bytes(built.stdout.data)
-                self.compiled.put(key, binary)
-            source = [(binary, RUN_BINARY, "0555")]
+        """One run of a built program, and its verdict. With files beside the main one, it
+        starts in /sandbox among them."""
+        if len(source) > 1 and limits.workdir == "/tmp":
+            limits = dataclasses.replace(limits, workdir="/sandbox")
         in_process = self._forks is not None and self._forks.serves(language)
         argv = None if in_process else (*language.run, *args)
         phase = Phase(source, stdin, limits.memory_mb, limits.timeout, language, argv, args)
         outcome = await self._phase(run, slot, phase, limits)
         return verdict(run, outcome, limits, self.enforced_by)
+
+    async def _check(
+        self,
+        run: Run,
+        slot: int,
+        spec: RunSpec,
+        case: Case,
+        result: RunResult,
+        checker: Language | None,
+        judge: Built | None,
+        limits: Limits,
+    ) -> cases.Judged:
+        """A case's result, checked: by the custom checker's program run in a sandbox of its
+        own (with the input, output and expected output as files), else by the spec's checker
+        where the case expects an output."""
+        if result.status != "completed":
+            return cases.Judged(case, result)
+        if judge is None or checker is None:
+            if case.expected_output is None:
+                return cases.Judged(case, result)
+            return cases.Judged(case, result, check(spec.checker, case.expected_output, result.output))
+        given = (case.stdin or "", result.output, case.expected_output or "")
+        paths = tuple(f"/sandbox/{name}" for name in cases.CHECKER_FILES)
+        laid = [(text.encode(), path, "0444") for path, text in zip(paths, given, strict=True)]
+        own = cases.checker_limits(limits)
+        said = await self._execute(run, slot, checker, judge.source + laid, own, None, paths)
+        checked, failed = cases.checker_verdict(said)
+        return cases.Judged(case, result, checked, failed)
 
     async def _phase(
         self, run: Run, slot: int, phase: Phase, limits: Limits, compile_step: bool = False

@@ -39,6 +39,8 @@ class RunResult:
     peak_memory_kb: int = 0
     timed_out: bool = False
     limits_enforced_by: str = "rlimit"
+    #: which limit ended a run that timed out: "cpu" (its CPU time) or "wall" (waiting)
+    time_limit: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -91,6 +93,7 @@ def verdict(run: Run, o: Outcome, limits: Limits, enforced_by: str, compile_step
         peak_memory_kb=o.peak_rss_kb,
         timed_out=o.timed_out,
         limits_enforced_by=enforced_by,
+        time_limit=("cpu" if o.cpu_limited else "wall") if o.timed_out and not compile_step else None,
     )
 
 
