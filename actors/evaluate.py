@@ -82,7 +82,7 @@ async def evaluate_code(
 RESULT_FIELDS = ("output", "error", "exit_code", "signal", "runtime_ms", "cpu_ms", "peak_memory_kb",
                  "output_truncated", "error_truncated")  # fmt: skip
 #: What it adds for a submission with test cases.
-CASES_FIELDS = ("verdict", "passed", "total", "cases", "compile")
+CASES_FIELDS = ("verdict", "passed", "total", "cases", "compile", "internal_error")
 
 
 def settle_with(change: StatusChange) -> None:

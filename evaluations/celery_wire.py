@@ -18,6 +18,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from evaluations.submission_spec import RUN_FIELDS
+
 #: The names the platform's producers sent the evaluation task under.
 TASK_NAMES = frozenset({"tasks.evaluate_code", "celery_worker.tasks.evaluate_code"})
 #: The Celery deployment's queues, highest level first (`CELERY_WIRE_QUEUES` changes them).
@@ -30,7 +32,7 @@ PRIORITY_STEPS = (0, 3, 6, 9)
 #: core at most).
 POSITIONAL = ("eval_id", "code", "language", "timeout", "memory_limit", "cpu_limit")
 #: Keyword arguments taken as the API takes them.
-KEYWORDS = frozenset({*POSITIONAL, "priority", "memory_mb", "stdin", "args", "output_limit"})
+KEYWORDS = frozenset({*POSITIONAL, "priority", *RUN_FIELDS})
 MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(k|ki|m|mi|g|gi|kb|mb|gb)?\s*$", re.IGNORECASE)
 MB_PER_UNIT = {"k": 1 / 1024, "ki": 1 / 1024, "kb": 1 / 1024, "m": 1, "mi": 1, "mb": 1, "g": 1024, "gi": 1024,
                "gb": 1024, None: 1}  # fmt: skip

@@ -42,6 +42,8 @@ except ImportError:  # pragma: no cover - depends on the install
 READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 #: What a successful evaluation's `.result` / `.get()` holds.
 RESULT_FIELDS = ("eval_id", "status", "output", "error", "exit_code", "runtime_ms", "output_truncated")
+#: What it adds for a submission with test cases.
+CASES_FIELDS = ("verdict", "passed", "total", "cases")
 
 
 class TimeoutError(_TimeoutBase):
@@ -168,7 +170,10 @@ def _outcome(record: dict[str, Any]) -> Any:
         return TaskRevokedError(record.get("error") or "cancelled")
     if state != "SUCCESS":
         return None
-    return {"eval_id": record["id"], **{k: record.get(k) for k in RESULT_FIELDS[1:]}}
+    result = {"eval_id": record["id"], **{k: record.get(k) for k in RESULT_FIELDS[1:]}}
+    if record.get("total") is not None:
+        result.update({k: record.get(k) for k in CASES_FIELDS})
+    return result
 
 
 class _CeleryTask:

@@ -78,6 +78,13 @@ local function write_celery_meta(record, eval_id, new_status, now)
             else value = value or "" end
             result[name] = value
         end
+        local total = redis.call("hget", record, "total")
+        if total and total ~= "" then  -- a submission with test cases: its verdict and cases too
+            result.verdict = redis.call("hget", record, "verdict")
+            result.passed = tonumber(redis.call("hget", record, "passed"))
+            result.total = tonumber(total)
+            result.cases = cjson.decode(redis.call("hget", record, "cases") or "[]")
+        end
         meta.result = result
     elseif state == "FAILURE" then
         local error = redis.call("hget", record, "error") or "evaluation failed"

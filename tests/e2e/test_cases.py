@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
 import uuid
 from typing import Any
 
@@ -158,3 +160,20 @@ async def test_through_the_api_the_result_holds_the_cases(api: httpx.AsyncClient
     assert refused.status_code == 422 and refused.json()["details"]["field"] == "tests[0].timeout"
     refused = await api.post("/api/eval", json={"code": "x", "files": [{"name": "../x", "content": ""}]})
     assert refused.status_code == 422 and refused.json()["details"]["field"] == "files[0].name"
+
+
+async def test_a_cancel_stops_the_cases_to_come(api: httpx.AsyncClient, executor: httpx.AsyncClient) -> None:
+    tests = [{"name": f"slow {n}", "stdin": str(n)} for n in range(6)]  # 6 x 3 s if left to run
+    eval_id = await submit(api, "import time\ntime.sleep(3)\nprint(input())", tests=tests)
+    for _ in range(200):
+        if (await api.get(f"/api/eval/{eval_id}")).json()["status"] == "running":
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1)
+    cancelled = await api.post(f"/api/eval/{eval_id}/cancel", params={"terminate": "true"})
+    assert cancelled.status_code == 200, cancelled.text
+    started = time.monotonic()
+    while any(r["eval_id"] == eval_id for r in (await executor.get("/running")).json()["running"]):
+        assert time.monotonic() - started < 3, "the cases went on after the cancel"
+        await asyncio.sleep(0.05)
+    assert (await wait_final(api, eval_id))["status"] == "cancelled"

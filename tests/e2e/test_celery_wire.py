@@ -360,3 +360,17 @@ def test_a_submissions_bounds_are_the_same_at_the_api_the_wire_and_the_executor(
     run = executor.post("/execute", json={"eval_id": f"spec-{uuid.uuid4().hex[:6]}", **body})
     assert run.status_code == 200 and run.json()["output"] == "1\n"
     api.close(), executor.close(), client.close()
+
+
+def test_a_producers_task_with_test_cases_gets_the_cases_in_its_result(wire: Stack) -> None:
+    app = producer(wire.env["REDIS_URL"])
+    eval_id = f"wire-{uuid.uuid4().hex[:8]}"
+    tests = [{"name": "two", "stdin": "1", "expected_output": "2"},
+             {"name": "five", "stdin": "2", "expected_output": "5"}]  # fmt: skip
+    given = {"eval_id": eval_id, "code": "print(int(input()) * 2)", "language": "python", "tests": tests}
+    task_id = f"celery-{eval_id}"
+    result = app.send_task("tasks.evaluate_code", kwargs=given, queue="evaluation", task_id=task_id)
+    value = result.get(timeout=60)
+    assert value["status"] == "completed" and value["verdict"] == "wrong_answer"
+    assert (value["passed"], value["total"]) == (1, 2)
+    assert [c["status"] for c in value["cases"]] == ["accepted", "wrong_answer"]
