@@ -170,6 +170,10 @@ class Settings:
     sandbox_fork_server_runs: int
     sandbox_compile_cache_mb: int
     max_stdin_bytes: int
+    max_cases: int
+    max_files: int
+    max_files_bytes: int
+    max_submission_wall_s: float
     #: the seed's retry policies with `CRUCIBLE_RETRY_POLICIES` merged in
     retry_policies: Policies
     admin_key: str | None
@@ -237,6 +241,10 @@ class Settings:
             sandbox_compile_cache_mb=_int("SANDBOX_COMPILE_CACHE_MB", 64),
             sandbox_cgroups=_choice("SANDBOX_CGROUPS", "auto", ("auto", "off", "required")),
             max_stdin_bytes=_int("CRUCIBLE_MAX_STDIN_BYTES", 1024 * 1024),
+            max_cases=_at_least_one("CRUCIBLE_MAX_CASES", 100),
+            max_files=_int("CRUCIBLE_MAX_FILES", 32),
+            max_files_bytes=_int("CRUCIBLE_MAX_FILES_BYTES", 1024 * 1024),
+            max_submission_wall_s=float(_at_least_one("CRUCIBLE_MAX_SUBMISSION_WALL_S", 600)),
             retry_policies=_retry_policies(os.environ.get("CRUCIBLE_RETRY_POLICIES")),
             admin_key=os.environ.get("CRUCIBLE_ADMIN_KEY") or None,
             metrics_token=os.environ.get("CRUCIBLE_METRICS_TOKEN") or None,
@@ -268,6 +276,10 @@ class Settings:
             max_timeout=self.max_timeout,
             max_memory_mb=self.memory_limit_mb,
             max_output_bytes=self.output_limit_bytes,
+            max_files=self.max_files,
+            max_files_bytes=self.max_files_bytes,
+            max_cases=self.max_cases,
+            max_total_wall_s=self.max_submission_wall_s,
         )
 
     @property
