@@ -23,6 +23,8 @@
 --                      from entering the queue (queued_at_ms) to starting
 -- $ns:hist:run_ms      histogram of run times (the final change's runtime_ms)
 -- Latency is from submission (submitted_at_ms: creation, or a retry from the DLQ) to result.
+-- $ns:bucket:$owner    the submitting key's token bucket (quota.lua): a finished submission with
+--                      test cases takes one token more for each case that ran after the first
 -- $ns:minute:$n        per minute n (ms / 60000): final statuses and a latency bucket each
 --                      ("lat:<ms>"), kept two hours, for rates and percentiles over the last hour
 -- channels $ns:events and $ns:events:$id   each change is published to both as JSON
@@ -182,8 +184,21 @@ local function transition(ns, eval_id, new_status, now, allowed_csv, fields, exp
         local stored = ns .. ":stored:" .. owner .. ":" .. math.floor(tonumber(now) / 3600000)
         local bytes = (tonumber(redis.call("hget", record, "code_bytes")) or 0)
             + string.len(tostring(fields["output"] or "")) + string.len(tostring(fields["error"] or ""))
+            + string.len(tostring(fields["cases"] or ""))
         redis.call("incrby", stored, bytes)
         redis.call("expire", stored, 7200)
+        -- $ns:bucket:$owner: a submission paid one token when it was taken (quota.lua); one
+        -- with test cases pays for every further case that ran now, so the key's rate counts
+        -- runs (the bucket may go below zero: its next submissions wait until it refills)
+        local ran = 0
+        if fields["cases"] then
+            for _, case in ipairs(cjson.decode(fields["cases"])) do
+                if case["status"] ~= "skipped" then ran = ran + 1 end
+            end
+        end
+        if ran > 1 and redis.call("exists", ns .. ":bucket:" .. owner) == 1 then
+            redis.call("hincrbyfloat", ns .. ":bucket:" .. owner, "tokens", 1 - ran)
+        end
     elseif owner and new_status == "queued" then
         redis.call("sadd", ns .. ":active:" .. owner, eval_id)
     end
@@ -209,6 +224,14 @@ local function transition(ns, eval_id, new_status, now, allowed_csv, fields, exp
     fields["at_ms"] = tonumber(now)
     fields["output"] = nil
     fields["error"] = nil
+    if fields["cases"] then  -- the timeline records each case, without its output and error
+        local cases = cjson.decode(fields["cases"])
+        for _, case in ipairs(cases) do
+            case["output"] = nil
+            case["error"] = nil
+        end
+        fields["cases"] = cjson.encode(cases)
+    end
     write_celery_meta(record, eval_id, new_status, now)
     local event = cjson.encode(fields)
     redis.call("rpush", record .. ":events", event)

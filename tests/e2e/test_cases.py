@@ -9,8 +9,13 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
+import redis.asyncio as aioredis
 
-from tests.helpers import submit, wait_final
+from evaluations.api_keys import KeyStore
+from evaluations.redis_keys import RedisKeys
+from tests.conftest import Stack
+from tests.helpers import api_client, make_keys, submit, wait_final
 
 #: A C program: prints twice its input; "crash" dereferences NULL, "spin" never ends, 7 is
 #: answered wrong on purpose.
@@ -177,3 +182,18 @@ async def test_a_cancel_stops_the_cases_to_come(api: httpx.AsyncClient, executor
         assert time.monotonic() - started < 3, "the cases went on after the cancel"
         await asyncio.sleep(0.05)
     assert (await wait_final(api, eval_id))["status"] == "cancelled"
+
+
+async def test_a_keys_rate_counts_the_cases_that_ran(shared_stack: Stack, aredis: aioredis.Redis) -> None:
+    """A submission pays one token when it is taken, and one more for each further case run."""
+    (secret,) = await make_keys(aredis, shared_stack.namespace, "standard")
+    key_id = (await KeyStore(aredis, shared_stack.namespace).lookup(secret)).id
+    bucket = RedisKeys(shared_stack.namespace).bucket(key_id)
+    tests = [{"stdin": str(n), "expected_output": str(n)} for n in range(6)]
+    async with api_client(shared_stack.api_url, key=secret) as api:
+        eval_id = await submit(api, "print(input())", tests=tests, stop_on_first_failure=True)
+        before = float(await aredis.hget(bucket, "tokens"))
+        result = await wait_final(api, eval_id)
+    assert result["passed"] == 6
+    after = float(await aredis.hget(bucket, "tokens"))
+    assert before - after == pytest.approx(5)  # the stored count refills only at the next take
