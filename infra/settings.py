@@ -131,6 +131,8 @@ class Settings:
     data_dir: Path
     log_level: str
     log_format: str
+    #: whether `crucible up` shows its pieces' own logs on its output (`show`) or in files (`hide`)
+    up_logs: str
     api_host: str
     api_port: int
     api_processes: int
@@ -201,7 +203,8 @@ class Settings:
             namespace=_str("CRUCIBLE_NAMESPACE", "crucible"),
             data_dir=Path(_str("CRUCIBLE_DATA_DIR", "data")).resolve(),
             log_level=_str("LOG_LEVEL", "INFO").upper(),
-            log_format=_str("LOG_FORMAT", "auto"),
+            log_format=_choice("LOG_FORMAT", "auto", ("auto", "console", "json")),
+            up_logs=_choice("CRUCIBLE_UP_LOGS", "hide", ("hide", "show")),
             api_host=_str("CRUCIBLE_API_HOST", "127.0.0.1"),
             api_port=_int("CRUCIBLE_API_PORT", 8080),
             api_processes=_at_least_one("CRUCIBLE_API_PROCESSES", 1),

@@ -9,6 +9,7 @@ other, no Redis URL, admin key or secret: `crucible up` must do that itself.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,9 +20,15 @@ from bench.stack import free_port, free_uid_base
 
 #: The installed `crucible` command of this interpreter's environment.
 CRUCIBLE = str(Path(sys.executable).parent / "crucible")
-#: What the test session sets for the pieces it starts itself, and a user would not have.
+#: What the test session sets for the pieces it starts itself, and a user would not have (nor
+#: the shell's choice of where `up` shows logs: the tests ask for it when they mean it).
 NOT_A_USERS = ("REDIS_URL", "CELERY_BROKER_URL", "CRUCIBLE_ADMIN_KEY", "EXECUTOR_SECRET", "CRUCIBLE_API_KEY",
-               "EXECUTOR_SERVICE_URL", "CRUCIBLE_DATA_DIR", "CRUCIBLE_NAMESPACE")  # fmt: skip
+               "EXECUTOR_SERVICE_URL", "CRUCIBLE_DATA_DIR", "CRUCIBLE_NAMESPACE",
+               "CRUCIBLE_UP_LOGS")  # fmt: skip
+#: `crucible up`'s line for a piece that answers: its mark, its name, where it answers.
+READY_LINE = re.compile(r"^  ✓ (\S+) +\S")
+#: The pieces a default `crucible up` starts, as its ready lines name them.
+PIECES = {"valkey", "executor", "API", "workers", "scheduler", "dashboard", "celery-ingress"}
 
 
 def user_env(**extra: str) -> dict[str, str]:
@@ -50,6 +57,11 @@ class UpStack:
     @property
     def log(self) -> Path:
         return self.folder / "up.log"
+
+    @property
+    def logs(self) -> Path:
+        """Where `crucible up` puts its pieces' own logs (unless CRUCIBLE_UP_LOGS=show)."""
+        return self.folder / "data" / "logs"
 
     def env(self, **extra: str) -> dict[str, str]:
         return user_env(
@@ -81,6 +93,10 @@ class UpStack:
             assert time.monotonic() < deadline, f"no banner after {seconds}s:\n{text}"
             time.sleep(0.1)
         return text
+
+    def before_banner(self) -> list[str]:
+        """The latest start's lines before its banner."""
+        return self.output().split("Crucible is up", 1)[0].strip("\n").splitlines()
 
     def crucible(self, *argv: str, timeout: float = 120, **extra: str) -> subprocess.CompletedProcess[str]:
         """`crucible <argv>` run from this stack's folder, as its user would."""

@@ -85,6 +85,9 @@ def run_worker(args: argparse.Namespace) -> int:
         os.environ["CELERY_QUEUES"] = args.queues
         get_settings.cache_clear()
     s = get_settings()
+    # Dramatiq's own process logs too; its worker processes (forked) keep this set-up and
+    # write through the pipe Dramatiq gives them as their stderr.
+    configure_logging(s.log_level, s.log_format)
     argv = [
         "actors.worker:main",
         "--processes", str(s.worker_processes),

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from bench.stack import ROOT, free_port, stop
-from tests.up_stack import CRUCIBLE, UpStack, user_env
+from tests.up_stack import CRUCIBLE, PIECES, READY_LINE, UpStack, user_env
 
 README = (ROOT / "README.md").read_text()
 #: Starting a whole stack (and the fixture's wait for it) can take a while on a loaded machine.
@@ -59,6 +59,22 @@ def test_the_banner_comes_once_every_piece_answers_wherever_its_ports_are(stack:
     banner = stack.output()
     assert f"API        {stack.api_url}" in banner
     assert f"executor   http://127.0.0.1:{stack.executor_port}" in banner
+
+
+def test_up_says_one_line_per_piece_and_keeps_the_pieces_logs_in_files(stack: UpStack) -> None:
+    # before the banner: one line per piece as it answers, none of the pieces' own lines
+    lines = stack.before_banner()
+    named = [m[1] for line in lines if (m := READY_LINE.match(line))]
+    assert len(named) == len(lines) and sorted(named) == sorted(PIECES), lines
+    assert f"  ✓ executor        http://127.0.0.1:{stack.executor_port}" in lines
+    assert f"logs       {stack.logs}/<piece>.log  (CRUCIBLE_UP_LOGS=show" in stack.output()
+    # the pieces' logs, in the format asked (LOG_FORMAT=json); up's readiness probes are not in them
+    for piece in ("valkey", "executor", "api", "worker", "scheduler", "dashboard", "celery-ingress"):
+        assert (stack.logs / f"{piece}.log").is_file(), piece
+    api = [json.loads(line) for line in (stack.logs / "api.log").read_text().splitlines()]
+    assert any(line["event"] == "Application startup complete." for line in api)
+    every = "".join(path.read_text() for path in stack.logs.glob("*.log"))
+    assert "probe=1" not in every and "GET /health" not in every
 
 
 def test_keys_commands_work_on_the_stack_running_from_their_folder(stack: UpStack) -> None:
@@ -225,11 +241,22 @@ def test_up_says_in_one_line_when_its_redis_does_not_answer(tmp_path: Path) -> N
     assert "hunter2" not in said
 
 
+def test_a_piece_dying_while_starting_shows_its_last_lines(stack: UpStack, tmp_path: Path) -> None:
+    # the running stack's executor holds this sandbox uid range: the new one's executor exits 2
+    other = UpStack(tmp_path, uid_base=stack.uid_base)
+    assert other.start().wait(timeout=120) == 1
+    said = other.output()
+    assert "crucible up: the executor exited while starting (code 2); stopping." in said
+    assert f"the last lines of {other.logs / 'executor.log'}:" in said
+    assert "are in use by another executor on this host" in said  # the executor's own line
+    assert "Crucible stopped." in said and "Crucible is up" not in said
+
+
 def test_ctrl_c_while_starting_stops_everything_and_says_so(tmp_path: Path) -> None:
     up = UpStack(tmp_path)
     process = up.start()
     deadline = time.monotonic() + 60
-    while "embedded Valkey on" not in up.output():
+    while "✓ valkey" not in up.output():
         assert time.monotonic() < deadline and process.poll() is None, up.output()
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)

@@ -1,5 +1,5 @@
 """`crucible up`: the whole stack on an embedded Valkey, stopped with Ctrl-C, restarted; a piece
-that dies is started again."""
+that dies is started again; its pieces' logs on its output when asked, else in files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from bench.stack import stop
-from tests.up_stack import UpStack
+from tests.up_stack import READY_LINE, UpStack
 
 
 def wait_status(api: httpx.Client, eval_id: str, wanted: str, seconds: float = 30) -> dict:
@@ -39,10 +39,19 @@ def test_up_runs_everything_and_a_restart_finds_queued_work(tmp_path: Path) -> N
     url = up.api_url
     data = tmp_path / "data"
 
-    # First start: workers take only the high queue, so a default submission stays queued.
-    first = up.start(CELERY_QUEUES="high_priority")
+    # First start: workers take only the high queue, so a default submission stays queued. The
+    # pieces' logs are asked for on up's output: there, between the pieces' ready lines, but
+    # not the access lines of up's own readiness probes.
+    first = up.start(CELERY_QUEUES="high_priority", CRUCIBLE_UP_LOGS="show")
     try:
         up.wait_banner()
+        shown = [json.loads(line) for line in up.before_banner() if line.startswith("{")]
+        assert {"Application startup complete.", "Worker process is ready for action."} <= {
+            line["event"] for line in shown
+        }, shown
+        assert sum(bool(READY_LINE.match(line)) for line in up.before_banner()) == 7
+        assert "probe=1" not in up.output() and "celery-status" not in up.output()
+        assert not up.logs.exists()
         # The first start made an admin key, printed it and kept it in the data folder.
         key = (data / "admin.key").read_text().strip()
         assert f"admin key  {key}" in up.log.read_text()
@@ -83,7 +92,10 @@ def test_up_runs_everything_and_a_restart_finds_queued_work(tmp_path: Path) -> N
         worker = wait_status(api, slow["eval_id"], "running")["worker"]
         os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
         assert wait_status(api, slow["eval_id"], "completed", seconds=60)["output"] == "after kill\n"
-        assert "worker exited" in up.log.read_text()
+        # the pieces' logs were in files this time, so `up` shows what the worker said last
+        said = up.output()
+        assert "worker exited" in said and f"the last lines of {up.logs / 'worker.log'}:" in said
+        assert not any(line.startswith("{") for line in up.before_banner())
     finally:
         stop(second, signal.SIGINT, timeout=60)
     assert second.returncode == 0
