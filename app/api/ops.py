@@ -32,6 +32,12 @@ from infra.web import JSONResponse, query_int, read_json_object
 log = structlog.get_logger(__name__)
 
 HEALTH_TIMEOUT_S = 1.0
+#: A test-case submission's verdicts (executor/cases.py), and its cases' statuses: each is
+#: served from the first scrape (at 0); any other that status.lua counted is served too.
+VERDICTS = ("accepted", "wrong_answer", "timeout", "memory_limit_exceeded", "output_limit_exceeded",
+            "runtime_error", "checker_error", "compile_error", "cancelled")  # fmt: skip
+CASE_STATUSES = ("accepted", "wrong_answer", "timeout", "memory_limit_exceeded", "output_limit_exceeded",
+                 "runtime_error", "checker_error", "skipped")  # fmt: skip
 
 
 class OpsApi:
@@ -224,6 +230,18 @@ class OpsApi:
             if name.startswith("language:"):
                 _, language, status = name.split(":", 2)
                 by_language.add_metric([language, status], int(value))
+        verdicts = CounterMetricFamily(
+            "crucible_verdicts",
+            "Submissions with test cases that reached a final status, by verdict",
+            labels=["verdict"],
+        )
+        cases = CounterMetricFamily(
+            "crucible_cases", "Test cases of finished submissions, by status", labels=["status"]
+        )
+        for family, prefix, known in ((verdicts, "verdict:", VERDICTS), (cases, "case:", CASE_STATUSES)):
+            seen = {name.removeprefix(prefix): int(v) for name, v in stats.items() if name.startswith(prefix)}
+            for label in dict.fromkeys([*known, *sorted(seen)]):
+                family.add_metric([label], seen.get(label, 0))
 
         latency = GaugeMetricFamily(
             "crucible_submit_to_result_seconds",
@@ -269,8 +287,8 @@ class OpsApi:
             await self._histogram("crucible_queue_wait_seconds", "Queued to started", "wait_ms"),
             await self._histogram("crucible_run_duration_seconds", "Run time in the sandbox", "run_ms"),
         ]
-        return [queue, oldest, submitted, finished, by_language, fallbacks, latency, shadow, share, online,
-                in_flight, retries, redis_memory, *histograms]  # fmt: skip
+        return [queue, oldest, submitted, finished, by_language, verdicts, cases, fallbacks, latency, shadow,
+                share, online, in_flight, retries, redis_memory, *histograms]  # fmt: skip
 
     async def _histogram(self, name: str, documentation: str, key: str) -> HistogramMetricFamily:
         """A Prometheus histogram from the per-bucket counts status.lua keeps (in ms)."""

@@ -16,7 +16,8 @@
 -- $ns:eval:$id:events   list of JSON status changes (the timeline)
 -- $ns:evals             zset eval id -> created (ms): every evaluation
 -- $ns:evals:$status     zset eval id -> created (ms): evaluations by status
--- $ns:stats            hash of counters ("final:<system>:<status>", "language:<lang>:<status>")
+-- $ns:stats            hash of counters ("final:<system>:<status>", "language:<lang>:<status>";
+--                      for a submission with test cases "verdict:<verdict>", "case:<status>")
 -- $ns:latency:$system  list of the latest latencies in ms, newest first
 -- $ns:hist:wait_ms     histogram ("in:<ms>": how many fell in the bucket up to that bound and
 --                      above the one before, "in:+Inf", sum, count) of queue waits:
@@ -116,6 +117,15 @@ local function observe(bounds, hist, value)
     redis.call("hincrby", hist, "count", 1)
 end
 
+-- A finishing change's test cases (a list), or nil: one that does not decode is left out of
+-- the counts rather than refusing the result.
+local function cases_of(fields)
+    if not fields["cases"] then return nil end
+    local ok, cases = pcall(cjson.decode, fields["cases"])
+    if ok and type(cases) == "table" then return cases end
+    return nil
+end
+
 local function transition(ns, eval_id, new_status, now, allowed_csv, fields, expect, final, bounds)
     local record = ns .. ":eval:" .. eval_id
     local current = redis.call("hget", record, "status")
@@ -167,6 +177,7 @@ local function transition(ns, eval_id, new_status, now, allowed_csv, fields, exp
     end
     -- $ns:active:$owner: the submitting key's evaluations that are queued or running (its quota)
     local owner = redis.call("hget", record, "owner")
+    local cases = cases_of(fields)  -- a finishing submission's test cases, decoded once
     -- $ns:running:$owner: those of them running now, not waiting for a retry: the broker's
     -- fetch holds a key to its `max_running`
     if owner then
@@ -191,10 +202,8 @@ local function transition(ns, eval_id, new_status, now, allowed_csv, fields, exp
         -- with test cases pays for every further case that ran now, so the key's rate counts
         -- runs (the bucket may go below zero: its next submissions wait until it refills)
         local ran = 0
-        if fields["cases"] then
-            for _, case in ipairs(cjson.decode(fields["cases"])) do
-                if case["status"] ~= "skipped" then ran = ran + 1 end
-            end
+        for _, case in ipairs(cases or {}) do
+            if type(case) == "table" and case["status"] ~= "skipped" then ran = ran + 1 end
         end
         if ran > 1 and redis.call("exists", ns .. ":bucket:" .. owner) == 1 then
             redis.call("hincrbyfloat", ns .. ":bucket:" .. owner, "tokens", 1 - ran)
@@ -207,6 +216,20 @@ local function transition(ns, eval_id, new_status, now, allowed_csv, fields, exp
         local language = redis.call("hget", record, "language") or "unknown"
         redis.call("hincrby", ns .. ":stats", "final:" .. system .. ":" .. new_status, 1)
         redis.call("hincrby", ns .. ":stats", "language:" .. language .. ":" .. new_status, 1)
+        -- a submission with test cases: its verdict, and its cases by status (one write per
+        -- status seen; a case list that does not decode is not counted, never refused)
+        local verdict = fields["verdict"]
+        if verdict and verdict ~= "" then
+            redis.call("hincrby", ns .. ":stats", "verdict:" .. verdict, 1)
+            local by_status = {}
+            for _, case in ipairs(cases or {}) do
+                local status = type(case) == "table" and case["status"]
+                if type(status) == "string" then by_status[status] = (by_status[status] or 0) + 1 end
+            end
+            for status, count in pairs(by_status) do
+                redis.call("hincrby", ns .. ":stats", "case:" .. status, count)
+            end
+        end
         redis.call("lpush", ns .. ":latency:" .. system, since_submitted)
         redis.call("ltrim", ns .. ":latency:" .. system, 0, LATENCY_SAMPLES - 1)
         if tonumber(fields["runtime_ms"]) then
@@ -224,11 +247,12 @@ local function transition(ns, eval_id, new_status, now, allowed_csv, fields, exp
     fields["at_ms"] = tonumber(now)
     fields["output"] = nil
     fields["error"] = nil
-    if fields["cases"] then  -- the timeline records each case, without its output and error
-        local cases = cjson.decode(fields["cases"])
+    if cases then  -- the timeline records each case, without its output and error
         for _, case in ipairs(cases) do
-            case["output"] = nil
-            case["error"] = nil
+            if type(case) == "table" then
+                case["output"] = nil
+                case["error"] = nil
+            end
         end
         fields["cases"] = cjson.encode(cases)
     end

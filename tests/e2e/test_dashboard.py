@@ -47,6 +47,18 @@ async def page() -> AsyncIterator[Page]:
     assert not errors, errors
 
 
+#: A program with test cases: doubles its input, but answers 3 wrong (and says what it read on stderr).
+CASES_PROGRAM = (
+    "import sys\nn = int(input())\nprint('read', n, file=sys.stderr)\nprint(7 if n == 3 else n + n)\n"
+)
+HOSTILE_NAME = "<img src=x onerror=alert(1)>"
+CASES = [
+    {"name": HOSTILE_NAME, "stdin": "1", "expected_output": "2"},
+    {"name": "doubles 2", "stdin": "2", "expected_output": "4"},
+    {"name": "doubles 3", "stdin": "3", "expected_output": "6"},
+]
+
+
 async def dead_letter(api: httpx.AsyncClient) -> str:
     """A real dead letter: the executor refuses a time-out above its own maximum (422, not retried)."""
     eval_id = await submit(api, "print('too patient')", timeout=90)
@@ -97,6 +109,41 @@ async def test_the_dashboard_shows_and_steers_the_system(
             )
             assert await page.evaluate("window.pwned") is None
             assert await page.locator("#detail img").count() == 0
+            await expect(page.get_by_test_id("detail-tests")).to_be_hidden()  # no cases: as before
+
+            # Test cases: the verdict, the compile step, a row per case (its name is text, however
+            # hostile), each case's output and error in a row that opens below it.
+            dialogs: list[str] = []
+            page.on("dialog", lambda dialog: dialogs.append(dialog.message))
+            judged = await submit(api, CASES_PROGRAM, tests=CASES)
+            assert (await wait_final(api, judged))["verdict"] == "wrong_answer"
+            await page.locator(f"tr[data-eval='{judged}']").click()
+            verdict = page.get_by_test_id("detail-verdict")
+            await expect(verdict).to_have_text("Verdict: wrong_answer — 2/3 passed")
+            await expect(verdict.locator(".status-wrong_answer")).to_be_visible()
+            compiled = page.get_by_test_id("detail-compile")
+            await expect(compiled).to_have_text("Compile: none (an interpreted language)")
+            cases = page.get_by_test_id("detail-cases").locator("tbody tr.case")
+            await expect(cases).to_have_count(3)
+            await expect(cases.locator("td.name")).to_have_text([HOSTILE_NAME, "doubles 2", "doubles 3"])
+            statuses = cases.locator("td:nth-child(4)")
+            await expect(statuses).to_have_text(["accepted", "accepted", "wrong_answer"])
+            await expect(statuses.nth(0)).to_have_class("status-accepted")
+            await expect(statuses.nth(2)).to_have_class("status-wrong_answer")
+            await expect(cases.nth(2).locator("td").last).to_have_text("line 1: expected '6', got '7'")
+            await expect(cases.nth(0).locator("td.num").first).to_contain_text(" ms")
+            await expect(cases.nth(0).locator("td.num").last).to_contain_text(" KiB")
+            shown = page.locator("tr[data-case-io='2']")
+            await expect(shown).to_be_hidden()
+            await cases.nth(2).click()
+            await expect(shown.locator("[data-io=output]")).to_have_text("7")
+            await expect(shown.locator("[data-io=error]")).to_have_text("read 3")
+            await expect(shown).to_contain_text("exit code 0")
+            polled = await page.get_by_test_id("updated").text_content()
+            await expect(page.get_by_test_id("updated")).not_to_have_text(polled or "")
+            await expect(shown).to_be_visible()  # still open after the next poll
+            assert await page.locator("#detail img").count() == 0 and dialogs == []
+            await page.screenshot(path=SHOTS / "dashboard-test-cases.png", full_page=True)
 
             # New ones show up live; cancel the waiting one, terminate the running one.
             slow = await submit(api, "import time; time.sleep(60)")

@@ -120,6 +120,17 @@ async def test_status_shows_workers_tasks_queues_and_a_worker_that_died(
             served = set(re.findall(r"^(crucible_\w+)", metrics, re.M))
             assert queried and queried <= served, queried - served
 
+            # A submission with test cases counts its verdict and its cases as it finishes.
+            assert metric(metrics, "crucible_verdicts_total", '{verdict="wrong_answer"}') == 0
+            tests = [{"stdin": "1", "expected_output": "1"}, {"stdin": "2", "expected_output": "3"}]
+            judged = await wait_final(api, await submit(api, "print(input())", tests=tests))
+            assert (judged["verdict"], judged["passed"]) == ("wrong_answer", 1)
+            after = (await api.get("/metrics")).text
+            assert metric(after, "crucible_verdicts_total", '{verdict="wrong_answer"}') == 1
+            assert metric(after, "crucible_verdicts_total", '{verdict="accepted"}') == 0
+            assert metric(after, "crucible_cases_total", '{status="accepted"}') == 1
+            assert metric(after, "crucible_cases_total", '{status="wrong_answer"}') == 1
+
             # A worker killed outright stops publishing: shown as gone, health degraded.
             os.killpg(worker.pid, signal.SIGKILL)
             gone = await poll(api, "/api/celery-status", lambda b: b["workers"] == 0, seconds=60)

@@ -2,7 +2,8 @@
 "use strict";
 
 const POLL_MS = 2000;
-const state = { tab: "overview", selected: null, selectedDead: null, checked: new Set(), filtersReady: false };
+const state = { tab: "overview", selected: null, selectedDead: null, checked: new Set(), filtersReady: false,
+  openCases: new Set(), casesShown: null };
 
 const $ = (selector) => document.querySelector(selector);
 const esc = (value) => String(value ?? "").replace(/[&<>"']/g, (c) =>
@@ -131,6 +132,7 @@ async function refreshDetail() {
     started: e.started_at, completed: e.completed_at };
   $("#detail-fields").innerHTML = Object.entries(fields)
     .map(([k, v]) => `<dt>${esc(k)}</dt><dd data-field="${esc(k)}">${esc(v ?? "–")}</dd>`).join("");
+  renderCases(e);
   $("#detail-code").textContent = e.code ?? "";
   $("#detail-output").textContent = e.output ?? "";
   $("#detail-error").textContent = e.error ?? "";
@@ -140,6 +142,75 @@ async function refreshDetail() {
   const open = e.status === "queued" || e.status === "running";
   $("#cancel").disabled = !open;
   $("#terminate").disabled = e.status !== "running";
+}
+
+// A submission with test cases: its verdict, the compile step and a row per case, whose output
+// and error open below it. Redrawn only when the evaluation's cases change, so an open row stays
+// open (and its text selectable) across polls.
+const ms = (v) => (v == null ? "–" : `${Number.isInteger(v) || v >= 10 ? Math.round(v) : Number(v).toFixed(1)} ms`);
+const kib = (v) => (v == null ? "–" : `${Math.round(v).toLocaleString()} KiB`);
+
+function clip(text, n = 100) {
+  return text.length > n ? `${text.slice(0, n)}…` : text;
+}
+
+// What a case's row says of how it ended: the checker's word, else the limit that ended it, else
+// the start of its error (for a Python traceback, its last line: the exception).
+function caseNote(c) {
+  if (c.checker_message) return clip(c.checker_message.trim().split("\n")[0]);
+  if (c.time_limit) return `${c.time_limit} time limit`;
+  const lines = String(c.error ?? "").trim().split("\n").filter((l) => l.trim());
+  if (!lines.length) return "";
+  return clip(lines[0].startsWith("Traceback (most recent call last)") ? lines[lines.length - 1] : lines[0]);
+}
+
+function caseRows(c, i) {
+  const ran = c.status !== "skipped";
+  const open = ran && state.openCases.has(String(i));
+  const meta = [`exit code ${c.exit_code ?? "–"}`, c.signal ? `signal ${c.signal}` : "",
+    c.time_limit ? `${c.time_limit} time limit` : "", c.output_truncated ? "output truncated" : ""].filter(Boolean);
+  const row = `<tr class="case" data-case="${i}" ${ran ? `aria-expanded="${open}"` : ""}>
+    <td class="toggle">${ran ? (open ? "▾" : "▸") : ""}</td><td>${i + 1}</td><td class="name">${esc(c.name)}</td>
+    <td class="status-${esc(c.status)}">${esc(c.status)}</td><td class="num">${esc(ms(c.runtime_ms))}</td>
+    <td class="num">${esc(ms(c.cpu_ms))}</td><td class="num">${esc(kib(c.peak_memory_kb))}</td>
+    <td class="${c.checker_message || c.time_limit ? "note" : "note from-error"}">${esc(caseNote(c))}</td></tr>`;
+  if (!ran) return row;
+  return `${row}<tr class="case-io" data-case-io="${i}" ${open ? "" : "hidden"}><td></td><td colspan="7">
+    <div class="case-meta">${esc(meta.join(" · "))}</div>
+    ${c.checker_message ? `<h4>Checker</h4><pre data-io="checker">${esc(c.checker_message)}</pre>` : ""}
+    <h4>Output</h4><pre data-io="output">${esc(c.output)}</pre>
+    <h4>Error</h4><pre data-io="error">${esc(c.error)}</pre></td></tr>`;
+}
+
+function renderCases(e) {
+  const hasCases = e.total != null;
+  $("#detail-tests").hidden = !hasCases;
+  if (!hasCases) { state.casesShown = null; return; }
+  const shown = JSON.stringify([e.eval_id, e.verdict, e.passed, e.total, e.compile, e.cases]);
+  if (shown === state.casesShown) return;
+  state.casesShown = shown;
+  $("#detail-verdict").innerHTML = `Verdict: <span class="verdict status-${esc(e.verdict)}">${esc(e.verdict ?? "–")}</span>` +
+    ` — <b>${esc(e.passed ?? "–")}/${esc(e.total)}</b> passed`;
+  const c = e.compile;
+  $("#detail-compile").innerHTML = c
+    ? `Compile: <span class="status-${esc(c.status)}">${esc(c.status)}</span>, ` +
+      `${c.cached ? "cached (compiled before)" : "compiled now"}, ${esc(ms(c.runtime_ms))} (CPU ${esc(ms(c.cpu_ms))})`
+    : "Compile: none (an interpreted language)";
+  $("#detail-compile-error").hidden = !c?.error;
+  $("#detail-compile-error").textContent = c?.error ?? "";
+  $("#detail-cases tbody").innerHTML = (e.cases ?? []).map(caseRows).join("") ||
+    '<tr><td colspan="8">no cases</td></tr>';
+}
+
+function toggleCase(row) {
+  const i = row.dataset.case;
+  const io = $(`#detail-cases tr[data-case-io="${i}"]`);
+  if (!io) return;
+  const open = io.hidden;
+  io.hidden = !open;
+  open ? state.openCases.add(i) : state.openCases.delete(i);
+  row.setAttribute("aria-expanded", String(open));
+  row.querySelector(".toggle").textContent = open ? "▾" : "▸";
 }
 
 async function cancelSelected(terminate) {
@@ -212,8 +283,16 @@ document.addEventListener("click", (event) => {
     target.checked ? state.checked.add(target.dataset.check) : state.checked.delete(target.dataset.check);
     return;
   }
+  const caseRow = target.closest("tr[data-case]");
+  if (caseRow) { toggleCase(caseRow); return; }
   const evalRow = target.closest("tr[data-eval]");
-  if (evalRow) { state.selected = evalRow.dataset.eval; $("#action-result").textContent = ""; refresh(); return; }
+  if (evalRow) {
+    if (evalRow.dataset.eval !== state.selected) { state.openCases.clear(); state.casesShown = null; }
+    state.selected = evalRow.dataset.eval;
+    $("#action-result").textContent = "";
+    refresh();
+    return;
+  }
   const deadRow = target.closest("tr[data-task]");
   if (deadRow) { state.selectedDead = deadRow.dataset.task; refresh(); }
 });
