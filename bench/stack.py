@@ -78,17 +78,23 @@ def process(name: str, command: str, env: dict[str, str]) -> Iterator[subprocess
 #: Where `free_uid_base` looks: blocks of this many uids, above the default range (60000).
 UID_BLOCK = 100
 UID_BLOCKS = range(61000, 65000, UID_BLOCK)
-#: blocks this process has handed out already (their executor may not have taken them yet)
-_given: set[int] = set()
+#: How long a block handed out stays this process's, for its executor to start and lock it;
+#: after that the executor's lock alone says whether the block is taken.
+GIVEN_FOR_S = 60.0
+#: blocks this process has handed out lately, and when (their executor may not hold them yet)
+_given: dict[int, float] = {}
 
 
 def free_uid_base() -> int:
     """The first uid of a block no executor on this host holds and this process has not handed
-    out (chosen at random, so two stacks starting at once rarely pick the same; the executor's
-    own lock settles it)."""
+    out in the last minute (chosen at random, so two stacks starting at once rarely pick the
+    same; the executor's own lock settles it). A block is handed out again once its executor
+    has gone: a long test run starts more executors than there are blocks."""
+    now = time.monotonic()
     for base in random.sample(UID_BLOCKS, len(UID_BLOCKS)):
-        if base not in _given and uid_range.is_free(range(base, base + UID_BLOCK)):
-            _given.add(base)
+        recent = now - _given.get(base, -GIVEN_FOR_S) < GIVEN_FOR_S
+        if not recent and uid_range.is_free(range(base, base + UID_BLOCK)):
+            _given[base] = now
             return base
     raise RuntimeError("every sandbox uid block from 61000 to 64999 is held by an executor")
 

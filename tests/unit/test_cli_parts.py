@@ -52,3 +52,20 @@ def test_port_problems_name_the_setting_that_moves_them() -> None:
         said = port_problem([Listener("dashboard", "127.0.0.1", taken, "DASHBOARD_PORT")])
     assert said is not None and said.startswith(f"port {taken} (dashboard) is taken by ")
     assert said.endswith("set DASHBOARD_PORT to another port")
+
+
+def test_a_long_test_run_gets_uid_blocks_again_once_their_executors_have_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every block handed out was kept from this process forever: the 41st executor a test run
+    started found none, though their executors had long gone."""
+    from bench import stack
+
+    clock = [1000.0]
+    monkeypatch.setattr(stack, "_given", {})
+    monkeypatch.setattr(stack.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(stack.uid_range, "is_free", lambda uids: True)  # every executor has gone
+    first = {stack.free_uid_base() for _ in range(len(stack.UID_BLOCKS))}
+    assert len(first) == len(stack.UID_BLOCKS)  # none twice within the minute
+    clock[0] += stack.GIVEN_FOR_S
+    assert stack.free_uid_base() in first  # free again: nothing holds it
