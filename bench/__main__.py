@@ -11,6 +11,7 @@ SCENARIOS = {
     "evaluations": "bench.evaluations",
     "api": "bench.api",
     "priority": "bench.priority",
+    "cases": "bench.cases",
     "scaling": "bench.scaling",
 }
 

@@ -58,23 +58,36 @@ def _descendants(top: int, table: Mapping[int, tuple[int, Times]]) -> list[int]:
 
 def snapshot(pids: Mapping[str, int]) -> dict[str, float]:
     """CPU seconds so far by role, for the stack whose top processes are `pids` (api, workers,
-    executor, valkey), plus the machine's total."""
+    executor, valkey), plus the machine's total and the other user processes' (`outside`)."""
     table = _processes()
     out = {role: 0.0 for role in ROLES}
+    seen = {os.getpid(), *_descendants(os.getpid(), table)}
     for role, top in pids.items():
         if top not in table:
             continue
-        below = sum(table[p][1].own + table[p][1].reaped for p in _descendants(top, table))
+        tree = _descendants(top, table)
+        seen.update((top, *tree))
+        below = sum(table[p][1].own + table[p][1].reaped for p in tree)
         own, reaped = table[top][1].own, table[top][1].reaped
         if role == "executor":
             out["executor"] += own
             out["sandbox"] += reaped + below
         else:
             out[role] += own + reaped + below
+    out["outside"] = outside_s(table, seen)
     out["machine"] = machine_cpu_s()
     me = resource.getrusage(resource.RUSAGE_SELF)
     out["client"] = me.ru_utime + me.ru_stime
     return out
+
+
+def outside_s(table: Mapping[int, tuple[int, Times]], seen: set[int]) -> float:
+    """CPU seconds of the user processes living now that are neither the stack's nor this
+    client's (another job on the host): between two snapshots, roughly how much of `other`
+    was not the stack's doing. Kernel threads are left out: part of their work (softirqs,
+    loopback traffic) is the stack's."""
+    kernel = {2, *_descendants(2, table)}
+    return sum(t.own + t.reaped for pid, (_, t) in table.items() if pid not in seen and pid not in kernel)
 
 
 def machine_cpu_s() -> float:

@@ -351,6 +351,14 @@ class ForkServers:
                 os.close(fd)
         server.prepared = group
 
+    def prepare_next(self, slot: int) -> None:
+        """Within one run of several phases (a submission's cases): have the slot's server make
+        the next phase's init now, while the last one's output is checked, rather than when the
+        next phase starts."""
+        server = self._servers.get(slot)
+        if server is not None and not server.retired and server.prepared is None:
+            self._prepare(slot, server)
+
     def serves(self, language: Language) -> bool:
         """Whether runs of `language` run in this interpreter (others exec their command)."""
         return language == self.language

@@ -161,6 +161,8 @@ class Sandbox:
                     break
                 own = cases.case_limits(limits, spec, case)
                 result = await self._execute(run, slot, language, built.source, own, case.stdin, case.args)
+                if self._forks is not None:  # the next case's init, made while this one is checked
+                    self._forks.prepare_next(slot)
                 judged.append(await self._check(run, slot, spec, case, result, checker, judge, limits))
             return cases.answer(eval_id, spec, judged, built.info, self.enforced_by, run.cancelled)
 

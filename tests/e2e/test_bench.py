@@ -87,3 +87,18 @@ def test_scaling_runs_each_configuration(redis_url: str, tmp_path: Path, executo
     )
     [result] = figures["results"]
     assert result["executors"] == int(executors) and result["per_s"] > 0
+
+
+def test_cases_one_submission_against_separate_ones(redis_url: str, tmp_path: Path) -> None:
+    stdout, figures = bench(redis_url, tmp_path, "cases", "--cases", "5")
+    for language in ("python", "c"):
+        for path in ("cases", "separate"):
+            f = figures[language][path]
+            assert f["passed"] == 5 and f["wall_ms_per_case"] > 0, (language, path)
+            assert f["cpu_ms_per_case"]["total"] > 0 and f["run_cpu_ms"] > 0, (language, path)
+        assert figures[language]["cpu_ratio"] > 0 and figures[language]["target"] == 0.5
+    c = figures["c"]
+    # the cases submission compiles once; of the separate ones the first compiles, the rest hit the cache
+    assert c["cases"]["compiles"] == 1 and c["cases"]["compile"]["cached"] is False
+    assert c["separate"]["compiles"] == 1 and c["separate"]["compile_cache_hits"] == 4
+    assert "machine cpu ms" in stdout and "case / separate submission" in stdout
