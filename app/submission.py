@@ -129,7 +129,8 @@ class Submitter:
         the Celery result key its changes are written to (a Celery producer's task)."""
         if self.memory:
             await self.memory.check()
-        route = self.route
+        # what the legacy deployment cannot run (cases, files) stays here, and is not shadowed
+        route = self.route if sub.run.legacy_can_run else None
         system = system or (await route.choose() if route else "dramatiq")
         evaluation = sub.record(
             level, source, system, owner=owner, max_running=self._max_running(quota), celery_meta=celery_meta
@@ -140,7 +141,7 @@ class Submitter:
             if route and system == "legacy":
                 accepted = await route.send(self, sub, evaluation)
             else:
-                accepted = await self._to_dramatiq_or_route(sub, evaluation, None if apart else quota)
+                accepted = await self._to_dramatiq_or_route(sub, evaluation, None if apart else quota, route)
         except Exception as exc:
             # a duplicate's place belongs to the evaluation already there, if it is in progress
             duplicate = isinstance(exc, Conflict)
@@ -191,14 +192,14 @@ class Submitter:
         raise duplicate()
 
     async def _to_dramatiq_or_route(
-        self, sub: Submission, evaluation: NewEvaluation, quota: ApiKey | None = None
+        self, sub: Submission, evaluation: NewEvaluation, quota: ApiKey | None, route: Route | None
     ) -> Accepted:
         try:
             return await self.to_dramatiq(sub, evaluation, quota)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            if self.route is None:
+            if route is None:
                 raise
-            return await self.route.dramatiq_down(self, exc, sub, evaluation)
+            return await route.dramatiq_down(self, exc, sub, evaluation)
 
     async def to_dramatiq(
         self, sub: Submission, evaluation: NewEvaluation, quota: ApiKey | None = None

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evaluations.errors import InvalidInput, Refusal, TooLarge
-from evaluations.languages import WALL_TIME_FACTOR
+from evaluations.languages import COMPILE_TIMEOUT_SECONDS, WALL_TIME_FACTOR
 from evaluations.validation import (
     MAX_ARG_BYTES,
     MAX_ARGS,
@@ -159,6 +159,12 @@ class RunSpec:
     checker: Checker = field(default_factory=Checker)
     stop_on_first_failure: bool = False
 
+    @property
+    def legacy_can_run(self) -> bool:
+        """Whether the legacy Celery deployment could run it: one program and one run, no files,
+        no cases, no wall-clock limit of its own (it takes only code and language)."""
+        return not (self.tests or self.files or self.wall_timeout)
+
     def memory_or_default(self, bounds: Bounds) -> int:
         return self.memory_mb or bounds.max_memory_mb
 
@@ -181,7 +187,8 @@ class RunSpec:
         custom checker's runs)."""
         if not self.tests:
             return self.wall
-        checking = CHECKER_WALL_S * len(self.tests) if self.checker.custom else 0.0
+        # a custom checker's runs, and its compile (for all its cases, once) beside the program's
+        checking = CHECKER_WALL_S * len(self.tests) + COMPILE_TIMEOUT_SECONDS if self.checker.custom else 0.0
         return sum(self.case_wall(case) for case in self.tests) + checking
 
     @classmethod
@@ -324,8 +331,9 @@ def _files(body: dict[str, Any], bounds: Bounds, main_file: str) -> tuple[Source
                     raise InvalidInput("field 'content' is not valid base64", field="content") from None
             else:
                 raise InvalidInput("field 'encoding' must be 'utf-8' or 'base64'", field="encoding")
-        if name in (main_file, BINARY_NAME) or any(f.name == name for f in files):
-            reason = "is the main file's" if name in (main_file, BINARY_NAME) else "is given twice"
+        top = name.split("/")[0]
+        if top in (main_file, BINARY_NAME) or any(f.name == name for f in files):
+            reason = "takes the main file's name" if top in (main_file, BINARY_NAME) else "is given twice"
             where = f"files[{index}].name"
             raise InvalidInput(f"field '{where}': file name {name!r} {reason}", field=where)
         if any(other.name.startswith(name + "/") or name.startswith(other.name + "/") for other in files):

@@ -38,6 +38,7 @@ from executor.seccomp import build_filter
 from infra.credentials import SharedSecretBackend, auth_failed
 from infra.settings import ConfigError, Settings, get_settings
 from infra.web import (
+    EXECUTOR_MAX_BODY_BYTES,
     EXECUTOR_SCOPE,
     Handler,
     error_response,
@@ -121,7 +122,7 @@ class Executor:
         ).stdout.strip()
 
     async def execute(self, request: Request) -> JSONResponse:
-        body = await read_json_object(request, self.settings.body_timeout_s)
+        body = await read_json_object(request, self.settings.body_timeout_s, EXECUTOR_MAX_BODY_BYTES)
         eval_id = require_string(body, "eval_id")
         run = parse_run(body, self.settings.submission_bounds, self.main_files)
         limits = request_limits(self.settings, run)

@@ -9,7 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from evaluations.submission_spec import Case, RunSpec
+from evaluations.languages import WALL_TIME_FACTOR
+from evaluations.submission_spec import CHECKER_WALL_S, Case, RunSpec
 from executor.checkers import Checked
 from executor.limits import Limits
 from executor.verdict import RunResult
@@ -17,11 +18,11 @@ from executor.verdict import RunResult
 #: How much of each case's output and error the answer keeps (a checker sees all the run kept).
 CASE_OUTPUT_BYTES = 4096
 #: A custom checker's run: its limits, and the files it finds beside it.
-CHECKER_CPU_S = 2.0
 CHECKER_MEMORY_MB = 256
 CHECKER_FILES = ("input.txt", "output.txt", "expected_output.txt")
-#: The checker's exit statuses: accepted, wrong answer; anything else is the checker failing.
-CHECKER_ACCEPTED, CHECKER_WRONG = 0, 1
+#: The checker's exit statuses (Kattis's): accepted, wrong answer. Anything else, 0 and 1
+#: included (a Python checker that raised exits 1), is the checker failing.
+CHECKER_ACCEPTED, CHECKER_WRONG = 42, 43
 #: A run's statuses as a case's.
 CASE_STATUS = {"failed": "runtime_error"}  # the others keep their names
 
@@ -74,15 +75,15 @@ def case_limits(limits: Limits, spec: RunSpec, case: Case) -> Limits:
 
 def checker_limits(limits: Limits) -> Limits:
     return dataclasses.replace(
-        limits, timeout=CHECKER_CPU_S, wall_s=None, memory_mb=min(CHECKER_MEMORY_MB, limits.memory_mb),
-        workdir="/sandbox",
+        limits, timeout=CHECKER_WALL_S / WALL_TIME_FACTOR, wall_s=CHECKER_WALL_S,
+        memory_mb=min(CHECKER_MEMORY_MB, limits.memory_mb), workdir="/sandbox",
     )  # fmt: skip
 
 
 def checker_verdict(result: RunResult) -> tuple[Checked | None, str | None]:
     """A custom checker's run as (its word, or why it failed)."""
     message = result.output.strip()[:CASE_OUTPUT_BYTES]
-    if result.status == "completed":
+    if result.status == "failed" and result.exit_code == CHECKER_ACCEPTED:
         return Checked(True, message), None
     if result.status == "failed" and result.exit_code == CHECKER_WRONG:
         return Checked(False, message or "wrong answer"), None
@@ -107,7 +108,7 @@ def answer(
     failing = [j for j in judged if j.status != "accepted"]
     shown = failing[0].result if failing else judged[-1].result if judged else None
     cases = [j.to_dict() for j in judged] + [skipped(c) for c in spec.tests[len(judged):]]
-    broken = any(j.status == "checker_error" for j in judged)
+    broken = not cancelled and any(j.status == "checker_error" for j in judged)
     status = "cancelled" if cancelled else "failed" if broken else "completed"
     base = (
         dataclasses.replace(shown, eval_id=eval_id, status=status) if shown
@@ -134,7 +135,7 @@ def compile_failed(
     eval_id: str, spec: RunSpec, failed: RunResult, compile_info: dict[str, Any], checker: bool = False
 ) -> dict[str, Any]:
     """The answer when the program, or its custom checker (`checker`: our failure, not the
-    submission's), did not compile: no case ran."""
+    submission's; `compile_info` is still the program's), did not compile: no case ran."""
     out = dataclasses.replace(failed, eval_id=eval_id).to_dict()
     verdict = "cancelled" if failed.status == "cancelled" else "checker_error" if checker else "compile_error"
     if checker and failed.status != "cancelled":

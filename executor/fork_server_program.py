@@ -41,7 +41,7 @@ CONFIG_PATH = "/sandbox/config.json"
 SECCOMP_PATH = "/sandbox/seccomp.bpf"
 MAIN_PATH = "/sandbox/main.py"
 MAX_REQUEST = 1 << 16
-MAX_FDS = 16
+MAX_FDS = 64  # 4 of the run, and one a file: a submission brings at most 48 (CRUCIBLE_MAX_FILES)
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000

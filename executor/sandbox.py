@@ -152,7 +152,7 @@ class Sandbox:
             if spec.checker.custom is not None and checker is not None:
                 judge = await self._build(run, slot, checker, spec.checker.custom.code, (), limits)
                 if judge.failed is not None:
-                    return cases.compile_failed(eval_id, spec, judge.failed, judge.info or {}, checker=True)
+                    return cases.compile_failed(eval_id, spec, judge.failed, built.info or {}, checker=True)
             judged: list[cases.Judged] = []
             for case in spec.tests:
                 if run.cancelled or run.lingering is not None:
@@ -161,7 +161,7 @@ class Sandbox:
                     break
                 own = cases.case_limits(limits, spec, case)
                 result = await self._execute(run, slot, language, built.source, own, case.stdin, case.args)
-                if self._forks is not None:  # the next case's init, made while this one is checked
+                if self._forks is not None and judge is None:  # the next case's init, made meanwhile
                     self._forks.prepare_next(slot)
                 judged.append(await self._check(run, slot, spec, case, result, checker, judge, limits))
             return cases.answer(eval_id, spec, judged, built.info, self.enforced_by, run.cancelled)

@@ -186,7 +186,8 @@ class Spawner:
         elif self._as_root:
             drop = {"user": uid, "group": uid, "extra_groups": []}
         if group:
-            join = 'for f; do [ "$f" = -- ] && break; echo $$ > "$f"; shift; done; shift; exec "$@"'
+            # a run that cannot join its groups must not run without their limits: exit instead
+            join = 'for f; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; shift; exec "$@"'
             command = ["/bin/sh", "-c", join, "join", *group.procs_files, "--", *command]
         return subprocess.Popen(
             command,

@@ -53,6 +53,17 @@ def _share(name: str, default: float, alias: str | None = None) -> float:
     return value
 
 
+#: Files one submission may bring: each is a descriptor handed to a fork server (it takes 64).
+MAX_FILES = 48
+
+
+def _at_most(name: str, default: int, most: int) -> int:
+    value = _int(name, default)
+    if not 0 <= value <= most:
+        raise ConfigError(f"{name} must be between 0 and {most}, got {value}")
+    return value
+
+
 def _retry_policies(raw: str | None) -> Policies:
     try:
         return with_overrides(raw)
@@ -245,7 +256,7 @@ class Settings:
             sandbox_cgroups=_choice("SANDBOX_CGROUPS", "auto", ("auto", "off", "required")),
             max_stdin_bytes=_int("CRUCIBLE_MAX_STDIN_BYTES", 1024 * 1024),
             max_cases=_at_least_one("CRUCIBLE_MAX_CASES", 100),
-            max_files=_int("CRUCIBLE_MAX_FILES", 32),
+            max_files=_at_most("CRUCIBLE_MAX_FILES", 32, MAX_FILES),
             max_files_bytes=_int("CRUCIBLE_MAX_FILES_BYTES", 1024 * 1024),
             max_submission_wall_s=float(_at_least_one("CRUCIBLE_MAX_SUBMISSION_WALL_S", 600)),
             retry_policies=_retry_policies(os.environ.get("CRUCIBLE_RETRY_POLICIES")),

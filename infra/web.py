@@ -44,6 +44,9 @@ HTTP_STATUS: dict[type[errors.CrucibleError], int] = {
 
 #: Largest request body read at all; bigger bodies are refused before parsing.
 MAX_BODY_BYTES = 2 * 1024 * 1024
+#: What the executor reads from a worker: what the API took, written again as JSON, where a
+#: control character of a file or an input may take 6 bytes ("\\u0001") for the 1 it was.
+EXECUTOR_MAX_BODY_BYTES = 6 * MAX_BODY_BYTES
 
 
 def status_of(exc: errors.CrucibleError) -> int:

@@ -15,16 +15,18 @@
 -- take(bucket, rate_per_s, burst, cost, now_ms): a token bucket, refilled at rate_per_s up to
 -- burst. Returns {1, tokens left, ms until full} or {0, "rate", ms until enough tokens}.
 local function take(bucket, rate, burst, cost, now)
-    local stored = redis.call("hmget", bucket, "tokens", "at_ms")
+    local stored = redis.call("hmget", bucket, "tokens", "at_ms", "debt")
     local tokens = tonumber(stored[1]) or burst
     local at = tonumber(stored[2]) or now
-    tokens = math.min(burst, tokens + math.max(0, now - at) * rate / 1000)
+    -- debt: tokens owed by finished submissions' further test cases (status.lua), paid now
+    tokens = math.min(burst, tokens + math.max(0, now - at) * rate / 1000) - (tonumber(stored[3]) or 0)
     if cost > tokens then
-        redis.call("hset", bucket, "tokens", tostring(tokens), "at_ms", now)
+        redis.call("hset", bucket, "tokens", tostring(tokens), "at_ms", now, "debt", 0)
+        redis.call("pexpire", bucket, math.ceil((burst - tokens) * 1000 / rate) + 1000)
         return {0, "rate", math.ceil((cost - tokens) * 1000 / rate)}
     end
     tokens = tokens - cost
-    redis.call("hset", bucket, "tokens", tostring(tokens), "at_ms", now)
+    redis.call("hset", bucket, "tokens", tostring(tokens), "at_ms", now, "debt", 0)
     redis.call("pexpire", bucket, math.ceil(burst * 1000 / rate) + 1000)
     return {1, math.floor(tokens), math.ceil((burst - tokens) * 1000 / rate)}
 end

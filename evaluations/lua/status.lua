@@ -25,7 +25,8 @@
 -- $ns:hist:run_ms      histogram of run times (the final change's runtime_ms)
 -- Latency is from submission (submitted_at_ms: creation, or a retry from the DLQ) to result.
 -- $ns:bucket:$owner    the submitting key's token bucket (quota.lua): a finished submission with
---                      test cases takes one token more for each case that ran after the first
+--                      test cases owes one token more for each case that ran after the first
+--                      ("debt", paid at the key's next submission)
 -- $ns:minute:$n        per minute n (ms / 60000): final statuses and a latency bucket each
 --                      ("lat:<ms>"), kept two hours, for rates and percentiles over the last hour
 -- channels $ns:events and $ns:events:$id   each change is published to both as JSON
@@ -86,7 +87,8 @@ local function write_celery_meta(record, eval_id, new_status, now)
             result.verdict = redis.call("hget", record, "verdict")
             result.passed = tonumber(redis.call("hget", record, "passed"))
             result.total = tonumber(total)
-            result.cases = cjson.decode(redis.call("hget", record, "cases") or "[]")
+            local ok, cases = pcall(cjson.decode, redis.call("hget", record, "cases") or "[]")
+            result.cases = ok and cases or {}
         end
         meta.result = result
     elseif state == "FAILURE" then
@@ -205,8 +207,10 @@ local function transition(ns, eval_id, new_status, now, allowed_csv, fields, exp
         for _, case in ipairs(cases or {}) do
             if type(case) == "table" and case["status"] ~= "skipped" then ran = ran + 1 end
         end
-        if ran > 1 and redis.call("exists", ns .. ":bucket:" .. owner) == 1 then
-            redis.call("hincrbyfloat", ns .. ":bucket:" .. owner, "tokens", 1 - ran)
+        if ran > 1 then  -- owed, paid at the key's next submission (quota.lua's take)
+            local owed = ns .. ":bucket:" .. owner
+            redis.call("hincrbyfloat", owed, "debt", ran - 1)
+            if redis.call("pttl", owed) < 3600000 then redis.call("pexpire", owed, 3600000) end
         end
     elseif owner and new_status == "queued" then
         redis.call("sadd", ns .. ":active:" .. owner, eval_id)

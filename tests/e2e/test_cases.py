@@ -112,16 +112,18 @@ async def test_a_custom_checker_decides_and_a_broken_one_is_our_error(executor: 
                "given, output, expected = (open(p).read() for p in sys.argv[1:4])\n"
                "ok = abs(int(output) - int(expected)) <= 10\n"
                "print('close enough' if ok else f'{output.strip()} is far from {expected.strip()}')\n"
-               "sys.exit(0 if ok else 1)\n")  # fmt: skip
+               "sys.exit(42 if ok else 43)\n")  # fmt: skip
     tests = [{"stdin": "5", "expected_output": "12"}, {"stdin": "50", "expected_output": "5"}]
     result = await execute(executor, code="print(int(input()) * 2)", tests=tests,
                            checker={"code": checker, "language": "python"})  # fmt: skip
     assert statuses(result) == ["accepted", "wrong_answer"]
     assert [c["checker_message"] for c in result["cases"]] == ["close enough", "100 is far from 5"]
+    # a checker that raised (Python exits 1 then) fails: it does not call the answer wrong
     broken = await execute(executor, code="print(1)", tests=tests[:1],
-                           checker={"code": "raise SystemExit(3)", "language": "python"})  # fmt: skip
+                           checker={"code": "raise ValueError('a bug')", "language": "python"})  # fmt: skip
     assert broken["status"] == "failed" and broken["internal_error"] is True
-    assert broken["verdict"] == "checker_error" and "exit code 3" in broken["cases"][0]["checker_message"]
+    said = broken["cases"][0]["checker_message"]
+    assert broken["verdict"] == "checker_error" and "exit code 1" in said and "ValueError: a bug" in said
 
 
 async def test_stop_on_first_failure_skips_the_rest(executor: httpx.AsyncClient) -> None:
@@ -185,15 +187,18 @@ async def test_a_cancel_stops_the_cases_to_come(api: httpx.AsyncClient, executor
 
 
 async def test_a_keys_rate_counts_the_cases_that_ran(shared_stack: Stack, aredis: aioredis.Redis) -> None:
-    """A submission pays one token when it is taken, and one more for each further case run."""
+    """A submission pays one token when it is taken, and owes one more for each further case
+    that ran, paid at the key's next submission: a standard key (burst 20) then has 14 left,
+    not 19."""
     (secret,) = await make_keys(aredis, shared_stack.namespace, "standard")
     key_id = (await KeyStore(aredis, shared_stack.namespace).lookup(secret)).id
     bucket = RedisKeys(shared_stack.namespace).bucket(key_id)
     tests = [{"stdin": str(n), "expected_output": str(n)} for n in range(6)]
     async with api_client(shared_stack.api_url, key=secret) as api:
-        eval_id = await submit(api, "print(input())", tests=tests, stop_on_first_failure=True)
-        before = float(await aredis.hget(bucket, "tokens"))
-        result = await wait_final(api, eval_id)
-    assert result["passed"] == 6
-    after = float(await aredis.hget(bucket, "tokens"))
-    assert before - after == pytest.approx(5)  # the stored count refills only at the next take
+        result = await wait_final(api, await submit(api, "print(input())", tests=tests))
+        assert result["passed"] == 6
+        assert float(await aredis.hget(bucket, "debt")) == pytest.approx(5)
+        await asyncio.sleep(0.6)  # the first token back: the bucket is full again
+        answer = await api.post("/api/eval", json={"code": "print(1)"})
+    assert answer.status_code == 200 and int(answer.headers["RateLimit-Remaining"]) == 20 - 5 - 1
+    assert float(await aredis.hget(bucket, "debt")) == 0
