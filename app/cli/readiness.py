@@ -51,7 +51,7 @@ class Problem:
 
 #: The pieces whose readiness is asked here (Valkey's is `crucible up`'s own TCP check).
 ASKED = ("executor", "api", "worker", "scheduler", "dashboard", "celery-ingress")
-#: How a piece is named in a line on what does not answer.
+#: How a piece is named to a person: in its ready line, the banner, or what does not answer.
 LABELS = {"api": "API", "worker": "workers"}
 
 

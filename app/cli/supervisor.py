@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from app.cli import readiness, running_stack
 from app.cli.admin import ensure_admin_key
 from app.cli.ports import free_port, listeners, port_problem
-from app.cli.readiness import Children, Problem, wait_ready
+from app.cli.readiness import LABELS, Children, Problem, wait_ready
 from app.cli.running_stack import RunningStack
 from app.cli.serve import WORKER_SHUTDOWN_MS, stop_on_signals
 from infra.logs import is_terminal
@@ -43,8 +43,6 @@ from infra.settings import Settings, get_settings
 LOGS_DIR = "logs"
 #: How many of its log's last lines are shown for a piece that exits or does not answer.
 TAIL_LINES = 20
-#: How a piece is named in its ready line and the banner.
-LABELS = {"api": "API", "worker": "workers"}
 
 Spawn = Callable[[str], "subprocess.Popen[bytes]"]
 
