@@ -4,18 +4,20 @@
 It never writes above that group. A v2 group that hands controllers to its children may hold
 no process itself, so at start the processes in it (the executor, a container's init) move
 into a leaf, `<group>/executor`; the controllers are enabled for `<group>/runs`, where each run
-gets a group of its own. Only the real root cgroup (no systemd, as in the test suite's
-user-mode Linux) is left as it is: the executor's runs then go under `/crucible-<pid>/`.
+gets a group of its own. Only the real root cgroup (a machine without systemd) is left as
+it is: the executor's runs then go under `/crucible-<pid>/`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 from executor.cgroups import (
     CPU_PERIOD_US,
+    REMOVE_RETRY_S,
     CgroupsUnavailable,
     DiskLimits,
     Enforcement,
@@ -35,6 +37,8 @@ REQUIRED = ("memory", "pids")
 #: from cpu.stat, which every v2 group has.
 OPTIONAL = ("cpu", "io")
 LEAF = "executor"
+#: How long start and stop wait for the killed processes of leftover run groups to leave them.
+REMOVE_WAIT_S = 5.0
 RUNS = "runs"
 FIX = (
     "give the executor a cgroup of its own, delegated with the memory and pids controllers "
@@ -181,7 +185,8 @@ class CgroupsV2:
         return group
 
     def close(self) -> None:
-        """Every run group goes (killed first); the executor's own leaf stays (it is in it)."""
+        """Every run group goes (killed first, waited for); the executor's own leaf stays (it
+        is in it)."""
         _remove_groups(self.runs)
         with contextlib.suppress(OSError):
             self.runs.rmdir()
@@ -240,11 +245,17 @@ def _enable(group: Path, controller: str) -> bool:
 
 
 def _remove_groups(folder: Path) -> None:
-    """Kill and remove every group in `folder` (those whose processes take a moment to leave
-    are tried again, from the event loop when one runs)."""
-    for child in folder.iterdir():
-        if child.is_dir():
-            V2RunGroup(child).remove()
+    """Kill and remove every group in `folder`, waiting (up to `REMOVE_WAIT_S`) for their
+    killed processes to leave them. Only at start and stop, so it blocks: at stop the event
+    loop is ending, and a removal left to it to try again later never happened (found in the
+    VM test: a fork server's prepared run group, and with it `runs`, outlived the executor)."""
+    deadline = time.monotonic() + REMOVE_WAIT_S
+    groups = [V2RunGroup(child) for child in folder.iterdir() if child.is_dir()]
+    for group in groups:
+        group.kill()
+    for group in groups:
+        while group._rmdir() and time.monotonic() < deadline:
+            time.sleep(REMOVE_RETRY_S)
 
 
 def _disk_rules(limits: DiskLimits) -> list[tuple[str, str]]:

@@ -187,7 +187,8 @@ class Spawner:
             drop = {"user": uid, "group": uid, "extra_groups": []}
         if group:
             # a run that cannot join its groups must not run without their limits: exit instead
-            join = 'for f; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; shift; exec "$@"'
+            join = ('for f; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; '
+                    'shift; exec "$@"')
             command = ["/bin/sh", "-c", join, "join", *group.procs_files, "--", *command]
         return subprocess.Popen(
             command,
