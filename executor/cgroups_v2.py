@@ -3,9 +3,16 @@
 
 It never writes above that group. A v2 group that hands controllers to its children may hold
 no process itself, so at start the processes in it (the executor, a container's init) move
-into a leaf, `<group>/executor`; the controllers are enabled for `<group>/runs`, where each run
-gets a group of its own. Only the real root cgroup (a machine without systemd) is left as
-it is: the executor's runs then go under `/crucible-<pid>/`.
+into a leaf, `<group>/executor`; the controllers are enabled for `<group>/runs`, and each
+executor's runs go in `<group>/runs/crucible-<pid>/`, a group each (several executors may share
+a service's group: each clears only its own and those of executors that have gone). Only the
+real root cgroup (a machine without systemd) is left as it is: runs then go under
+`/crucible-<pid>/`.
+
+A group is taken as delegated when systemd marked it so (the `trusted.delegate` or
+`user.delegate` attribute `Delegate=yes` sets) or when it is the root of this process's own
+cgroup namespace (a container's); anything else (a login session's scope, a service without
+`Delegate=yes`) is left alone, since moving its processes would move the user's shell too.
 """
 
 from __future__ import annotations
@@ -132,11 +139,14 @@ class CgroupsV2:
             )
         if not os.access(base / "cgroup.procs", os.W_OK) or not os.access(base, os.W_OK):
             raise CgroupsUnavailable(f"cgroup v2: this executor's group {base} is not writable; {FIX}")
+        if (base / "cgroup.type").exists() and not _delegated(base):
+            raise CgroupsUnavailable(f"cgroup v2: this executor's group {base} is not delegated to it; {FIX}")
         try:
             runs = _set_up(base)
             enabled = set()
             for controller in (*REQUIRED, *OPTIONAL):
-                if controller in offered and _enable(base, controller) and _enable(runs, controller):
+                chain = [base, *([runs.parent] if runs.parent != base else []), runs]
+                if controller in offered and all(_enable(group, controller) for group in chain):
                     enabled.add(controller)
         except OSError as exc:
             raise CgroupsUnavailable(f"cgroup v2: could not set up {base}: {exc}; {FIX}") from exc
@@ -190,6 +200,8 @@ class CgroupsV2:
         _remove_groups(self.runs)
         with contextlib.suppress(OSError):
             self.runs.rmdir()
+            if self.runs.parent != self.base:  # the shared `runs`, if no other executor uses it
+                self.runs.parent.rmdir()
 
 
 def own_group() -> Path | None:
@@ -229,10 +241,45 @@ def _set_up(base: Path) -> Path:
             for pid in _read_words(base / "cgroup.procs"):
                 with contextlib.suppress(OSError):  # one that ended meanwhile (else: said below)
                     (leaf / "cgroup.procs").write_text(pid)
-        runs = base / RUNS
+        shared = base / RUNS
+        shared.mkdir(exist_ok=True)
+        runs = shared / f"crucible-{os.getpid()}"
+        for stale in shared.glob("crucible-*"):  # executors that have gone, and their runs
+            pid = stale.name.removeprefix("crucible-")
+            if stale != runs and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                _remove_groups(stale)
+                with contextlib.suppress(OSError):
+                    stale.rmdir()
     runs.mkdir(exist_ok=True)
     _remove_groups(runs)
     return runs
+
+
+def _delegated(group: Path) -> bool:
+    """Whether `group` is ours to manage: marked delegated by systemd (251 and later), the
+    root of this process's cgroup namespace (a container's own), or a group other than a
+    scope (a login session's, a terminal's) that holds only this process and its ancestors
+    (a service's: systemd before 251 marks no delegation)."""
+    for name in ("trusted.delegate", "user.delegate"):
+        with contextlib.suppress(OSError):
+            if os.getxattr(group, name).strip(b"\0") in (b"1", b"yes", b"true"):
+                return True
+    if any(line == "0::/" for line in PROC_CGROUP.read_text().splitlines()):
+        return True
+    return not group.name.endswith(".scope") and set(_read_words(group / "cgroup.procs")) <= _lineage()
+
+
+def _lineage() -> set[str]:
+    """This process and its ancestors, by pid."""
+    pids, pid = set(), os.getpid()
+    while pid > 0:
+        pids.add(str(pid))
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rpartition(")")[2].split()[1])  # the parent's pid, after the command name
+    return pids
 
 
 def _enable(group: Path, controller: str) -> bool:

@@ -225,6 +225,8 @@ def start_executor(name: str, port: int, uid_base: int, forked: bool) -> subproc
     service manager does), with cgroups on `auto`: without the v2 backend it runs on rlimits."""
     group = CGROUP / f"crucible-{name}.service"
     group.mkdir()
+    if forked:  # as systemd 251+ marks a unit with Delegate=yes; the cold one's is unmarked, as
+        os.setxattr(group, "trusted.delegate", b"1")  # older systemd leaves it: a service's own
     env = {
         "PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
         "HOME": "/tmp",
@@ -281,7 +283,8 @@ def wait_ready(port: int, fork_servers: int) -> dict[str, Any]:
 
 def run_scenarios(name: str, port: int, uid_base: int) -> dict[str, Any]:
     runs: dict[str, Any] = {}
-    runs_dir = CGROUP / f"crucible-{name}.service" / "runs"
+    # the executor's own folder of run groups (one executor in this group: one such folder)
+    runs_dir = next((CGROUP / f"crucible-{name}.service" / "runs").glob("crucible-*"))
     for scenario, code in PROGRAMS.items():
         eval_id = f"{name}-{scenario}"
         body = {"eval_id": eval_id, "code": code, "language": "python", **FIELDS[scenario]}
