@@ -111,3 +111,10 @@ def test_a_high_priority_only_worker_leaves_other_queues_alone(
     assert cancel["cancelled"] is True and cancel["previous_state"] == "PENDING"
     assert cancel["message"] == "Task cancelled successfully (was pending in queue)"
     assert seen["default_revoked"]["state"] == "REVOKED"
+
+
+def test_a_submission_with_test_cases_gets_them_in_its_result(shared_stack: Stack) -> None:
+    result = run_client(shared_stack, "cases", f"shim-{uuid.uuid4().hex[:6]}")
+    assert result["status"] == "completed" and result["verdict"] == "wrong_answer"
+    assert (result["passed"], result["total"]) == (1, 2)
+    assert [case["status"] for case in result["cases"]] == ["accepted", "wrong_answer"]
