@@ -152,7 +152,16 @@ def set_up_machine(out_dir: str) -> None:
         mount(source, target, kind)
     OUT.mkdir()
     mount(out_dir, str(OUT), None, flags=4096)  # MS_BIND: the results folder, before /tmp is hidden
+    # a checkout under /tmp (a CI clone) stays where it is: held aside, then put back over the tmpfs
+    held = Path("/run/checkout")
+    under_tmp = REPO.is_relative_to("/tmp")
+    if under_tmp:
+        held.mkdir()
+        mount(str(REPO), str(held), None, flags=4096)
     mount("tmpfs", "/tmp", "tmpfs")
+    if under_tmp:
+        REPO.mkdir(parents=True)
+        mount(str(held), str(REPO), None, flags=4096)
     if not Path("/dev/null").exists():
         mount("devtmpfs", "/dev", "devtmpfs")
     Path("/dev/shm").mkdir(exist_ok=True)
