@@ -218,17 +218,20 @@ class Server:
             self.mount_files(request, prepare["tmpfs_bytes"], files)
             # the run cannot open its init's /proc files (memory, environment)
             prctl(PR_SET_DUMPABLE, 0)
+            go_read, go_write = os.pipe()
             program = os.fork()
         except BaseException as exc:
             failed(ready_write, exc)
         stdio = (stdin_fd, stdout_fd, stderr_fd)
         if program == 0:
+            os.close(go_write)
             prctl(PR_SET_DUMPABLE, 1)  # as a cold run's program (an exec would reset it)
-            return self.run_process(request, stdio, ready_write)
+            return self.run_process(request, stdio, ready_write, go_read)
         try:
             drop_capabilities(self.last_cap)  # it only reaps from now on
         except OSError:
             os._exit(SETUP_FAILED)
+        os.write(go_write, b"1")  # the program goes on only once its init holds no capability
         os.closerange(3, 1 << 16)
         while True:  # reap orphans too; end as the program did (bwrap's init does the same)
             try:
@@ -276,9 +279,13 @@ class Server:
             os.close(fd)
         mount(None, "/sandbox", None, MS_REMOUNT | MS_RDONLY | flags)
 
-    def run_process(self, request, stdio, ready_write):
-        """P: the run's limits and privileges; returns the code to run."""
+    def run_process(self, request, stdio, ready_write, go_read):
+        """P: the run's limits and privileges; returns the code to run. It waits for its init
+        to drop its capabilities first: else the program could start while it still held them."""
         try:
+            if os.read(go_read, 1) != b"1":
+                raise OSError("the run's init ended before it let the program go")
+            os.close(go_read)
             os.setsid()
             for target, fd in enumerate(stdio):
                 os.dup2(fd, target)
