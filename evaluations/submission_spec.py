@@ -66,12 +66,12 @@ class Bounds:
     max_memory_mb: int
     #: the largest output cap, and the cap a run gets when it asks for none
     max_output_bytes: int
-    max_files: int = 32
+    max_files: int
     #: all of a submission's files together, decoded
-    max_files_bytes: int = 1024 * 1024
-    max_cases: int = 100
+    max_files_bytes: int
+    max_cases: int
     #: the wall-clock seconds all of a submission's cases may take together, at their limits
-    max_total_wall_s: float = 600.0
+    max_total_wall_s: float
 
     @property
     def max_wall_timeout(self) -> float:
