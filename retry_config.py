@@ -1,6 +1,7 @@
 """The Celery worker service's `retry_config` module: the objects our Backoff middleware uses,
 over the policies this process's settings give (`CRUCIBLE_RETRY_POLICIES` merged into the
-seed's table), read when first asked for, never at import."""
+built-in table: `default`, `network_error`, `aggressive`, `conservative`, `quota_exceeded`),
+read when first asked for, never at import."""
 
 from __future__ import annotations
 

@@ -121,20 +121,23 @@ class Submitter:
         quota: ApiKey | None = None,
         counted: bool = False,
         celery_meta: str | None = None,
+        celery_results: str | None = None,
     ) -> Accepted:
         """Record and enqueue `sub` for `owner` (an API key id); `system` forces a system, else
         the route chooses. With `quota`, that key's quota counts it (429 when refused): on
         Dramatiq in the same Lua call as the record; else first, given back if sending fails.
         `counted`: the caller took its place already (a batch takes all at once). `celery_meta`:
-        the Celery result key its changes are written to (a Celery producer's task)."""
+        the Celery result key its changes are written to (a Celery producer's task), in the
+        result backend `celery_results` names when that is not this Redis database."""
         if self.memory:
             await self.memory.check()
         # what the legacy deployment cannot run (cases, files) stays here, and is not shadowed
         route = self.route if sub.run.legacy_can_run else None
         system = system or (await route.choose() if route else "dramatiq")
         evaluation = sub.record(
-            level, source, system, owner=owner, max_running=self._max_running(quota), celery_meta=celery_meta
-        )
+            level, source, system, owner=owner, max_running=self._max_running(quota),
+            celery_meta=celery_meta, celery_results=celery_results,
+        )  # fmt: skip
         apart = quota if quota and (counted or system == "legacy" or self.store.forwarder) else None
         allowance = await self._limiter.take(apart, [sub.eval_id]) if apart and not counted else None
         try:

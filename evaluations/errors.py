@@ -24,7 +24,9 @@ class Refusal(CrucibleError):
 
 
 class MalformedInput(Refusal):
-    """The input cannot be read at all (not JSON)."""
+    """The input cannot be read at all: a body that does not parse as JSON (a 422, as the
+    original FastAPI service answered; a body that parses but is the wrong shape is
+    `InvalidInput`, also a 422)."""
 
 
 class UnsupportedMediaType(Refusal):

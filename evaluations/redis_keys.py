@@ -97,6 +97,16 @@ class RedisKeys:
         """hash: Celery messages taken ("accepted", "duplicate", "rejected") and by reason."""
         return f"{self.ns}:celery-wire:counts"
 
+    def celery_results(self, backend: str) -> str:
+        """hash Celery result key -> "<seq> <meta JSON>": the latest result record of each task
+        whose producer reads results from another Redis or database (`backend`, its id), until
+        app/celery/results.py has written it there (lua/status.lua fills it)."""
+        return f"{self.ns}:results:celery:{backend}"
+
+    def celery_results_due(self, backend: str) -> str:
+        """list: result keys of `celery_results(backend)` changed since the relay last looked."""
+        return f"{self.ns}:results:celery:{backend}:due"
+
     @property
     def readers_channel(self) -> str:
         """channel the event streams' shared subscription keeps for itself."""

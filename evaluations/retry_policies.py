@@ -1,9 +1,10 @@
-"""The Celery service's retry policies as data: the seed's table, and the table a deployment
-runs with once `CRUCIBLE_RETRY_POLICIES` is merged into it.
+"""The Celery service's retry policies as data: the built-in table (the seed README's two
+policies plus the original platform's other named ones), and the table a deployment runs with
+once `CRUCIBLE_RETRY_POLICIES` is merged into it.
 
 The merged table is made once per process from its settings (`Settings.retry_policies`) and
 handed to whatever retries or reports retries, so an API process and a worker started with the
-same environment show and use the same policies; the seed's table itself is never changed.
+same environment show and use the same policies; the built-in table itself is never changed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from typing import Any
 
 Policies = dict[str, dict[str, Any]]
 
-#: The seed README's policies, to the letter (`retry_config.RETRY_POLICIES` without overrides).
+#: The built-in policies (`retry_config.RETRY_POLICIES` without overrides): the seed README's
+#: `default` and `network_error`, to the letter, then the other named policies the original
+#: platform's `retry_config` module offered (callers name them), with its values. The worker's
+#: own retries take only `default` and `network_error` (`middleware.retry_policy.policy_for`).
 RETRY_POLICIES: Policies = {
     "default": {
         "max_retries": 3,
@@ -27,6 +31,27 @@ RETRY_POLICIES: Policies = {
         "base_delay": 10,
         "exponential_base": 1.5,
         "max_delay": 600,
+    },
+    "aggressive": {
+        "max_retries": 10,
+        "base_delay": 1,
+        "max_delay": 600,
+        "exponential_base": 1.5,
+        "jitter": True,
+    },
+    "conservative": {
+        "max_retries": 3,
+        "base_delay": 5,
+        "max_delay": 60,
+        "exponential_base": 2,
+        "jitter": False,
+    },
+    "quota_exceeded": {
+        "max_retries": 10,
+        "base_delay": 10,
+        "max_delay": 300,
+        "exponential_base": 1.5,
+        "jitter": True,
     },
 }
 

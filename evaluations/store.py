@@ -163,6 +163,9 @@ class NewEvaluation:
     #: the Celery result-backend key the evaluation's changes are written to (status.lua), when
     #: it came from a Celery producer (app/celery/ingress.py)
     celery_meta: str | None = None
+    #: the Celery result backend those changes go to, when it is not this Redis database: its
+    #: id (status.lua then leaves each change in its outbox for app/celery/results.py)
+    celery_results: str | None = None
     created_at: str = field(default_factory=utc_now)
 
     def fields(self) -> dict[str, str]:
@@ -187,6 +190,7 @@ class NewEvaluation:
             | ({"owner": self.owner} if self.owner else {})
             | ({"max_running": str(self.max_running)} if self.owner and self.max_running else {})
             | ({"celery_meta": self.celery_meta} if self.celery_meta else {})
+            | ({"celery_results": self.celery_results} if self.celery_meta and self.celery_results else {})
         )
 
 

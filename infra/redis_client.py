@@ -68,6 +68,20 @@ class _WaitingPool(aioredis.BlockingConnectionPool):
         return await super().get_connection(*args, **kwargs)
 
 
+def redis_location(url: str) -> str:
+    """Which keys `url` reaches: host:port/db (or unix:path/db), without its credentials and
+    with `localhost` read as 127.0.0.1, so two spellings of one database compare equal. A URL
+    redis-py cannot read raises ValueError."""
+    from redis.connection import parse_url
+
+    options = parse_url(url)
+    db = int(options.get("db") or 0)
+    if "path" in options:
+        return f"unix:{options['path']}/{db}"
+    host = options.get("host") or "localhost"
+    return f"{'127.0.0.1' if host == 'localhost' else host}:{options.get('port') or 6379}/{db}"
+
+
 def redact_url(url: str) -> str:
     """A Redis URL without its password (in the user part or the query), fit to show."""
     parts = urlsplit(url)

@@ -71,6 +71,14 @@ def _retry_policies(raw: str | None) -> Policies:
         raise ConfigError(str(exc)) from None
 
 
+def _redis_url(name: str) -> str | None:
+    raw = (os.environ.get(name) or "").strip()
+    if raw and not raw.startswith(("redis://", "rediss://", "unix://")):
+        given = f"a {raw.split('://', 1)[0]}:// URL" if "://" in raw else "no URL scheme"
+        raise ConfigError(f"{name} must be a Redis URL (redis://, rediss:// or unix://), got {given}")
+    return raw or None
+
+
 def _bool(name: str, default: bool) -> bool:
     raw = (os.environ.get(name) or "").strip().lower()
     if raw == "":
@@ -187,7 +195,7 @@ class Settings:
     max_files: int
     max_files_bytes: int
     max_submission_wall_s: float
-    #: the seed's retry policies with `CRUCIBLE_RETRY_POLICIES` merged in
+    #: the built-in retry policies (`evaluations.retry_policies`) with `CRUCIBLE_RETRY_POLICIES` merged in
     retry_policies: Policies
     admin_key: str | None
     metrics_token: str | None
@@ -200,6 +208,8 @@ class Settings:
     tick_skip_after_s: int
     legacy_broker_url: str | None
     celery_wire_queues: tuple[str, ...]
+    #: where unchanged Celery producers read their results (None: Crucible's own Redis)
+    celery_result_backend: str | None
     legacy_backend_url: str | None
     legacy_key_prefix: str
     dramatiq_share: float
@@ -273,6 +283,7 @@ class Settings:
             celery_wire_queues=tuple(
                 q.strip() for q in _str("CELERY_WIRE_QUEUES", ",".join(LEGACY_QUEUES)).split(",") if q.strip()
             ),
+            celery_result_backend=_redis_url("CELERY_RESULT_BACKEND"),
             legacy_backend_url=os.environ.get("LEGACY_RESULT_BACKEND") or os.environ.get("LEGACY_BROKER_URL"),
             legacy_key_prefix=_str("LEGACY_KEY_PREFIX", ""),
             dramatiq_share=_share("DRAMATIQ_PERCENTAGE", 1.0, alias="CELERY_PERCENTAGE"),

@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 #: The status code of each kind of refusal (a subclass answers as its nearest listed base).
 HTTP_STATUS: dict[type[errors.CrucibleError], int] = {
-    errors.MalformedInput: 400,
+    errors.MalformedInput: 422,  # a body that does not parse as JSON: 422, as the original answered
     errors.Refused: 400,
     errors.TimedOut: 408,
     errors.Unauthenticated: 401,
@@ -138,7 +138,9 @@ def requires(scope: str | None) -> Callable[[Endpoint], Endpoint]:
 
 async def read_json(request: Request, timeout_s: float, max_bytes: int = MAX_BODY_BYTES) -> Any:
     """The body parsed as JSON, or a 4xx saying why not (a declared non-JSON type: 415; not all
-    in within `timeout_s`, `CRUCIBLE_BODY_TIMEOUT_S`: 408)."""
+    in within `timeout_s`, `CRUCIBLE_BODY_TIMEOUT_S`: 408; over `max_bytes`: 413; a body, with a
+    JSON type or none, that does not parse as JSON: 422 `request body is not valid JSON`, the
+    parser's words under `details.reason`)."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type and media_type != "application/json" and not media_type.endswith("+json"):
         raise errors.UnsupportedMediaType("request body must be JSON (Content-Type: application/json)")

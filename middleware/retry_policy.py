@@ -9,6 +9,7 @@ compatibility module re-exports these very objects.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import httpx
 import redis
@@ -87,8 +88,13 @@ class RetryStrategy:
         self.policies = policies
 
     @property
+    def config(self) -> dict[str, Any]:
+        """The policy's values (`max_retries`, `base_delay`, ...), overrides merged in."""
+        return self.policies[self.policy]
+
+    @property
     def max_retries(self) -> int:
-        return int(self.policies[self.policy]["max_retries"])
+        return int(self.config["max_retries"])
 
     def should_retry(self, exc: BaseException, retry_count: int) -> bool:
         """The original's rule: never past `max_retries`; an exception carrying an HTTP

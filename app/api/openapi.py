@@ -202,14 +202,14 @@ def _submission_paths(settings: Settings, languages: list[str]) -> dict[str, Any
             "post": {
                 "summary": "Submit code to evaluate",
                 "requestBody": {"required": True, "content": _json(_submission(settings, languages))},
-                "responses": _answers(_queued(), 400, 403, 409, 413, 415, 422),
+                "responses": _answers(_queued(), 403, 409, 413, 415, 422),
             }
         },
         "/api/eval-batch": {
             "post": {
                 "summary": "Submit up to 100 evaluations (low queue)",
                 "requestBody": {"required": True, "content": _json(batch)},
-                "responses": _answers(batch_answer, 400, 413, 415, 422),
+                "responses": _answers(batch_answer, 413, 415, 422),
             }
         },
     }

@@ -35,7 +35,6 @@ from evaluations.errors import (
     Conflict,
     Forbidden,
     InvalidInput,
-    MalformedInput,
     NotFound,
     Refusal,
     Refused,
@@ -317,9 +316,9 @@ class Api:
     async def dlq_retry_batch(self, request: Request) -> JSONResponse:
         ids = await read_json(request, self.settings.body_timeout_s)
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise MalformedInput("body must be a JSON list of task ids")
-        if len(ids) > MAX_BATCH:
-            raise MalformedInput(f"at most {MAX_BATCH} task ids per batch", count=len(ids))
+            raise InvalidInput("body must be a JSON list of task ids")
+        if len(ids) > MAX_BATCH:  # as POST /api/eval-batch's limit
+            raise TooLarge(f"at most {MAX_BATCH} task ids per batch", count=len(ids))
         succeeded: list[str] = []
         failed: list[dict[str, str]] = []
         for task_id in ids:

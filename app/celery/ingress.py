@@ -15,7 +15,8 @@ too (app/celery/control.py).
 
 Each status change of such an evaluation writes `celery-task-meta-<task id>` as Celery's Redis
 result backend does (evaluations/lua/status.lua): PENDING, STARTED, then SUCCESS with the
-original worker's result shape, FAILURE or REVOKED.
+original worker's result shape, FAILURE or REVOKED. Where `CELERY_RESULT_BACKEND` names another
+database or another Redis, the ingress also relays those records there (app/celery/results.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import structlog
 
 from app.celery import control as celery_control
+from app.celery.results import ResultRelay, relayed_backend
 from app.services import Services
 from app.submission_input import offered_languages, parse_submission
 from evaluations.celery_wire import CeleryTask, decode, queue_lists, submission_body
@@ -61,6 +63,8 @@ class CeleryIngress:
         self.keys = services.store.keys
         self.queues = queues
         self.languages = offered_languages(services.settings)
+        #: the producers' result backend, when it is not this Redis database (its id)
+        self.results_backend = relayed_backend(services.settings)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():  # Redis may not answer yet
@@ -139,8 +143,9 @@ class CeleryIngress:
         await self.client.set(self.keys.celery_wire_task(task.task_id), sub.eval_id, ex=TASK_INDEX_S)
         try:
             await self.services.submitter.submit(
-                sub, level, SOURCE, system="dramatiq", celery_meta=RESULT_KEY_PREFIX + task.task_id
-            )
+                sub, level, SOURCE, system="dramatiq",
+                celery_meta=RESULT_KEY_PREFIX + task.task_id, celery_results=self.results_backend,
+            )  # fmt: skip
         except Conflict:
             log.info("celery_wire.already_recorded", eval_id=sub.eval_id, task_id=task.task_id)
             return "duplicate"
@@ -186,11 +191,18 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    log.info("celery_wire.started", queues=list(settings.celery_wire_queues))
+    relay = ResultRelay.build(services.client, services.store.keys, settings)
+    results = relay.shown_url if relay else "broker"
+    log.info("celery_wire.started", queues=list(settings.celery_wire_queues), results=results)
     try:
         # subscribed before the first heartbeat: once /health says it runs, revokes reach it
         pubsub = await celery_control.subscribe(services)
         ingress = CeleryIngress(services, settings.celery_wire_queues)
-        await asyncio.gather(ingress.run(stop), celery_control.listen(services, pubsub, stop))
+        work = [ingress.run(stop), celery_control.listen(services, pubsub, stop)]
+        if relay:
+            work.append(relay.run(stop))
+        await asyncio.gather(*work)
     finally:
+        if relay:
+            await relay.close()
         await services.close()

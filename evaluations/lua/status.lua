@@ -30,11 +30,20 @@
 -- $ns:minute:$n        per minute n (ms / 60000): final statuses and a latency bucket each
 --                      ("lat:<ms>"), kept two hours, for rates and percentiles over the last hour
 -- channels $ns:events and $ns:events:$id   each change is published to both as JSON
+-- $ns:results:celery:$backend       hash Celery result key -> "<seq> <meta JSON>": the latest
+--                                   record of each task whose producer's results live in another
+--                                   Redis or database ($backend, see write_celery_meta), until
+--                                   app/celery/results.py has written it there
+-- $ns:results:celery:$backend:due   list of those keys, pushed at each change (the relay's wake-up)
 
 local LATENCY_SAMPLES = 1000
 -- Celery's result backend (app/celery/ingress.py): an evaluation taken from a Celery producer
 -- carries `celery_meta`, the key its producer's AsyncResult reads; each change writes it
 -- as Celery's RedisBackend does (the JSON meta, kept a day, published on a channel of that name).
+-- When the producer's results live elsewhere (`CELERY_RESULT_BACKEND`: another database or
+-- another Redis), the record carries `celery_results` (that backend's id) and the meta goes, in
+-- this same atomic call, to that backend's outbox with a sequence number of its own; the relay
+-- (app/celery/results.py) writes it there, never a lower number over a higher one.
 local CELERY_RESULT_EXPIRES_S = 86400
 local CELERY_STATES = {queued = "PENDING", running = "STARTED", completed = "SUCCESS", timeout = "SUCCESS",
     memory_limit_exceeded = "SUCCESS", output_limit_exceeded = "SUCCESS", compile_error = "SUCCESS",
@@ -60,7 +69,7 @@ local function iso_utc(ms)
         math.floor(rest % 3600 / 60), rest % 60, (ms % 1000) * 1000)
 end
 
-local function write_celery_meta(record, eval_id, new_status, now)
+local function write_celery_meta(ns, record, eval_id, new_status, now)
     local key = redis.call("hget", record, "celery_meta")
     local state = CELERY_STATES[new_status]
     if not key or key == "" or not state or state == "PENDING" then return end
@@ -100,6 +109,14 @@ local function write_celery_meta(record, eval_id, new_status, now)
             exc_message = {redis.call("hget", record, "error") or "cancelled"}}
     end
     local encoded = cjson.encode(meta)
+    local backend = redis.call("hget", record, "celery_results")
+    if backend and backend ~= "" then
+        local seq = redis.call("hincrby", record, "celery_seq", 1)
+        local outbox = ns .. ":results:celery:" .. backend
+        redis.call("hset", outbox, key, seq .. " " .. encoded)
+        redis.call("rpush", outbox .. ":due", key)
+        return
+    end
     redis.call("set", key, encoded, "EX", CELERY_RESULT_EXPIRES_S)
     redis.call("publish", key, encoded)
 end
@@ -260,7 +277,7 @@ local function transition(ns, eval_id, new_status, now, allowed_csv, fields, exp
         end
         fields["cases"] = cjson.encode(cases)
     end
-    write_celery_meta(record, eval_id, new_status, now)
+    write_celery_meta(ns, record, eval_id, new_status, now)
     local event = cjson.encode(fields)
     redis.call("rpush", record .. ":events", event)
     redis.call("publish", ns .. ":events", event)

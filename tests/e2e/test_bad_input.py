@@ -38,8 +38,60 @@ async def test_unknown_language_lists_the_known_ones(api: httpx.AsyncClient) -> 
 @pytest.mark.parametrize("raw", [b"not json", b"{", b"\xff\xfe", b""])
 async def test_body_that_is_not_json(api: httpx.AsyncClient, raw: bytes) -> None:
     response = await api.post("/api/eval", content=raw, headers={"content-type": "application/json"})
-    assert response.status_code == 400
+    assert response.status_code == 422  # as the original (FastAPI) service answered
     assert response.json()["error"] == "request body is not valid JSON"
+    assert response.json()["details"]["reason"]  # the parser's words
+
+
+async def test_truncated_json_is_422_as_the_original_answered(api: httpx.AsyncClient) -> None:
+    """The original service's own security test: a body cut off before its closing brace."""
+    response = await api.post(
+        "/api/eval",
+        headers={"Content-Type": "application/json"},
+        content='{"code": "print(1)", "language": "python"',
+    )
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error", "details"}  # the shape of every refusal
+    assert body["error"] == "request body is not valid JSON"
+    assert "unexpected end of data" in body["details"]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/api/eval-batch"), ("PUT", "/api/migration"), ("POST", "/api/dlq/tasks/retry-batch")],
+)
+async def test_every_api_door_that_reads_json_answers_422_to_a_body_that_is_not(
+    api: httpx.AsyncClient, method: str, path: str
+) -> None:
+    response = await api.request(method, path, content=b"{", headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "request body is not valid JSON"
+
+
+async def test_the_executor_answers_422_to_a_body_that_is_not_json(executor: httpx.AsyncClient) -> None:
+    response = await executor.post(
+        "/execute", content=b'{"eval_id": "x"', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "request body is not valid JSON"
+
+
+async def test_a_declared_non_json_body_is_415_not_422(api: httpx.AsyncClient) -> None:
+    """Only a body offered as JSON (a JSON type, or none) is parsed; another type is refused unread."""
+    response = await api.post("/api/eval", content=b"{", headers={"content-type": "text/plain"})
+    assert response.status_code == 415
+    assert response.json()["error"] == "request body must be JSON (Content-Type: application/json)"
+
+
+async def test_a_dlq_batch_that_is_not_a_list_of_ids_or_too_long_is_refused(api: httpx.AsyncClient) -> None:
+    not_a_list = await api.post("/api/dlq/tasks/retry-batch", json={"ids": []})
+    assert (
+        not_a_list.status_code == 422 and not_a_list.json()["error"] == "body must be a JSON list of task ids"
+    )
+    too_many = await api.post("/api/dlq/tasks/retry-batch", json=["x"] * 101)
+    assert too_many.status_code == 413 and too_many.json()["details"] == {"count": 101}
 
 
 @pytest.mark.parametrize("raw", [b"[1, 2]", b'"code"', b"null"])

@@ -31,6 +31,10 @@ from tests.helpers import EXECUTOR_SECRET, TEST_ADMIN_KEY
 
 #: Marks a Redis database one of these tests holds (several suites may share a Redis).
 CLAIM_KEY = "crucible-test-celery-wire-claim"
+#: What a Celery client and Crucible's result records leave in a database (besides the queues).
+LEFT_BY_CELERY = (
+    "celery-task-meta-*", "{celery-task-meta-*", "_kombu.*", "*.reply.celery.pidbox", "unacked*",
+)  # fmt: skip
 
 
 @contextmanager
@@ -45,7 +49,7 @@ def database(redis_url: str) -> Iterator[str]:
             try:
                 yield f"{base}/{index}"
             finally:
-                for pattern in ("celery-task-meta-*", "_kombu.*", "*.reply.celery.pidbox", "unacked*"):
+                for pattern in LEFT_BY_CELERY:
                     for key in client.scan_iter(pattern):
                         client.delete(key)
                 for queue in LEGACY_QUEUES:

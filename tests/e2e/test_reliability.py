@@ -86,6 +86,8 @@ async def test_executor_down_retries_under_network_error_then_finishes(
     retried = re.search(r'^crucible_retries_total\{policy="network_error"\} (\S+)$', metrics, re.M)
     assert retried and float(retried.group(1)) == result["retries"]
     assert re.search(r'^crucible_retries_total\{policy="gentle"\} 0\.0$', metrics, re.M)
+    for named in ("aggressive", "conservative", "quota_exceeded"):  # the original's other policies
+        assert re.search(rf'^crucible_retries_total\{{policy="{named}"\}} 0\.0$', metrics, re.M)
     assert result["status"] == "completed" and result["output"] == "after the outage\n"
     assert result["retries"] >= 1 and result["celery_state"] == "SUCCESS" and result["next_retry_at"] is None
     log = (LOG_DIR / "retry-network-worker.log").read_text()
@@ -185,8 +187,8 @@ async def test_dead_letters_keep_the_final_failure_and_can_be_retried(redis_url:
                 {"task_id": "celery-nope", "error": "Task not found in DLQ"}
             ]
             assert (await wait_final(api, rejected))["status"] == "failed"  # fails again, back in the DLQ
-            assert (await api.post("/api/dlq/tasks/retry-batch", json=["x"] * 101)).status_code == 400
-            assert (await api.post("/api/dlq/tasks/retry-batch", json={"ids": []})).status_code == 400
+            assert (await api.post("/api/dlq/tasks/retry-batch", json=["x"] * 101)).status_code == 413
+            assert (await api.post("/api/dlq/tasks/retry-batch", json={"ids": []})).status_code == 422
             deleted = await api.delete(f"/api/dlq/tasks/celery-{rejected}")
             assert deleted.json()["status"] == "success"
             assert (await api.delete(f"/api/dlq/tasks/celery-{rejected}")).status_code == 404

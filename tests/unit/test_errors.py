@@ -13,6 +13,16 @@ def test_every_kind_of_refusal_has_its_status_code() -> None:
     assert status_of(errors.LimitExceeded("slow down", headers={"Retry-After": "1"})) == 429
 
 
+def test_a_body_that_is_not_json_is_a_422_shaped_like_every_refusal() -> None:
+    """As the original (FastAPI) service answered; `infra.web.read_json` raises it."""
+    refusal = errors.MalformedInput("request body is not valid JSON", reason="unexpected end of data")
+    assert status_of(refusal) == 422 == status_of(errors.InvalidInput("field 'code' is required"))
+    assert error_body(refusal) == {
+        "error": "request body is not valid JSON",
+        "details": {"reason": "unexpected end of data"},
+    }
+
+
 def test_a_subclass_answers_as_its_base() -> None:
     class LegacyDown(errors.Unavailable):
         pass

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
 import pytest
 import redis
 
+import retry_config
 from actors.executor_client import ExecutorHTTPError, ExecutorUnavailable
 from evaluations.retry_policies import RETRY_POLICIES, with_overrides
-from infra.settings import ConfigError, Settings
+from infra.settings import ConfigError, Settings, get_settings
 from middleware.retry_policy import (
     NON_RETRYABLE_HTTP_CODES,
     RETRYABLE_HTTP_CODES,
@@ -29,6 +32,94 @@ def test_policies_are_the_seed_readmes() -> None:
     }  # fmt: skip
 
 
+#: The original platform's `retry_config` module's other named policies, with its values.
+ORIGINAL_NAMED_POLICIES = {
+    "aggressive": {
+        "max_retries": 10, "base_delay": 1, "max_delay": 600, "exponential_base": 1.5, "jitter": True,
+    },
+    "conservative": {
+        "max_retries": 3, "base_delay": 5, "max_delay": 60, "exponential_base": 2, "jitter": False,
+    },
+    "quota_exceeded": {
+        "max_retries": 10, "base_delay": 10, "max_delay": 300, "exponential_base": 1.5, "jitter": True,
+    },
+}  # fmt: skip
+
+
+@pytest.fixture
+def settings_without_overrides(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`retry_config` reads the process's settings (read once, cached): read them afresh."""
+    monkeypatch.delenv("CRUCIBLE_RETRY_POLICIES", raising=False)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_the_original_platforms_other_named_policies_are_there_with_its_values() -> None:
+    assert set(RETRY_POLICIES) == {"default", "network_error", *ORIGINAL_NAMED_POLICIES}
+    for name, values in ORIGINAL_NAMED_POLICIES.items():
+        assert RETRY_POLICIES[name] == values
+
+
+def test_retry_config_gives_the_original_delays_for_its_named_policies(
+    settings_without_overrides: None,
+) -> None:
+    def delays(policy: str, count: int) -> list[float]:
+        return [retry_config.calculate_retry_delay(n, policy, add_jitter=False) for n in range(count)]
+
+    assert delays("aggressive", 5) == [1, 1.5, 2.25, 3.375, 5.0625]
+    assert delays("aggressive", 17)[-2:] == [1.5**15, 600]  # 437.89..., then the cap
+    assert delays("conservative", 6) == [5, 10, 20, 40, 60, 60]
+    assert delays("quota_exceeded", 11) == [10, 15, 22.5, 33.75, 50.625, 75.9375, 113.90625, 170.859375,
+                                            256.2890625, 300, 300]  # fmt: skip
+    assert retry_config.calculate_retry_delay(50, "aggressive", add_jitter=False) == 600
+    for name, values in ORIGINAL_NAMED_POLICIES.items():
+        assert retry_config.RETRY_POLICIES[name] == values
+        assert retry_config.RetryStrategy(name).config == values
+        assert retry_config.RetryStrategy(name).max_retries == values["max_retries"]
+    # each policy's own jitter setting applies when the caller does not say
+    assert {retry_config.calculate_retry_delay(2, "conservative") for _ in range(50)} == {20}
+    assert all(2.25 <= retry_config.calculate_retry_delay(2, "aggressive") <= 2.25 * 1.25 for _ in range(50))
+    assert len({retry_config.calculate_retry_delay(2, "quota_exceeded") for _ in range(50)}) > 1
+
+
+@pytest.mark.parametrize("policy", sorted(ORIGINAL_NAMED_POLICIES))
+def test_a_named_policy_stops_retrying_at_its_own_max_retries(
+    policy: str, settings_without_overrides: None
+) -> None:
+    strategy = retry_config.RetryStrategy(policy)
+    last = ORIGINAL_NAMED_POLICIES[policy]["max_retries"]
+    unavailable = ExecutorHTTPError("x", 503, "")
+    assert all(strategy.should_retry(unavailable, n) for n in range(last))
+    assert strategy.should_retry(unavailable, last) is False
+    assert strategy.should_retry(ConnectionError("Connection refused"), last - 1) is True
+    assert strategy.should_retry(ConnectionError("Connection refused"), last) is False
+    assert strategy.should_retry(ExecutorHTTPError("x", 404, ""), 0) is False
+
+
+def test_an_override_changes_only_its_key_of_its_named_policy(
+    monkeypatch: pytest.MonkeyPatch, settings_without_overrides: None
+) -> None:
+    policies = with_overrides('{"aggressive": {"max_retries": 2}}')
+    assert policies["aggressive"] == {**ORIGINAL_NAMED_POLICIES["aggressive"], "max_retries": 2}
+    assert {k: v for k, v in policies.items() if k != "aggressive"} == {
+        k: v for k, v in RETRY_POLICIES.items() if k != "aggressive"
+    }
+    assert RETRY_POLICIES["aggressive"]["max_retries"] == 10  # the built-in table is untouched
+    strategy = RetryStrategy("aggressive", policies)
+    assert strategy.should_retry(ExecutorHTTPError("x", 503, ""), 1) is True
+    assert strategy.should_retry(ExecutorHTTPError("x", 503, ""), 2) is False
+    # each named policy can be overridden from the environment, as retry_config reads it
+    overrides = '{"conservative": {"max_delay": 30}, "quota_exceeded": {"jitter": false}}'
+    monkeypatch.setenv("CRUCIBLE_RETRY_POLICIES", overrides)
+    get_settings.cache_clear()
+    assert retry_config.RetryStrategy("conservative").config == {**ORIGINAL_NAMED_POLICIES["conservative"],
+                                                                  "max_delay": 30}  # fmt: skip
+    assert retry_config.calculate_retry_delay(3, "conservative", add_jitter=False) == 30
+    assert {retry_config.calculate_retry_delay(1, "quota_exceeded") for _ in range(50)} == {15}
+    assert retry_config.RETRY_POLICIES["aggressive"] == ORIGINAL_NAMED_POLICIES["aggressive"]
+
+
 def test_delays_without_jitter_follow_the_formula() -> None:
     assert [calculate_retry_delay(n, add_jitter=False) for n in range(3)] == [5, 10, 20]
     assert [calculate_retry_delay(n, "network_error", add_jitter=False) for n in range(3)] == [10, 15, 22.5]
@@ -36,7 +127,7 @@ def test_delays_without_jitter_follow_the_formula() -> None:
     assert calculate_retry_delay(30, "network_error", add_jitter=False) == 600
 
 
-@pytest.mark.parametrize("policy", ["default", "network_error"])
+@pytest.mark.parametrize("policy", ["default", "network_error", *ORIGINAL_NAMED_POLICIES])
 def test_jitter_adds_at_most_a_quarter_and_never_passes_the_cap(policy: str) -> None:
     cap = RETRY_POLICIES[policy]["max_delay"]
     for n in range(12):
