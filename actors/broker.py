@@ -34,7 +34,15 @@ from dramatiq.message import Message
 from redis.commands.core import Script
 
 from evaluations import json_codec
-from evaluations.queue import LEVEL_OPTION, LEVELS, QUEUE_NAME, TICK_OPTION, decode_message, encode_message
+from evaluations.queue import (
+    LEVEL_OPTION,
+    LEVELS,
+    ONCE_OPTION,
+    QUEUE_NAME,
+    TICK_OPTION,
+    decode_message,
+    encode_message,
+)
 from evaluations.quotas import QUOTA_FUNCTION_LUA
 from evaluations.redis_keys import RedisKeys
 from evaluations.store import HISTOGRAM_BOUNDS_MS, STATUS_FUNCTIONS_LUA, TRANSITION_LUA, StatusChange, utc_now
@@ -43,6 +51,7 @@ from middleware.running import RECORDS_STATUS
 from middleware.state import (
     DEAD_LETTER,
     FETCH_MARK,
+    PUBLISH,
     REDIS_ID_OPTION,
     SETTLE,
     STATUS_CHANGE,
@@ -56,6 +65,8 @@ log = structlog.get_logger(__name__)
 
 #: How long a sent tick is remembered (longer than any two schedulers' clocks disagree).
 TICK_MEMORY_MS = 24 * 3600 * 1000
+#: How long a message sent once (`ONCE_OPTION`) is remembered.
+ONCE_MEMORY_MS = 24 * 3600 * 1000
 
 #: `submit` counts the submitting key's quota with quota.lua's `admit()`; `fetch` and hand-backs
 #: change statuses with status.lua's `transition()`.
@@ -145,6 +156,10 @@ class PriorityBroker(Broker):
         #: Redis ids fetched and not yet settled; kept here, not on a consumer, so a consumer
         #: restarted after a connection error still knows every slot is busy
         self.outstanding: set[str] = set()
+        #: messages a settle fetched for the slot it freed, not yet handed to a worker thread;
+        #: here for the same reason: Dramatiq settles with the consumer the worker thread had,
+        #: which may be one closed after a connection error, before its replacement came
+        self.fetched: list[Message] = []
         self.slot_freed = threading.Event()
         #: when this worker last told Redis it is alive (every fetch does)
         self.last_beat = 0.0
@@ -188,16 +203,23 @@ class PriorityBroker(Broker):
         return result
 
     def settle(
-        self, command: str, *args: Any, status: StatusChange | None = None, refill: int = 0
+        self,
+        command: str,
+        *args: Any,
+        status: StatusChange | None = None,
+        refill: int = 0,
+        publish: Sequence[Sequence[str]] = (),
     ) -> list[Message]:
         """A broker operation and, in the same MULTI, an evaluation's status change, and a
         fetch of up to `refill` messages for the slot this frees.
 
         So a retry, a dead letter or a hand-back never leaves the queue and the record at odds,
         and a finished run's slot gets its next message, highest level first, in the same round
-        trip as its ack. Returns the fetched messages.
+        trip as its ack. `publish` ((channel, message) pairs: a run's last chunks of live output)
+        goes first in that MULTI, so its subscribers get it before the status change.
+        Returns the fetched messages.
         """
-        if status is None and not refill:
+        if status is None and not refill and not publish:
             self.dispatch(command, *args)
             return []
         # The status change first: a hand-back's own change (running -> queued) then stands, and
@@ -209,7 +231,7 @@ class PriorityBroker(Broker):
             fetch, stamp = self.fetch_args(refill)
             calls.append((self._dispatch, self._dispatch_args("fetch", *fetch)))
         try:
-            results = self._multi_by_sha(calls)
+            results = self._multi_by_sha(calls, publish)
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
         if refill:
@@ -221,15 +243,20 @@ class PriorityBroker(Broker):
                          current=current)  # fmt: skip
         return fetched(results[-1], stamp) if refill else []
 
-    def _multi_by_sha(self, calls: list[tuple[Script, list[Any]]]) -> list[Any]:
+    def _multi_by_sha(
+        self, calls: list[tuple[Script, list[Any]]], publish: Sequence[Sequence[str]] = ()
+    ) -> list[Any]:
         """Run scripts in one MULTI by sha alone (redis-py's pipelined scripts would first ask
-        SCRIPT EXISTS: a second round trip on every ack). If Redis lost its script cache (a
-        restart), load them and run again just the calls that failed for it: each is safe to
-        repeat (a settled message is not settled twice, a made change is refused)."""
+        SCRIPT EXISTS: a second round trip on every ack), after publishing `publish`. If Redis
+        lost its script cache (a restart), load them and run again just the calls that failed
+        for it: each is safe to repeat (a settled message is not settled twice, a made change is
+        refused); the scripts' answers are returned."""
         with self.client.pipeline(transaction=True) as pipe:
+            for channel, published in publish:
+                pipe.publish(channel, published)
             for script, args in calls:
                 pipe.evalsha(script.sha, 1, self.namespace, *args)
-            results = pipe.execute(raise_on_error=False)
+            results = pipe.execute(raise_on_error=False)[len(publish) :]
         lost = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
         for script in {calls[i][0] for i in lost}:
             script.sha = self.client.script_load(script.script)
@@ -276,6 +303,11 @@ class PriorityBroker(Broker):
         message, args = prepare(message, self.level_of(message), delay, self.marks(message))
         self.emit_before("enqueue", message, delay)
         tick = message.options.get(TICK_OPTION)
+        once = message.options.get(ONCE_OPTION)
+        if once is not None:  # a webhook's delivery (actors/callbacks.py), sent by any relay
+            if self.dispatch("enqueue_once", once, ONCE_MEMORY_MS, *args):
+                self.emit_after("enqueue", message, delay)
+            return message
         if tick is None:
             self.dispatch("enqueue", *args)
             self.emit_after("enqueue", message, delay)
@@ -334,7 +366,7 @@ class PriorityConsumer(Consumer):
     def __init__(self, broker: PriorityBroker, slots: int) -> None:
         self.broker = broker
         self.slots = slots
-        self.cache: list[Message] = []
+        self.cache = broker.fetched
         self.outstanding = broker.outstanding
         self.slot_freed = broker.slot_freed
 
@@ -357,14 +389,24 @@ class PriorityConsumer(Consumer):
             self._take(message)
         return MessageProxy(self.cache.pop(0))
 
-    def _settle(self, command: str, message: MessageProxy, *args: Any, status: StatusChange | None) -> None:
+    def _settle(
+        self,
+        command: str,
+        message: MessageProxy,
+        *args: Any,
+        status: StatusChange | None,
+        publish: Sequence[Sequence[str]] = (),
+    ) -> None:
         """Settle from the worker thread that ran it, taking the freed slot's next message in the
         same round trip; the consumer thread hands it on (`__next__`)."""
         redis_id = message.options[REDIS_ID_OPTION]
         refill = 0 if self.broker.stopping else 1
         try:
             # named by its attempt token: a delivery fetched again since settles nothing
-            settled = self.broker.settle(command, attempt_of(message), *args, status=status, refill=refill)
+            attempt = attempt_of(message)
+            settled = self.broker.settle(
+                command, attempt, *args, status=status, refill=refill, publish=publish
+            )
             for fetched_message in settled:
                 self._take(fetched_message)
         finally:
@@ -380,8 +422,8 @@ class PriorityConsumer(Consumer):
         change = message.options.get(STATUS_CHANGE)
         status = StatusChange(**change) if change else None
         plan = message.options.get(SETTLE)
-        if plan is None:
-            self._settle("ack", message, status=status)  # the actor's result, if it left one
+        if plan is None:  # the actor's result, if it left one, and what it has to publish
+            self._settle("ack", message, status=status, publish=message.options.get(PUBLISH) or ())
         elif plan["command"] == "retry":
             # swap the fetched message for a delayed copy: no moment where it is lost or doubled
             _, args = prepare(

@@ -14,11 +14,12 @@ from typing import Any
 import structlog
 from dramatiq.middleware import CurrentMessage
 
+from actors.live_output import LivePublisher
 from actors.runtime import WorkerRuntime
 from evaluations.status import FINISH, START, Status
 from evaluations.store import EvaluationStore, NewEvaluation, StatusChange, utc_now
 from evaluations.submission_spec import RunSpec
-from middleware.state import STATUS_CHANGE, UNRECORDED, attempt_of, worker_name
+from middleware.state import PUBLISH, STATUS_CHANGE, UNRECORDED, attempt_of, worker_name
 
 log = structlog.get_logger(__name__)
 
@@ -65,7 +66,15 @@ async def evaluate_code(
              "stop_on_first_failure": stop_on_first_failure}  # fmt: skip
     run = RunSpec.from_fields({"code": code, "language": language, "timeout": timeout, **given})
     payload = {"eval_id": eval_id, **run.fields()}
-    executor, result = await rt.executors.execute(payload, run.total_wall)
+    # A run without test cases streams its output to followers as it runs (never stored).
+    live = None if run.tests else LivePublisher(rt.store.client, rt.store.keys.events_of(eval_id), eval_id)
+    try:
+        executor, result = await rt.executors.execute(payload, run.total_wall, live.add if live else None)
+    except BaseException:
+        if live:
+            live.abandon()
+        raise
+    trailing = await live.finish() if live else []
     if result["status"] == "cancelled" and not await _stopped_on_purpose(rt.store, eval_id, attempt):
         raise RunInterrupted(f"the run was stopped on {executor} without a cancel")
     fields = {k: result[k] for k in RESULT_FIELDS}
@@ -74,7 +83,8 @@ async def evaluate_code(
     # dead) owns the record if the attempt token changed, and Dramatiq repeats the ack until
     # Redis answers, so a finished run is never lost to a Redis outage.
     fields.update(completed_at=utc_now(), executor=executor)
-    settle_with(StatusChange.by(FINISH, eval_id, result["status"], fields, expect={"attempt": attempt}))
+    finished = StatusChange.by(FINISH, eval_id, result["status"], fields, expect={"attempt": attempt})
+    settle_with(finished, trailing)  # the live output's last chunks are published just before it
     log.info("evaluation.finished", status=result["status"], ms=result["runtime_ms"])
 
 
@@ -85,11 +95,14 @@ RESULT_FIELDS = ("output", "error", "exit_code", "signal", "runtime_ms", "cpu_ms
 CASES_FIELDS = ("verdict", "passed", "total", "cases", "compile", "internal_error")
 
 
-def settle_with(change: StatusChange) -> None:
-    """Have the worker commit `change` together with this message's ack (see PriorityBroker.settle)."""
+def settle_with(change: StatusChange, publish: list[tuple[str, str]] | None = None) -> None:
+    """Have the worker commit `change` together with this message's ack (see PriorityBroker.settle),
+    after publishing `publish` ((channel, message) pairs) in the same MULTI."""
     message = CurrentMessage.get_current_message()
     assert message is not None, "only inside an actor"
     message.options[STATUS_CHANGE] = asdict(change)
+    if publish:
+        message.options[PUBLISH] = [list(pair) for pair in publish]
 
 
 class RunInterrupted(Exception):

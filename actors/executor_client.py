@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -25,6 +26,10 @@ log = structlog.get_logger(__name__)
 DOWN_SECONDS = 5.0
 #: Time allowed on top of the run's own time-out (and a compile step's) for the executor to answer.
 ANSWER_MARGIN_SECONDS = 15.0
+#: What `/execute` answers with the run's output as it writes it, line by line, then its result.
+NDJSON = "application/x-ndjson"
+#: Handed each chunk of a streamed run's output.
+LiveSink = Callable[[dict[str, Any]], None]
 #: How long a worker waits for a free executor slot before the attempt fails (and is retried).
 BUSY_WAIT_SECONDS = 600.0
 BUSY_POLL_SECONDS = 0.05
@@ -84,6 +89,29 @@ class ExecutorPool:
         async with self.session.post(url, timeout=timeout, **options) as response:
             return response.status, await response.read()
 
+    async def _post_live(
+        self, url: str, timeout: aiohttp.ClientTimeout, payload: dict[str, Any], live: LiveSink
+    ) -> tuple[int, bytes]:
+        """`/execute` asking for the streamed answer: each chunk of output is handed to `live`
+        as it comes; then the status and body the unstreamed answer would have had. An answer
+        not streamed (refused, busy, cancelled before it started) is read as it is."""
+        headers = {"accept": NDJSON}
+        async with self.session.post(url, timeout=timeout, json=payload, headers=headers) as response:
+            if response.content_type != NDJSON:
+                return response.status, await response.read()
+            result: tuple[int, bytes] | None = None
+            # read to its end, the result line included: a connection whose answer was left
+            # unread is closed rather than kept alive for the next run
+            async for line in _lines(response.content):
+                message = json_codec.loads(line)
+                if message.get("type") == "result":
+                    result = int(message["status"]), json_codec.dumps(message["body"]).encode()
+                elif result is None:
+                    live(message)
+        if result is None:
+            raise aiohttp.ClientPayloadError("the executor's streamed answer ended without its result")
+        return result
+
     def _rotation(self) -> list[str]:
         start = next(self._next)
         ordered = [self.urls[(start + i) % len(self.urls)] for i in range(len(self.urls))]
@@ -92,10 +120,12 @@ class ExecutorPool:
         return up or ordered  # all marked down: try them anyway rather than give up
 
     async def execute(
-        self, payload: dict[str, Any], wall_s: float | None = None
+        self, payload: dict[str, Any], wall_s: float | None = None, live: LiveSink | None = None
     ) -> tuple[str, dict[str, Any]]:
         """Run on the first executor with a free slot; returns (its url, the result). `wall_s`:
         the wall-clock seconds the run may take at its limits (all its cases), else its timeout's.
+        `live` is handed each chunk of the program's output as the executor streams it
+        (`{"type": "output" or "error", "data", "truncated"?}`, see `evaluations.live_output`).
 
         Executors that refuse connections are skipped; when every reachable one is busy, wait
         a moment and ask again (up to `BUSY_WAIT_SECONDS`). If the answer is lost after the
@@ -109,7 +139,10 @@ class ExecutorPool:
             unreachable: list[str] = []
             for url in self._rotation():
                 try:
-                    status, body = await self._post(f"{url}/execute", timeout, json=payload)
+                    if live is None:
+                        status, body = await self._post(f"{url}/execute", timeout, json=payload)
+                    else:
+                        status, body = await self._post_live(f"{url}/execute", timeout, payload, live)
                 except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                     self._down_until[url] = time.monotonic() + DOWN_SECONDS
                     log.warning("executor.down", executor=url, error=str(exc))
@@ -173,6 +206,18 @@ def answer_timeout(wall_s: float) -> aiohttp.ClientTimeout:
     up on a slow compile would only run it again."""
     total = wall_s + COMPILE_TIMEOUT_SECONDS + ANSWER_MARGIN_SECONDS
     return aiohttp.ClientTimeout(total=total, connect=2.0)
+
+
+async def _lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The lines of a streamed answer, however long (the result's may hold the whole output)."""
+    waiting = bytearray()
+    async for data in stream.iter_any():
+        start = len(waiting)
+        waiting += data
+        while (end := waiting.find(b"\n", start)) >= 0:
+            yield bytes(waiting[:end])
+            del waiting[: end + 1]
+            start = 0
 
 
 def _is_busy(body: bytes) -> bool:

@@ -24,6 +24,7 @@ from dramatiq.asyncio import get_event_loop_thread
 
 from actors.executor_client import ExecutorPool
 from evaluations.store import EvaluationStore, StatusForwarder
+from infra.outbound import AddressPolicy, guarded_client
 from infra.redis_client import async_client
 from infra.settings import Settings
 
@@ -43,11 +44,14 @@ class Resources:
     http: httpx.AsyncClient
     store: EvaluationStore
     executors: ExecutorPool
+    #: for webhooks: only global addresses (or the operator's hosts), no redirects
+    webhooks: httpx.AsyncClient
 
     async def close(self) -> None:
         try:
             await self.executors.close()
             await self.http.aclose()
+            await self.webhooks.aclose()
         finally:
             await self.redis.aclose()
 
@@ -70,7 +74,8 @@ class WorkerRuntime:
                 client, s.namespace, retention_seconds=s.retention_seconds, forwarder=forwarder
             )
             executors = ExecutorPool(s.executor_urls, s.executor_secret)
-            self._resources = Resources(client, http, store, executors)
+            webhooks = guarded_client(AddressPolicy(s.webhook_allow_hosts), s.webhook_timeout_s)
+            self._resources = Resources(client, http, store, executors, webhooks)
         return self._resources
 
     def bind(self, fn: F) -> F:

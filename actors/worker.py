@@ -18,7 +18,7 @@ from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend
 from periodiq import PeriodiqMiddleware, cron
 
-from actors import evaluate, maintenance
+from actors import callbacks, evaluate, maintenance
 from actors.broker import PriorityBroker
 from actors.runtime import CloseRuntime, WorkerRuntime
 from evaluations.languages import wall_limit
@@ -65,6 +65,8 @@ def build_broker(settings: Settings, runtime: WorkerRuntime) -> PriorityBroker:
             ShutdownNotifications(notify_shutdown=True),
             DeadLetters(on_status_change=runtime.forward_soon),
             Backoff(on_status_change=runtime.forward_soon, policies=settings.retry_policies),
+            # Turns finished evaluations' due webhooks into delivery messages (a thread).
+            callbacks.CallbackRelay(settings.redis_url_or_default, settings.namespace),
             # Last of the before-hooks that may refuse a message: marks the evaluation running.
             MarkRunning(forward=runtime.forward_now, on_skip=runtime.forward_soon),
             # Return values of actors declared with store_results (health_check...), for
@@ -91,6 +93,7 @@ class DeclaredActors:
     health_check: Actor
     cleanup_old_evaluations: Actor
     monitor_dead_letter_queue: Actor
+    deliver_callback: Actor
 
 
 def declare_actors(broker: PriorityBroker, runtime: WorkerRuntime) -> DeclaredActors:
@@ -116,6 +119,13 @@ def declare_actors(broker: PriorityBroker, runtime: WorkerRuntime) -> DeclaredAc
         monitor_dead_letter_queue=dramatiq.actor(
             runtime.bind(maintenance.monitor_dead_letter_queue), broker=broker, queue_name=QUEUE_NAME,
             queue_level="low", store_results=True, periodic=cron(settings.dlq_monitor_cron),
+        ),
+        # high: a delivery is short (bounded by CRUCIBLE_WEBHOOK_TIMEOUT_S) and should not wait
+        # behind a backlog of runs
+        deliver_callback=dramatiq.actor(
+            runtime.bind(callbacks.deliver_callback), broker=broker, actor_name=callbacks.CALLBACK_ACTOR,
+            queue_name=QUEUE_NAME, queue_level="high", retry_policy=callbacks.POLICY,
+            time_limit=int((settings.webhook_timeout_s + 30) * 1000),
         ),
     )  # fmt: skip
 

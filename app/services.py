@@ -19,6 +19,7 @@ from app.submission import Submitter
 from evaluations.api_keys import KeyStore
 from evaluations.quotas import RateLimiter
 from evaluations.store import EvaluationStore, StatusForwarder
+from infra.outbound import AddressPolicy
 from infra.redis_client import async_client
 from infra.redis_memory import MemoryGuard
 from infra.settings import Settings
@@ -75,6 +76,7 @@ class Services:
                 route=route,
                 limiter=limiter,
                 memory=MemoryGuard(client, settings.redis_full_share),
+                outbound=AddressPolicy(settings.webhook_allow_hosts),
             ),
             canceller=Canceller(client, store, enqueuer, executors, legacy=legacy),
             dlq=AsyncDeadLetterQueue(client, settings.namespace, store),

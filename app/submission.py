@@ -23,12 +23,14 @@ from redis.exceptions import WatchError
 
 from actors.broker import AsyncEnqueuer
 from evaluations.api_keys import ApiKey
-from evaluations.errors import Conflict, Refusal
+from evaluations.errors import Conflict, InvalidInput, Refusal
 from evaluations.queue import evaluation_message
 from evaluations.quotas import Allowance, RateLimiter
 from evaluations.status import TERMINAL
 from evaluations.store import EvaluationStore, NewEvaluation
 from evaluations.submission_spec import RunSpec
+from evaluations.webhooks import Callback
+from infra.outbound import AddressPolicy, BlockedAddress
 from infra.redis_memory import MemoryGuard
 
 log = structlog.get_logger(__name__)
@@ -46,14 +48,24 @@ class Submission:
     priority: bool = False
     #: the queue level: "high" when `priority`, else "default" unless a numeric priority said "low"
     level: str = "default"
+    #: where its final result is POSTed (evaluations/webhooks.py), if anywhere
+    callback: Callback | None = None
 
     def record(self, level: str, source: str, system: str, **extra: Any) -> NewEvaluation:
         """The record this submission starts, on `level` of `system`, from `source`."""
         run = self.run
         origin = {"source": source}
+        if self.callback:
+            extra = {**extra, "callback_url": self.callback.url, "callback_headers": self.callback.headers}
         return NewEvaluation(
             self.eval_id, run.code, run.language, run.timeout, level, self.priority, origin, system, **extra
         )
+
+    @property
+    def legacy_can_take(self) -> bool:
+        """Whether the legacy deployment could run it: not with test cases or files, nor a
+        webhook, which only Crucible sends."""
+        return self.run.legacy_can_run and self.callback is None
 
 
 @dataclass(frozen=True)
@@ -101,9 +113,12 @@ class Submitter:
         route: Route | None = None,
         limiter: RateLimiter | None = None,
         memory: MemoryGuard | None = None,
+        outbound: AddressPolicy | None = None,
     ) -> None:
         self.client = client
         self.memory = memory
+        #: which webhook hosts may be reached (None: submissions with one are refused)
+        self.outbound = outbound
         self.limiter = limiter
         self.store = store
         self.ns = store.ns
@@ -131,8 +146,10 @@ class Submitter:
         result backend `celery_results` names when that is not this Redis database."""
         if self.memory:
             await self.memory.check()
-        # what the legacy deployment cannot run (cases, files) stays here, and is not shadowed
-        route = self.route if sub.run.legacy_can_run else None
+        if sub.callback:
+            await self.check_callback(sub.callback)
+        # what the legacy deployment cannot run (cases, files, webhooks) stays here, unshadowed
+        route = self.route if sub.legacy_can_take else None
         system = system or (await route.choose() if route else "dramatiq")
         evaluation = sub.record(
             level, source, system, owner=owner, max_running=self._max_running(quota),
@@ -154,6 +171,15 @@ class Submitter:
         if route:
             await route.accepted(self, sub, level, accepted)
         return replace(accepted, allowance=allowance) if allowance else accepted
+
+    async def check_callback(self, callback: Callback) -> None:
+        """422 naming `callback_url` when its host may not be reached (infra/outbound.py)."""
+        if self.outbound is None:
+            raise InvalidInput("webhooks are not offered at this door", field="callback_url")
+        try:
+            await self.outbound.check_url(callback.url)
+        except BlockedAddress as exc:
+            raise InvalidInput(f"field 'callback_url' may not be used: {exc}", field="callback_url") from None
 
     async def _in_progress(self, eval_id: str) -> bool:
         record = await self.store.get(eval_id)

@@ -17,6 +17,7 @@ from evaluations.languages import registry
 from evaluations.queue import level_of_priority
 from evaluations.submission_spec import RUN_FIELDS, parse_run
 from evaluations.validation import require_string
+from evaluations.webhooks import parse_callback
 from infra.settings import Settings
 
 #: No ':' — it separates parts of Redis keys ("{ns}:eval:{id}:events").
@@ -35,7 +36,7 @@ def offered_languages(settings: Settings) -> dict[str, str]:
 
 
 #: The fields a submission may hold; any other is ignored, and named in the answer's `warnings`.
-SUBMISSION_FIELDS = (*RUN_FIELDS, "eval_id", "priority")
+SUBMISSION_FIELDS = (*RUN_FIELDS, "eval_id", "priority", "callback_url", "callback_headers")
 #: A body may hold thousands of unknown fields: the answer names this many.
 MAX_WARNINGS = 10
 
@@ -71,7 +72,7 @@ def parse_submission(body: dict[str, Any], settings: Settings, languages: Mappin
     if eval_id is not None and not EVAL_ID_PATTERN.match(eval_id):
         raise InvalidInput("field 'eval_id' must be 1-128 letters, digits or _.-", field="eval_id")
     level = priority_level(body)
-    return Submission(eval_id or new_eval_id(), run, level == "high", level)
+    return Submission(eval_id or new_eval_id(), run, level == "high", level, parse_callback(body))
 
 
 def priority_level(body: dict[str, Any]) -> str:

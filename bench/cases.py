@@ -80,7 +80,7 @@ async def settle(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, A
     eval_id = response.raise_for_status().json()["eval_id"]
     async with client.stream("GET", f"/api/eval/{eval_id}/events") as events:
         async for line in events.aiter_lines():
-            if line.startswith("data: ") and json.loads(line[6:])["status"] in TERMINAL:
+            if line.startswith("data: ") and json.loads(line[6:]).get("status") in TERMINAL:
                 break
     record: dict[str, Any] = (await client.get(f"/api/eval/{eval_id}")).raise_for_status().json()
     if record["status"] != "completed":

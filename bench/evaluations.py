@@ -197,7 +197,7 @@ async def follow(client: httpx.AsyncClient) -> float:
     eval_id = (await client.post("/api/eval", json={"code": HELLO})).raise_for_status().json()["eval_id"]
     async with client.stream("GET", f"/api/eval/{eval_id}/events") as response:
         async for line in response.aiter_lines():
-            if line.startswith("data: ") and json.loads(line[6:])["status"] == "completed":
+            if line.startswith("data: ") and json.loads(line[6:]).get("status") == "completed":
                 return (time.perf_counter() - started) * 1000
     raise RuntimeError(f"{eval_id} did not complete")
 

@@ -40,6 +40,14 @@ class ApiKey:
         return self.tier == "admin"
 
 
+#: The key `CRUCIBLE_ADMIN_KEY` stands for (it has no record).
+ENV_ADMIN = ApiKey("env-admin", "CRUCIBLE_ADMIN_KEY", "admin", 0)
+
+
+def new_webhook_secret() -> str:
+    return f"whsec_{secrets.token_urlsafe(32)}"
+
+
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -49,6 +57,18 @@ class KeyStore:
         self.client = client
         self.records = RedisKeys(namespace).api_keys
         self.hashes = RedisKeys(namespace).api_key_hashes
+        self.webhook_secrets = RedisKeys(namespace).webhook_secrets
+
+    async def webhook_secret(self, key_id: str) -> str:
+        """The secret `key_id`'s webhooks are signed with, made on first use."""
+        await self.client.hsetnx(self.webhook_secrets, key_id, new_webhook_secret())
+        return str(await self.client.hget(self.webhook_secrets, key_id))
+
+    async def rotate_webhook_secret(self, key_id: str) -> str:
+        """A new secret for `key_id`'s webhooks; deliveries from now on are signed with it."""
+        secret = new_webhook_secret()
+        await self.client.hset(self.webhook_secrets, key_id, secret)
+        return secret
 
     async def create(self, name: str, tier: str) -> tuple[ApiKey, str]:
         """A new key and its secret form, which is not stored and cannot be shown again."""
@@ -71,6 +91,13 @@ class KeyStore:
         raw = await self.client.hget(self.records, key_id)
         record = ApiKey(**json.loads(raw)) if raw else None
         return record if record and record.revoked_ms is None else None
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        """The key with this id (revoked or not): the environment's admin key included."""
+        if key_id == ENV_ADMIN.id:
+            return ENV_ADMIN
+        raw = await self.client.hget(self.records, key_id)
+        return ApiKey(**json.loads(raw)) if raw else None
 
     async def list(self) -> list[ApiKey]:
         records = [ApiKey(**json.loads(raw)) for raw in (await self.client.hgetall(self.records)).values()]

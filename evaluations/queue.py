@@ -49,6 +49,8 @@ def level_of_priority(priority: int) -> str:
 LEVEL_OPTION = "queue_level"
 #: periodiq's option naming the tick a scheduled message belongs to.
 TICK_OPTION = "scheduled_at"
+#: A message carrying this option is enqueued once per its value, however often it is sent.
+ONCE_OPTION = "enqueue_once"
 
 #: The actor that runs evaluations, and the one that proves a worker is consuming.
 EVALUATE_ACTOR = "evaluate_code"

@@ -221,6 +221,24 @@ class RedisKeys:
         """hash SHA-256 of a key -> key id."""
         return f"{self.ns}:keyhash"
 
+    @property
+    def webhook_secrets(self) -> str:
+        """hash key id -> the secret its evaluations' webhooks are signed with."""
+        return f"{self.ns}:webhook-secrets"
+
+    # -- webhooks (evaluations/webhooks.py, actors/callbacks.py, lua/status.lua) -------------
+    @property
+    def callbacks_due(self) -> str:
+        """zset "<eval_id> <final at ms>" -> when to hand it to a delivery (ms): finished
+        evaluations whose webhook is still to be sent; a relay taking one pushes it a lease
+        later, and drops it once the delivery message is enqueued."""
+        return f"{self.ns}:callbacks:due"
+
+    @property
+    def callbacks_bell(self) -> str:
+        """list rung when a webhook becomes due, so a relay wakes at once."""
+        return f"{self.ns}:callbacks:bell"
+
     def bucket(self, key_id: str) -> str:
         """hash: one key's token bucket for submissions."""
         return f"{self.ns}:bucket:{key_id}"

@@ -166,6 +166,9 @@ class NewEvaluation:
     #: the Celery result backend those changes go to, when it is not this Redis database: its
     #: id (status.lua then leaves each change in its outbox for app/celery/results.py)
     celery_results: str | None = None
+    #: where its final result is POSTed, and the headers asked for (evaluations/webhooks.py)
+    callback_url: str | None = None
+    callback_headers: dict[str, str] | None = None
     created_at: str = field(default_factory=utc_now)
 
     def fields(self) -> dict[str, str]:
@@ -191,7 +194,17 @@ class NewEvaluation:
             | ({"max_running": str(self.max_running)} if self.owner and self.max_running else {})
             | ({"celery_meta": self.celery_meta} if self.celery_meta else {})
             | ({"celery_results": self.celery_results} if self.celery_meta and self.celery_results else {})
+            | (self._callback_fields() if self.callback_url else {})
         )
+
+
+    def _callback_fields(self) -> dict[str, str]:
+        return {
+            "callback_url": self.callback_url or "",
+            "callback_headers": _encode(self.callback_headers or {}),
+            "callback_status": "waiting",
+            "callback_attempts": "0",
+        }
 
 
 class StatusForwarder:

@@ -1,4 +1,5 @@
-"""The executor service: `POST /execute` runs code in the sandbox and answers with the result.
+"""The executor service: `POST /execute` runs code in the sandbox and answers with the result
+(asked for `application/x-ndjson`, streams the program's output first: `Executor._streamed`).
 
 Workers call it; it keeps no state beyond the runs in progress, so restarting it loses only
 those runs (the worker retries them).
@@ -6,6 +7,7 @@ those runs (the worker retries them).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -20,9 +22,11 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+from evaluations import json_codec
 from evaluations.errors import Busy
 from evaluations.languages import Language, registry
 from evaluations.submission_spec import RunSpec, parse_run
@@ -33,6 +37,7 @@ from executor.cgroups_v1 import CgroupsV1
 from executor.cgroups_v2 import CgroupsV2, NotV2
 from executor.errors import SandboxBusy, SandboxError
 from executor.limits import Limits
+from executor.live import LiveRun
 from executor.sandbox import Sandbox
 from executor.seccomp import build_filter
 from infra.credentials import SharedSecretBackend, auth_failed
@@ -51,6 +56,8 @@ from infra.web import (
 log = structlog.get_logger(__name__)
 
 WORKERS = EXECUTOR_SCOPE
+#: What a worker accepts for `/execute`'s streamed answer (the run's output as it writes it).
+NDJSON = "application/x-ndjson"
 
 
 def stage_bwrap(target: Path) -> Path:
@@ -121,12 +128,59 @@ class Executor:
             [str(sandbox.bwrap), "--version"], capture_output=True, text=True, check=False
         ).stdout.strip()
 
-    async def execute(self, request: Request) -> JSONResponse:
+    async def execute(self, request: Request) -> Response:
         body = await read_json_object(request, self.settings.body_timeout_s, EXECUTOR_MAX_BODY_BYTES)
         eval_id = require_string(body, "eval_id")
         run = parse_run(body, self.settings.submission_bounds, self.main_files)
         limits = request_limits(self.settings, run)
         structlog.contextvars.bind_contextvars(eval_id=eval_id)
+        if NDJSON in request.headers.get("accept", "") and not run.tests:
+            return await self._streamed(eval_id, run, limits)
+        return await self._answer(eval_id, run, limits)
+
+    async def _streamed(self, eval_id: str, run: RunSpec, limits: Limits) -> Response:
+        """`/execute` asked for `application/x-ndjson` (a run without test cases): once the run
+        has its slot, one line per chunk of its output as it writes it (`{"type": "output" or
+        "error", "data", "truncated"?}`, see `evaluations.live_output`), then one line
+        `{"type": "result", "status", "body"}`: the status and body the unstreamed answer has,
+        sent as soon as the verdict is known, with what still waited. Refused or ended before
+        it had a slot (busy, cancelled early), it is answered unstreamed."""
+        live = LiveRun()
+        answer = asyncio.create_task(self._answer(eval_id, run, limits, live))
+        await asyncio.wait({answer, live.started}, return_when=asyncio.FIRST_COMPLETED)
+        if not live.started.done():  # ended before it had a slot
+            return answer.result()
+
+        def ended(task: asyncio.Task[JSONResponse]) -> None:
+            live.end()
+            if not task.cancelled():
+                task.exception()  # retrieved even if nobody reads the answer (the worker went away)
+
+        answer.add_done_callback(ended)
+
+        async def parts() -> AsyncIterator[tuple[bytes, bool]]:
+            async for batch, ended in live.batches():  # what is ready together goes in one write
+                sent = b"".join(json_codec.dumps(chunk.to_dict()).encode() + b"\n" for chunk in batch)
+                if not ended:
+                    if sent:
+                        yield sent, False
+                    continue
+                if live.answer is not None:  # the result, sent before the slot is seen to
+                    yield sent + _result_line(JSONResponse(live.answer)), True
+                    return
+                try:  # it ended without one: its answer says why
+                    response = await answer
+                except Exception:
+                    log.exception("sandbox.failed")
+                    response = error_response(500, "the executor failed to run it", eval_id=eval_id)
+                yield sent + _result_line(response), True
+
+        return LinesAnswer(parts())
+
+    async def _answer(
+        self, eval_id: str, run: RunSpec, limits: Limits, live: LiveRun | None = None
+    ) -> JSONResponse:
+        """The run's unstreamed answer: its result, or why it did not run."""
         language = self.languages[run.language]
         try:
             if run.tests:
@@ -137,7 +191,7 @@ class Executor:
                          passed=answer["passed"], total=answer["total"], ms=answer["runtime_ms"])  # fmt: skip
                 return JSONResponse(answer)
             result = await self.sandbox.run(
-                eval_id, language, run.code, limits, run.stdin, run.args, run.files
+                eval_id, language, run.code, limits, run.stdin, run.args, run.files, live
             )
         except SandboxBusy:
             raise Busy("executor busy", busy=True, capacity=self.sandbox.capacity) from None
@@ -197,6 +251,35 @@ class Executor:
             for lang in sorted(self.languages.values(), key=lambda lang: lang.name)
         ]
         return JSONResponse({"languages": entries})
+
+
+class LinesAnswer(Response):
+    """A streamed `/execute` answer: each part written as it comes, the headers with the first
+    and the end of the body with the last (a short run's answer reaches the worker in one
+    piece). No task watches for the client going away, as Starlette's StreamingResponse has:
+    the run ends either way, and its answer with it."""
+
+    media_type = NDJSON
+
+    def __init__(self, parts: AsyncIterator[tuple[bytes, bool]]) -> None:
+        self.parts = parts
+        self.status_code = 200
+        self.background = None
+        self.init_headers()  # no body: sent chunked
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        async for body, last in self.parts:
+            if start:
+                await send(start)
+                start = {}
+            await send({"type": "http.response.body", "body": body, "more_body": not last})
+
+
+def _result_line(response: JSONResponse) -> bytes:
+    """A streamed answer's last line: the status and body the unstreamed answer has."""
+    status = str(response.status_code).encode()
+    return b'{"type":"result","status":' + status + b',"body":' + bytes(response.body) + b"}\n"
 
 
 @contextlib.asynccontextmanager

@@ -49,15 +49,17 @@ def bwrap_command(
     limits: Limits,
     cpu: float,
     seccomp_fd: int | None = None,
+    host_dirs: tuple[str, ...] = (),
 ) -> list[str]:
     """The full argv: bwrap's isolation, then prlimit, then the program.
 
     `files` are (fd, path in the sandbox, permissions) handed in read-only; bwrap reports
     on `status_fd` how the program ended only if it started, which tells its failures from
-    the program's.
+    the program's. `host_dirs` are host folders beside /usr the language's toolchain reads
+    (`Language.host_dirs`), bound read-only at the same place.
     """
     return [
-        *isolation(bwrap, files, limits.tmpfs_mb, workdir=limits.workdir),
+        *isolation(bwrap, files, limits.tmpfs_mb, workdir=limits.workdir, host_dirs=host_dirs),
         "--cap-drop", "ALL",
         "--json-status-fd", str(status_fd),
         *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
@@ -113,11 +115,14 @@ def isolation(
     tmpfs_mb: int,
     for_runs: bool = True,
     workdir: str = "/tmp",
+    host_dirs: tuple[str, ...] = (),
 ) -> list[str]:
     """bwrap's namespaces, root, environment and inputs: what every sandbox shares (`for_runs`:
     with no new user namespaces and /proc masked and read-only, which a fork server does for
     each run)."""
     binds: list[str] = []
+    for folder in host_dirs:
+        binds += ["--ro-bind", folder, folder]
     for fd, path, perms in files:
         binds += ["--perms", perms, "--ro-bind-data", str(fd), path]
     return [

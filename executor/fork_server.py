@@ -367,10 +367,11 @@ class ForkServers:
         """Fork the slot's server for one phase of a run (a compile step, or the run), in
         fresh cgroups; None if it has no ready server (the phase then starts cold). Raises
         `ForkServerGone` if the server failed before the phase started (it is retired; the
-        phase may start cold)."""
+        phase may start cold). A language reading host folders beside /usr (`host_dirs`)
+        starts cold too: the server's root has only /usr."""
         self._end_run(slot)  # the slot's last run's, if not seen to yet: before this one's
         server = self._servers.get(slot)
-        if server is None:
+        if server is None or (phase.language is not None and phase.language.host_dirs):
             return None
         if server.prepared is None:
             self._prepare(slot, server)

@@ -21,6 +21,9 @@ class Capture:
     flood_at: int
     data: bytearray = field(default_factory=bytearray)
     seen: int = 0
+    #: a streamed run's: handed the bytes kept as they are read, and whether the stream was cut
+    #: at the cap (told once, with the last bytes kept)
+    live: Callable[[bytes, bool], None] | None = None
 
     @property
     def truncated(self) -> bool:
@@ -29,9 +32,12 @@ class Capture:
     async def drain(self, stream: asyncio.StreamReader) -> None:
         while chunk := await stream.read(READ_CHUNK):
             room = self.cap - len(self.data)
-            if room > 0:
-                self.data += chunk[:room]
+            kept = chunk[:room] if room > 0 else b""
+            self.data += kept
+            was_cut = self.truncated
             self.seen += len(chunk)
+            if self.live is not None and (kept or self.truncated != was_cut):
+                self.live(kept, self.truncated)
             if self.seen > self.flood_at:
                 self.on_flood()
 

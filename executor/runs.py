@@ -10,6 +10,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from executor.live import LiveRun
 from executor.program import Program
 
 #: How long a kill for a run not (yet) here makes this executor refuse to start that run.
@@ -31,6 +32,8 @@ class Run:
     #: (uninterruptible sleep holding its pipes): done once they have ended, and until then its
     #: slot, uid and cgroup stay out of use
     lingering: asyncio.Future[object] | None = None
+    #: a streamed run's live output (its program's, not a compile step's or a checker's)
+    live: LiveRun | None = None
 
     @property
     def pid(self) -> int | None:

@@ -44,6 +44,7 @@ from executor.compile_cache import CompileCache
 from executor.errors import SandboxError
 from executor.fork_server import ForkServerGone, ForkServers, Phase
 from executor.limits import Limits
+from executor.live import LiveRun
 from executor.outcome import Outcome
 from executor.runs import KillMemory, Run
 from executor.slots import Slots
@@ -119,9 +120,12 @@ class Sandbox:
         stdin: str | None = None,
         args: tuple[str, ...] = (),
         files: tuple[SourceFile, ...] = (),
+        live: LiveRun | None = None,
     ) -> RunResult:
         """Compile if the language needs it, run, and return the verdict. `files` are laid out
-        read-only beside the main file.
+        read-only beside the main file. `live` is told when the run has its slot, gets the
+        program's output as it is read (not a compile step's), and the answer as soon as it is
+        known.
 
         A run cancelled before it arrived is not started. A second request for a run still in
         progress replaces it: its worker has given up on it (died, or was stopped). With every
@@ -129,10 +133,15 @@ class Sandbox:
         """
 
         async def in_slot(run: Run, slot: int) -> RunResult:
+            if live is not None:
+                run.live = live
+                live.start()
             built = await self._build(run, slot, language, code, files, limits)
-            if built.failed is not None:
-                return built.failed
-            return await self._execute(run, slot, language, built.source, limits, stdin, args)
+            source = built.source
+            result = built.failed or await self._execute(run, slot, language, source, limits, stdin, args)
+            if live is not None:  # its answer goes before the slot is seen to (`after_run`)
+                live.end(result.to_dict())
+            return result
 
         return await self._in_slot(eval_id, language, in_slot, lambda: RunResult.cancelled(eval_id))
 
@@ -253,8 +262,11 @@ class Sandbox:
         if binary is None:
             # the compiler writes the binary to /tmp; a shell inside the sandbox then streams
             # it to stdout, which is where the run's sandbox gets it from
-            argv = ("/bin/sh", "-c", '"$@" >&2 && cat ' + BINARY, "compile", *language.compile)
-            step = Phase(source + beside, None, limits.compile_memory_mb, limits.compile_timeout, None, argv)
+            compiler = language.compile_argv(limits.compile_memory_mb)
+            argv = ("/bin/sh", "-c", '"$@" >&2 && cat ' + BINARY, "compile", *compiler)
+            step = Phase(
+                source + beside, None, limits.compile_memory_mb, limits.compile_timeout, language, argv
+            )
             built = await self._phase(run, slot, step, limits, compile_step=True)
             info.update(runtime_ms=built.wall_ms, cpu_ms=built.cpu_ms)
             if run.cancelled or built.exit_code != 0 or built.timed_out or built.flooded:
@@ -280,7 +292,7 @@ class Sandbox:
         if len(source) > 1 and limits.workdir == "/tmp":
             limits = dataclasses.replace(limits, workdir="/sandbox")
         in_process = self._forks is not None and self._forks.serves(language)
-        argv = None if in_process else (*language.run, *args)
+        argv = None if in_process else (*language.run_argv(limits.memory_mb), *args)
         phase = Phase(source, stdin, limits.memory_mb, limits.timeout, language, argv, args)
         outcome = await self._phase(run, slot, phase, limits)
         return verdict(run, outcome, limits, self.enforced_by)
@@ -321,9 +333,11 @@ class Sandbox:
         if compile_step:
             deadlines = Deadlines(limits.compile_timeout, limits.compile_timeout)
             caps = (MAX_BINARY_BYTES, limits.output_bytes)
+            live = None
         else:
             deadlines = Deadlines(limits.wall_timeout, limits.timeout)
             caps = (limits.output_bytes, limits.output_bytes)
+            live = run.live
         if self._forks is not None:
             try:
                 forked = await self._forks.start(slot, phase, limits)
@@ -333,7 +347,7 @@ class Sandbox:
                 forked = None
             if forked is not None:
                 try:
-                    return await supervise(run, forked, deadlines, caps, self._kills)
+                    return await supervise(run, forked, deadlines, caps, self._kills, live)
                 except ForkServerGone:
                     raise  # gone mid-run: the program may have run, so not again here (a retry may)
                 except SandboxError as exc:  # its set-up failed: the program never ran
@@ -344,7 +358,7 @@ class Sandbox:
         started = self._spawner.start(
             uid, argv, phase.files, phase.stdin, limits, phase.memory_mb, phase.cpu_s, phase.language
         )
-        return await supervise(run, started, deadlines, caps, self._kills)
+        return await supervise(run, started, deadlines, caps, self._kills, live)
 
     def kill(self, eval_id: str, remember: bool = True) -> bool:
         """Stop a run now; its result comes back as `cancelled`.

@@ -30,9 +30,10 @@ LAUNCH_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 SETPRIV = Path("/usr/bin/setpriv")
 
 #: Builds the sandbox's argv from (argv, files as (fd, path, perms), status fd, address space
-#: in MB, limits, CPU seconds, seccomp fd): `Sandbox.command`.
+#: in MB, limits, CPU seconds, seccomp fd, host folders bound read-only): `Sandbox.command`.
 CommandBuilder = Callable[
-    [tuple[str, ...], list[tuple[int, str, str]], int, int, Limits, float, int | None], list[str]
+    [tuple[str, ...], list[tuple[int, str, str]], int, int, Limits, float, int | None, tuple[str, ...]],
+    list[str],
 ]
 
 
@@ -128,9 +129,8 @@ class Spawner:
         group = self.group(uid, memory_mb, limits)
         status_read, status_write = os.pipe()
         try:
-            process = self._spawn(
-                argv, files, stdin, status_write, group, uid, address_space, limits, timeout, keep_fds
-            )
+            process = self._spawn(argv, files, stdin, status_write, group, uid, address_space, limits,
+                                  timeout, keep_fds, language.host_dirs if language else ())  # fmt: skip
         except BaseException:
             os.close(status_read)
             if group:
@@ -141,9 +141,11 @@ class Spawner:
     def address_space_mb(self, memory_mb: int, language: Language | None) -> int:
         """A run's RLIMIT_AS. With cgroups the group holds memory; the rlimit then only stops
         absurd reservations (a refused one still reads as out of memory: see
-        executor.verdict.OUT_OF_MEMORY_SIGNS)."""
-        lang_min = language.min_address_space_mb if language else 0
-        return max(memory_mb * (4 if self._cgroups else 1), lang_min)
+        executor.verdict.OUT_OF_MEMORY_SIGNS). A runtime that reserves address space it does not
+        use gets at least its floor (V8), or that much on top of its memory limit (a JVM)."""
+        floor = language.min_address_space_mb if language else 0
+        reserved = language.reserved_address_space_mb if language else 0
+        return max(memory_mb * (4 if self._cgroups else 1), floor, memory_mb + reserved)
 
     def launch(
         self,
@@ -214,6 +216,7 @@ class Spawner:
         limits: Limits,
         timeout: float,
         keep_fds: tuple[int, ...] = (),
+        host_dirs: tuple[str, ...] = (),
     ) -> subprocess.Popen[bytes]:
         """Start bwrap (joining the run's cgroups first); inputs go in as memfds."""
         fds = [memfd(data) for data, _, _ in files]
@@ -223,7 +226,9 @@ class Spawner:
         extra = [seccomp_fd] if seccomp_fd is not None else []
         stdin_fd = memfd((stdin or "").encode())
         try:
-            command = self._command(argv, binds, status_fd, address_space_mb, limits, timeout, seccomp_fd)
+            command = self._command(
+                argv, binds, status_fd, address_space_mb, limits, timeout, seccomp_fd, host_dirs
+            )
             passed = (*fds, *extra, status_fd, *keep_fds)
             return self._popen(command, uid, stdin_fd, passed, subprocess.PIPE, group)
         finally:

@@ -4,21 +4,25 @@ its killing when either runs out, then its reaping with the usage it and its cgr
 stdout and stderr are read as they come: the first `output_bytes` are kept (the rest dropped
 and the result flagged truncated); past `OUTPUT_KILL_FACTOR` times that the run is killed
 with `output_limit_exceeded`, so a flood costs neither memory nor the whole time limit. A
-wall-clock time-out kills bwrap, and with it the whole pid namespace.
+streamed run's kept bytes also go, as they are read, to its `LiveRun`. A wall-clock time-out
+kills bwrap, and with it the whole pid namespace.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
 from dataclasses import dataclass
 
+from evaluations.live_output import KINDS
 from executor.cgroups import RunGroup
 from executor.errors import SandboxError
 from executor.limits import OUTPUT_KILL_FACTOR
+from executor.live import LiveRun
 from executor.outcome import READ_CHUNK, Capture, Outcome
 from executor.program import Program
 from executor.runs import KillMemory, Run
@@ -48,9 +52,15 @@ KILL_GRACE_S = 2.0
 
 
 async def supervise(
-    run: Run, started: Program, deadlines: Deadlines, caps: tuple[int, int], kills: KillMemory
+    run: Run,
+    started: Program,
+    deadlines: Deadlines,
+    caps: tuple[int, int],
+    kills: KillMemory,
+    live: LiveRun | None = None,
 ) -> Outcome:
-    """Supervise a started sandbox to its end; read its usage and undo its cgroups."""
+    """Supervise a started sandbox to its end; read its usage and undo its cgroups. `live`
+    (a streamed run's) is handed the output kept as it is read."""
     group = started.group
     watchdog: asyncio.Task[bool] | None = None
     try:
@@ -61,7 +71,7 @@ async def supervise(
             run.kill()
         if group:
             watchdog = asyncio.create_task(_watch_cpu(run, group, deadlines.cpu_s))
-        outcome = await _watch(run, started, deadlines.wall_s, caps)
+        outcome = await _watch(run, started, deadlines.wall_s, caps, live)
         if watchdog and await _stop(watchdog):
             outcome.timed_out = outcome.cpu_limited = True
     finally:
@@ -117,7 +127,9 @@ def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
 
 
-async def _watch(run: Run, program: Program, timeout: float, caps: tuple[int, int]) -> Outcome:
+async def _watch(
+    run: Run, program: Program, timeout: float, caps: tuple[int, int], live: LiveRun | None = None
+) -> Outcome:
     """Read both streams (each up to its cap), enforce the wall time, reap with resource usage."""
     loop = asyncio.get_running_loop()
     flooded = False
@@ -127,7 +139,8 @@ async def _watch(run: Run, program: Program, timeout: float, caps: tuple[int, in
         flooded = True
         run.kill()
 
-    out, err = (Capture(cap, flood, cap * OUTPUT_KILL_FACTOR) for cap in caps)
+    feeds = [functools.partial(live.write, kind) if live else None for kind in KINDS]
+    out, err = (Capture(caps[i], flood, caps[i] * OUTPUT_KILL_FACTOR, live=feeds[i]) for i in (0, 1))
     started = time.perf_counter()
     readers = [await _reader(loop, pipe) for pipe in (program.stdout, program.stderr)]
     io = asyncio.gather(out.drain(readers[0]), err.drain(readers[1]), program.wait())

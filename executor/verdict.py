@@ -17,6 +17,10 @@ OUT_OF_MEMORY_SIGNS = (
     "std::bad_alloc",
     "out of memory",
     "Array buffer allocation failed",  # Node
+    # a JVM whose heap (-Xmx, under the run's limit) or metaspace is full (ExitOnOutOfMemoryError's
+    # words: a thread the process limit refused is an OutOfMemoryError too, but not this)
+    "Terminating due to java.lang.OutOfMemoryError",
+    "memory allocation of ",  # Rust's allocation failure ("... of N bytes failed"), then abort
 )
 
 

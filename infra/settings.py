@@ -7,6 +7,7 @@ documents the same names. Nothing else in the code reads `os.environ` for settin
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -50,6 +51,20 @@ def _share(name: str, default: float, alias: str | None = None) -> float:
         raise ConfigError(f"{name} must be a number between 0.0 and 1.0, got {raw!r}") from None
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"{name} must be between 0.0 and 1.0, got {raw!r}")
+    return value
+
+
+def _seconds(name: str, default: float) -> float:
+    """A duration in seconds, more than 0 (fractions allowed)."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be more than 0 seconds, got {raw!r}")
     return value
 
 
@@ -160,6 +175,8 @@ class Settings:
     redis_full_share: float
     header_timeout_s: float
     body_timeout_s: float
+    #: the longest `POST /api/eval?wait=true` may wait for a result (`wait_timeout`'s maximum)
+    max_wait_s: float
     dashboard_host: str
     dashboard_port: int
     executor_host: str
@@ -210,6 +227,10 @@ class Settings:
     celery_wire_queues: tuple[str, ...]
     #: where unchanged Celery producers read their results (None: Crucible's own Redis)
     celery_result_backend: str | None
+    #: webhook hosts reached although their addresses are not global (infra/outbound.py)
+    webhook_allow_hosts: tuple[str, ...]
+    #: how long one webhook delivery may take, all of it
+    webhook_timeout_s: float
     legacy_backend_url: str | None
     legacy_key_prefix: str
     dramatiq_share: float
@@ -234,6 +255,7 @@ class Settings:
             redis_full_share=_share("CRUCIBLE_REDIS_FULL_SHARE", 0.9),
             header_timeout_s=float(_at_least_one("CRUCIBLE_HEADER_TIMEOUT_S", 10)),
             body_timeout_s=float(_at_least_one("CRUCIBLE_BODY_TIMEOUT_S", 30)),
+            max_wait_s=_seconds("CRUCIBLE_MAX_WAIT_S", 30.0),
             dashboard_host=_str("DASHBOARD_HOST", "127.0.0.1"),
             dashboard_port=_int("DASHBOARD_PORT", 5555),
             executor_host=_str("EXECUTOR_HOST", "127.0.0.1"),
@@ -284,6 +306,10 @@ class Settings:
                 q.strip() for q in _str("CELERY_WIRE_QUEUES", ",".join(LEGACY_QUEUES)).split(",") if q.strip()
             ),
             celery_result_backend=_redis_url("CELERY_RESULT_BACKEND"),
+            webhook_allow_hosts=tuple(
+                h.strip().lower() for h in _str("CRUCIBLE_WEBHOOK_ALLOW_HOSTS", "").split(",") if h.strip()
+            ),
+            webhook_timeout_s=float(_at_least_one("CRUCIBLE_WEBHOOK_TIMEOUT_S", 10)),
             legacy_backend_url=os.environ.get("LEGACY_RESULT_BACKEND") or os.environ.get("LEGACY_BROKER_URL"),
             legacy_key_prefix=_str("LEGACY_KEY_PREFIX", ""),
             dramatiq_share=_share("DRAMATIQ_PERCENTAGE", 1.0, alias="CELERY_PERCENTAGE"),

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+import math
+import re
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 import orjson
@@ -217,3 +219,40 @@ def query_int(raw: str | None, name: str, *, default: int, low: int, high: int) 
     if not low <= value <= high:
         raise errors.InvalidInput(f"query parameter '{name}' must be between {low} and {high}", field=name)
     return value
+
+
+#: A number as a query parameter: plain decimal, with a fraction or an exponent (`0.5`, `2`, `1e-3`).
+DECIMAL = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def query_seconds(raw: str | None, name: str, *, default: float, most: float) -> float:
+    """Absent: `default`. Present, a number of seconds more than 0 and at most `most`."""
+    if raw is None:
+        return default
+    value = float(raw) if raw.isascii() and DECIMAL.fullmatch(raw) else math.nan
+    if math.isnan(value):
+        raise errors.InvalidInput(f"query parameter '{name}' must be a number of seconds", field=name)
+    if not 0 < value <= most:
+        raise errors.InvalidInput(
+            f"query parameter '{name}' must be more than 0 and at most {most:g}", field=name, most=most
+        )
+    return value
+
+
+async def until_client_gone(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
+    """`work`'s result, or None when the client of `request` (its body read already) goes away
+    first: `work` is cancelled then, so nothing it holds outlives the request. (A handler is not
+    cancelled when its client leaves; it would hold on until `work` ended by itself.)"""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass  # after the body, a server sends nothing but the disconnect
+
+    working, leaving = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait((working, leaving), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (working, leaving):
+            task.cancel()
+        await asyncio.gather(working, leaving, return_exceptions=True)
+    return None if working.cancelled() else working.result()

@@ -28,8 +28,11 @@ SETTLE = "settle"
 UNRECORDED = "unrecorded"
 #: What the fetch that took this delivery did to its evaluation's status (actors/broker.py).
 FETCH_MARK = "fetch_mark"
+#: Set with an actor's result: [channel, message] pairs the ack publishes in its MULTI, before
+#: the status change (a run's last chunks of live output, actors/live_output.py).
+PUBLISH = "publish"
 #: Options that describe one delivery only; never copied into a re-sent message.
-TRANSIENT_OPTIONS = (DEAD_LETTER, STATUS_CHANGE, SETTLE, UNRECORDED, FETCH_MARK)
+TRANSIENT_OPTIONS = (DEAD_LETTER, STATUS_CHANGE, SETTLE, UNRECORDED, FETCH_MARK, PUBLISH)
 #: The broker's id of one message (the same on each delivery of it; attempt_of tells deliveries apart).
 REDIS_ID_OPTION = "redis_message_id"
 

@@ -13,15 +13,13 @@ from redis.exceptions import RedisError
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, BaseUser
 from starlette.requests import HTTPConnection
 
-from evaluations.api_keys import ApiKey, KeyStore
+from evaluations.api_keys import ENV_ADMIN, ApiKey, KeyStore
 from infra.credentials import Caller, KeysUnavailable, presented_key, same
 from infra.settings import Settings
 from infra.web import Handler
 
 #: Paths that answer anyone: credentials sent there are not even looked at (a bad key gets no 401).
 PUBLIC_PATHS = frozenset({"/health"})
-
-ENV_ADMIN = ApiKey("env-admin", "CRUCIBLE_ADMIN_KEY", "admin", 0)
 
 
 class ApiKeyBackend(AuthenticationBackend):

@@ -146,6 +146,21 @@ def _submission(settings: Settings, languages: list[str]) -> dict[str, Any]:
                 "description": "true: the high queue; a number: 8 and up high, 4-7 default, below 4 low",
             },
             "eval_id": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$", "nullable": True},
+            "callback_url": {
+                "type": "string",
+                "maxLength": 2048,
+                "nullable": True,
+                "description": "where the final result is POSTed, signed; only hosts with global "
+                "addresses (422 otherwise)",
+            },
+            "callback_headers": {
+                "type": "object",
+                "nullable": True,
+                "maxProperties": 5,
+                "additionalProperties": {"type": "string", "maxLength": 1024},
+                "description": "headers for the webhook: Authorization, X-Api-Key, X-Auth-Token, "
+                "X-Request-Id, X-Correlation-Id",
+            },
             "stdin": {"type": "string", "maxLength": settings.max_stdin_bytes, "nullable": True},
             "args": {
                 "type": "array",
@@ -179,6 +194,25 @@ def _queued() -> dict[str, Any]:
     }
 
 
+def _waited() -> dict[str, Any]:
+    """The answer to `?wait=true` when the result did not come in time: the queued answer,
+    with the status now."""
+    answer = _queued()
+    return {**answer, "properties": {**answer["properties"], "status": {"enum": ["queued", "running"]}}}
+
+
+def _wait_parameters(settings: Settings) -> list[dict[str, Any]]:
+    """POST /api/eval's `wait` and `wait_timeout`."""
+    flag = {"type": "string", "enum": [*TRUE_WORDS, *FALSE_WORDS]}
+    seconds = {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": settings.max_wait_s}
+    return [
+        {"name": "wait", "in": "query", "schema": flag,
+         "description": "true: answer with the result (200) if it comes within wait_timeout, else 202"},
+        {"name": "wait_timeout", "in": "query", "schema": seconds,
+         "description": "seconds to wait with wait=true (default 10, at most CRUCIBLE_MAX_WAIT_S)"},
+    ]  # fmt: skip
+
+
 def _submission_paths(settings: Settings, languages: list[str]) -> dict[str, Any]:
     """Submitting one evaluation, or a batch of them."""
     batch = {
@@ -201,8 +235,13 @@ def _submission_paths(settings: Settings, languages: list[str]) -> dict[str, Any
         "/api/eval": {
             "post": {
                 "summary": "Submit code to evaluate",
+                "parameters": _wait_parameters(settings),
                 "requestBody": {"required": True, "content": _json(_submission(settings, languages))},
-                "responses": _answers(_queued(), 403, 409, 413, 415, 422),
+                "responses": {
+                    # with ?wait=true, a result in time is answered as GET /api/eval/{eval_id} shows it
+                    **_answers({"anyOf": [_queued(), _evaluation()]}, 403, 409, 413, 415, 422),
+                    "202": {"description": "not finished within wait_timeout", "content": _json(_waited())},
+                },
             }
         },
         "/api/eval-batch": {
@@ -264,6 +303,11 @@ def _page() -> list[dict[str, Any]]:
 def _reading_paths() -> dict[str, Any]:
     """One evaluation (with its timeline, and cancelling it), and the listing of them."""
     evaluation = _evaluation()
+    secret = {
+        "type": "object",
+        "required": ["key_id", "secret"],
+        "properties": {"key_id": {"type": "string"}, "secret": {"type": "string"}},
+    }
     return {
         "/api/eval/{eval_id}": {
             "get": {"parameters": [_eval_id_param()], "responses": _answers(evaluation, 404)}
@@ -279,6 +323,8 @@ def _reading_paths() -> dict[str, Any]:
         },
         "/api/eval/{eval_id}/cancel": _cancel_path(),
         "/api/evaluations": _listing_path(),
+        "/api/webhook-secret": {"get": {"responses": _answers(secret)}},
+        "/api/webhook-secret/rotate": {"post": {"responses": _answers(secret)}},
     }
 
 

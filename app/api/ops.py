@@ -25,6 +25,7 @@ from evaluations.queue import LEVELS
 from evaluations.status import STATUSES, TERMINAL, Status
 from evaluations.store import HISTOGRAM_BOUNDS_MS
 from evaluations.validation import require_bool, require_number
+from evaluations.webhooks import CALLBACK_OUTCOMES
 from infra.redis_client import redact_url
 from infra.redis_memory import memory_use
 from infra.web import JSONResponse, query_int, read_json_object
@@ -274,6 +275,16 @@ class OpsApi:
         for executor in executors:
             if executor["online"]:
                 in_flight.add_metric([executor["url"]], executor["running"])
+        callbacks = CounterMetricFamily(
+            "crucible_callbacks", "Webhook delivery attempts, by outcome", labels=["outcome"]
+        )
+        seen = {
+            name.removeprefix("callback:"): int(v)
+            for name, v in stats.items()
+            if name.startswith("callback:")
+        }
+        for outcome in dict.fromkeys([*CALLBACK_OUTCOMES, *sorted(seen)]):
+            callbacks.add_metric([outcome], seen.get(outcome, 0))
         retries = CounterMetricFamily("crucible_retries", "Retries scheduled, by policy", labels=["policy"])
         for policy in self.settings.retry_policies:
             retries.add_metric([policy], int(stats.get(f"retry:{policy}", 0)))
@@ -288,7 +299,7 @@ class OpsApi:
             await self._histogram("crucible_run_duration_seconds", "Run time in the sandbox", "run_ms"),
         ]
         return [queue, oldest, submitted, finished, by_language, verdicts, cases, fallbacks, latency, shadow,
-                share, online, in_flight, retries, redis_memory, *histograms]  # fmt: skip
+                share, online, in_flight, retries, callbacks, redis_memory, *histograms]  # fmt: skip
 
     async def _histogram(self, name: str, documentation: str, key: str) -> HistogramMetricFamily:
         """A Prometheus histogram from the per-bucket counts status.lua keeps (in ms)."""

@@ -30,6 +30,7 @@ from app.migration.tracker import MigrationTracker
 from app.services import Services
 from app.submission import Submission
 from app.submission_input import EVAL_ID_PATTERN, ignored_fields, offered_languages, parse_submission
+from evaluations import json_codec
 from evaluations.api_keys import PRIORITY_TIERS, ApiKey, KeyStore
 from evaluations.errors import (
     Conflict,
@@ -41,8 +42,10 @@ from evaluations.errors import (
     TooLarge,
     Unavailable,
 )
+from evaluations.live_output import is_live
 from evaluations.queue import LEVELS, task_id_of
-from evaluations.status import STATUSES, celery_state
+from evaluations.status import STATUSES, TERMINAL
+from evaluations.views import for_caller, public_view
 from infra.credentials import auth_failed
 from infra.gc_tuning import tune_for_serving
 from infra.logs import configure_logging
@@ -53,70 +56,21 @@ from infra.web import (
     install_error_handlers,
     query_bool,
     query_int,
+    query_seconds,
     read_json,
     read_json_object,
     requires,
+    until_client_gone,
 )
 
 log = structlog.get_logger(__name__)
 
 MAX_BATCH = 100
+#: What an `output` or `error` event of `/api/eval/{id}/events` shows of a live chunk.
+LIVE_FIELDS = ("data", "seq", "at_ms", "truncated")
 MAX_PAGE = 1000
-
-
-def public_view(record: dict[str, Any]) -> dict[str, Any]:
-    """An evaluation as the contract shows it, plus what else a caller may want (and, for a
-    submission with test cases, its verdict and each case's result)."""
-    view = {
-        "eval_id": record["id"],
-        "task_id": record.get("task_id"),
-        "status": record["status"],
-        "celery_state": celery_state(record),
-        "success": record["status"] == "completed",
-        "language": record.get("language"),
-        "code": record.get("code"),
-        "created_at": record.get("created_at"),
-        "started_at": record.get("started_at"),
-        "completed_at": record.get("completed_at"),
-        "output": record.get("output"),
-        "error": record.get("error"),
-        "exit_code": record.get("exit_code"),
-        "signal": record.get("signal"),
-        "runtime_ms": record.get("runtime_ms"),
-        "cpu_ms": record.get("cpu_ms"),
-        "peak_memory_kb": record.get("peak_memory_kb"),
-        "output_truncated": record.get("output_truncated", False),
-        "error_truncated": record.get("error_truncated", False),
-        # failed for a reason of ours (retries exhausted reaching a service), not the program's
-        "internal_error": record.get("internal_error", False),
-        "queue": record.get("queue"),
-        "worker": record.get("worker"),
-        "executor": record.get("executor"),
-        "retries": record.get("retries", 0),
-        "retrying": celery_state(record) == "RETRY",
-        "next_retry_at": record.get("next_retry_at"),
-        "queue_system": record.get("queue_system") or "dramatiq",
-    }
-    if record.get("total") is not None:
-        view.update({k: record.get(k) for k in ("verdict", "passed", "total", "cases", "compile")})
-    return view
-
-
-#: Names of our machines (executor URLs, worker hosts): operators see them, other callers do not.
-INTERNAL_FIELDS = frozenset({"executor", "worker"})
-
-
-def for_caller(data: dict[str, Any], key: ApiKey | None) -> dict[str, Any]:
-    """A record's view or a status change as `key` may see it. For a key that is not an
-    admin's, without internal addresses, and a failure of ours (`internal_error`) by its kind
-    only: its text names executors and hosts; the DLQ entry and the logs keep it whole."""
-    if key is not None and key.is_admin:
-        return data
-    shown = {name: value for name, value in data.items() if name not in INTERNAL_FIELDS}
-    if shown.get("internal_error") and shown.get("error"):
-        kind = str(shown["error"]).split(":", 1)[0]
-        shown["error"] = f"{kind}: the service failed to run this evaluation (not the program's fault)"
-    return shown
+#: How long `POST /api/eval?wait=true` waits without `wait_timeout` (at most CRUCIBLE_MAX_WAIT_S).
+DEFAULT_WAIT_S = 10.0
 
 
 class Api:
@@ -131,6 +85,7 @@ class Api:
         self.dlq = services.dlq
         self.limiter = services.limiter
         self.executors = services.executors
+        self.keys = services.keys
         self.languages = offered_languages(self.settings)
 
     async def openapi(self, request: Request) -> JSONResponse:
@@ -160,6 +115,33 @@ class Api:
         return key
 
     async def submit(self, request: Request) -> JSONResponse:
+        params, most = request.query_params, self.settings.max_wait_s  # `wait_timeout` checked even alone
+        wait_s = query_seconds(
+            params.get("wait_timeout"), "wait_timeout", default=min(DEFAULT_WAIT_S, most), most=most
+        )
+        if query_bool(params.get("wait"), "wait"):
+            return await self._submit_and_wait(request, wait_s)
+        return await self._submit(request)
+
+    async def _submit_and_wait(self, request: Request, wait_s: float) -> JSONResponse:
+        """`?wait=true`: the result, as `GET /api/eval/{id}` shows it, if it comes within `wait_s`
+        (200); else the queued answer with the status now, `queued` or `running` (202). The wait
+        holds one of the key's event-stream places, taken before anything is submitted (all
+        taken: 429, nothing submitted), and follows on the process's shared subscription."""
+        key = caller(request)
+        assert key is not None
+        async with self.limiter.stream(key):
+            queued = await self._submit(request)
+            answer = json_codec.loads(queued.body)  # as without waiting, whatever fields it has
+            last = await until_client_gone(request, self.streams.last_within(answer["eval_id"], wait_s))
+        headers = {k: v for k, v in queued.headers.items() if k not in ("content-length", "content-type")}
+        record = await self.store.get(answer["eval_id"]) if last and last["status"] in TERMINAL else None
+        if record is None:
+            return JSONResponse({**answer, "status": last["status"] if last else "queued"}, 202, headers)
+        view = for_caller(public_view(record), key)
+        return JSONResponse({**answer, **view, "message": "Evaluation finished"}, headers=headers)
+
+    async def _submit(self, request: Request) -> JSONResponse:
         body = await read_json_object(request, self.settings.body_timeout_s)
         sub = parse_submission(body, self.settings, self.languages)
         key = self._submitter_key(request, sub.priority, chose_id="eval_id" in body)
@@ -241,21 +223,25 @@ class Api:
         return JSONResponse(for_caller(public_view(await self.visible(request)), caller(request)))
 
     async def follow_evaluation(self, request: Request) -> StreamingResponse:
-        """Server-sent events: one `status` event per change, closing after the final one."""
+        """Server-sent events: one `status` event per change, closing after the final one; while
+        it runs, `output` and `error` events with chunks of what the program writes (`data`,
+        `seq`, `at_ms`, and `truncated` on the last when it wrote past the stored cap)."""
         eval_id = (await self.visible(request))["id"]
         key = caller(request)
         assert key is not None
         place = contextlib.AsyncExitStack()
         await place.enter_async_context(self.limiter.stream(key))  # 429 when the key has too many
 
+        def sse(event: dict[str, Any]) -> str:
+            if is_live(event):
+                chunk = {name: event[name] for name in LIVE_FIELDS if name in event}
+                return f"event: {event['type']}\ndata: {json.dumps(for_caller(chunk, key))}\n\n"
+            return f"event: status\ndata: {json.dumps(for_caller(event, key))}\n\n"
+
         async def stream() -> AsyncIterator[str]:
             async with place:
-                async for event in self.streams.follow(eval_id):
-                    yield (
-                        ": keep-alive\n\n"
-                        if event is None
-                        else f"event: status\ndata: {json.dumps(for_caller(event, key))}\n\n"
-                    )
+                async for event in self.streams.follow(eval_id, live=True):
+                    yield ": keep-alive\n\n" if event is None else sse(event)
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"}
@@ -270,6 +256,20 @@ class Api:
         if not outcome.cancelled:
             raise Refused(outcome.message, **outcome.to_dict())
         return JSONResponse({"eval_id": eval_id, "status": "cancelled", **outcome.to_dict()})
+
+    # -- webhooks ----------------------------------------------------------------------------
+
+    async def webhook_secret(self, request: Request) -> JSONResponse:
+        """The secret the caller's webhooks are signed with (made on first ask), to verify them."""
+        key = caller(request)
+        assert key is not None
+        return JSONResponse({"key_id": key.id, "secret": await self.keys.webhook_secret(key.id)})
+
+    async def rotate_webhook_secret(self, request: Request) -> JSONResponse:
+        """A new secret for the caller's webhooks: deliveries signed from now on use it."""
+        key = caller(request)
+        assert key is not None
+        return JSONResponse({"key_id": key.id, "secret": await self.keys.rotate_webhook_secret(key.id)})
 
     # -- dead-letter queue -------------------------------------------------------------------
 
@@ -439,6 +439,10 @@ def create_app(settings: Settings | None = None, extra_routes: Sequence[BaseRout
             Route("/api/eval/{eval_id}/timeline", user(api.endpoint(Api.timeline))),
             Route("/api/eval/{eval_id}/cancel", user(api.endpoint(Api.cancel)), methods=["POST"]),
             Route("/api/evaluations", user(api.endpoint(Api.list_evaluations))),
+            Route("/api/webhook-secret", user(api.endpoint(Api.webhook_secret))),
+            Route(
+                "/api/webhook-secret/rotate", user(api.endpoint(Api.rotate_webhook_secret)), methods=["POST"]
+            ),
             Route("/api/dlq/tasks", admin(api.endpoint(Api.dlq_list))),
             Route("/api/dlq/statistics", admin(api.endpoint(Api.dlq_statistics))),
             Route(

@@ -35,6 +35,9 @@
 --                                   Redis or database ($backend, see write_celery_meta), until
 --                                   app/celery/results.py has written it there
 -- $ns:results:celery:$backend:due   list of those keys, pushed at each change (the relay's wake-up)
+-- $ns:callbacks:due    zset "<eval_id> <final at ms>" -> when due (ms): a finished evaluation
+--                      with a webhook (`callback_url`), to be sent by actors/callbacks.py
+-- $ns:callbacks:bell   list rung with each one, so a relay wakes at once
 
 local LATENCY_SAMPLES = 1000
 -- Celery's result backend (app/celery/ingress.py): an evaluation taken from a Celery producer
@@ -260,6 +263,18 @@ local function transition(ns, eval_id, new_status, now, allowed_csv, fields, exp
         redis.call("hincrby", minute, new_status, 1)
         redis.call("hincrby", minute, "lat:" .. bucket(bounds, since_submitted), 1)
         redis.call("expire", minute, 7200)
+    end
+
+    -- a finished evaluation with a webhook: its result is due to be sent (actors/callbacks.py)
+    if final == "1" then
+        local callback = redis.call("hget", record, "callback_url")
+        if callback and callback ~= "" then
+            redis.call("zadd", ns .. ":callbacks:due", now, eval_id .. " " .. now)
+            redis.call("hset", record, "callback_status", "due", "callback_due_at", now, "callback_attempts", 0,
+                "callback_last_error", "")
+            redis.call("rpush", ns .. ":callbacks:bell", "1")
+            redis.call("ltrim", ns .. ":callbacks:bell", -64, -1)
+        end
     end
 
     fields["eval_id"] = eval_id

@@ -22,6 +22,7 @@ from middleware.priority import PriorityRouting
 from middleware.running import MarkRunning
 from middleware.state import (
     FETCH_MARK,
+    PUBLISH,
     REDIS_ID_OPTION,
     SETTLE,
     STATUS_CHANGE,
@@ -76,6 +77,21 @@ def test_fetch_takes_no_more_than_the_free_slots(broker: PriorityBroker) -> None
     job.send_with_options(args=(99,), queue_level="high")
     consumer.ack(first)
     assert next(consumer).args[0] == 99  # the freed slot goes to the high message
+
+
+def test_a_message_a_settle_fetched_goes_to_the_consumer_restarted_meanwhile(broker: PriorityBroker) -> None:
+    """Dramatiq settles from the worker thread with the consumer it had: after a connection
+    error that one is closed, and its replacement comes 3 s later. A settle in between fetched
+    the freed slot's next message into the closed consumer, where nobody took it, and its slot
+    stayed busy for good: the worker ran nothing more."""
+    job = declare(broker)
+    for n in range(3):
+        job.send_with_options(args=(n,), queue_level="low")
+    closed = PriorityConsumer(broker, slots=2)
+    first, _ = next(closed), next(closed)
+    restarted = PriorityConsumer(broker, slots=2)
+    closed.ack(first)  # the worker thread's settle, through the consumer it had
+    assert next(restarted).args[0] == 2
 
 
 def test_actor_option_sets_the_default_level(broker: PriorityBroker) -> None:
@@ -152,11 +168,21 @@ def test_ack_commits_the_result_the_actor_left_in_the_same_round_trip(
         broker.client.script_flush()
     change = StatusChange("e1", "completed", ("running",), {"output": "hi\n"}, expect={"attempt": "a1"})
     message.options[STATUS_CHANGE] = asdict(change)
+    # a run's last chunks of live output, published in the same MULTI just before the status
+    channel = f"{broker.namespace}:events:e1"
+    message.options[PUBLISH] = [[channel, '{"type":"output","data":"hi\\n"}']]
+    listener = broker.client.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(channel)
+    listener.get_message(timeout=1)  # the subscription's confirmation
     consumer.ack(message)
     assert broker.client.hget(record, "status") == b"completed"
     assert broker.client.hget(record, "output") == b"hi\n"
     assert broker.client.hget(f"{broker.namespace}:stats", "final:dramatiq:completed") == b"1"
     assert broker.queue_sizes()["in_flight"] == 0 and not broker.client.hlen(f"{broker.namespace}:msgs")
+    heard = [json.loads(m["data"]) for m in iter(lambda: listener.get_message(timeout=1), None)]
+    listener.close()
+    assert heard[0] == {"type": "output", "data": "hi\n"} and heard[1]["status"] == "completed"
+    assert len(heard) == 2
 
 
 def test_a_stale_attempts_result_is_refused_and_its_message_still_settled(broker: PriorityBroker) -> None:

@@ -8,8 +8,10 @@ several) and deleted with theirs. Screenshots of each page go to test-artifacts/
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
-from contextlib import ExitStack
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -59,6 +61,27 @@ CASES = [
 ]
 
 
+@contextmanager
+def receiver() -> Iterator[str]:
+    """A webhook receiver on loopback that takes everything (the stack allows 127.0.0.1)."""
+
+    class Taker(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Taker)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    finally:
+        server.shutdown()
+
+
 async def dead_letter(api: httpx.AsyncClient) -> str:
     """A real dead letter: the executor refuses a time-out above its own maximum (422, not retried)."""
     eval_id = await submit(api, "print('too patient')", timeout=90)
@@ -74,6 +97,7 @@ async def test_the_dashboard_shows_and_steers_the_system(
     env = stack_env(
         redis_url, namespace, executor_url,
         CRUCIBLE_MAX_TIMEOUT="120", CELERY_CONCURRENCY="1", CRUCIBLE_WORKER_THREADS="1",
+        CRUCIBLE_WEBHOOK_ALLOW_HOSTS="127.0.0.1",
     )  # fmt: skip
     with ExitStack() as stack:
         s: Stack = start_stack(stack, "dashboard", env)
@@ -144,6 +168,14 @@ async def test_the_dashboard_shows_and_steers_the_system(
             await expect(shown).to_be_visible()  # still open after the next poll
             assert await page.locator("#detail img").count() == 0 and dialogs == []
             await page.screenshot(path=SHOTS / "dashboard-test-cases.png", full_page=True)
+
+            # A webhook's delivery: its state, attempts and where it went.
+            with receiver() as url:
+                hooked = await submit(api, "print('hooked')", callback_url=url)
+                await wait_final(api, hooked)
+                await page.locator(f"tr[data-eval='{hooked}']").click()
+                delivery = page.locator("[data-field=webhook]")
+                await expect(delivery).to_have_text(f"delivered, 1 attempt → {url}")
 
             # New ones show up live; cancel the waiting one, terminate the running one.
             slow = await submit(api, "import time; time.sleep(60)")

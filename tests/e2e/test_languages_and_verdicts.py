@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable
+
 import httpx
 import pytest
 import redis.asyncio as aioredis
 
 from evaluations.api_keys import KeyStore
+from evaluations.languages import registry
 from tests.conftest import Stack
 from tests.helpers import api_client, submit, wait_final
 from tests.helpers import execute as run
+
+#: What the executor offers here: the languages whose toolchains are installed under /usr.
+OFFERED = registry("/usr/bin/python3")
+#: Offered only where their Debian packages are installed (golang-go, rustc); every other
+#: language below must be here, and its tests run.
+OPTIONAL = {"go", "rust"}
+
+
+def present(languages: Iterable[str]) -> list[str]:
+    """The languages of `languages` to test here: the optional ones only where installed."""
+    return sorted(name for name in languages if name in OFFERED or name not in OPTIONAL)
+
 
 HELLO = {
     "python": "import sys\nprint('hello', sys.argv[1:], input())",
@@ -20,6 +36,13 @@ HELLO = {
     ' printf("hello %s %s", v[1], b); return 0;}',
     "cpp": "#include <iostream>\n#include <string>\nint main(int c, char**v){std::string s;"
     ' std::getline(std::cin, s); std::cout << "hello " << v[1] << " " << s << std::endl;}',
+    "java": "import java.util.Scanner;\npublic class Main { public static void main(String[] args) {"
+    ' System.out.println("hello " + args[0] + " " + new Scanner(System.in).nextLine()); } }',
+    "go": 'package main\nimport ("bufio"; "fmt"; "os")\nfunc main() {'
+    ' line, _ := bufio.NewReader(os.Stdin).ReadString(10); fmt.Printf("hello %s %s", os.Args[1], line) }',
+    "rust": "use std::io::BufRead;\nfn main() { let mut line = String::new();"
+    " std::io::stdin().lock().read_line(&mut line).unwrap();"
+    ' print!("hello {} {}", std::env::args().nth(1).unwrap(), line); }',
 }
 EXPECTED = {
     "python": "hello ['one'] from stdin\n",
@@ -27,10 +50,13 @@ EXPECTED = {
     "bash": "hello one from stdin\n",
     "c": "hello one from stdin\n",
     "cpp": "hello one from stdin\n",
+    "java": "hello one from stdin\n",
+    "go": "hello one from stdin\n",
+    "rust": "hello one from stdin\n",
 }
 
 
-@pytest.mark.parametrize("language", sorted(HELLO))
+@pytest.mark.parametrize("language", present(HELLO))
 async def test_each_language_runs_with_stdin_and_arguments(
     executor: httpx.AsyncClient, language: str
 ) -> None:
@@ -42,9 +68,90 @@ async def test_each_language_runs_with_stdin_and_arguments(
 
 async def test_languages_are_listed_with_versions(executor: httpx.AsyncClient) -> None:
     languages = {entry["name"]: entry for entry in (await executor.get("/languages")).json()["languages"]}
-    assert set(languages) >= {"python", "javascript", "bash", "c", "cpp"}
+    # exactly what is installed under /usr: a toolchain elsewhere (rustup's in a home folder) is not
+    assert set(languages) == set(OFFERED) >= {"python", "javascript", "bash", "c", "cpp", "java"}
     assert languages["python"]["version"].startswith("Python 3")
     assert languages["c"]["compiled"] is True and "gcc" in languages["c"]["version"]
+    assert languages["java"]["compiled"] is True and languages["java"]["version"].startswith("openjdk ")
+
+
+def java_main(body: str, imports: str = "") -> str:
+    return f"{imports}public class Main {{ public static void main(String[] args) {{ {body} }} }}"
+
+
+#: For each compiled language but C's (tested above and below): a program for each verdict, and
+#: words its answer's error holds. A full JVM heap (-Xmx, under the limit) ends the JVM itself;
+#: Go and Rust programs meet the cgroup's or the address-space limit.
+VERDICTS: dict[str, dict[str, tuple[str, str]]] = {
+    "java": {
+        "compile_error": (java_main('int x = "s";'), "error: incompatible types"),
+        "failed": (java_main('throw new IllegalStateException("boom");'),
+                   'Exception in thread "main" java.lang.IllegalStateException: boom'),
+        "timeout": (java_main("long i = 0; while (true) i++;"), "CPU time limit of 1s exceeded"),
+        "memory_limit_exceeded": (
+            java_main("List<long[]> l = new ArrayList<>(); while (true) l.add(new long[1 << 20]);",
+                      "import java.util.*;\n"),
+            "java.lang.OutOfMemoryError: Java heap space"),
+    },
+    "go": {
+        "compile_error": ('package main\nfunc main() { var x int = "s"; _ = x }', "cannot use"),
+        "failed": ('package main\nfunc main() { panic("boom") }', "panic: boom"),
+        "timeout": ("package main\nfunc main() { for {} }", "CPU time limit of 1s exceeded"),
+        "memory_limit_exceeded": (
+            "package main\nvar kept [][]byte\nfunc main() { for {"
+            " b := make([]byte, 1 << 20); for i := range b { b[i] = 1 }; kept = append(kept, b) } }",
+            "Memory limit of 128 MB exceeded"),
+    },
+    "rust": {
+        "compile_error": ('fn main() { let x: i32 = "s"; }', "error[E0308]"),
+        "failed": ('fn main() { panic!("boom"); }', "boom"),
+        "timeout": (
+            "fn main() { let mut i = 0u64; loop { unsafe { std::ptr::write_volatile(&mut i, i + 1) } } }",
+            "CPU time limit of 1s exceeded"),
+        "memory_limit_exceeded": (
+            "fn main() { let mut kept = Vec::new(); loop { kept.push(vec![1u8; 1 << 20]); } }",
+            "Memory limit of 128 MB exceeded"),
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("language", "status"), [(lang, status) for lang in present(VERDICTS) for status in VERDICTS[lang]]
+)
+async def test_each_compiled_language_has_each_verdict(
+    executor: httpx.AsyncClient, language: str, status: str
+) -> None:
+    code, said = VERDICTS[language][status]
+    timeout = 1 if status == "timeout" else 10
+    result = await run(executor, code, language=language, timeout=timeout, memory_mb=128)
+    assert result["status"] == status, result
+    assert said in result["error"], result["error"]
+    if status == "compile_error":
+        assert result["output"] == ""
+
+
+async def test_a_java_program_compiles_once_for_its_cases_with_a_class_beside_it(
+    executor: httpx.AsyncClient,
+) -> None:
+    """The compile step builds Main and the classes it uses from files beside it; each case runs
+    the one jar in a sandbox of its own."""
+    code = f"// {uuid.uuid4().hex}\n" + java_main(
+        "System.out.println(Twice.of(new Scanner(System.in).nextInt()));", "import java.util.Scanner;\n"
+    )
+    files = [{"name": "Twice.java", "content": "class Twice { static long of(long n) { return 2 * n; } }"}]
+    tests = [{"stdin": "21", "expected_output": "42\n"}, {"stdin": "5", "expected_output": "11\n"}]
+    body = {"eval_id": f"java-cases-{uuid.uuid4().hex[:8]}", "code": code, "language": "java", "files": files,
+            "tests": tests}  # fmt: skip
+    answer = await executor.post("/execute", json=body)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert [case["status"] for case in result["cases"]] == ["accepted", "wrong_answer"], result
+    assert result["compile"]["status"] == "completed" and result["compile"]["cached"] is False
+    assert (result["passed"], result["total"], result["verdict"]) == (1, 2, "wrong_answer")
+    # the same program again: the compile cache serves the jar
+    repeat = {**body, "eval_id": f"{body['eval_id']}-again", "tests": tests[:1]}
+    again = (await executor.post("/execute", json=repeat)).json()
+    assert again["compile"]["cached"] is True and [case["status"] for case in again["cases"]] == ["accepted"]
 
 
 async def test_compile_error_is_its_own_verdict(executor: httpx.AsyncClient) -> None:
@@ -143,6 +250,6 @@ async def test_any_key_lists_the_executors_languages_through_the_api(
         assert (await anon.get("/api/languages")).status_code == 401
     assert response.status_code == 200, response.text
     languages = {entry["name"]: entry for entry in response.json()["languages"]}
-    assert set(languages) >= {"python", "javascript", "bash", "c", "cpp"}
+    assert set(languages) == set(OFFERED)
     assert languages["python"]["version"].startswith("Python 3") and languages["python"]["compiled"] is False
     assert languages["cpp"]["compiled"] is True

@@ -147,11 +147,13 @@ async def test_health_reports_redis_and_queues(api: httpx.AsyncClient) -> None:
 
 async def test_status_changes_can_be_followed_as_server_sent_events(api: httpx.AsyncClient) -> None:
     eval_id = await submit(api, "import time; time.sleep(0.3); print('followed')")
-    statuses = []
+    statuses, kind = [], None
     async with api.stream("GET", f"/api/eval/{eval_id}/events") as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         async for line in response.aiter_lines():
-            if line.startswith("data: "):
+            if line.startswith("event: "):
+                kind = line[len("event: ") :]
+            if line.startswith("data: ") and kind == "status":  # besides `output` events
                 statuses.append(json.loads(line[len("data: ") :])["status"])
     assert statuses == ["queued", "running", "completed"]
     # following a finished evaluation replays its timeline and closes

@@ -129,7 +129,7 @@ async function refreshDetail() {
     system: e.queue_system, worker: e.worker, executor: e.executor, retries: e.retries, "next retry": e.next_retry_at,
     "exit code": e.exit_code, "run time": e.runtime_ms == null ? null : `${e.runtime_ms} ms`,
     "peak memory": e.peak_memory_kb == null ? null : `${e.peak_memory_kb} KiB`, created: e.created_at,
-    started: e.started_at, completed: e.completed_at };
+    started: e.started_at, completed: e.completed_at, webhook: webhook(e.callback) };
   $("#detail-fields").innerHTML = Object.entries(fields)
     .map(([k, v]) => `<dt>${esc(k)}</dt><dd data-field="${esc(k)}">${esc(v ?? "–")}</dd>`).join("");
   renderCases(e);
@@ -143,6 +143,10 @@ async function refreshDetail() {
   $("#cancel").disabled = !open;
   $("#terminate").disabled = e.status !== "running";
 }
+
+// A webhook's delivery: its state, attempts and last error (null: the submission has none).
+const webhook = (c) => (c ? `${c.status}, ${c.attempts} attempt${c.attempts === 1 ? "" : "s"}` +
+  `${c.last_error ? `: ${c.last_error}` : ""} → ${c.url}` : null);
 
 // A submission with test cases: its verdict, the compile step and a row per case, whose output
 // and error open below it. Redrawn only when the evaluation's cases change, so an open row stays
