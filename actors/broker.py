@@ -34,6 +34,7 @@ from dramatiq.message import Message
 from redis.commands.core import Script
 
 from evaluations import json_codec
+from evaluations.errors import Unavailable
 from evaluations.queue import (
     LEVEL_OPTION,
     LEVELS,
@@ -76,6 +77,11 @@ DISPATCH_LUA = (
 BOUNDS_CSV = ",".join(map(str, HISTOGRAM_BOUNDS_MS))
 #: Broker operations that also record this worker's heartbeat.
 BEATING = ("fetch", "heartbeat")
+
+
+class NotReplicated(Unavailable):
+    """A write Redis took, not yet confirmed by `min_replicas` replicas: a fail-over now would
+    lose it."""
 
 
 def prepare(
@@ -143,7 +149,12 @@ class PriorityBroker(Broker):
         heartbeat_interval_ms: int = 1000,
         heartbeat_timeout_ms: int = 10000,
         middleware: list[Any] | None = None,
+        client: redis.Redis | None = None,
+        min_replicas: int = 0,
+        wait_ms: int = 500,
     ) -> None:
+        """`client`: made from `url` unless given (`sync_client_for`: Sentinels). `min_replicas`:
+        a settle with a result waits (WAIT) until that many replicas have it."""
         super().__init__(middleware=middleware)
         self.namespace = namespace
         self.levels = tuple(levels)
@@ -165,7 +176,9 @@ class PriorityBroker(Broker):
         self.last_beat = 0.0
         #: the worker is shutting down: it takes no more messages (it would only hand them back)
         self.stopping = False
-        self.client = sync_client(url)
+        self.client = client if client is not None else sync_client(url)
+        self.min_replicas = min_replicas
+        self.wait_ms = wait_ms
         self._dispatch = self.client.register_script(DISPATCH_LUA)
         self._transition = self.client.register_script(TRANSITION_LUA)
 
@@ -231,7 +244,7 @@ class PriorityBroker(Broker):
             fetch, stamp = self.fetch_args(refill)
             calls.append((self._dispatch, self._dispatch_args("fetch", *fetch)))
         try:
-            results = self._multi_by_sha(calls, publish)
+            results = self._multi_by_sha(calls, publish, replicated=status is not None)
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
         if refill:
@@ -244,19 +257,27 @@ class PriorityBroker(Broker):
         return fetched(results[-1], stamp) if refill else []
 
     def _multi_by_sha(
-        self, calls: list[tuple[Script, list[Any]]], publish: Sequence[Sequence[str]] = ()
+        self,
+        calls: list[tuple[Script, list[Any]]],
+        publish: Sequence[Sequence[str]] = (),
+        replicated: bool = False,
     ) -> list[Any]:
         """Run scripts in one MULTI by sha alone (redis-py's pipelined scripts would first ask
         SCRIPT EXISTS: a second round trip on every ack), after publishing `publish`. If Redis
-        lost its script cache (a restart), load them and run again just the calls that failed
-        for it: each is safe to repeat (a settled message is not settled twice, a made change is
-        refused); the scripts' answers are returned."""
+        lost its script cache (a restart, a fail-over), load them and run again just the calls
+        that failed for it: each is safe to repeat (a settled message is not settled twice, a
+        made change is refused); the scripts' answers are returned. `replicated`: with
+        `min_replicas`, wait (WAIT, on the MULTI's own connection) until that many replicas
+        have it."""
         with self.client.pipeline(transaction=True) as pipe:
             for channel, published in publish:
                 pipe.publish(channel, published)
             for script, args in calls:
                 pipe.evalsha(script.sha, 1, self.namespace, *args)
-            results = pipe.execute(raise_on_error=False)[len(publish) :]
+            if replicated and self.min_replicas:
+                results = self._multi_then_wait(pipe)[len(publish) :]
+            else:
+                results = pipe.execute(raise_on_error=False)[len(publish) :]
         lost = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
         for script in {calls[i][0] for i in lost}:
             script.sha = self.client.script_load(script.script)
@@ -266,6 +287,29 @@ class PriorityBroker(Broker):
         for result in results:
             if isinstance(result, Exception):
                 raise result
+        return results
+
+    def _multi_then_wait(self, pipe: redis.client.Pipeline) -> list[Any]:
+        """`pipe`'s MULTI, then WAIT on the same connection (WAIT counts the replicas that have
+        this connection's writes, and cannot run inside MULTI). Too few replicas in time is
+        logged, not raised: the result stands on the primary, and settling again would not
+        replicate it sooner; a fail-over within that window loses it (the run is then redone
+        when its worker is taken for dead, or stays `running`: see docs/scaling.md)."""
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            results = pipe._execute_transaction(conn, pipe.command_stack, False)
+            conn.send_command("WAIT", self.min_replicas, self.wait_ms)
+            replicas = int(conn.read_response())
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        if replicas < self.min_replicas:
+            log.warning(
+                "settle.not_replicated", replicas=replicas, wanted=self.min_replicas, wait_ms=self.wait_ms
+            )
         return results
 
     def transition(self, change: StatusChange) -> tuple[bool, str]:
@@ -451,9 +495,14 @@ class AsyncEnqueuer:
     """Broker operations from async code (the API, upkeep actors) with the same Lua script,
     never blocking the loop."""
 
-    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+    def __init__(
+        self, client: aioredis.Redis, namespace: str, min_replicas: int = 0, wait_ms: int = 500
+    ) -> None:
         self.client = client
         self.namespace = namespace
+        #: a submission is answered only once this many replicas have it (WAIT; 0: at once)
+        self.min_replicas = min_replicas
+        self.wait_ms = wait_ms
         self._dispatch = client.register_script(DISPATCH_LUA)
 
     async def dispatch_in(self, pipe: aioredis.client.Pipeline, command: str, *args: Any) -> None:
@@ -481,7 +530,37 @@ class AsyncEnqueuer:
         _, args = prepare(message, level, marks=eval_id_of(message))  # the record's own message
         ahead = LEVELS[: LEVELS.index(level) + 1]
         command = ["submit", "api", 0, record_key, json_codec.dumps(creation), quota, *args, *ahead]
-        return list(await self._dispatch(keys=[self.namespace], args=command))
+        if not self.min_replicas:
+            return list(await self._dispatch(keys=[self.namespace], args=command))
+        return await self._submit_replicated(record_key, command)
+
+    async def _submit_replicated(self, record_key: str, command: list[Any]) -> list[Any]:
+        """`submit`, then WAIT on the same connection (one pipeline, not a transaction: WAIT
+        counts the replicas that have this connection's writes). Fewer replicas than
+        `min_replicas` within `wait_ms` is `NotReplicated` (a 503): the caller may send it
+        again with the same eval_id."""
+        for _ in range(2):
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self._dispatch.sha, 1, self.namespace, *command)
+                pipe.execute_command("WAIT", self.min_replicas, self.wait_ms)
+                reply, replicas = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, redis.exceptions.NoScriptError):  # a new primary: load it there
+                self._dispatch.sha = await self.client.script_load(self._dispatch.script)
+                continue
+            break
+        for answer in (reply, replicas):
+            if isinstance(answer, Exception):
+                raise answer
+        reply = list(reply)
+        if int(reply[0]) in (1, 2) and int(replicas) < self.min_replicas:
+            raise NotReplicated(
+                "the submission is not yet on a replica (Redis may be failing over); send it again "
+                "with the same eval_id: a 409 then means this one was kept",
+                headers={"Retry-After": "1"},
+                replicas=int(replicas),
+                wanted=self.min_replicas,
+            )
+        return reply
 
     async def sweep_orphans(self, page: int = 1000) -> int:
         """Drop message bookkeeping (`eval_of`, `deliveries`) left behind by workers of an

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import dramatiq
 import httpx
 import structlog
 from dramatiq import Middleware
@@ -43,7 +46,6 @@ from evaluations.webhooks import (
     signature,
 )
 from infra.outbound import BlockedAddress
-from infra.redis_client import sync_client
 from middleware.state import RETRIES
 
 if TYPE_CHECKING:
@@ -57,6 +59,8 @@ POLICY = "network_error"
 USER_AGENT = "Crucible-Webhooks/1"
 #: How long a relay holds what it took before another may take it (it died meanwhile).
 LEASE_MS = 30_000
+#: How long a delivery waits when its key has as many in flight as it may (and up to as long again).
+DEFER_MS = 1000
 #: How many due webhooks a relay takes at once, and how long it waits for the bell.
 TAKE = 50
 BELL_WAIT_S = 1
@@ -91,7 +95,8 @@ async def deliver_callback(rt: WorkerRuntime, eval_id: str, final_at_ms: int) ->
         return "superseded"
     keys = KeyStore(client, store.ns)
     owner = record.get("owner") or ""
-    view = for_caller(public_view(record), await keys.get(owner))
+    # as a key that is not an admin's sees it, whoever sent it: it leaves for another host
+    view = for_caller(public_view(record), None)
     view.pop("callback", None)
     body = json_codec.dumps(view).encode()
     headers = {
@@ -102,8 +107,32 @@ async def deliver_callback(rt: WorkerRuntime, eval_id: str, final_at_ms: int) ->
         DELIVERY_HEADER: delivery_id(eval_id, final_at_ms),
         EVENT_HEADER: EVENT,
     }
-    record_key = store.keys.record(eval_id)
-    await client.hincrby(record_key, "callback_attempts", 1)
+    # a key's deliveries hold at most `webhook_max_in_flight` worker slots at once: receivers
+    # that never answer cannot take every tenant's slots (the rest wait, no attempt counted)
+    in_flight = store.keys.callbacks_in_flight(owner)
+    timeout = rt.settings.webhook_timeout_s
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.incr(in_flight)
+        pipe.expire(in_flight, int(timeout) + 60)
+        held, _ = await pipe.execute()
+    try:
+        if int(held) > rt.settings.webhook_max_in_flight:
+            await _later(eval_id, final_at_ms)
+            bound.info("callback.deferred", in_flight=int(held) - 1)
+            return "deferred"
+        return await _attempt(rt, eval_id, record, body, headers)
+    finally:
+        await client.decr(in_flight)
+
+
+async def _attempt(
+    rt: WorkerRuntime, eval_id: str, record: dict[str, Any], body: bytes, headers: dict[str, str]
+) -> str:
+    """One POST of the webhook and what it came to; DeliveryFailed when it is to be retried."""
+    resources = rt.resources()
+    store, client = resources.store, resources.redis
+    bound = log.bind(eval_id=eval_id)
+    await client.hincrby(store.keys.record(eval_id), "callback_attempts", 1)
     timeout = rt.settings.webhook_timeout_s
     try:
         status = await asyncio.wait_for(
@@ -116,11 +145,13 @@ async def deliver_callback(rt: WorkerRuntime, eval_id: str, final_at_ms: int) ->
         error = f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else "")
     except BlockedAddress as exc:
         await _outcome(client, store, eval_id, "refused", str(exc))
-        bound.warning("callback.refused", error=str(exc))
+        bound.warning("callback.refused", error=str(exc), detail=exc.detail)
         return "refused"
     except TimeoutError:
         error = f"no answer within {timeout:g} s"
     except httpx.HTTPError as exc:
+        error = f"{type(exc).__name__}: {exc}"[:500]
+    except Exception as exc:  # anything else the sender raised: a failure like the others
         error = f"{type(exc).__name__}: {exc}"[:500]
     message = CurrentMessage.get_current_message()
     retries = int(message.options.get(RETRIES, 0)) if message else 0
@@ -128,6 +159,16 @@ async def deliver_callback(rt: WorkerRuntime, eval_id: str, final_at_ms: int) ->
     await _outcome(client, store, eval_id, "failed" if last else "retrying", error)
     bound.warning("callback.failed", error=error, retries=retries, last=last)
     raise DeliveryFailed(error)
+
+
+async def _later(eval_id: str, final_at_ms: int) -> None:
+    """Send this delivery again in a moment, with the retries it has had."""
+    current = CurrentMessage.get_current_message()
+    broker = dramatiq.get_broker()
+    message = broker.get_actor(CALLBACK_ACTOR).message_with_options(
+        args=(eval_id, final_at_ms), **{RETRIES: int(current.options.get(RETRIES, 0)) if current else 0}
+    )
+    await asyncio.to_thread(broker.enqueue, message, delay=DEFER_MS + random.randrange(DEFER_MS))
 
 
 async def _post(client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]) -> int:
@@ -151,8 +192,9 @@ async def _outcome(
 class CallbackRelay(Middleware):
     """In each worker process, a thread that turns due webhooks into delivery messages."""
 
-    def __init__(self, redis_url: str, namespace: str) -> None:
-        self.redis_url = redis_url
+    def __init__(self, connect: Callable[[], Any], namespace: str) -> None:
+        """`connect()` makes the thread's Redis client (`sync_client_for(settings)`)."""
+        self.connect = connect
         self.keys = RedisKeys(namespace)
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
@@ -171,7 +213,7 @@ class CallbackRelay(Middleware):
         except ActorNotFound:  # a broker built without our actors (a test's): nothing to relay
             log.info("callback.relay_idle", reason=f"no {CALLBACK_ACTOR} actor declared")
             return
-        client = sync_client(self.redis_url)
+        client = self.connect()
         claim = client.register_script(CLAIM_LUA)
         while not self.stopping.is_set():
             try:

@@ -25,7 +25,7 @@ from dramatiq.asyncio import get_event_loop_thread
 from actors.executor_client import ExecutorPool
 from evaluations.store import EvaluationStore, StatusForwarder
 from infra.outbound import AddressPolicy, guarded_client
-from infra.redis_client import async_client
+from infra.redis_client import async_client_for
 from infra.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -67,7 +67,7 @@ class WorkerRuntime:
         """The clients; the first call (on the event loop) makes them."""
         if self._resources is None:
             s = self.settings
-            client = async_client(s.redis_url_or_default)
+            client = async_client_for(s)
             http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=32))
             forwarder = StatusForwarder(s.storage_url, http) if s.storage_url else None
             store = EvaluationStore(

@@ -11,7 +11,7 @@ import time
 import redis
 
 from evaluations.redis_keys import RedisKeys
-from infra.redis_client import sync_client
+from infra.redis_client import sync_client_for
 from infra.settings import Settings
 from middleware.state import worker_name
 
@@ -23,7 +23,7 @@ FORGET_AFTER_S = 3600
 
 def start_heartbeat(settings: Settings) -> threading.Thread:
     """Publish `{ns}:schedulers` (zset name -> last beat, ms) every few seconds, in a daemon thread."""
-    client = sync_client(settings.redis_url_or_default)
+    client = sync_client_for(settings)
     name = worker_name()
 
     def beat() -> None:

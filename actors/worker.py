@@ -9,7 +9,7 @@ their options (levels, time limits, cron schedules). Nothing of it happens at im
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import dramatiq
@@ -25,7 +25,7 @@ from evaluations.languages import wall_limit
 from evaluations.queue import ENCODER, EVALUATE_ACTOR, HEALTH_CHECK_ACTOR, QUEUE_NAME, actor_time_limit_ms
 from evaluations.redis_keys import RedisKeys
 from infra.logs import configure_logging
-from infra.redis_client import sync_client
+from infra.redis_client import sync_client_for
 from infra.settings import Settings, get_settings
 from middleware.backoff import Backoff
 from middleware.dead_letter import DeadLetters
@@ -37,7 +37,7 @@ from middleware.worker_stats import WorkerStats
 
 def result_backend(settings: Settings) -> RedisBackend:
     return RedisBackend(
-        client=sync_client(settings.redis_url_or_default),
+        client=sync_client_for(settings),
         namespace=RedisKeys(settings.namespace).results,
         encoder=ENCODER,
     )
@@ -47,6 +47,9 @@ def build_broker(settings: Settings, runtime: WorkerRuntime) -> PriorityBroker:
     """The broker with Crucible's middleware stack over `runtime` (no actors, no globals set)."""
     broker = PriorityBroker(
         url=settings.redis_url_or_default,
+        client=sync_client_for(settings),
+        min_replicas=settings.redis_min_replicas,
+        wait_ms=settings.redis_wait_ms,
         namespace=settings.namespace,
         levels=settings.worker_levels,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
@@ -66,7 +69,7 @@ def build_broker(settings: Settings, runtime: WorkerRuntime) -> PriorityBroker:
             DeadLetters(on_status_change=runtime.forward_soon),
             Backoff(on_status_change=runtime.forward_soon, policies=settings.retry_policies),
             # Turns finished evaluations' due webhooks into delivery messages (a thread).
-            callbacks.CallbackRelay(settings.redis_url_or_default, settings.namespace),
+            callbacks.CallbackRelay(partial(sync_client_for, settings), settings.namespace),
             # Last of the before-hooks that may refuse a message: marks the evaluation running.
             MarkRunning(forward=runtime.forward_now, on_skip=runtime.forward_soon),
             # Return values of actors declared with store_results (health_check...), for

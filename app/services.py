@@ -20,8 +20,8 @@ from evaluations.api_keys import KeyStore
 from evaluations.quotas import RateLimiter
 from evaluations.store import EvaluationStore, StatusForwarder
 from infra.outbound import AddressPolicy
-from infra.redis_client import async_client
-from infra.redis_memory import MemoryGuard
+from infra.redis_client import async_client_for
+from infra.redis_memory import MemoryGuard, Shedding
 from infra.settings import Settings
 
 
@@ -47,7 +47,7 @@ class Services:
     @classmethod
     def build(cls, settings: Settings) -> Services:
         """Call on the event loop that will use them (Redis pools bind to it)."""
-        client = async_client(settings.redis_url_or_default)
+        client = async_client_for(settings)
         http = httpx.AsyncClient()
         forwarder = StatusForwarder(settings.storage_url, http) if settings.storage_url else None
         store = EvaluationStore(
@@ -75,8 +75,16 @@ class Services:
                 store,
                 route=route,
                 limiter=limiter,
-                memory=MemoryGuard(client, settings.redis_full_share),
+                memory=MemoryGuard(
+                    client,
+                    settings.redis_full_share,
+                    Shedding(
+                        store, settings.redis_shed_share, settings.min_retention_s, settings.shed_output_bytes
+                    ),
+                ),
                 outbound=AddressPolicy(settings.webhook_allow_hosts),
+                min_replicas=settings.redis_min_replicas,
+                wait_ms=settings.redis_wait_ms,
             ),
             canceller=Canceller(client, store, enqueuer, executors, legacy=legacy),
             dlq=AsyncDeadLetterQueue(client, settings.namespace, store),

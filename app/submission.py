@@ -114,7 +114,11 @@ class Submitter:
         limiter: RateLimiter | None = None,
         memory: MemoryGuard | None = None,
         outbound: AddressPolicy | None = None,
+        min_replicas: int = 0,
+        wait_ms: int = 500,
     ) -> None:
+        """`min_replicas`: a submission is answered once that many Redis replicas have it (WAIT
+        `wait_ms`), else 503 (`actors.broker.NotReplicated`)."""
         self.client = client
         self.memory = memory
         #: which webhook hosts may be reached (None: submissions with one are refused)
@@ -122,7 +126,7 @@ class Submitter:
         self.limiter = limiter
         self.store = store
         self.ns = store.ns
-        self.enqueuer = AsyncEnqueuer(client, store.ns)
+        self.enqueuer = AsyncEnqueuer(client, store.ns, min_replicas, wait_ms)
         self.route = route
 
     async def submit(
@@ -147,7 +151,7 @@ class Submitter:
         if self.memory:
             await self.memory.check()
         if sub.callback:
-            await self.check_callback(sub.callback)
+            await self.check_callback(sub.callback, quota)
         # what the legacy deployment cannot run (cases, files, webhooks) stays here, unshadowed
         route = self.route if sub.legacy_can_take else None
         system = system or (await route.choose() if route else "dramatiq")
@@ -172,13 +176,17 @@ class Submitter:
             await route.accepted(self, sub, level, accepted)
         return replace(accepted, allowance=allowance) if allowance else accepted
 
-    async def check_callback(self, callback: Callback) -> None:
-        """422 naming `callback_url` when its host may not be reached (infra/outbound.py)."""
+    async def check_callback(self, callback: Callback, key: ApiKey | None) -> None:
+        """422 naming `callback_url` when its host may not be reached (infra/outbound.py). The
+        look-up costs `key` a read token first: a refused submission is not metered otherwise."""
         if self.outbound is None:
             raise InvalidInput("webhooks are not offered at this door", field="callback_url")
+        if key is not None and self.limiter is not None:
+            await self.limiter.take_reads(key)
         try:
             await self.outbound.check_url(callback.url)
         except BlockedAddress as exc:
+            log.info("callback.refused_at_submission", url=callback.url, reason=str(exc), detail=exc.detail)
             raise InvalidInput(f"field 'callback_url' may not be used: {exc}", field="callback_url") from None
 
     async def _in_progress(self, eval_id: str) -> bool:

@@ -13,6 +13,8 @@ SCENARIOS = {
     "priority": "bench.priority",
     "cases": "bench.cases",
     "scaling": "bench.scaling",
+    "store": "bench.store_cost",
+    "redis-ops": "bench.redis_ops",
 }
 
 

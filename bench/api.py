@@ -2,6 +2,7 @@
 Starlette endpoint that only pushes the body to Redis (the floor of what an API can do here).
 
     .venv/bin/python -m bench api --seconds 10 --clients 32 [--processes 1] [--json out.json]
+        [--ha [--min-replicas N]]   (Redis behind Sentinels; the API WAITs for N replicas)
 
 Both run as `--processes` uvicorn processes (`crucible api` with CRUCIBLE_API_PROCESSES) on the
 same Redis; no workers run, so every accepted evaluation stays queued. The clients are
@@ -16,6 +17,7 @@ import asyncio
 import sys
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 import aiohttp
@@ -34,6 +36,7 @@ from bench.common import (
     wait_http,
     write_json,
 )
+from bench.ha import ha_redis
 
 
 async def load(
@@ -92,9 +95,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--processes", type=int, default=1, help="uvicorn processes of each server")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--ha", action="store_true", help="Redis as primary, replica, 3 Sentinels; the API follows them"
+    )
+    parser.add_argument(
+        "--min-replicas", type=int, default=0, help="CRUCIBLE_REDIS_MIN_REPLICAS for the API (with --ha)"
+    )
     args = parser.parse_args(argv)
     figures: dict[str, dict[str, float]] = {}
-    with redis_server() as url:
+    with ExitStack() as servers:
+        if args.ha:
+            ha = servers.enter_context(ha_redis(replicas=max(args.min_replicas, 1)))
+            url = f"redis://127.0.0.1:{ha.primary_port}/0"
+            sentinels = {**ha.env(), "CRUCIBLE_REDIS_MIN_REPLICAS": str(args.min_replicas)}
+        else:
+            url = servers.enter_context(redis_server())
+            sentinels = {}
         namespace = f"bench-bare-{uuid.uuid4().hex[:6]}"
         port = free_port()
         argv_bare = [sys.executable, "-m", "uvicorn", "--factory", "bench.bare_endpoint:create_app",
@@ -109,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 figures["bare"] = asyncio.run(load(f"{bare}/push", {}, args.clients, args.seconds, "bare"))
         finally:
             delete_namespace(url, namespace)
-        processes = {"CRUCIBLE_API_PROCESSES": str(args.processes)}
+        processes = {"CRUCIBLE_API_PROCESSES": str(args.processes), **sentinels}
         with stack(url, workers=0, executors=0, env=processes) as running:
             auth = {"authorization": f"Bearer {running.admin_key}"}
             figures["ours"] = asyncio.run(
@@ -126,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         rows,
     )
     print(f"ours / bare: {ratio(figures['ours']['per_s'], figures['bare']['per_s'])} (target >= 0.70x)")
-    setup = {"clients": args.clients, "seconds": args.seconds, "processes": args.processes}
+    setup = {"clients": args.clients, "seconds": args.seconds, "processes": args.processes,
+             "ha": args.ha, "min_replicas": args.min_replicas}  # fmt: skip
     write_json(args.json, "api", {**setup, **figures})
     return figures
 

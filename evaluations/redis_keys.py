@@ -112,6 +112,17 @@ class RedisKeys:
         """channel the event streams' shared subscription keeps for itself."""
         return f"{self.ns}:events:readers"
 
+    # -- making room in a nearly full Redis (infra/redis_memory.py, lua/shed.lua) -------------
+    @property
+    def shed_trimmed(self) -> str:
+        """string: creation time (ms) up to which finished evaluations' outputs were trimmed."""
+        return f"{self.ns}:shed:trimmed"
+
+    @property
+    def shed_lock(self) -> str:
+        """string with a TTL: held by the one process shedding now."""
+        return f"{self.ns}:shed:lock"
+
     # -- the broker (actors/broker.py, actors/lua/dispatch.lua) ------------------------------
     def queue(self, level: str) -> str:
         """list of message ids ready to run, oldest first."""
@@ -233,6 +244,10 @@ class RedisKeys:
         evaluations whose webhook is still to be sent; a relay taking one pushes it a lease
         later, and drops it once the delivery message is enqueued."""
         return f"{self.ns}:callbacks:due"
+
+    def callbacks_in_flight(self, owner: str) -> str:
+        """string: how many of a key's webhook deliveries are being attempted now (expires)."""
+        return f"{self.ns}:callbacks:inflight:{owner}"
 
     @property
     def callbacks_bell(self) -> str:

@@ -40,6 +40,10 @@ LIST_SCAN = 5000
 #: `transition()`, for scripts that change statuses (prepended to them).
 STATUS_FUNCTIONS_LUA = (Path(__file__).parent / "lua" / "status.lua").read_text()
 TRANSITION_LUA = STATUS_FUNCTIONS_LUA + (Path(__file__).parent / "lua" / "transition.lua").read_text()
+#: One bounded step of making room in a nearly full Redis (see the script's header).
+SHED_LUA = (Path(__file__).parent / "lua" / "shed.lua").read_text()
+#: Records one shed step removes (or looks at for outputs to trim) at most: a few ms of Redis.
+SHED_STEP = 200
 
 #: Wall time keeps its fraction: a run's wall time is often below one millisecond.
 _FLOAT_FIELDS = {"runtime_ms"}
@@ -95,6 +99,22 @@ def _decode(record: dict[str, Any]) -> dict[str, Any]:
 def decode_event(raw: str | bytes) -> dict[str, Any]:
     """One status change, as its timeline entry or its published message holds it."""
     return _decode(json_codec.loads(raw))
+
+
+@dataclass(frozen=True)
+class ShedStep:
+    """What one step of `EvaluationStore.shed` did."""
+
+    removed: int
+    trimmed: int
+    bytes_trimmed: int
+    #: it stopped at its bound while looking for outputs to trim: there may be more
+    more: bool
+
+    @property
+    def progressed(self) -> bool:
+        """Whether another step may still free something."""
+        return bool(self.removed or self.trimmed or self.more)
 
 
 @dataclass(frozen=True)
@@ -239,6 +259,7 @@ class EvaluationStore:
         self.forwarder = forwarder
         self.keys = RedisKeys(namespace)
         self._transition = client.register_script(TRANSITION_LUA)
+        self._shed = client.register_script(SHED_LUA)
 
     def key(self, eval_id: str) -> str:
         """The record's hash (the broker's submit takes it by name)."""
@@ -402,6 +423,20 @@ class EvaluationStore:
                 codes = await pipe.execute()
             for row, code in zip(older, codes, strict=True):
                 row["code_preview"] = (code or "")[:PREVIEW_CHARS]
+
+    async def shed(
+        self, min_retention_s: float, *, trim_bytes: int = 0, limit: int = SHED_STEP, now: float | None = None
+    ) -> ShedStep:
+        """One bounded step of making room (`lua/shed.lua`): the `limit` oldest finished
+        evaluations created more than `min_retention_s` ago are removed as `cleanup` removes
+        them; when there are none, outputs and errors over `trim_bytes` of finished ones are
+        cut to it. Queued and running evaluations are never touched."""
+        cutoff_ms = int(((now or time.time()) - min_retention_s) * 1000)
+        removed, trimmed, freed, more = await self._shed(
+            keys=[],
+            args=[self.ns, cutoff_ms, limit, trim_bytes, ",".join(TERMINAL), ",".join(STATUSES)],
+        )
+        return ShedStep(int(removed), int(trimmed), int(freed), bool(more))
 
     async def cleanup(self, now: float | None = None) -> int:
         """Delete finished evaluations created before the retention window, with their timelines

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
+
 from evaluations.errors import InvalidInput
 
 SIGNATURE_HEADER = "Crucible-Signature"
@@ -69,10 +71,16 @@ def parse_callback(body: dict[str, Any]) -> Callback | None:
             "field 'callback_url' must not carry credentials; send them in 'callback_headers'",
             field="callback_url",
         )
-    if any(c in url for c in "\r\n\t ") or any(ord(c) < 32 for c in url):
+    if not url.isascii() or not url.isprintable() or " " in url:
         raise InvalidInput(
-            "field 'callback_url' must not contain spaces or control characters", field="callback_url"
+            "field 'callback_url' must be ASCII without spaces or control characters (IDNA-encode a "
+            "non-ASCII host)",
+            field="callback_url",
         )
+    try:  # what the sender will parse: a URL only it refuses would fail every delivery
+        httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise InvalidInput(f"field 'callback_url' is not a URL: {exc}", field="callback_url") from None
     return Callback(url, parse_headers(headers))
 
 
@@ -94,11 +102,12 @@ def parse_headers(headers: Any) -> dict[str, str]:
         if (
             not isinstance(value, str)
             or len(value) > MAX_HEADER_VALUE_CHARS
-            or any(ord(c) < 32 for c in value)
+            or not value.isascii()
+            or not value.isprintable()
         ):
             raise InvalidInput(
-                f"callback header {name!r} must be text of at most {MAX_HEADER_VALUE_CHARS} characters, "
-                "without control characters",
+                f"callback header {name!r} must be printable ASCII of at most {MAX_HEADER_VALUE_CHARS} "
+                "characters",
                 field="callback_headers",
             )
         checked[name.lower()] = value

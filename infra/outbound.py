@@ -16,11 +16,13 @@ spelled exactly as in the URL) are not checked.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,13 +39,27 @@ RESOLVE_TIMEOUT_S = 5.0
 _NUMERIC_V4 = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}\.?$", re.IGNORECASE)
 _SHARED = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+#: Not global whatever this Python's tables say (they changed between 3.11 releases): the IETF
+#: protocol block, site-local IPv6, documentation, benchmarking.
+_NEVER = tuple(
+    ipaddress.ip_network(n)
+    for n in ("192.0.0.0/24", "fec0::/10", "2001:db8::/32", "198.18.0.0/15", "240.0.0.0/4")
+)
+#: Threads of one process's own for resolving webhook hosts: a lookup that hangs holds one of
+#: these, never the event loop's shared pool (Redis reconnects, executors' names).
+RESOLVER_THREADS = 4
 
 
 class BlockedAddress(Exception):
-    """A URL whose host is, or resolves to, an address Crucible must not reach."""
+    """A URL whose host is, or resolves to, an address Crucible must not reach. Its text is
+    for the caller; `detail` (what the name resolved to) for operators' logs only."""
 
     #: never worth retrying: the same address would be refused again
     retryable = False
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 def refusal(address: IPAddress) -> str | None:
@@ -59,6 +75,8 @@ def refusal(address: IPAddress) -> str | None:
                        ("private", address.is_private)):  # fmt: skip
         if flag:
             return kind
+    if any(address in network for network in _NEVER) or getattr(address, "is_site_local", False):
+        return "reserved"
     if isinstance(address, ipaddress.IPv4Address) and address in _SHARED:
         return "shared (carrier-grade NAT)"
     if address.is_reserved or not address.is_global:
@@ -82,20 +100,29 @@ def literal_address(host: str) -> IPAddress | None:
     return None
 
 
-async def system_resolver(host: str, port: int) -> list[str]:
-    """The host's addresses as this machine resolves them."""
-    infos = await asyncio.wait_for(
-        asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_S
-    )
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+class SystemResolver:
+    """This machine's resolver, on threads of its own (`RESOLVER_THREADS`, made on first use)."""
+
+    def __init__(self, threads: int = RESOLVER_THREADS) -> None:
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="webhook-dns")
+        lookup = functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+        infos = await asyncio.wait_for(
+            asyncio.get_running_loop().run_in_executor(self._pool, lookup), RESOLVE_TIMEOUT_S
+        )
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 class AddressPolicy:
     """Which hosts outbound requests may reach: global addresses, and the operator's hosts."""
 
-    def __init__(self, allowed_hosts: Iterable[str] = (), resolver: Resolver = system_resolver) -> None:
+    def __init__(self, allowed_hosts: Iterable[str] = (), resolver: Resolver | None = None) -> None:
         self.allowed_hosts = frozenset(h.strip().lower() for h in allowed_hosts if h.strip())
-        self.resolver = resolver
+        self.resolver = resolver or SystemResolver()
 
     async def addresses(self, host: str, port: int) -> list[str]:
         """The addresses to connect to for `host`; BlockedAddress if it, or any address it
@@ -107,16 +134,19 @@ class AddressPolicy:
         if literal is not None:
             found = [literal]
         else:
+            # one answer for a name that does not resolve and one that resolves inside: which
+            # it was (and where to) would map the networks behind Crucible; the logs say it
+            unreachable = f"host {host!r} does not resolve to public addresses only"
             try:
                 found = [ipaddress.ip_address(a.split("%", 1)[0]) for a in await self.resolver(host, port)]
             except (OSError, TimeoutError, ValueError) as exc:
-                raise BlockedAddress(f"host {host!r} does not resolve: {exc}") from None
+                raise BlockedAddress(unreachable, f"does not resolve: {exc}") from None
             if not found:
-                raise BlockedAddress(f"host {host!r} has no address")
+                raise BlockedAddress(unreachable, "no address")
         for address in found:
             if kind := refusal(address):
                 if literal is None:
-                    raise BlockedAddress(f"host {host!r} resolves to {address}, a {kind} address")
+                    raise BlockedAddress(unreachable, f"resolves to {address}, a {kind} address")
                 spelled = "" if str(address) == host.strip("[]") else f" ({address})"
                 raise BlockedAddress(f"host {host!r}{spelled} is a {kind} address")
         return [str(a) for a in found]

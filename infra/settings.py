@@ -94,6 +94,20 @@ def _redis_url(name: str) -> str | None:
     return raw or None
 
 
+def _sentinels(name: str) -> tuple[tuple[str, int], ...]:
+    """`host:port,host:port` (IPv6 in brackets: `[::1]:26379`)."""
+    found = []
+    for part in (os.environ.get(name) or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        host, colon, port = part.rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise ConfigError(f"{name} must be host:port pairs separated by commas, got {part!r}")
+        found.append((host.strip("[]"), int(port)))
+    return tuple(found)
+
+
 def _bool(name: str, default: bool) -> bool:
     raw = (os.environ.get(name) or "").strip().lower()
     if raw == "":
@@ -173,6 +187,21 @@ class Settings:
     api_max_connections: int
     redis_maxmemory_mb: int
     redis_full_share: float
+    #: past this share of maxmemory, finished evaluations are shed (infra/redis_memory.py)
+    redis_shed_share: float
+    #: finished evaluations younger than this are never shed (only their outputs trimmed)
+    min_retention_s: float
+    #: outputs (and errors) longer than this are trimmed when shedding
+    shed_output_bytes: int
+    #: Sentinels that name Crucible's Redis (empty: `REDIS_URL` names it), the master's name there
+    redis_sentinels: tuple[tuple[str, int], ...]
+    redis_sentinel_master: str
+    redis_sentinel_password: str | None
+    #: the Redis password when `REDIS_URL` carries none
+    redis_password: str | None
+    #: replicas that must have a submission (and a result) before it is answered (WAIT; 0: off)
+    redis_min_replicas: int
+    redis_wait_ms: int
     header_timeout_s: float
     body_timeout_s: float
     #: the longest `POST /api/eval?wait=true` may wait for a result (`wait_timeout`'s maximum)
@@ -231,6 +260,8 @@ class Settings:
     webhook_allow_hosts: tuple[str, ...]
     #: how long one webhook delivery may take, all of it
     webhook_timeout_s: float
+    #: how many of one key's webhook deliveries may be attempted at once
+    webhook_max_in_flight: int
     legacy_backend_url: str | None
     legacy_key_prefix: str
     dramatiq_share: float
@@ -253,6 +284,15 @@ class Settings:
             api_max_connections=_at_least_one("CRUCIBLE_API_MAX_CONNECTIONS", 2000),
             redis_maxmemory_mb=_int("CRUCIBLE_REDIS_MAXMEMORY_MB", 4096),
             redis_full_share=_share("CRUCIBLE_REDIS_FULL_SHARE", 0.9),
+            redis_shed_share=_share("CRUCIBLE_REDIS_SHED_SHARE", 0.8),
+            min_retention_s=_seconds("CRUCIBLE_MIN_RETENTION_S", 3600.0),
+            shed_output_bytes=_int("CRUCIBLE_SHED_OUTPUT_BYTES", 4096),
+            redis_sentinels=_sentinels("REDIS_SENTINELS"),
+            redis_sentinel_master=_str("REDIS_SENTINEL_MASTER", "crucible"),
+            redis_sentinel_password=os.environ.get("REDIS_SENTINEL_PASSWORD") or None,
+            redis_password=os.environ.get("REDIS_PASSWORD") or None,
+            redis_min_replicas=_at_most("CRUCIBLE_REDIS_MIN_REPLICAS", 0, 16),
+            redis_wait_ms=_at_least_one("CRUCIBLE_REDIS_WAIT_MS", 500),
             header_timeout_s=float(_at_least_one("CRUCIBLE_HEADER_TIMEOUT_S", 10)),
             body_timeout_s=float(_at_least_one("CRUCIBLE_BODY_TIMEOUT_S", 30)),
             max_wait_s=_seconds("CRUCIBLE_MAX_WAIT_S", 30.0),
@@ -309,7 +349,8 @@ class Settings:
             webhook_allow_hosts=tuple(
                 h.strip().lower() for h in _str("CRUCIBLE_WEBHOOK_ALLOW_HOSTS", "").split(",") if h.strip()
             ),
-            webhook_timeout_s=float(_at_least_one("CRUCIBLE_WEBHOOK_TIMEOUT_S", 10)),
+            webhook_timeout_s=float(_at_least_one("CRUCIBLE_WEBHOOK_TIMEOUT_S", 5)),
+            webhook_max_in_flight=_at_least_one("CRUCIBLE_WEBHOOK_MAX_IN_FLIGHT", 2),
             legacy_backend_url=os.environ.get("LEGACY_RESULT_BACKEND") or os.environ.get("LEGACY_BROKER_URL"),
             legacy_key_prefix=_str("LEGACY_KEY_PREFIX", ""),
             dramatiq_share=_share("DRAMATIQ_PERCENTAGE", 1.0, alias="CELERY_PERCENTAGE"),

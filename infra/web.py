@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 import structlog
 from redis.exceptions import ConnectionError as RedisError
+from redis.exceptions import OutOfMemoryError
 from starlette import responses
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -91,9 +92,28 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail), path=request.url.path)
 
 
+#: How long a caller is told to wait when Redis does not answer (it usually returns within seconds).
+REDIS_DOWN_RETRY_AFTER_S = 5
+
+
 async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     log.warning("request.redis_unavailable", path=request.url.path, error=str(exc))
-    return error_response(503, "storage unavailable, try again shortly", path=request.url.path)
+    response = error_response(
+        503, "storage unavailable (Redis does not answer), try again shortly", path=request.url.path,
+        reason="storage_unavailable", retry_after=REDIS_DOWN_RETRY_AFTER_S,
+    )  # fmt: skip
+    response.headers["Retry-After"] = str(REDIS_DOWN_RETRY_AFTER_S)
+    return response
+
+
+async def _redis_full(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("request.redis_full", path=request.url.path, error=str(exc))
+    response = error_response(
+        503, "storage full (Redis refuses writes at its maxmemory), try again later", path=request.url.path,
+        reason="storage_full", retry_after=60,
+    )  # fmt: skip
+    response.headers["Retry-After"] = "60"
+    return response
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -105,6 +125,7 @@ def install_error_handlers(app: Starlette) -> None:
     app.add_exception_handler(errors.CrucibleError, _refused)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RedisError, _redis_down)
+    app.add_exception_handler(OutOfMemoryError, _redis_full)
     app.add_exception_handler(Exception, _unexpected)
 
 

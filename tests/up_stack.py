@@ -70,12 +70,13 @@ class UpStack:
             CELERY_CONCURRENCY="1", CRUCIBLE_WORKER_THREADS="2", **extra,
         )  # fmt: skip
 
-    def start(self, **extra: str) -> subprocess.Popen[bytes]:
+    def start(self, *options: str, **extra: str) -> subprocess.Popen[bytes]:
+        """`crucible up <options>` with the environment `extra` adds."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log_from = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [CRUCIBLE, "up"], env=self.env(**extra), cwd=self.folder, stdout=log,
+                [CRUCIBLE, "up", *options], env=self.env(**extra), cwd=self.folder, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,  # a stop that times out kills the group
             )  # fmt: skip
         return self.process

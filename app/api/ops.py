@@ -26,7 +26,7 @@ from evaluations.status import STATUSES, TERMINAL, Status
 from evaluations.store import HISTOGRAM_BOUNDS_MS
 from evaluations.validation import require_bool, require_number
 from evaluations.webhooks import CALLBACK_OUTCOMES
-from infra.redis_client import redact_url
+from infra.redis_client import describe_redis
 from infra.redis_memory import memory_use
 from infra.web import JSONResponse, query_int, read_json_object
 
@@ -77,6 +77,7 @@ class OpsApi:
                 await self.client.ping()
                 sizes = await self.services.enqueuer.queue_sizes()
                 memory = await memory_use(self.client)
+                shed = await self.client.hmget(self.store.keys.stats, ["shed:removed", "shed:trimmed"])
         except (TimeoutError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
             # public: no addresses or error texts, those are in the logs and admin endpoints
             log.warning("health.redis_unavailable", error=str(exc) or type(exc).__name__)
@@ -99,7 +100,12 @@ class OpsApi:
                 "redis": "ok",
                 **{f"{name}_online": count for name, count in checks.items()},
                 "queues": sizes,
-                "redis_memory": memory.as_dict(),
+                # with what was shed to make room (finished evaluations removed, outputs trimmed)
+                "redis_memory": {
+                    **memory.as_dict(),
+                    "shed_evaluations": int(shed[0] or 0),
+                    "shed_outputs_trimmed": int(shed[1] or 0),
+                },
                 "storage": "nearly_full" if filling else "ok",
                 "celery_wire": wire,
             }
@@ -125,7 +131,7 @@ class OpsApi:
                 "worker_names": [w["name"] for w in online],
                 "active_tasks_by_worker": active,
                 "scheduled_tasks_detail": scheduled,
-                "broker_url": redact_url(self.settings.redis_url_or_default),
+                "broker_url": describe_redis(self.settings),
                 # this API process's table; each worker's own is in worker_stats
                 "retry_policies": self.settings.retry_policies,
                 "registered_tasks": sorted({a for w in online for a in w["actors"]}),
@@ -294,12 +300,19 @@ class OpsApi:
         )
         redis_memory.add_metric(["used"], memory.used_bytes)
         redis_memory.add_metric(["max"], memory.max_bytes)
+        shed = CounterMetricFamily(
+            "crucible_storage_shed",
+            "Shed to make room in a nearly full Redis: finished evaluations removed, outputs trimmed",
+            labels=["kind"],
+        )
+        shed.add_metric(["evaluation_removed"], int(stats.get("shed:removed", 0)))
+        shed.add_metric(["output_trimmed"], int(stats.get("shed:trimmed", 0)))
         histograms = [
             await self._histogram("crucible_queue_wait_seconds", "Queued to started", "wait_ms"),
             await self._histogram("crucible_run_duration_seconds", "Run time in the sandbox", "run_ms"),
         ]
         return [queue, oldest, submitted, finished, by_language, verdicts, cases, fallbacks, latency, shadow,
-                share, online, in_flight, retries, callbacks, redis_memory, *histograms]  # fmt: skip
+                share, online, in_flight, retries, callbacks, redis_memory, shed, *histograms]  # fmt: skip
 
     async def _histogram(self, name: str, documentation: str, key: str) -> HistogramMetricFamily:
         """A Prometheus histogram from the per-bucket counts status.lua keeps (in ms)."""

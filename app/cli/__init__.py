@@ -50,7 +50,12 @@ def run_submit(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crucible", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("up", help="run the whole stack (embedded Valkey unless REDIS_URL is set)")
+    up = commands.add_parser("up", help="run the whole stack (embedded Valkey unless REDIS_URL is set)")
+    up.add_argument(
+        "--ha",
+        action="store_true",
+        help="Redis as a primary, a replica and three Sentinels here (answers once a replica has it)",
+    )
     commands.add_parser("api", help="run the HTTP API")
     worker = commands.add_parser("worker", help="run Dramatiq worker processes")
     worker.add_argument(

@@ -28,13 +28,19 @@ def on_admin_redis(command: str, act: Callable[[Any, str], Awaitable[T]]) -> T |
     on stderr, when that Redis does not answer."""
     from redis.exceptions import ConnectionError, TimeoutError
 
-    from infra.redis_client import async_client, redact_url
+    from infra.redis_client import async_client, async_client_for, describe_redis, redact_url
 
-    url, namespace = admin_redis(get_settings())
+    settings = get_settings()
+    url, namespace = admin_redis(settings)
+    shown = describe_redis(settings) if settings.redis_sentinels else redact_url(url)
 
     async def run() -> T:
         try:
-            client = async_client(url, connect_timeout=CONNECT_TIMEOUT_S)
+            if settings.redis_sentinels:  # the master the Sentinels name
+                client = async_client_for(settings, connect_timeout=CONNECT_TIMEOUT_S)
+            else:
+                password = settings.redis_password
+                client = async_client(url, connect_timeout=CONNECT_TIMEOUT_S, password=password)
         except ValueError as exc:  # not a Redis URL at all
             raise ConfigError(f"REDIS_URL {redact_url(url)!r} is not a Redis URL: {exc}") from None
         try:
@@ -45,7 +51,7 @@ def on_admin_redis(command: str, act: Callable[[Any, str], Awaitable[T]]) -> T |
     try:
         return asyncio.run(run())
     except (ConnectionError, TimeoutError, OSError) as exc:
-        print(f"crucible {command}: cannot reach Redis at {redact_url(url)}: {exc}", file=sys.stderr)
+        print(f"crucible {command}: cannot reach Redis at {shown}: {exc}", file=sys.stderr)
         return None
 
 
@@ -96,12 +102,16 @@ def ensure_admin_key(redis_url: str, settings: Settings) -> str:
     """Development mode: make an admin key on first start, keep it in the data folder (0600),
     and return it so `crucible up` can print it. Later starts print the same key."""
     from evaluations.api_keys import KeyStore
-    from infra.redis_client import async_client
+    from infra.redis_client import async_client, async_client_for
 
     path = settings.data_dir / "admin.key"
 
     async def make() -> str:
-        client = async_client(redis_url, connect_timeout=CONNECT_TIMEOUT_S)
+        if settings.redis_sentinels:
+            client = async_client_for(settings, connect_timeout=CONNECT_TIMEOUT_S)
+        else:
+            password = settings.redis_password
+            client = async_client(redis_url, connect_timeout=CONNECT_TIMEOUT_S, password=password)
         try:
             keys = KeyStore(client, settings.namespace)
             if path.exists() and await keys.lookup(path.read_text().strip()):

@@ -99,8 +99,8 @@ def find(settings: Settings) -> RunningStack | None:
 def admin_redis(settings: Settings) -> tuple[str, str]:
     """The Redis URL and key namespace an admin command works on: REDIS_URL's if set, else
     those of the stack running from this folder; else NoRunningStack, saying what to do."""
-    if settings.redis_url:
-        return settings.redis_url, settings.namespace
+    if settings.redis_url or settings.redis_sentinels:
+        return settings.redis_url_or_default, settings.namespace
     stack = find(settings)
     if stack is not None:
         return stack.redis_url, stack.namespace

@@ -29,14 +29,14 @@ from pathlib import Path
 
 from redis.exceptions import RedisError
 
-from app.cli import readiness, running_stack
+from app.cli import ha, readiness, running_stack
 from app.cli.admin import ensure_admin_key
 from app.cli.ports import free_port, listeners, port_problem
 from app.cli.readiness import LABELS, Children, Problem, wait_ready
 from app.cli.running_stack import RunningStack
 from app.cli.serve import WORKER_SHUTDOWN_MS, stop_on_signals
 from infra.logs import is_terminal
-from infra.redis_client import redact_url
+from infra.redis_client import describe_redis, redact_url
 from infra.settings import Settings, get_settings
 
 #: Where, in the data folder, the pieces' own logs go when `up` does not show them.
@@ -92,7 +92,28 @@ def run_up(args: argparse.Namespace) -> int:
 
     stopping = stop_on_signals()
     try:
-        if s.redis_url is None:
+        if getattr(args, "ha", False):
+            if s.redis_url is not None or s.redis_sentinels:
+                print("crucible up --ha: it starts its own Redis; unset REDIS_URL and REDIS_SENTINELS",
+                      file=sys.stderr)  # fmt: skip
+                return 2
+            taken = {listener.port for listener in wanted}
+            topology = ha.Topology(*_free_ports(2, taken), tuple(_free_ports(3, taken)))  # type: ignore[arg-type]
+            folder = s.data_dir / "valkey-ha"
+            for old in folder.glob("sentinel-*.conf"):  # new ports each start: what they learnt is stale
+                old.unlink()
+            for name, argv in topology.commands(folder).items():
+                start(name, argv)
+            ports = [topology.primary, topology.replica, *topology.sentinels]
+            if not all(_wait_tcp(port, 15) for port in ports) or not ha.wait_in_step(topology):
+                _fail(Problem("the primary, replica or Sentinels did not start", ("valkey-primary",)), logs)
+                return 1
+            env.update({"REDIS_SENTINELS": topology.sentinels_setting, "REDIS_SENTINEL_MASTER": ha.MASTER})
+            env.setdefault("CRUCIBLE_REDIS_MIN_REPLICAS", "1")
+            env["REDIS_URL"] = f"redis://127.0.0.1:{topology.primary}/0"  # its database; Sentinels say where
+            where = f"primary :{topology.primary}, replica :{topology.replica}"
+            _ready("valkey", f"{where}, Sentinels {topology.sentinels_setting}; answers once on a replica")
+        elif s.redis_url is None and not s.redis_sentinels:
             port = running_stack.remembered_valkey_port(s) or free_port()
             while port in {listener.port for listener in wanted}:  # not one the pieces will take
                 port = free_port()
@@ -111,8 +132,8 @@ def run_up(args: argparse.Namespace) -> int:
         except (RedisError, OSError) as exc:
             print(f"crucible up: cannot reach Redis at {redact_url(redis_url)}: {exc}", file=sys.stderr)
             return 1
-        if s.redis_url is not None:
-            _ready("redis", redact_url(redis_url))
+        if s.redis_url is not None or s.redis_sentinels:
+            _ready("redis", describe_redis(s) if s.redis_sentinels else redact_url(redis_url))
         for name in ("executor", "api", "worker", "scheduler", "dashboard"):
             start(name, [*me, name])
         # Celery producers' messages, unless a legacy Celery deployment consumes those queues
@@ -136,7 +157,11 @@ def run_up(args: argparse.Namespace) -> int:
             return 1
         stack = RunningStack(os.getpid(), redis_url, s.namespace, api, dashboard, executor)
         running_stack.record(s, stack)
-        print(_banner(s, stack, admin_key, logs), flush=True)
+        shown = None
+        if getattr(args, "ha", False):  # this process's settings name no Sentinels: its children's do
+            data = s.data_dir / "valkey-ha"
+            shown = f"Sentinels {env['REDIS_SENTINELS']} (master {ha.MASTER!r}, data in {data})"
+        print(_banner(s, stack, admin_key, logs, shown), flush=True)
         return _watch(children, spawn, stopping, logs)
     finally:
         running_stack.forget(s)
@@ -200,6 +225,17 @@ def _tail(path: Path, count: int = TAIL_LINES) -> list[str]:
     return data.decode(errors="replace").splitlines()[-count:]
 
 
+def _free_ports(count: int, taken: set[int]) -> list[int]:
+    """`count` free ports, none of `taken` (which grows by them)."""
+    ports = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in taken:
+            taken.add(port)
+            ports.append(port)
+    return ports
+
+
 def _wait_tcp(port: int, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -210,8 +246,13 @@ def _wait_tcp(port: int, seconds: float) -> bool:
     return False
 
 
-def _banner(s: Settings, stack: RunningStack, admin_key: str, logs: Path | None) -> str:
-    """Where each piece answers, where their logs are, and the admin key to use."""
+def _banner(
+    s: Settings, stack: RunningStack, admin_key: str, logs: Path | None, redis_shown: str | None = None
+) -> str:
+    """Where each piece answers, where their logs are, and the admin key to use; `redis_shown`:
+    the Redis `up --ha` started."""
+    embedded = s.redis_url is None and not s.redis_sentinels and redis_shown is None
+    redis_shown = redis_shown or (describe_redis(s) if s.redis_sentinels else redact_url(stack.redis_url))
     return (
         "\nCrucible is up:\n"
         f"  API        {stack.api_url}  (POST /api/eval)\n"
@@ -219,8 +260,8 @@ def _banner(s: Settings, stack: RunningStack, admin_key: str, logs: Path | None)
         f"  executor   {stack.executor_url}\n"
         f"  workers    {_processes(s.worker_processes)} x {s.worker_threads} threads\n"
         f"  scheduler  cleanup '{s.cleanup_cron}', DLQ monitor '{s.dlq_monitor_cron}'\n"
-        f"  redis      {redact_url(stack.redis_url)}"
-        + (f"  (embedded, data in {s.data_dir / 'valkey'})" if s.redis_url is None else "")
+        f"  redis      {redis_shown}"
+        + (f"  (embedded, data in {s.data_dir / 'valkey'})" if embedded else "")
         + f"\n  admin key  {admin_key}  (kept in {s.data_dir / 'admin.key'})\n"
         + "             (as 'Authorization: Bearer <key>' or 'X-API-Key'; the dashboard asks for it)\n"
         + (f"  logs       {logs}/<piece>.log  (CRUCIBLE_UP_LOGS=show prints them here)\n" if logs else "")

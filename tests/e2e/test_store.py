@@ -76,3 +76,40 @@ async def test_only_the_current_attempt_may_write_the_result(aredis: aioredis.Re
         True,
         "completed",
     )
+
+
+async def test_shedding_takes_the_oldest_finished_first_and_never_unfinished_work(
+    aredis: aioredis.Redis, namespace: str
+) -> None:
+    store = EvaluationStore(aredis, namespace, retention_seconds=24 * 3600)
+    two_hours_ago = (time.time() - 7200) * 1000
+    ids = ["old-queued", "old-running", "old-hooked", "old-1", "old-2", "old-3", "young"]
+    for n, eval_id in enumerate(ids):
+        await create(store, eval_id)
+        if eval_id == "old-hooked":  # its webhook is still to be sent
+            await aredis.hset(
+                store.key(eval_id), mapping={"callback_url": "https://x.test/", "callback_status": "due"}
+            )
+        if eval_id != "old-queued":
+            await store.transition(eval_id, "running", ("queued",))
+        if eval_id not in ("old-queued", "old-running"):
+            await store.transition(eval_id, "completed", ("running",), output="ü" * 30, error="e" * 10)
+        status = (await store.get(eval_id))["status"]
+        score = two_hours_ago + n if eval_id != "young" else time.time() * 1000
+        await aredis.zadd(f"{namespace}:evals", {eval_id: score})
+        await aredis.zadd(f"{namespace}:evals:{status}", {eval_id: score})
+    step = await store.shed(3600, trim_bytes=25, limit=2)
+    assert (step.removed, step.trimmed) == (2, 0)  # old-hooked is passed over
+    assert await store.get("old-1") is None and await store.get("old-2") is None
+    assert await store.events("old-1") == [] and (await store.get("old-3"))["status"] == "completed"
+    assert (await store.shed(3600, trim_bytes=25, limit=2)).removed == 1
+    # nothing old enough left: outputs are trimmed instead (ü is 2 bytes: cut to 24, not 25)
+    step = await store.shed(3600, trim_bytes=25, limit=2)
+    assert (step.removed, step.trimmed, step.bytes_trimmed, step.more) == (0, 2, 72, True)
+    young = await store.get("young")
+    assert young["output"] == "ü" * 12 and young["output_truncated"] and young["error"] == "e" * 10
+    assert not (await store.shed(3600, trim_bytes=25, limit=2)).progressed
+    assert (await store.get("old-queued"))["status"] == "queued"
+    assert (await store.get("old-running"))["status"] == "running"
+    assert (await store.get("old-hooked"))["output"] == "ü" * 12
+    assert await aredis.hget(f"{namespace}:stats", "shed:removed") == "3"

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from bench.stack import stop
@@ -99,3 +101,34 @@ def test_up_runs_everything_and_a_restart_finds_queued_work(tmp_path: Path) -> N
     finally:
         stop(second, signal.SIGINT, timeout=60)
     assert second.returncode == 0
+
+
+def test_up_ha_runs_sentinels_and_answers_after_its_primary_is_killed(tmp_path: Path) -> None:
+    """`crucible up --ha`: a primary, a replica and three Sentinels as pieces of the stack; a
+    submission is answered (once a replica has it) before and after the primary's SIGKILL."""
+    up = UpStack(tmp_path)
+    up.start("--ha")
+    try:
+        banner = up.wait_banner()
+        primary = int(re.search(r"primary :(\d+)", banner).group(1))  # type: ignore[union-attr]
+        assert "Sentinels 127.0.0.1:" in banner and "embedded" not in banner
+        key = (tmp_path / "data" / "admin.key").read_text().strip()
+        with httpx.Client(base_url=up.api_url, headers={"X-API-Key": key}, timeout=30) as api:
+            first = api.post("/api/eval?wait=true", json={"code": "print(1)"})
+            assert first.status_code == 200 and first.json()["status"] == "completed", first.text
+            (holder,) = {
+                c.pid
+                for c in psutil.net_connections("tcp")
+                if c.laddr.port == primary and c.status == "LISTEN"
+            }
+            os.kill(holder, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while True:
+                answer = api.post("/api/eval?wait=true", json={"code": "print(2)"})
+                if answer.status_code == 200 and answer.json()["status"] == "completed":
+                    break
+                assert answer.status_code in (200, 202, 503), answer.text  # a clear refusal meanwhile
+                assert time.monotonic() < deadline, answer.text
+                time.sleep(0.2)
+    finally:
+        stop(up.process)

@@ -27,6 +27,7 @@ from tests.helpers import METRICS_TOKEN, api_client, make_keys, wait_final
 
 POLICY = {"network_error": {"base_delay": 0.2, "max_delay": 0.3, "max_retries": 2}}
 TIMEOUT_S = 1
+MAX_IN_FLIGHT = 2
 
 
 @dataclass
@@ -44,6 +45,9 @@ class Receivers:
     port: int = 0
     got: list[Received] = field(default_factory=list)
     failing: bool = True
+    #: `/hold` answers after half a second: how many it held at once, at most
+    holding: int = 0
+    most_held: int = 0
 
     @property
     def base(self) -> str:
@@ -56,6 +60,7 @@ class Receivers:
 @pytest.fixture(scope="module")
 def receivers() -> Iterator[Receivers]:
     state = Receivers()
+    counting = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -64,6 +69,13 @@ def receivers() -> Iterator[Receivers]:
             state.got.append(Received(path, {k.lower(): v for k, v in self.headers.items()}, body))
             if path == "/slow":
                 time.sleep(TIMEOUT_S + 1)
+            if path == "/hold":
+                with counting:
+                    state.holding += 1
+                    state.most_held = max(state.most_held, state.holding)
+                time.sleep(0.5)
+                with counting:
+                    state.holding -= 1
             code = {"/fail": 500 if state.failing else 204, "/redirect": 302}.get(path, 200)
             self.send_response(code)
             if code == 302:
@@ -87,6 +99,7 @@ def hooks_stack(redis_url: str, executor_url: str) -> Iterator[Stack]:
     env = stack_env(
         redis_url, ns, executor_url, CRUCIBLE_WEBHOOK_ALLOW_HOSTS="127.0.0.1",
         CRUCIBLE_WEBHOOK_TIMEOUT_S=str(TIMEOUT_S), CRUCIBLE_RETRY_POLICIES=json.dumps(POLICY),
+        CRUCIBLE_WEBHOOK_MAX_IN_FLIGHT=str(MAX_IN_FLIGHT),
     )  # fmt: skip
     with ExitStack() as stack:
         yield start_stack(stack, "webhooks", env)
@@ -233,3 +246,21 @@ async def test_callback_headers_are_limited_to_the_allowed_names(
     assert items[1]["status"] == "queued"
     await wait_final(owner, items[1]["eval_id"])
     await callback_of(owner, items[1]["eval_id"], "delivered")
+
+
+async def test_one_keys_deliveries_hold_at_most_their_share_of_worker_slots(
+    owner: httpx.AsyncClient, receivers: Receivers
+) -> None:
+    """Receivers that take their time cannot tie up every worker slot (8 here) with one key's
+    deliveries: the key's others wait, then are delivered, each with one attempt."""
+    ids = [
+        (
+            await owner.post(
+                "/api/eval", json={"code": f"print({n})", "callback_url": f"{receivers.base}/hold"}
+            )
+        ).json()["eval_id"]
+        for n in range(6)
+    ]
+    callbacks = [await callback_of(owner, eval_id, "delivered") for eval_id in ids]
+    assert [c["attempts"] for c in callbacks] == [1] * 6
+    assert receivers.most_held == MAX_IN_FLIGHT

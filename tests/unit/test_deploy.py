@@ -72,3 +72,21 @@ def test_the_image_copies_everything_the_project_installs() -> None:
     for module in setuptools["py-modules"]:
         assert f"{module}.py" in copied, f"module {module} is not copied into the image"
     assert re.search(r"pip install \S*crucible-src", dockerfile)
+
+
+def test_the_sentinel_override_adds_a_replica_and_three_sentinels_to_pieces_that_exist() -> None:
+    base = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    override = yaml.safe_load((DEPLOY / "docker-compose.sentinel.yml").read_text())["services"]
+    added = {name: s for name, s in override.items() if name not in base}
+    assert set(added) == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    assert "--replicaof" in added["redis-replica"]["command"]
+    for name, service in added.items():
+        assert "healthcheck" in service and "resources" in service["deploy"], name
+    for name, service in override.items():
+        for setting in settings_named(service.get("environment")):
+            assert f'"{setting}"' in CONFIG_SOURCE, f"{name} sets {setting}, which the code never reads"
+    # every piece that talks to Redis finds the primary through the Sentinels
+    talks = {n for n, s in base.items() if "REDIS_URL" in (s.get("environment") or {})}
+    assert talks and talks <= {
+        n for n, s in override.items() if "REDIS_SENTINELS" in (s.get("environment") or {})
+    }

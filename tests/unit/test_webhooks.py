@@ -36,6 +36,16 @@ def test_a_callback_is_read_with_its_allowed_headers() -> None:
             "callback_headers",
         ),
         ({"callback_url": "https://example.com/", "callback_headers": ["x"]}, "callback_headers"),
+        (
+            {"callback_url": "https://example.com/", "callback_headers": {"X-Request-Id": "café"}},
+            "callback_headers",
+        ),
+        (
+            {"callback_url": "https://example.com/", "callback_headers": {"X-Request-Id": "a\x7fb"}},
+            "callback_headers",
+        ),
+        ({"callback_url": "http://[v1.evil.example]/"}, "callback_url"),
+        ({"callback_url": "http://exämple.com/"}, "callback_url"),
     ],
 )
 def test_a_callback_that_cannot_be_used_is_refused_naming_its_field(body: dict, field: str) -> None:
