@@ -120,7 +120,8 @@ def test_up_ha_runs_a_replica_and_sentinels_and_answers_once_a_replica_has_it(tm
             assert answer.status_code == 200 and answer.json()["status"] == "completed", answer.text
             eval_id = answer.json()["eval_id"]
         copy = redis.Redis(port=replica, decode_responses=True)
-        assert copy.role()[0] == "slave" and copy.hget(RedisKeys("crucible").record(eval_id), "status") == "completed"
+        assert copy.role()[0] == "slave"
+        assert copy.hget(RedisKeys("crucible").record(eval_id), "status") == "completed"
         copy.close()
     finally:
         stop(up.process)
