@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from app.cli.ha import MASTER, sentinel_conf, server_args, valkey_binary
+from app.cli.ha import MASTER, sentinel_conf, server_args, valkey_binary, wait_in_step
 from bench.stack import free_port
 
 
@@ -66,21 +66,8 @@ class HaRedis:
 
     def wait_replicated(self, seconds: float = 15) -> None:
         """Until the replica is in sync and every Sentinel knows both and the others."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            try:
-                info = redis.Redis(port=self.primary_port).info("replication")
-                known = [redis.Redis(port=p).sentinel_master(MASTER) for p in self.sentinel_ports]
-                replicas = len(self.replica_ports)
-                online = [info.get(f"slave{n}", {}).get("state") == "online" for n in range(replicas)]
-                if all(online) and all(
-                    m["num-slaves"] >= replicas and m["num-other-sentinels"] >= 2 for m in known
-                ):
-                    return
-            except redis.RedisError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"primary, replica and Sentinels not in step within {seconds}s")
+        if not wait_in_step(self.primary_port, self.sentinel_ports, len(self.replica_ports), seconds):
+            raise TimeoutError(f"primary, replica and Sentinels not in step within {seconds}s")
 
 
 def _start(binary: Path, folder: Path, role: str, args: list[str]) -> subprocess.Popen[bytes]:

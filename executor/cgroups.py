@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -87,7 +88,7 @@ class Enforcement:
         return cls("rlimit", dict.fromkeys(PER_RUN_LIMITS, why), fix)
 
 
-class RunGroup:
+class RunGroup(ABC):
     """One run's cgroups (one folder per v1 hierarchy, or one v2 group), fresh for each run so
     nothing charged by an earlier run (page cache, socket buffers still held by the kernel)
     counts against it. The run's first process joins them before it execs bwrap, so every
@@ -100,19 +101,22 @@ class RunGroup:
     def procs_files(self) -> list[str]:
         return [str(path / "cgroup.procs") for path in self.paths.values()]
 
+    @abstractmethod
     def limit(self, memory_bytes: int, max_pids: int) -> None:
         """Cap the memory of all the run's processes together and their number. Raises
         OSError if the kernel refuses."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def cpu_ns(self) -> int:
         """CPU time used by every process of the run so far (read every `CPU_POLL_S`)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def stats(self) -> RunStats:
-        raise NotImplementedError
+        """What the run used: CPU, peak memory, whether it ran out of memory."""
 
-    def kill(self) -> None:
+    def kill(self) -> None:  # noqa: B027 (not abstract: a backend may have nothing more to do)
         """Kill every process of the run at once, where the backend can (v2's cgroup.kill);
         the run's own kill (its pid namespace's end) does it anyway."""
 

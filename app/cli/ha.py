@@ -7,6 +7,7 @@ up --ha` runs them as pieces of the stack; the fail-over test and `bench api --h
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,21 +87,27 @@ class Topology:
         return commands
 
 
-def wait_in_step(topology: Topology, seconds: float = 20) -> bool:
-    """Until the replica follows the primary and every Sentinel knows both (False: not in time),
-    so the first submission that must reach a replica finds one."""
+def wait_in_step(primary: int, sentinels: Sequence[int], replicas: int = 1, seconds: float = 20) -> bool:
+    """Until `replicas` replicas follow the primary and every Sentinel knows them and the other
+    Sentinels (False: not in time), so the first write that must reach a replica finds one."""
     import redis  # a client for this check only: `crucible --help` stays quick
 
+    clients = [redis.Redis(port=port, socket_timeout=1) for port in (primary, *sentinels)]
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            info = redis.Redis(port=topology.primary, socket_timeout=1).info("replication")
-            known = [
-                redis.Redis(port=p, socket_timeout=1).sentinel_master(MASTER) for p in topology.sentinels
-            ]
-            if info.get("slave0", {}).get("state") == "online" and all(m["num-slaves"] >= 1 for m in known):
-                return True
-        except redis.RedisError:
-            pass
-        time.sleep(0.1)
-    return False
+    try:
+        while time.monotonic() < deadline:
+            try:
+                info = clients[0].info("replication")
+                known = [sentinel.sentinel_master(MASTER) for sentinel in clients[1:]]
+                online = all(info.get(f"slave{n}", {}).get("state") == "online" for n in range(replicas))
+                if online and all(
+                    m["num-slaves"] >= replicas and m["num-other-sentinels"] >= 2 for m in known
+                ):
+                    return True
+            except redis.RedisError:
+                pass
+            time.sleep(0.1)
+        return False
+    finally:
+        for client in clients:
+            client.close()

@@ -105,7 +105,8 @@ def run_up(args: argparse.Namespace) -> int:
             for name, argv in topology.commands(folder).items():
                 start(name, argv)
             ports = [topology.primary, topology.replica, *topology.sentinels]
-            if not all(_wait_tcp(port, 15) for port in ports) or not ha.wait_in_step(topology):
+            started = all(_wait_tcp(port, 15) for port in ports)
+            if not started or not ha.wait_in_step(topology.primary, topology.sentinels):
                 _fail(Problem("the primary, replica or Sentinels did not start", ("valkey-primary",)), logs)
                 return 1
             env.update({"REDIS_SENTINELS": topology.sentinels_setting, "REDIS_SENTINEL_MASTER": ha.MASTER})

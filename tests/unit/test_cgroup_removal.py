@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 from executor.cgroups import REMOVE_RETRY_S, RunGroup
+from executor.cgroups_v1 import V1RunGroup
 
 
 def busy_group(tmp_path: Path) -> tuple[RunGroup, list[Path]]:
@@ -15,7 +16,7 @@ def busy_group(tmp_path: Path) -> tuple[RunGroup, list[Path]]:
     for path in paths.values():
         path.mkdir()
         (path / "cgroup.procs").write_text("")  # empty (nothing to kill), but the folder stays
-    return RunGroup(dict(paths)), list(paths.values())
+    return V1RunGroup(dict(paths)), list(paths.values())
 
 
 async def test_a_group_that_cannot_go_yet_goes_later_without_holding_the_loop(tmp_path: Path) -> None:
@@ -38,4 +39,3 @@ async def test_a_group_that_cannot_go_yet_goes_later_without_holding_the_loop(tm
     ticker.cancel()
     assert not any(folder.exists() for folder in folders)
     assert ticks > 3  # the loop kept running meanwhile
-
